@@ -1,0 +1,148 @@
+"""The `flantune` command: a thin layer over one function per command.
+
+Every command that takes a recipe accepts `section.key=value` overrides after it. Errors a user can
+fix (a bad recipe, a missing file, a bad row) print one clear message and exit with status 2; they
+never end in a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from typing import Annotated
+
+# Quiet third-party chatter before those libraries are imported.
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from flantune.config import ConfigError, Recipe, load_recipe
+
+app = typer.Typer(
+    name="flantune",
+    help="Fine-tune encoder-decoder language models (FLAN-T5, T5, BART, mT5) on text-to-text tasks.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+data_app = typer.Typer(help="Look at a recipe's data before training on it.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+console = Console()
+err_console = Console(stderr=True)
+
+RecipeArg = Annotated[str, typer.Argument(help="Recipe YAML file.", show_default=False)]
+OverridesArg = Annotated[
+    list[str] | None, typer.Argument(help="Overrides as section.key=value, e.g. train.lr=1e-4.", show_default=False)
+]
+
+
+def user_errors(fn):
+    """Print user-fixable errors as one line on stderr and exit 2; let real bugs raise."""
+    from flantune.data import DataError
+    from flantune.models import ModelLoadError
+    from flantune.tasks import TaskError
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (ConfigError, DataError, ModelLoadError, TaskError) as e:
+            err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            sys.exit(2)
+
+    return wrapper
+
+
+def _recipe(path: str, overrides: list[str] | None) -> Recipe:
+    return load_recipe(path, overrides or [])
+
+
+@app.command("tasks")
+def tasks_command() -> None:
+    """List the built-in tasks with their metrics."""
+    from flantune.tasks import TASK_NAMES, build_task
+
+    table = Table(title="built-in tasks")
+    for column in ("task", "metrics", "labels", "what"):
+        table.add_column(column)
+    for name in TASK_NAMES:
+        options = {"source": "{text}", "target": "{label}"} if name == "template" else None
+        task = build_task(name, options)
+        labels = ", ".join(task.labels) if task.labels else ""
+        table.add_row(name, ", ".join(task.metrics), labels, task.description)
+    console.print(table)
+
+
+@app.command("check")
+@user_errors
+def check_command(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
+    """Validate a recipe and print it resolved, with every default filled in."""
+    from flantune.config import dump_recipe
+
+    console.print(dump_recipe(_recipe(recipe, overrides)), highlight=False, markup=False)
+
+
+@data_app.command("preview")
+@user_errors
+def data_preview_command(
+    recipe: RecipeArg,
+    overrides: OverridesArg = None,
+    n: Annotated[int, typer.Option("--n", "-n", help="Examples to print per split.")] = 3,
+) -> None:
+    """Print formatted examples and a length report for every split of a recipe."""
+    from flantune.data import load_splits
+    from flantune.models import add_special_tokens, load_tokenizer
+
+    cfg = _recipe(recipe, overrides)
+    tokenizer = load_tokenizer(cfg.model.path, cfg.model.revision)
+    add_special_tokens(tokenizer, cfg.model.add_tokens)
+    splits = load_splits(cfg.data, tokenizer, seed=cfg.train.seed)
+    if not splits:
+        raise ConfigError(["data: the recipe names no split (set data.train, data.eval or data.test)"], recipe)
+    for split in splits.values():
+        console.rule(f"[bold]{split.name}[/] · {split.report.origin}")
+        for i in range(min(n, len(split.dataset))):
+            row = split.dataset[i]
+            console.print(f"[cyan]source[/] ({len(row['input_ids'])} tokens): {row['source']}", highlight=False)
+            console.print(f"[green]target[/] ({len(row['labels'])} tokens): {row['target']}", highlight=False)
+            console.print()
+    console.print(length_table([s.report for s in splits.values()], splits_cfg=cfg))
+
+
+def length_table(reports, splits_cfg: Recipe) -> Table:
+    data = splits_cfg.data
+    table = Table(
+        title=f"lengths in tokens · limits {data.max_source_tokens} source / {data.max_target_tokens} target · "
+        f"over-long rows: {data.overlong}"
+    )
+    for column in ("split", "rows", "bad rows", "left out", "source p50/p90/p99/max", "target p50/p90/p99/max",
+                   "over-long src/tgt", "dropped", "truncated", "kept"):  # fmt: skip
+        table.add_column(column, justify="right" if column != "split" else "left")
+    for r in reports:
+        src, tgt = r.percentiles("source"), r.percentiles("target")
+        table.add_row(
+            r.split,
+            str(r.rows_read),
+            str(r.bad_rows),
+            str(r.left_out_by_task),
+            "/".join(str(v) for v in src.values()),
+            "/".join(str(v) for v in tgt.values()),
+            f"{r.overlong_source}/{r.overlong_target}",
+            str(r.dropped),
+            str(r.truncated),
+            str(r.kept),
+        )
+    return table
+
+
+def main() -> None:  # pragma: no cover - the console script entry point is `app`
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,548 @@
+"""Recipes: one YAML file describes a run; this module types and validates it.
+
+A recipe has the sections `model`, `method`, `data`, `train`, `eval`, `generation` and a top-level
+`output_dir`. Each section is a dataclass below with a comment on every field. `load_recipe` reads
+the YAML, applies `section.key=value` overrides from the command line, and checks the whole thing
+at once: an unknown key, a wrong type or a missing required value is reported with its dotted
+path and what was expected, before any model or data is touched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML with two YAML 1.1 surprises removed: `1e-4` (no dot) read as a string, and `1:30`
+    read as a base-60 integer. Learning rates and row slices are written exactly that way."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:int",
+    re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0x[0-9a-fA-F_]+|[-+]?(?:0|[1-9][0-9_]*))$"),
+    list("-+0123456789"),
+)
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+
+        |[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)
+
+
+class ConfigError(ValueError):
+    """The recipe (or an override) is wrong. Each problem names its dotted key path."""
+
+    def __init__(self, problems: list[str], source: str | None = None):
+        self.problems = problems
+        self.source = source
+        where = f"recipe {source}: " if source else "recipe: "
+        if len(problems) == 1:
+            super().__init__(where + problems[0])
+        else:
+            super().__init__(where + f"{len(problems)} problems\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+# ----------------------------------------------------------------------------------------------
+# The sections. Defaults are what a user gets when a key is left out; `REQUIRED` marks the keys
+# that have none.
+
+
+@dataclass
+class ModelConfig:
+    path: str
+    """Hub id (e.g. google/flan-t5-base) or a local folder with config.json (+ weights for pretrained)."""
+    init: Literal["pretrained", "random"] = "pretrained"
+    """`random` builds the model from the folder's config.json with fresh weights (tests, benchmarks)."""
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    """Weight dtype at load. Training keeps float32 weights and uses bf16 autocast (see train.precision)."""
+    add_tokens: list[str] = field(default_factory=list)
+    """Special tokens to add to the tokenizer (e.g. ["<think>", "</think>"]); embeddings grow to fit."""
+    adapter: str | None = None
+    """A PEFT/bottleneck adapter folder to continue training from (loaded trainable)."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) for `init: pretrained`."""
+
+
+@dataclass
+class MethodConfig:
+    kind: Literal["full", "lora", "qlora", "adapter", "ia3", "prefix"] = "lora"
+    """What trains: every weight (`full`), PEFT adapters, or bottleneck adapters (`adapter`)."""
+    r: int = 16
+    """LoRA rank."""
+    alpha: float = 32.0
+    """LoRA scaling numerator (scale = alpha / r)."""
+    dropout: float = 0.05
+    """Dropout on the LoRA input."""
+    target_modules: list[str] | Literal["all-linear"] = field(default_factory=lambda: ["q", "v"])
+    """Module names to adapt: T5 uses q, k, v, o, wi_0, wi_1, wo; BART q_proj, v_proj, ...; or all-linear."""
+    use_dora: bool = False
+    """Weight-decomposed LoRA (DoRA)."""
+    bits: Literal[4, 8] = 4
+    """QLoRA: quantize the frozen base to 4-bit NF4 or 8-bit."""
+    modules_to_save: list[str] = field(default_factory=list)
+    """Whole modules that train beside the adapter (e.g. ["lm_head"])."""
+    placement: Literal["houlsby", "pfeiffer"] = "pfeiffer"
+    """Bottleneck adapters: after attention and feed-forward (houlsby) or feed-forward only (pfeiffer)."""
+    reduction_factor: int = 16
+    """Bottleneck adapters: hidden size d_model / reduction_factor."""
+    num_virtual_tokens: int = 20
+    """Prefix tuning: number of virtual tokens."""
+
+    def check(self, path: str) -> list[str]:
+        problems = []
+        for key in ("r", "reduction_factor", "num_virtual_tokens"):
+            if getattr(self, key) <= 0:
+                problems.append(f"{path}.{key}: must be a positive integer, got {getattr(self, key)}")
+        if not 0.0 <= self.dropout < 1.0:
+            problems.append(f"{path}.dropout: must be in [0, 1), got {self.dropout}")
+        if isinstance(self.target_modules, list) and not self.target_modules:
+            problems.append(f"{path}.target_modules: must name at least one module, or be 'all-linear'")
+        return problems
+
+
+@dataclass
+class DataSource:
+    path: str
+    """A local .json/.jsonl/.csv/.parquet file, or a hub dataset id."""
+    name: str | None = None
+    """Hub dataset configuration (e.g. mlqa.hi.en)."""
+    split: str | None = None
+    """Hub split; defaults to train / validation / test for data.train / data.eval / data.test."""
+    rows: str | None = None
+    """Keep a slice of the rows, Python style: "0:800", ":100", "800:"."""
+
+    def check(self, path: str) -> list[str]:
+        if self.rows is not None and parse_rows(self.rows) is None:
+            return [f"{path}.rows: expected a slice like '0:800', ':100' or '800:', got {self.rows!r}"]
+        return []
+
+
+@dataclass
+class MixtureItem:
+    task: str
+    """A built-in task name (see `flantune tasks`)."""
+    train: DataSource
+    """This task's training rows."""
+    eval: DataSource | None = None
+    """This task's evaluation rows (optional)."""
+    weight: float = 1.0
+    """Sampling weight in the mixture (rates are normalized over the items)."""
+    task_options: dict[str, Any] = field(default_factory=dict)
+    """Options of this task."""
+
+    def check(self, path: str) -> list[str]:
+        return [f"{path}.weight: must be > 0, got {self.weight}"] if self.weight <= 0 else []
+
+
+@dataclass
+class DataConfig:
+    task: str | None = None
+    """Built-in task name (sciq, squad_qa, samsum, ..., template). Required unless data.mixture is set."""
+    task_options: dict[str, Any] = field(default_factory=dict)
+    """Task options, e.g. {include_support: false} for sciq, {source: ..., target: ...} for template."""
+    train: DataSource | None = None
+    """Training rows: a local file, or a hub id as `id:split` or {path, name, split, rows}."""
+    eval: DataSource | None = None
+    """Evaluation rows used during training (loss and generation metric)."""
+    test: DataSource | None = None
+    """Held-out rows for `flantune eval`."""
+    mixture: list[MixtureItem] = field(default_factory=list)
+    """Several tasks mixed into one training set with weights (FLAN-style); replaces task/train/eval."""
+    max_source_tokens: int = 512
+    """Source length limit in tokens (including EOS)."""
+    max_target_tokens: int = 128
+    """Target length limit in tokens (including EOS)."""
+    overlong: Literal["drop", "truncate", "error"] = "truncate"
+    """What happens to a row longer than a limit: dropped, truncated, or an error naming it."""
+    bad_rows: Literal["error", "skip"] = "error"
+    """A row that does not fit the task's schema stops loading with its file/row/column, or is skipped."""
+
+    def check(self, path: str) -> list[str]:
+        problems = []
+        if self.mixture and (self.task or self.train or self.eval):
+            problems.append(f"{path}.mixture: use either data.mixture or data.task/train/eval, not both")
+        if not self.mixture and not self.task:
+            problems.append(f"{path}.task: missing required value (a task name, or a data.mixture list)")
+        for key in ("max_source_tokens", "max_target_tokens"):
+            if getattr(self, key) < 2:
+                problems.append(f"{path}.{key}: must be at least 2 (room for one token and EOS)")
+        return problems
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = 1.0
+    """Passes over the training set (ignored when max_steps is set)."""
+    max_steps: int | None = None
+    """Optimizer steps to run; overrides epochs."""
+    batch_size: int = 8
+    """Examples per micro-batch per process."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    lr: float = 3e-4
+    """Peak learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    """Learning-rate decay after warm-up."""
+    warmup_steps: int = 0
+    """Linear warm-up steps (or use warmup_ratio)."""
+    warmup_ratio: float = 0.0
+    """Warm-up as a fraction of all steps, when warmup_steps is 0."""
+    max_grad_norm: float | None = 1.0
+    """Gradient clipping norm; null disables clipping."""
+    precision: Literal["auto", "bf16", "fp32", "fp16"] = "auto"
+    """Mixed precision: auto = bf16 on a GPU that supports it, fp32 otherwise. T5 refuses fp16."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory."""
+    seed: int = 42
+    """Seed for initialization, data order, dropout and sampling."""
+    log_every: int = 10
+    """Optimizer steps between metrics.jsonl lines."""
+    eval_every: int | None = None
+    """Optimizer steps between evaluations (null: only at the end)."""
+    save_every: int | None = None
+    """Optimizer steps between checkpoints (null: only at the end)."""
+    keep_last: int = 2
+    """Checkpoints kept besides the best one."""
+    best_metric: str | None = None
+    """Metric that picks the best checkpoint (e.g. rougeL, eval_loss); null: the task's first metric."""
+    early_stopping_patience: int | None = None
+    """Stop after this many evaluations without improvement of best_metric."""
+    resume: bool = False
+    """Continue from the last checkpoint in output_dir."""
+    on_nan: Literal["stop", "skip"] = "stop"
+    """A NaN/inf loss stops the run, or skips that optimizer step."""
+    tensorboard: bool = False
+    """Also log to TensorBoard under output_dir/tensorboard."""
+
+    def check(self, path: str) -> list[str]:
+        problems = []
+        for key in ("batch_size", "grad_accum", "log_every", "keep_last"):
+            if getattr(self, key) < 1:
+                problems.append(f"{path}.{key}: must be at least 1, got {getattr(self, key)}")
+        for key in ("max_steps", "eval_every", "save_every", "early_stopping_patience"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                problems.append(f"{path}.{key}: must be at least 1 or null, got {value}")
+        if self.lr <= 0:
+            problems.append(f"{path}.lr: must be > 0, got {self.lr}")
+        if self.epochs <= 0:
+            problems.append(f"{path}.epochs: must be > 0, got {self.epochs}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            problems.append(f"{path}.warmup_ratio: must be in [0, 1), got {self.warmup_ratio}")
+        return problems
+
+
+@dataclass
+class EvalConfig:
+    metrics: list[str] | None = None
+    """Metrics to compute; null: the task's own (rouge, bleu, chrf, exact_match, f1, accuracy, ...)."""
+    max_rows: int | None = None
+    """Evaluate on at most this many rows (the first ones, so runs compare on the same rows)."""
+    batch_size: int = 32
+    """Generation batch size during evaluation."""
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 128
+    """Output cap in tokens. Never the transformers default of 20: answers are not cut silently."""
+    num_beams: int = 1
+    """Beam search width (1: greedy or sampling)."""
+    early_stopping: bool = False
+    """Beam search stops when num_beams finished candidates exist."""
+    do_sample: bool = False
+    """Sample instead of greedy/beam decoding."""
+    temperature: float = 1.0
+    """Sampling temperature."""
+    top_p: float = 1.0
+    """Nucleus sampling mass."""
+    top_k: int = 50
+    """Top-k sampling (0 disables)."""
+    repetition_penalty: float = 1.0
+    """Penalty > 1 discourages repeated tokens."""
+    no_repeat_ngram_size: int = 0
+    """Forbid repeating n-grams of this size (0 disables)."""
+    restrict_to_labels: bool = False
+    """Classification: decode only the task's label strings."""
+
+    def check(self, path: str) -> list[str]:
+        problems = []
+        if self.max_new_tokens < 1:
+            problems.append(f"{path}.max_new_tokens: must be at least 1, got {self.max_new_tokens}")
+        if self.num_beams < 1:
+            problems.append(f"{path}.num_beams: must be at least 1, got {self.num_beams}")
+        if self.temperature <= 0:
+            problems.append(f"{path}.temperature: must be > 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            problems.append(f"{path}.top_p: must be in (0, 1], got {self.top_p}")
+        return problems
+
+
+@dataclass
+class Recipe:
+    model: ModelConfig
+    """The base model."""
+    data: DataConfig
+    """Task and rows."""
+    method: MethodConfig = field(default_factory=MethodConfig)
+    """How the model is adapted."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """The training loop."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Evaluation during and after training."""
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    """Decoding settings for evaluation and generation."""
+    output_dir: str = "runs/run"
+    """The run directory: resolved recipe, metrics.jsonl, checkpoints, final/."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading, overrides and validation.
+
+
+def parse_rows(text: str) -> slice | None:
+    """'0:800' → slice(0, 800); None when the text is not a plain start:stop slice."""
+    parts = text.split(":")
+    if len(parts) != 2:
+        return None
+    try:
+        start, stop = (int(p) if p.strip() else None for p in parts)
+    except ValueError:
+        return None
+    return slice(start, stop)
+
+
+def data_source_from_string(text: str) -> dict[str, Any]:
+    """Shorthand for a data source: a local path, or `hub/id` or `hub/id:split`.
+
+    A local file wins when it exists, so a path holding ':' still works.
+    """
+    if Path(text).exists() or ":" not in text:
+        return {"path": text}
+    path, _, split = text.rpartition(":")
+    return {"path": path, "split": split}
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set `section.key=value` pairs; values are parsed as YAML (true, 3, [q, v], null)."""
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError([f"override {item!r}: expected section.key=value, e.g. train.lr=1e-4"])
+        try:
+            value = parse_yaml(text) if text.strip() else ""
+        except yaml.YAMLError as e:
+            raise ConfigError([f"override {key}: cannot parse {text!r} as a YAML value ({e})"]) from None
+        node = raw
+        parts = key.strip().split(".")
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif isinstance(child, str) and part in ("train", "eval", "test"):
+                child = node[part] = data_source_from_string(child)
+            elif not isinstance(child, dict):
+                dotted = ".".join(parts[: i + 1])
+                raise ConfigError([f"override {key}: {dotted} is a value, not a section"])
+            node = child
+        node[parts[-1]] = value
+    return raw
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read, override and validate a recipe. Raises ConfigError naming every problem found."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError([f"file not found: {path} (give the path to a recipe YAML, e.g. recipes/sciq-lora.yaml)"])
+    try:
+        raw = parse_yaml(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError([f"not valid YAML: {e}"], source=str(path)) from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError([f"the top level must be a mapping of sections, got {type(raw).__name__}"], str(path))
+    try:
+        return recipe_from_dict(apply_overrides(raw, list(overrides or [])))
+    except ConfigError as e:
+        raise ConfigError(e.problems, source=str(path)) from None
+
+
+def recipe_from_dict(raw: dict[str, Any]) -> Recipe:
+    problems: list[str] = []
+    recipe = _build(Recipe, raw, "", problems)
+    if problems:
+        raise ConfigError(problems)
+    return recipe
+
+
+def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
+    return dataclasses.asdict(recipe)
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False, allow_unicode=True)
+
+
+class _Invalid(Exception):
+    """One value does not have the expected type; the message says what was expected."""
+
+
+def _build(cls: type, raw: Any, path: str, problems: list[str]) -> Any:
+    """Build dataclass `cls` from a mapping, collecting every problem under its dotted path."""
+    where = path or "the recipe"
+    if not isinstance(raw, dict):
+        problems.append(f"{where}: expected a mapping of keys, got {_describe(raw)}")
+        return None
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            known = ", ".join(fields)
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            problems.append(f"{_join(path, key)}: unknown key{hint}; expected one of: {known}")
+    values = {}
+    for name, f in fields.items():
+        key_path = _join(path, name)
+        if name not in raw:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                problems.append(f"{key_path}: missing required value ({_expected(hints[name])})")
+            continue
+        try:
+            values[name] = _convert(raw[name], hints[name], key_path, problems)
+        except _Invalid as e:
+            problems.append(f"{key_path}: expected {e}, got {_describe(raw[name])}")
+    try:
+        obj = cls(**values)
+    except TypeError:  # a required value was missing; already reported
+        return None
+    check = getattr(obj, "check", None)
+    if check is not None:
+        problems.extend(check(path))
+    return obj
+
+
+def _convert(value: Any, tp: Any, path: str, problems: list[str]) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            if type(None) in args:
+                return None
+            raise _Invalid(_expected(tp))
+        options = [a for a in args if a is not type(None)]
+        # A data source may be written as a string shorthand or as a mapping.
+        if DataSource in options and isinstance(value, str):
+            return _build(DataSource, data_source_from_string(value), path, problems)
+        for option in options:
+            try:
+                return _convert(value, option, path, problems)
+            except _Invalid:
+                continue
+        raise _Invalid(_expected(tp))
+    if origin is Literal:
+        if value in args and type(value) is type(args[args.index(value)]):
+            return value
+        raise _Invalid("one of " + ", ".join(repr(a) for a in args))
+    if origin is list:
+        if not isinstance(value, list):
+            raise _Invalid(_expected(tp))
+        (item_tp,) = args
+        if dataclasses.is_dataclass(item_tp):
+            return [_build(item_tp, v, f"{path}[{i}]", problems) for i, v in enumerate(value)]
+        out = []
+        for i, v in enumerate(value):
+            try:
+                out.append(_convert(v, item_tp, f"{path}[{i}]", problems))
+            except _Invalid as e:
+                problems.append(f"{path}[{i}]: expected {e}, got {_describe(v)}")
+        return out
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise _Invalid("a mapping")
+        return dict(value)
+    if tp is DataSource and isinstance(value, str):
+        return _build(DataSource, data_source_from_string(value), path, problems)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise _Invalid(_expected(tp))
+        return _build(tp, value, path, problems)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise _Invalid("true or false")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise _Invalid("an integer")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise _Invalid("a number")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise _Invalid("a string")
+    if tp is Any:
+        return value
+    raise TypeError(f"unsupported annotation {tp!r} at {path}")  # a bug in this module, not in a recipe
+
+
+def _expected(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_expected(a) for a in args)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin is list:
+        plural = {str: "strings", int: "integers", float: "numbers", bool: "booleans"}
+        return f"a list of {plural.get(args[0], 'mappings')}"
+    if origin is dict:
+        return "a mapping"
+    if tp is type(None):
+        return "null"
+    if dataclasses.is_dataclass(tp):
+        return "a data source (a path, 'hub/id:split', or {path, name, split, rows})" if tp is DataSource else "a mapping"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
+
+
+def _describe(value: Any) -> str:
+    if value is None:
+        return "null"
+    kind = {bool: "boolean", int: "integer", float: "number", str: "string", list: "list", dict: "mapping"}
+    text = repr(value)
+    if len(text) > 60:
+        text = text[:57] + "..."
+    return f"{kind.get(type(value), type(value).__name__)} {text}"
+
+
+def _join(path: str, key: Any) -> str:
+    return f"{path}.{key}" if path else str(key)
