@@ -68,16 +68,36 @@ def test_unknown_key_names_its_path_and_suggests():
         ("train", {"batch_size": True}, "train.batch_size: expected an integer, got boolean True"),
         ("train", {"lr": "fast"}, "train.lr: expected a number, got string 'fast'"),
         ("train", {"gradient_checkpointing": "yes"}, "train.gradient_checkpointing: expected true or false"),
-        ("model", {"init": "randm"}, "model.init: expected one of 'pretrained', 'random', got string 'randm'"),
-        ("method", {"kind": "lora2"}, "method.kind: expected one of 'full', 'lora', 'qlora', 'adapter', 'ia3', 'prefix'"),
+        (
+            "model",
+            {"init": "randm"},
+            "model.init: expected one of 'pretrained', 'random', got string 'randm'",
+        ),
+        (
+            "method",
+            {"kind": "lora2"},
+            "method.kind: expected one of 'full', 'lora', 'qlora', 'adapter', 'ia3', 'prefix'",
+        ),
         ("method", {"bits": 3}, "method.bits: expected one of 4, 8, got integer 3"),
-        ("method", {"target_modules": "q"}, "method.target_modules: expected a list of strings or one of 'all-linear'"),
-        ("method", {"target_modules": ["q", 1]}, "method.target_modules[1]: expected a string, got integer 1"),
+        (
+            "method",
+            {"target_modules": "q"},
+            "method.target_modules: expected a list of strings or one of 'all-linear'",
+        ),
+        (
+            "method",
+            {"target_modules": ["q", 1]},
+            "method.target_modules[1]: expected a string, got integer 1",
+        ),
         ("data", {"overlong": "cut"}, "data.overlong: expected one of 'drop', 'truncate', 'error'"),
         ("data", {"train": {"path": "x", "rows": "a:b"}}, "data.train.rows: expected a slice like '0:800'"),
         ("data", {"train": {"split": "train"}}, "data.train.path: missing required value (a string)"),
         ("data", {"train": 3}, "data.train: expected a data source"),
-        ("model", {"add_tokens": "<think>"}, "model.add_tokens: expected a list of strings, got string '<think>'"),
+        (
+            "model",
+            {"add_tokens": "<think>"},
+            "model.add_tokens: expected a list of strings, got string '<think>'",
+        ),
         ("generation", {"top_p": 0.0}, "generation.top_p: must be in (0, 1]"),
         ("method", {"r": 0}, "method.r: must be a positive integer, got 0"),
     ],
@@ -102,7 +122,9 @@ def test_all_problems_are_reported_together():
 
 
 def test_data_source_shorthand_and_mapping():
-    recipe = recipe_from_dict(with_("data", eval={"path": "facebook/mlqa", "name": "mlqa.hi.en", "split": "test"}))
+    recipe = recipe_from_dict(
+        with_("data", eval={"path": "facebook/mlqa", "name": "mlqa.hi.en", "split": "test"})
+    )
     assert recipe.data.train == DataSource(path="allenai/sciq", split="train")
     assert recipe.data.eval == DataSource(path="facebook/mlqa", name="mlqa.hi.en", split="test")
 
@@ -122,7 +144,9 @@ def test_overrides(tmp_path):
     assert recipe.data.train == DataSource(path="allenai/sciq", split="train", rows="0:100")
     assert recipe.model.add_tokens == ["<think>", "</think>"]
     assert recipe.output_dir == "/tmp/x"
-    with pytest.raises(ConfigError, match=r"override train\.lr: expected section.key=value|expected section\.key=value"):
+    with pytest.raises(
+        ConfigError, match=r"override train\.lr: expected section.key=value|expected section\.key=value"
+    ):
         load_recipe(path, ["train.lr"])
     with pytest.raises(ConfigError, match="train.lrr: unknown key"):
         load_recipe(path, ["train.lrr=1"])
@@ -145,7 +169,9 @@ def test_file_errors(tmp_path):
 def test_cli_reports_recipe_errors_without_traceback(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text("model: {path: x, init: randm}\ndata: {task: sciq}\ntrain: {lr: fast}\n")
-    result = subprocess.run([sys.executable, "-m", "flantune.cli", "check", str(path)], capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "flantune.cli", "check", str(path)], capture_output=True, text=True
+    )
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert "model.init: expected one of 'pretrained', 'random'" in result.stderr

@@ -45,8 +45,12 @@ def test_sciq_real_rows_end_to_end(in_repo, t5_tokenizer):
     raw = json.loads(SCIQ.read_text())[0]
     assert row["source"].startswith(f"question: {raw['question']} options: (A) ")
     assert row["target"] == raw["correct_answer"]
-    assert sorted(row["choices"]) == sorted([raw["correct_answer"], raw["distractor1"], raw["distractor2"], raw["distractor3"]])
-    assert row["input_ids"][-1] == t5_tokenizer.eos_token_id and row["labels"][-1] == t5_tokenizer.eos_token_id
+    assert sorted(row["choices"]) == sorted(
+        [raw["correct_answer"], raw["distractor1"], raw["distractor2"], raw["distractor3"]]
+    )
+    assert (
+        row["input_ids"][-1] == t5_tokenizer.eos_token_id and row["labels"][-1] == t5_tokenizer.eos_token_id
+    )
     assert t5_tokenizer.decode(row["labels"], skip_special_tokens=True) == raw["correct_answer"]
 
 
@@ -54,7 +58,9 @@ def test_collator_pads_labels_with_minus_100(t5_tokenizer):
     examples = [Example("question: a b c d e f", "x"), Example("question: g", "a much longer target text")]
     data = tokenize(examples, t5_tokenizer, max_source_tokens=64, max_target_tokens=64, overlong="error",
                     report=SplitReport("train", "test"))  # fmt: skip
-    batch = make_collator(t5_tokenizer)([{k: data[i][k] for k in ("input_ids", "attention_mask", "labels")} for i in range(2)])
+    batch = make_collator(t5_tokenizer)(
+        [{k: data[i][k] for k in ("input_ids", "attention_mask", "labels")} for i in range(2)]
+    )
     assert batch["labels"].shape == (2, len(data[1]["labels"]))
     short = len(data[0]["labels"])
     assert torch.all(batch["labels"][0, short:] == -100)
@@ -65,11 +71,17 @@ def test_collator_pads_labels_with_minus_100(t5_tokenizer):
 @pytest.mark.parametrize("policy", ["drop", "truncate", "error"])
 def test_overlong_policy_is_applied_and_reported(policy, t5_tokenizer):
     long_source = "question: " + "word " * 50
-    examples = [Example("question: short", "yes"), Example(long_source, "no"), Example("question: x", "long " * 40)]
+    examples = [
+        Example("question: short", "yes"),
+        Example(long_source, "no"),
+        Example("question: x", "long " * 40),
+    ]
     report = SplitReport("train", "memory")
     kwargs = dict(max_source_tokens=16, max_target_tokens=8, overlong=policy, report=report)
     if policy == "error":
-        with pytest.raises(DataError, match=r"example 1 of split train: source has \d+ tokens \(data.max_source_tokens=16\)"):
+        with pytest.raises(
+            DataError, match=r"example 1 of split train: source has \d+ tokens \(data.max_source_tokens=16\)"
+        ):
             tokenize(examples, t5_tokenizer, **kwargs)
         return
     data = tokenize(examples, t5_tokenizer, **kwargs)
@@ -118,7 +130,9 @@ def test_bad_row_is_named(kind, tmp_path, t5_tokenizer):
 def test_undecodable_bytes(tmp_path, t5_tokenizer):
     path = tmp_path / "train.jsonl"
     good = json.dumps(SQUAD_ROW).encode()
-    path.write_bytes(good + b"\n" + json.dumps({**SQUAD_ROW, "question": "caf"}).encode()[:-3] + b'\xe9"}\n' + good + b"\n")
+    path.write_bytes(
+        good + b"\n" + json.dumps({**SQUAD_ROW, "question": "caf"}).encode()[:-3] + b'\xe9"}\n' + good + b"\n"
+    )
     with pytest.raises(DataError, match=rf"{path} line 2: bytes that are not UTF-8"):
         load_split(squad_cfg(path), "train", t5_tokenizer)
     split = load_split(squad_cfg(path, bad_rows="skip"), "train", t5_tokenizer)
@@ -142,7 +156,9 @@ def test_json_array_and_row_not_an_object(tmp_path, t5_tokenizer):
 def test_csv_types_and_ragged_rows(tmp_path, t5_tokenizer):
     path = tmp_path / "imdb.csv"
     path.write_text('text,label\n"A fine, moving film.",1\nDull.,0\n')
-    split = load_split(DataConfig(task="imdb_sentiment", train=DataSource(path=str(path))), "train", t5_tokenizer)
+    split = load_split(
+        DataConfig(task="imdb_sentiment", train=DataSource(path=str(path))), "train", t5_tokenizer
+    )
     assert split.dataset["target"] == ["sentiment: True", "sentiment: False"]
     path.write_text("text,label\nGood.,1\nToo,many,cells\n")
     with pytest.raises(DataError, match=rf"{path} line 3: 3 cells for 2 columns"):
@@ -175,7 +191,9 @@ def test_hub_dataset_unreachable_is_a_clear_error(t5_tokenizer):
 def test_task_filters_are_counted_not_errors(tmp_path, t5_tokenizer):
     rows = [{"id": i, "sentence1": f"s{i} a", "sentence2": f"t{i} b", "label": i % 2} for i in range(6)]
     path = write_jsonl(tmp_path / "paws.jsonl", rows)
-    split = load_split(DataConfig(task="paws_paraphrase", train=DataSource(path=str(path))), "train", t5_tokenizer)
+    split = load_split(
+        DataConfig(task="paws_paraphrase", train=DataSource(path=str(path))), "train", t5_tokenizer
+    )
     assert len(split.dataset) == 3 and split.report.left_out_by_task == 3
 
 
@@ -183,7 +201,10 @@ def test_mixture_samples_by_weight(tmp_path, t5_tokenizer):
     from flantune.config import MixtureItem
 
     squad = write_jsonl(tmp_path / "squad.jsonl", [SQUAD_ROW] * 30)
-    sam = write_jsonl(tmp_path / "samsum.jsonl", [{"id": str(i), "dialogue": f"A: hi {i}", "summary": "A greets."} for i in range(30)])
+    sam = write_jsonl(
+        tmp_path / "samsum.jsonl",
+        [{"id": str(i), "dialogue": f"A: hi {i}", "summary": "A greets."} for i in range(30)],
+    )
     cfg = DataConfig(mixture=[
         MixtureItem(task="squad_qa", train=DataSource(path=str(squad)), eval=DataSource(path=str(squad)), weight=3.0),
         MixtureItem(task="samsum", train=DataSource(path=str(sam)), weight=1.0),
@@ -221,7 +242,9 @@ def test_preview_cli_on_real_sciq(in_repo):
 def test_preview_cli_bad_row_message(tmp_path, in_repo):
     path = write_jsonl(tmp_path / "t.jsonl", [SQUAD_ROW, {**SQUAD_ROW, "context": None}])
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(f"model: {{path: ../shared/assets/flan-t5-small, init: random}}\ndata: {{task: squad_qa, train: {path}}}\n")
+    recipe.write_text(
+        f"model: {{path: ../shared/assets/flan-t5-small, init: random}}\ndata: {{task: squad_qa, train: {path}}}\n"
+    )
     result = subprocess.run([sys.executable, "-m", "flantune.cli", "data", "preview", str(recipe)],
                             capture_output=True, text=True, cwd=ROOT)  # fmt: skip
     assert result.returncode == 2 and "Traceback" not in result.stderr

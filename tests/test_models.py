@@ -35,7 +35,9 @@ def test_untied_head_survives_save_and_load(tmp_path, t5_small_path):
     assert not heads_are_tied(again)
     assert torch.equal(again.lm_head.weight, model.lm_head.weight)
     ids, labels = torch.randint(0, 32000, (2, 9)), torch.randint(0, 32000, (2, 4))
-    torch.testing.assert_close(again(input_ids=ids, labels=labels).logits, model(input_ids=ids, labels=labels).logits)
+    torch.testing.assert_close(
+        again(input_ids=ids, labels=labels).logits, model(input_ids=ids, labels=labels).logits
+    )
 
 
 def test_bart_keeps_its_tied_head(bart_path):
@@ -47,7 +49,9 @@ def test_random_init_is_seeded(t5_small_path):
     a = load_model(t5_small_path, init="random", seed=3)
     b = load_model(t5_small_path, init="random", seed=3)
     assert torch.equal(a.lm_head.weight, b.lm_head.weight)
-    assert torch.equal(a.encoder.block[0].layer[0].SelfAttention.q.weight, b.encoder.block[0].layer[0].SelfAttention.q.weight)
+    assert torch.equal(
+        a.encoder.block[0].layer[0].SelfAttention.q.weight, b.encoder.block[0].layer[0].SelfAttention.q.weight
+    )
 
 
 def test_bfloat16_dtype(t5_small_path):
@@ -56,7 +60,9 @@ def test_bfloat16_dtype(t5_small_path):
 
 
 def test_added_tokens_t5_fit_in_spare_rows_and_start_at_the_mean(t5_small_path):
-    loaded = load_model_and_tokenizer(ModelConfig(path=t5_small_path, init="random", add_tokens=["<think>", "</think>"]))
+    loaded = load_model_and_tokenizer(
+        ModelConfig(path=t5_small_path, init="random", add_tokens=["<think>", "</think>"])
+    )
     model, tokenizer = loaded.model, loaded.tokenizer
     assert loaded.added_token_ids == [32100, 32101]
     assert model.shared.weight.shape[0] == 32128  # T5's 28 spare rows hold them: no resize
@@ -70,7 +76,9 @@ def test_added_tokens_t5_fit_in_spare_rows_and_start_at_the_mean(t5_small_path):
 
 
 def test_added_tokens_bart_grow_embeddings_and_tied_head(bart_path):
-    loaded = load_model_and_tokenizer(ModelConfig(path=bart_path, init="random", add_tokens=["<think>", "<answer>"]))
+    loaded = load_model_and_tokenizer(
+        ModelConfig(path=bart_path, init="random", add_tokens=["<think>", "<answer>"])
+    )
     model, tokenizer = loaded.model, loaded.tokenizer
     assert len(tokenizer) == 50267 and loaded.added_token_ids == [50265, 50266]
     assert model.get_input_embeddings().weight.shape[0] == 50272  # padded to a multiple of 8

@@ -15,6 +15,7 @@ from typing import Annotated
 # Quiet third-party chatter before those libraries are imported.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 import typer
 from rich.console import Console
@@ -37,21 +38,24 @@ err_console = Console(stderr=True)
 
 RecipeArg = Annotated[str, typer.Argument(help="Recipe YAML file.", show_default=False)]
 OverridesArg = Annotated[
-    list[str] | None, typer.Argument(help="Overrides as section.key=value, e.g. train.lr=1e-4.", show_default=False)
+    list[str] | None,
+    typer.Argument(help="Overrides as section.key=value, e.g. train.lr=1e-4.", show_default=False),
 ]
 
 
 def user_errors(fn):
     """Print user-fixable errors as one line on stderr and exit 2; let real bugs raise."""
     from flantune.data import DataError
+    from flantune.methods import MethodError
     from flantune.models import ModelLoadError
     from flantune.tasks import TaskError
+    from flantune.train import TrainingError
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (ConfigError, DataError, ModelLoadError, TaskError) as e:
+        except (ConfigError, DataError, MethodError, ModelLoadError, TaskError, TrainingError) as e:
             err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
             sys.exit(2)
 
@@ -103,15 +107,52 @@ def data_preview_command(
     add_special_tokens(tokenizer, cfg.model.add_tokens)
     splits = load_splits(cfg.data, tokenizer, seed=cfg.train.seed)
     if not splits:
-        raise ConfigError(["data: the recipe names no split (set data.train, data.eval or data.test)"], recipe)
+        raise ConfigError(
+            ["data: the recipe names no split (set data.train, data.eval or data.test)"], recipe
+        )
     for split in splits.values():
         console.rule(f"[bold]{split.name}[/] · {split.report.origin}")
         for i in range(min(n, len(split.dataset))):
             row = split.dataset[i]
-            console.print(f"[cyan]source[/] ({len(row['input_ids'])} tokens): {row['source']}", highlight=False)
+            console.print(
+                f"[cyan]source[/] ({len(row['input_ids'])} tokens): {row['source']}", highlight=False
+            )
             console.print(f"[green]target[/] ({len(row['labels'])} tokens): {row['target']}", highlight=False)
             console.print()
     console.print(length_table([s.report for s in splits.values()], splits_cfg=cfg))
+
+
+@app.command("train")
+@user_errors
+def train_command(
+    recipe: RecipeArg,
+    overrides: OverridesArg = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue from the last checkpoint (train.resume=true).")
+    ] = False,
+) -> None:
+    """Fine-tune a model as a recipe says; writes output_dir/ with metrics, checkpoints and final/."""
+    from flantune.train import train
+
+    cfg = _recipe(recipe, [*(overrides or []), *(["train.resume=true"] if resume else [])])
+    train(cfg, console=console)
+
+
+@app.command("quickstart")
+@user_errors
+def quickstart_command(
+    out: Annotated[str, typer.Option("--out", help="Run folder.")] = "runs/quickstart",
+    method: Annotated[str, typer.Option("--method", help="full or lora.")] = "full",
+    steps: Annotated[int, typer.Option("--steps", help="Optimizer steps.")] = 300,
+) -> None:
+    """Train and evaluate a small model on an embedded task: no network, no files needed."""
+    from pathlib import Path
+
+    from flantune.quickstart import quickstart
+
+    if method not in ("full", "lora"):
+        raise ConfigError([f"--method: expected full or lora, got {method!r}"])
+    quickstart(Path(out), method=method, steps=steps, console=console)
 
 
 def length_table(reports, splits_cfg: Recipe) -> Table:
@@ -138,6 +179,18 @@ def length_table(reports, splits_cfg: Recipe) -> Table:
             str(r.kept),
         )
     return table
+
+
+@app.callback()
+def _setup() -> None:
+    """Keep the terminal for flantune's own progress: no per-file loading bars from transformers."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
 def main() -> None:  # pragma: no cover - the console script entry point is `app`

@@ -27,7 +27,9 @@ class _Loader(yaml.SafeLoader):
 
 
 _Loader.yaml_implicit_resolvers = {
-    first: [(tag, rx) for tag, rx in resolvers if tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")]
+    first: [
+        (tag, rx) for tag, rx in resolvers if tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
+    ]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
 _Loader.add_implicit_resolver(
@@ -379,7 +381,9 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Read, override and validate a recipe. Raises ConfigError naming every problem found."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError([f"file not found: {path} (give the path to a recipe YAML, e.g. recipes/sciq-lora.yaml)"])
+        raise ConfigError(
+            [f"file not found: {path} (give the path to a recipe YAML, e.g. recipes/sciq-lora.yaml)"]
+        )
     try:
         raw = parse_yaml(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as e:
@@ -387,7 +391,9 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError([f"the top level must be a mapping of sections, got {type(raw).__name__}"], str(path))
+        raise ConfigError(
+            [f"the top level must be a mapping of sections, got {type(raw).__name__}"], str(path)
+        )
     try:
         return recipe_from_dict(apply_overrides(raw, list(overrides or [])))
     except ConfigError as e:
@@ -530,7 +536,11 @@ def _expected(tp: Any) -> str:
     if tp is type(None):
         return "null"
     if dataclasses.is_dataclass(tp):
-        return "a data source (a path, 'hub/id:split', or {path, name, split, rows})" if tp is DataSource else "a mapping"
+        return (
+            "a data source (a path, 'hub/id:split', or {path, name, split, rows})"
+            if tp is DataSource
+            else "a mapping"
+        )
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
 
 

@@ -99,7 +99,9 @@ def _read_local(path: Path, key: str) -> list[RawRow]:
         if data.lstrip()[:1] == b"[":
             return _read_json_array(path, _decode_whole(path, data))
         return _read_json_lines(path, data)
-    raise DataError(f"{key}: {path}: unsupported file type {suffix!r}; use one of {', '.join(LOCAL_SUFFIXES)}")
+    raise DataError(
+        f"{key}: {path}: unsupported file type {suffix!r}; use one of {', '.join(LOCAL_SUFFIXES)}"
+    )
 
 
 def _decode_whole(path: Path, data: bytes) -> str:
@@ -163,9 +165,17 @@ def _read_csv(path: Path, text: str) -> list[RawRow]:
     for row in reader:
         where = f"{path} line {reader.line_num}"
         if None in row:  # more cells than header names
-            rows.append(RawRow(where, None, f"{len(reader.fieldnames) + len(row[None])} cells for {len(reader.fieldnames)} columns"))
+            rows.append(
+                RawRow(
+                    where,
+                    None,
+                    f"{len(reader.fieldnames) + len(row[None])} cells for {len(reader.fieldnames)} columns",
+                )
+            )
         elif any(value is None for value in row.values()):
-            rows.append(RawRow(where, None, f"fewer cells than the {len(reader.fieldnames)} columns of the header"))
+            rows.append(
+                RawRow(where, None, f"fewer cells than the {len(reader.fieldnames)} columns of the header")
+            )
         else:
             rows.append(RawRow(where, dict(row)))
     # CSV has no types. Like pandas, read a column as integers when every cell of it is one, so
@@ -243,7 +253,7 @@ def format_rows(task: Task, rows: Iterator[RawRow], report: SplitReport, bad_row
 def _fit(ids: list[int], limit: int, eos_id: int | None) -> list[int]:
     """Cut to `limit` tokens, keeping the closing EOS so the model still learns to stop."""
     if eos_id is not None and ids and ids[-1] == eos_id:
-        return ids[: limit - 1] + [eos_id]
+        return [*ids[: limit - 1], eos_id]
     return ids[:limit]
 
 
@@ -346,7 +356,11 @@ def _task(name: str, options: dict[str, Any]) -> Task:
 
 
 def _origin(source: DataSource) -> str:
-    text = source.path + (f"/{source.name}" if source.name else "") + (f":{source.split}" if source.split else "")
+    text = (
+        source.path
+        + (f"/{source.name}" if source.name else "")
+        + (f":{source.split}" if source.split else "")
+    )
     return text + (f"[{source.rows}]" if source.rows else "")
 
 
@@ -357,7 +371,9 @@ def load_split(cfg: DataConfig, role: str, tokenizer, seed: int = 0) -> Split | 
         for i, item in enumerate(cfg.mixture):
             source = item.train if role == "train" else item.eval if role == "eval" else None
             if source is not None:
-                parts.append((_task(item.task, item.task_options), source, f"data.mixture[{i}].{role}", item.weight))
+                parts.append(
+                    (_task(item.task, item.task_options), source, f"data.mixture[{i}].{role}", item.weight)
+                )
     else:
         source = getattr(cfg, role)
         if source is not None:
@@ -370,7 +386,9 @@ def load_split(cfg: DataConfig, role: str, tokenizer, seed: int = 0) -> Split | 
         per_task.append(format_rows(task, read_rows(source, role, key), report, cfg.bad_rows))
     examples, names = _mix(parts, per_task, role, seed)
     if not examples:
-        raise DataError(f"{report.origin}: split {role} has no usable rows ({report.rows_read} read, {report.bad_rows} bad)")
+        raise DataError(
+            f"{report.origin}: split {role} has no usable rows ({report.rows_read} read, {report.bad_rows} bad)"
+        )
     dataset = tokenize(
         examples,
         tokenizer,
@@ -409,7 +427,9 @@ def _mix(parts, per_task: list[list[Example]], role: str, seed: int) -> tuple[li
     return [examples[i] for i in order], [names[i] for i in order]
 
 
-def load_splits(cfg: DataConfig, tokenizer, roles=("train", "eval", "test"), seed: int = 0) -> dict[str, Split]:
+def load_splits(
+    cfg: DataConfig, tokenizer, roles=("train", "eval", "test"), seed: int = 0
+) -> dict[str, Split]:
     splits = {}
     for role in roles:
         split = load_split(cfg, role, tokenizer, seed)
@@ -426,5 +446,9 @@ def make_collator(tokenizer, model=None, pad_to_multiple_of: int | None = None):
     from transformers import DataCollatorForSeq2Seq
 
     return DataCollatorForSeq2Seq(
-        tokenizer, model=model, label_pad_token_id=-100, pad_to_multiple_of=pad_to_multiple_of, return_tensors="pt"
+        tokenizer,
+        model=model,
+        label_pad_token_id=-100,
+        pad_to_multiple_of=pad_to_multiple_of,
+        return_tensors="pt",
     )

@@ -46,7 +46,9 @@ def _check_path(path: str, init: str) -> None:
         return
     folder = Path(path).expanduser()
     if not folder.is_dir():
-        raise ModelLoadError(f"model.path: folder {path} does not exist (give a local model folder or a hub id)")
+        raise ModelLoadError(
+            f"model.path: folder {path} does not exist (give a local model folder or a hub id)"
+        )
     if not (folder / "config.json").is_file():
         raise ModelLoadError(f"model.path: {path} has no config.json; is it a Hugging Face model folder?")
     if init == "pretrained" and not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
@@ -127,10 +129,16 @@ def load_model(
                 kwargs["quantization_config"] = quantization_config
             model = AutoModelForSeq2SeqLM.from_pretrained(path, **kwargs)
     except OSError as e:
-        hint = "" if is_local(path) else " (offline? the hub is unreachable and the model is not in the local cache)"
+        hint = (
+            ""
+            if is_local(path)
+            else " (offline? the hub is unreachable and the model is not in the local cache)"
+        )
         raise ModelLoadError(f"model.path: cannot load {path!r}{hint}: {e}") from None
     except ValueError as e:
-        raise ModelLoadError(f"model.path: {path!r} is not an encoder-decoder model AutoModelForSeq2SeqLM loads: {e}") from None
+        raise ModelLoadError(
+            f"model.path: {path!r} is not an encoder-decoder model AutoModelForSeq2SeqLM loads: {e}"
+        ) from None
     if tokenizer is not None:
         fit_embeddings(model, tokenizer)
     return model
