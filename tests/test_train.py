@@ -2,6 +2,7 @@
 standard folders, resumes exactly, survives SIGKILL, and refuses NaN."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -61,6 +62,10 @@ def tiny_model_dir(folder: Path, asset: str) -> Path:
 
     folder.mkdir(parents=True, exist_ok=True)
     tiny_config(asset).save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    if config["model_type"] == "t5":  # FLAN-T5's untied head (T5Config objects always say tied)
+        config["tie_word_embeddings"] = False
+        (folder / "config.json").write_text(json.dumps(config))
     AutoTokenizer.from_pretrained(asset).save_pretrained(folder)
     return folder
 
@@ -313,3 +318,161 @@ def test_sigkill_leaves_loadable_checkpoints(tiny_t5, tmp_path):
                              "--resume"], capture_output=True, text=True, cwd=ROOT)  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     assert (out / "final").is_dir()
+
+
+def test_continue_from_an_adapter_trains_it_further(pretrained, tmp_path):
+    data = write_copy_task(tmp_path, n=16, kind="copy")
+    first = make_recipe(pretrained["t5"], data, tmp_path / "first", METHODS["lora"], max_steps=5, lr=1e-2)
+    first.model.init = "pretrained"
+    first_result = train(first)
+    again = make_recipe(pretrained["t5"], data, tmp_path / "again", METHODS["lora"], max_steps=5, lr=1e-2)
+    again.model.init, again.model.adapter = "pretrained", str(first_result.final_dir)
+    before = {n: p.detach().clone() for n, p in first_result.model.named_parameters() if "lora_" in n}
+    result = train(again)
+    after = {n: p for n, p in result.model.named_parameters() if "lora_" in n}
+    assert set(after) == set(before) and all(p.requires_grad for p in after.values())  # loaded trainable
+    assert all(not torch.equal(after[n], before[n]) for n in before)  # and trained further
+    # ... starting where the first run ended (its first loss is the first run's last state's loss).
+    assert losses(tmp_path / "again")[0] < losses(tmp_path / "first")[0]
+
+
+def test_adapter_for_another_base_is_a_clear_error(pretrained, tmp_path):
+    from flantune.methods import MethodError
+
+    data = write_copy_task(tmp_path, n=16, kind="copy")
+    bart_run = make_recipe(pretrained["bart"], data, tmp_path / "bart", METHODS["lora"], max_steps=1)
+    bart_run.model.init = "pretrained"
+    adapter = train(bart_run).final_dir
+    t5_run = make_recipe(pretrained["t5"], data, tmp_path / "t5", METHODS["lora"], max_steps=1)
+    t5_run.model.init, t5_run.model.adapter = "pretrained", str(adapter)
+    with pytest.raises(MethodError, match=r"model.adapter: .* does not fit model.path"):
+        train(t5_run)
+
+
+def test_modules_to_save_trains_the_head_beside_lora(pretrained, tmp_path):
+    data = write_copy_task(tmp_path, n=16, kind="copy")
+    recipe = make_recipe(
+        pretrained["t5"],
+        data,
+        tmp_path / "run",
+        {**METHODS["lora"], "modules_to_save": ["lm_head"]},
+        max_steps=3,
+    )
+    recipe.model.init = "pretrained"
+    result = train(recipe)
+    names = [n for n, p in result.model.named_parameters() if p.requires_grad]
+    assert any("lm_head.modules_to_save" in n for n in names)
+
+
+def test_added_tokens_train_under_lora(tiny_t5, tmp_path):
+    rows = [{"text": f"tag: {w}", "answer": f"<think> {w} </think> <answer> {w} </answer>"} for w in WORDS]
+    data = tmp_path / "think.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = make_recipe(tiny_t5, data, tmp_path / "run", METHODS["lora"], max_steps=3)
+    recipe.model.add_tokens = ["<think>", "</think>", "<answer>", "</answer>"]
+    result = train(recipe)
+    model = result.model
+    deltas = {n: p for n, p in model.named_parameters() if "trainable_tokens_delta" in n}
+    # Encoder/decoder input rows (one shared parameter) and the untied head's rows both train.
+    assert any("embed_tokens" in n for n in deltas) and any("lm_head" in n for n in deltas)
+    assert all(p.requires_grad and p.shape[0] == 4 for p in deltas.values())
+    tokenizer = __import__("transformers").AutoTokenizer.from_pretrained(result.final_dir)
+    assert tokenizer.convert_tokens_to_ids("<answer>") == 32102
+    # Merging keeps the rows: the merged model's logits equal the adapter model's.
+    ids, labels = torch.tensor([[32100, 5, 32101, 1]]), torch.tensor([[32102, 7, 32103, 1]])
+    model.eval()
+    expected = model(input_ids=ids, labels=labels).logits
+    merged = model.merge_and_unload()
+    torch.testing.assert_close(merged(input_ids=ids, labels=labels).logits, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["lora", "adapter", "full"])
+def test_gradient_checkpointing(kind, pretrained, tmp_path):
+    data = write_copy_task(tmp_path, n=16, kind="copy")
+    recipe = make_recipe(
+        pretrained["t5"], data, tmp_path / "run", METHODS[kind], max_steps=3, gradient_checkpointing=True
+    )
+    recipe.model.init = "pretrained"
+    result = train(recipe)
+    assert result.steps == 3 and all(math.isfinite(x) for x in losses(tmp_path / "run"))
+
+
+def test_eval_best_checkpoint_and_early_stopping(pretrained, tmp_path):
+    data = write_copy_task(tmp_path, n=32, kind="copy")
+    recipe = make_recipe(pretrained["t5"], data, tmp_path / "run", METHODS["full"], max_steps=40, lr=3e-3,
+                         eval_every=5, early_stopping_patience=2, best_metric="eval_loss")  # fmt: skip
+    recipe.model.init = "pretrained"
+    recipe.data.eval = recipe.data.train
+    result = train(recipe)
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "eval_loss" in r]
+    assert evals and all("eval_exact_match" in r for r in evals)
+    assert result.best_value == min(r["eval_loss"] for r in evals)
+    assert (tmp_path / "run" / "checkpoints" / f"step-{result.best_step:06d}").is_dir()
+    if result.steps < 40:  # stopped early: the last `patience` evaluations did not improve
+        assert all(r["eval_loss"] >= result.best_value for r in evals[-2:])
+
+
+def test_quickstart_improves_the_score(tmp_path):
+    from flantune.quickstart import quickstart
+
+    scores = quickstart(tmp_path / "qs", steps=150)
+    assert scores["before"] < 10 and scores["after"] > scores["before"] + 50
+
+
+def test_seq2seq_trainer_uses_our_datasets_and_collator(tiny_t5, tmp_path):
+    from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments
+
+    from flantune.data import MODEL_COLUMNS, load_split, make_collator
+    from flantune.models import load_model_and_tokenizer
+
+    recipe = make_recipe(tiny_t5, write_copy_task(tmp_path), tmp_path / "run")
+    loaded = load_model_and_tokenizer(recipe.model)
+    split = load_split(recipe.data, "train", loaded.tokenizer)
+    args = Seq2SeqTrainingArguments(output_dir=str(tmp_path / "hf"), max_steps=3, per_device_train_batch_size=8,
+                                    report_to=[], use_cpu=True, save_strategy="no", logging_steps=1)  # fmt: skip
+    trainer = Seq2SeqTrainer(model=loaded.model, args=args, train_dataset=split.dataset.select_columns(MODEL_COLUMNS),
+                             data_collator=make_collator(loaded.tokenizer, loaded.model))  # fmt: skip
+    output = trainer.train()
+    assert output.global_step == 3 and math.isfinite(output.training_loss)
+
+
+def test_two_process_ddp_matches_one_process(tiny_t5, tmp_path):
+    """Two DDP processes with batch 4 each take the same steps as one process with batch 8: same
+    examples per step, gradients averaged over all target tokens of the step (dropout off)."""
+    import shutil
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_t5, model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**config, "dropout_rate": 0.0}))
+    data = write_copy_task(tmp_path, n=64)
+
+    def write_recipe(name: str, batch_size: int) -> Path:
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(
+            f"model: {{path: {model_dir}, init: random}}\n"
+            "method: {kind: lora, r: 4, dropout: 0.0, target_modules: all-linear}\n"
+            f"data: {{task: template, task_options: {{source: '{{text}}', target: '{{answer}}'}}, train: {data}}}\n"
+            f"train: {{max_steps: 6, batch_size: {batch_size}, save_every: 3, log_every: 1, lr: 0.01}}\n"
+            f"output_dir: {tmp_path / name}\n"
+        )
+        return path
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # `--multi_gpu` on a machine without GPUs starts torch.distributed processes on the CPU (gloo).
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "flantune.cli", "train", str(write_recipe("ddp", 4))]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = tmp_path / "ddp"
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]  # written once, by the main process
+    assert records[0]["epoch"] == 0.125  # 8 of 64 examples per step: the processes split the data
+    assert {p.name for p in (out / "checkpoints" / "step-000003").iterdir()} >= {"rng-0.pt", "rng-1.pt"}
+    assert (out / "final" / "adapter_model.safetensors").exists()
+
+    single = subprocess.run([sys.executable, "-m", "flantune.cli", "train", str(write_recipe("one", 8))],
+                            capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)  # fmt: skip
+    assert single.returncode == 0, single.stderr[-3000:]
+    assert losses(out) == pytest.approx(losses(tmp_path / "one"), rel=1e-4)

@@ -227,7 +227,10 @@ def train(recipe: Recipe, console=None) -> TrainResult:
     from transformers import AutoConfig
 
     model_type = AutoConfig.from_pretrained(recipe.model.path, revision=recipe.model.revision).model_type
-    accelerator = Accelerator(mixed_precision=resolve_precision(cfg.precision, model_type))
+    # cpu=True without CUDA: Accelerate only sets up several CPU processes (gloo) when told so.
+    accelerator = Accelerator(
+        mixed_precision=resolve_precision(cfg.precision, model_type), cpu=not torch.cuda.is_available()
+    )
     main = accelerator.is_main_process
     if main:
         prepare_run_dir(out, cfg.resume)
