@@ -117,7 +117,9 @@ def load_model(
     """
     _check_path(path, init)
     try:
-        if init == "random":
+        if init == "random" and quantization_config is not None:
+            model = _random_quantized(path, dtype, revision, seed, quantization_config)
+        elif init == "random":
             config = AutoConfig.from_pretrained(path, revision=revision)
             torch.manual_seed(seed)
             model = AutoModelForSeq2SeqLM.from_config(config, dtype=DTYPES.get(dtype, torch.float32))
@@ -142,6 +144,22 @@ def load_model(
     if tokenizer is not None:
         fit_embeddings(model, tokenizer)
     return model
+
+
+def _random_quantized(path: str, dtype: str, revision, seed: int, quantization_config):
+    """A random model of `path`'s shape, quantized: bitsandbytes quantizes while loading weights,
+    so the random weights are written to a temporary folder and loaded back through it."""
+    import tempfile
+
+    model = load_model(
+        path, init="random", dtype="bfloat16" if dtype == "float32" else dtype, revision=revision, seed=seed
+    )
+    with tempfile.TemporaryDirectory(prefix="flantune-random-") as folder:
+        model.save_pretrained(folder)
+        del model
+        return AutoModelForSeq2SeqLM.from_pretrained(
+            folder, quantization_config=quantization_config, dtype=torch.bfloat16
+        )
 
 
 def fit_embeddings(model: torch.nn.Module, tokenizer, new_ids: list[int] = ()) -> None:
