@@ -113,3 +113,19 @@ def test_clear_errors(tmp_path, t5_small_path):
     # Tests run with HF_HUB_OFFLINE=1: a hub id that is not cached fails with a message, not a traceback.
     with pytest.raises(ModelLoadError, match="offline"):
         load_model("nobody-has/this-model", init="pretrained")
+
+
+def test_mt5_builds_with_an_untied_head(tmp_path, t5_small_path):
+    from transformers import AutoTokenizer, MT5Config
+
+    config = MT5Config(vocab_size=32128, d_model=32, d_ff=64, d_kv=8, num_layers=2, num_heads=2,
+                       feed_forward_proj="gated-gelu", tie_word_embeddings=False)  # fmt: skip
+    config.save_pretrained(tmp_path)
+    raw = __import__("json").loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(__import__("json").dumps({**raw, "tie_word_embeddings": False}))
+    AutoTokenizer.from_pretrained(t5_small_path).save_pretrained(tmp_path)
+    loaded = load_model_and_tokenizer(ModelConfig(path=str(tmp_path), init="random", add_tokens=["<answer>"]))
+    assert loaded.model.config.model_type == "mt5"
+    assert not heads_are_tied(loaded.model)
+    out = loaded.model(input_ids=torch.tensor([[32100, 5, 1]]), labels=torch.tensor([[32100, 1]]))
+    assert torch.isfinite(out.loss)

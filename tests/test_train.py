@@ -476,3 +476,32 @@ def test_two_process_ddp_matches_one_process(tiny_t5, tmp_path):
                             capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)  # fmt: skip
     assert single.returncode == 0, single.stderr[-3000:]
     assert losses(out) == pytest.approx(losses(tmp_path / "one"), rel=1e-4)
+
+
+def test_gradient_accumulation_averages_over_all_target_tokens(tiny_t5, tmp_path):
+    """grad_accum=2 x batch 4 takes the same steps as batch 8: the loss is the mean over every target
+    token of the step, not a mean of per-micro-batch means (targets here have uneven lengths)."""
+    import shutil
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_t5, model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**config, "dropout_rate": 0.0}))
+    data = write_copy_task(tmp_path, n=64)
+    method = {"kind": "lora", "r": 4, "dropout": 0.0, "target_modules": "all-linear"}
+    train(
+        make_recipe(
+            model_dir, data, tmp_path / "accum", method, max_steps=5, batch_size=4, grad_accum=2, lr=1e-2
+        )
+    )
+    train(make_recipe(model_dir, data, tmp_path / "whole", method, max_steps=5, batch_size=8, lr=1e-2))
+    assert losses(tmp_path / "accum") == pytest.approx(losses(tmp_path / "whole"), rel=1e-5)
+
+
+def test_qlora_needs_a_gpu(tiny_t5, tmp_path):
+    from flantune.methods import MethodError
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU; QLoRA runs are recorded in docs/benchmarks.md")
+    with pytest.raises(MethodError, match="method.kind=qlora: .* needs a CUDA GPU"):
+        train(make_recipe(tiny_t5, write_copy_task(tmp_path), tmp_path / "run", {"kind": "qlora"}))
