@@ -505,3 +505,50 @@ def test_qlora_needs_a_gpu(tiny_t5, tmp_path):
         pytest.skip("this machine has a GPU; QLoRA runs are recorded in docs/benchmarks.md")
     with pytest.raises(MethodError, match="method.kind=qlora: .* needs a CUDA GPU"):
         train(make_recipe(tiny_t5, write_copy_task(tmp_path), tmp_path / "run", {"kind": "qlora"}))
+
+
+def test_two_process_fsdp_matches_one_process_and_resumes(tiny_t5, tmp_path):
+    """FSDP (version 2, parameters sharded over two CPU processes) through `accelerate launch`:
+    the same losses and final weights as one process with the whole batch, and an exact resume."""
+    import shutil
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_t5, model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**config, "dropout_rate": 0.0}))
+    data = write_copy_task(tmp_path, n=64)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"model: {{path: {model_dir}, init: random}}\nmethod: {{kind: full}}\n"
+        f"data: {{task: template, task_options: {{source: '{{text}}', target: '{{answer}}'}}, train: {data}}}\n"
+        "train: {max_steps: 4, batch_size: 4, save_every: 2, log_every: 1, lr: 0.001, schedule: constant}\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    fsdp = [sys.executable, "-m", "accelerate.commands.launch", "--use_fsdp", "--fsdp_version", "2", "--num_processes", "2",
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "flantune.cli", "train", str(recipe)]  # fmt: skip
+
+    def run(args):
+        result = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+
+    run([*fsdp, f"output_dir={tmp_path / 'fsdp'}"])
+    run(
+        [
+            sys.executable,
+            "-m",
+            "flantune.cli",
+            "train",
+            str(recipe),
+            "train.batch_size=8",
+            f"output_dir={tmp_path / 'one'}",
+        ]
+    )
+    assert losses(tmp_path / "fsdp") == pytest.approx(losses(tmp_path / "one"), rel=1e-5)
+    sharded = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "fsdp" / "final")
+    whole = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "one" / "final")
+    for a, b in zip(sharded.parameters(), whole.parameters(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+    run([*fsdp, "train.max_steps=2", f"output_dir={tmp_path / 'resumed'}"])
+    run([*fsdp, "--resume", f"output_dir={tmp_path / 'resumed'}"])
+    assert losses(tmp_path / "resumed") == losses(tmp_path / "fsdp")
