@@ -126,8 +126,10 @@ METHODS = {
     "ia3": {"kind": "ia3", "target_modules": ["k", "v", "wo"]},
     "prefix": {"kind": "prefix", "num_virtual_tokens": 4},
     "adapter": {"kind": "adapter", "placement": "houlsby", "reduction_factor": 4},
+    "pfeiffer": {"kind": "adapter", "placement": "pfeiffer", "reduction_factor": 4},
+    "dora": {"kind": "lora", "r": 4, "alpha": 8, "target_modules": ["q", "v"], "use_dora": True},
 }
-BART_TARGETS = {"ia3": ["k_proj", "v_proj", "fc2"]}
+BART_TARGETS = {"ia3": ["k_proj", "v_proj", "fc2"], "dora": ["q_proj", "v_proj"]}
 
 
 @pytest.mark.parametrize("arch", ["t5", "bart"])
@@ -552,3 +554,11 @@ def test_two_process_fsdp_matches_one_process_and_resumes(tiny_t5, tmp_path):
     run([*fsdp, "train.max_steps=2", f"output_dir={tmp_path / 'resumed'}"])
     run([*fsdp, "--resume", f"output_dir={tmp_path / 'resumed'}"])
     assert losses(tmp_path / "resumed") == losses(tmp_path / "fsdp")
+
+
+def test_tensorboard_mirror(tiny_t5, tmp_path):
+    pytest.importorskip("torch.utils.tensorboard", reason="tensorboard is in the test extra")
+    data = write_copy_task(tmp_path)
+    train(make_recipe(tiny_t5, data, tmp_path / "run", max_steps=3, tensorboard=True))
+    events = list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
