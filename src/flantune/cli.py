@@ -46,6 +46,7 @@ OverridesArg = Annotated[
 def user_errors(fn):
     """Print user-fixable errors as one line on stderr and exit 2; let real bugs raise."""
     from flantune.data import DataError
+    from flantune.generate import GenerateError
     from flantune.methods import MethodError
     from flantune.models import ModelLoadError
     from flantune.tasks import TaskError
@@ -55,7 +56,15 @@ def user_errors(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (ConfigError, DataError, MethodError, ModelLoadError, TaskError, TrainingError) as e:
+        except (
+            ConfigError,
+            DataError,
+            GenerateError,
+            MethodError,
+            ModelLoadError,
+            TaskError,
+            TrainingError,
+        ) as e:
             err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
             sys.exit(2)
 
@@ -153,6 +162,60 @@ def quickstart_command(
     if method not in ("full", "lora"):
         raise ConfigError([f"--method: expected full or lora, got {method!r}"])
     quickstart(Path(out), method=method, steps=steps, console=console)
+
+
+@app.command("generate")
+@user_errors
+def generate_command(
+    model: Annotated[str, typer.Argument(help="Base or full model: a folder or hub id.", show_default=False)],
+    adapter: Annotated[str | None, typer.Option(help="A PEFT or bottleneck adapter folder.")] = None,
+    input: Annotated[list[str] | None, typer.Option("--input", help="Input text (repeatable).")] = None,
+    file: Annotated[str | None, typer.Option("--file", help="JSON lines with a 'source' field.")] = None,
+    field: Annotated[str, typer.Option(help="The input field of --file rows.")] = "source",
+    out: Annotated[str | None, typer.Option(help="Write JSON lines here instead of stdout.")] = None,
+    max_new_tokens: int = 128,
+    num_beams: int = 1,
+    early_stopping: bool = False,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 50,
+    repetition_penalty: float = 1.0,
+    no_repeat_ngram_size: int = 0,
+    batch_size: int = 32,
+    labels: Annotated[
+        list[str] | None, typer.Option("--label", help="Restrict outputs to these strings (repeatable).")
+    ] = None,
+) -> None:
+    """Generate outputs for --input texts or a --file of JSON lines, batched by length."""
+    import json
+
+    from flantune.config import GenerationConfig
+    from flantune.generate import generate_texts, load_for_generation, read_inputs
+
+    if bool(input) == bool(file):
+        raise ConfigError(["give either --input TEXT (repeatable) or --file FILE.jsonl"])
+    cfg = GenerationConfig(
+        max_new_tokens=max_new_tokens, num_beams=num_beams, early_stopping=early_stopping, do_sample=do_sample,
+        temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
+        no_repeat_ngram_size=no_repeat_ngram_size,
+    )  # fmt: skip
+    problems = cfg.check("generation")
+    if problems:
+        raise ConfigError(problems)
+    sources = list(input) if input else read_inputs(file, field)
+    loaded, tokenizer = load_for_generation(model, adapter)
+    outputs = generate_texts(loaded, tokenizer, sources, cfg, batch_size=batch_size, labels=labels)
+    lines = "".join(
+        json.dumps({"source": s, "output": o}, ensure_ascii=False) + "\n"
+        for s, o in zip(sources, outputs, strict=True)
+    )
+    if out:
+        from pathlib import Path
+
+        Path(out).write_text(lines, encoding="utf-8")
+    else:
+        sys.stdout.write(lines)
 
 
 def length_table(reports, splits_cfg: Recipe) -> Table:

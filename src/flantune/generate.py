@@ -37,6 +37,33 @@ def decode(tokenizer, ids: list[int]) -> str:
     return tokenizer.decode([i for i in ids if i not in drop], skip_special_tokens=False).strip()
 
 
+class LabelTrie:
+    """Restricts decoding to a fixed set of label strings (classification).
+
+    transformers calls `allowed(batch_id, decoder_ids)` at every step; the answer is the set of
+    tokens that continue some label from the prefix decoded so far, and EOS once a label is complete.
+    """
+
+    def __init__(self, tokenizer, labels: list[str], decoder_start_id: int):
+        self.start = decoder_start_id
+        self.eos = tokenizer.eos_token_id
+        self.children: dict[tuple[int, ...], set[int]] = {}
+        for label in labels:
+            # Exactly the ids a target of this label trains on (BART's keep their leading <s>).
+            ids = tokenizer(text_target=label)["input_ids"]
+            if ids and ids[-1] == self.eos:
+                ids = ids[:-1]
+            ids = [*ids, self.eos]
+            for k in range(len(ids)):
+                self.children.setdefault(tuple(ids[:k]), set()).add(ids[k])
+
+    def allowed(self, batch_id: int, decoder_ids: torch.Tensor) -> list[int]:
+        prefix = [int(i) for i in decoder_ids.tolist()]
+        if prefix and prefix[0] == self.start:
+            prefix = prefix[1:]
+        return sorted(self.children.get(tuple(prefix), {self.eos}))
+
+
 @torch.no_grad()
 def generate_texts(
     model,
@@ -47,8 +74,12 @@ def generate_texts(
     batch_size: int = 32,
     max_source_tokens: int | None = None,
     device: torch.device | str | None = None,
+    labels: list[str] | None = None,
 ) -> list[str]:
-    """Generate one output per source; the result is in the order of `sources`."""
+    """Generate one output per source; the result is in the order of `sources`.
+
+    With `labels`, decoding can only produce one of those strings (classification tasks).
+    """
     sources = list(sources)
     if not sources:
         return []
@@ -61,6 +92,10 @@ def generate_texts(
     order = sorted(range(len(sources)), key=lambda i: len(encoded[i]), reverse=True)
     outputs: list[str] = [""] * len(sources)
     kwargs = generation_kwargs(cfg)
+    if labels:
+        config = getattr(model, "config", None)
+        trie = LabelTrie(tokenizer, labels, config.decoder_start_token_id)
+        kwargs["prefix_allowed_tokens_fn"] = trie.allowed
     for start in range(0, len(order), batch_size):
         index = order[start : start + batch_size]
         batch = tokenizer.pad({"input_ids": [encoded[i] for i in index]}, return_tensors="pt").to(device)
@@ -71,3 +106,77 @@ def generate_texts(
             outputs[i] = decode(tokenizer, ids)
     model.train(was_training)
     return outputs
+
+
+class GenerateError(ValueError):
+    """The model, adapter or input cannot be used; the message says which and what to do."""
+
+
+def read_inputs(path: str, field: str = "source") -> list[str]:
+    """Sources from a JSON-lines file: one object per line with a `field` string."""
+    import json
+    from pathlib import Path
+
+    file = Path(path)
+    if not file.is_file():
+        raise GenerateError(f"--file: {path} not found")
+    sources = []
+    for number, line in enumerate(file.read_text(encoding="utf-8", errors="strict").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise GenerateError(
+                f"{path} line {number}: malformed JSON ({e.msg} at column {e.colno})"
+            ) from None
+        if not isinstance(row, dict) or not isinstance(row.get(field), str):
+            raise GenerateError(
+                f"{path} line {number}: expected an object with a string {field!r} (set --field)"
+            )
+        sources.append(row[field])
+    if not sources:
+        raise GenerateError(f"{path}: the file holds no input rows")
+    return sources
+
+
+def load_for_generation(model_path: str, adapter: str | None = None, device: str | None = None):
+    """(model, tokenizer) for generation: a full model, or a base with a PEFT or bottleneck adapter."""
+    import json
+    from pathlib import Path
+
+    from flantune.models import ModelLoadError, fit_embeddings, load_model, load_tokenizer
+
+    if (Path(model_path) / "adapter_config.json").is_file():
+        raise GenerateError(
+            f"{model_path} is an adapter folder: give the base model as MODEL and this folder as --adapter"
+        )
+    tokenizer_source = (
+        adapter if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else model_path
+    )
+    try:
+        tokenizer = load_tokenizer(tokenizer_source)
+        model = load_model(model_path, init="pretrained")
+    except ModelLoadError as e:
+        raise GenerateError(str(e)) from None
+    fit_embeddings(model, tokenizer)  # the adapter's tokenizer may hold added tokens
+    if adapter:
+        config_file = Path(adapter) / "adapter_config.json"
+        if not config_file.is_file():
+            raise GenerateError(f"--adapter: {adapter} has no adapter_config.json")
+        kind = json.loads(config_file.read_text()).get("kind")
+        try:
+            if kind == "bottleneck":
+                from flantune.adapters import load_adapters
+
+                load_adapters(model, adapter)
+            else:
+                from peft import PeftModel
+
+                model = PeftModel.from_pretrained(model, adapter)
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise GenerateError(
+                f"--adapter: {adapter} does not fit {model_path}: {str(e).splitlines()[0]}"
+            ) from None
+    model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")).eval()
+    return model, tokenizer

@@ -1,0 +1,139 @@
+"""Generation: batching keeps order, every option works, outputs can be restricted to labels,
+and bad input gives clear errors."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+from flantune.config import GenerationConfig
+from flantune.generate import GenerateError, decode, generate_texts, load_for_generation, read_inputs
+
+from .conftest import ROOT, tiny_config
+
+SOURCES = [
+    "question: is the sky blue?",
+    "a",
+    "sentiment analysis: a long and winding review of a film " * 3,
+    "b c",
+]
+
+
+def saved_model(folder, asset):
+    torch.manual_seed(0)
+    model = AutoModelForSeq2SeqLM.from_config(tiny_config(asset))
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(asset).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module", params=["t5", "bart"])
+def model_dir(request, tmp_path_factory, t5_small_path, bart_path):
+    return saved_model(
+        tmp_path_factory.mktemp(request.param), t5_small_path if request.param == "t5" else bart_path
+    )
+
+
+def test_batches_by_length_keep_the_callers_order(model_dir):
+    model, tokenizer = load_for_generation(str(model_dir))
+    cfg = GenerationConfig(max_new_tokens=6)
+    one_by_one = [generate_texts(model, tokenizer, [s], cfg)[0] for s in SOURCES]
+    assert generate_texts(model, tokenizer, SOURCES, cfg, batch_size=3) == one_by_one
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"num_beams": 3, "early_stopping": True},
+        {"do_sample": True, "temperature": 0.7, "top_p": 0.9, "top_k": 20},
+        {"repetition_penalty": 1.3},
+        {"no_repeat_ngram_size": 2},
+    ],
+)
+def test_each_option_runs_and_the_cap_holds(options, model_dir):
+    model, tokenizer = load_for_generation(str(model_dir))
+    torch.manual_seed(0)
+    outputs = generate_texts(model, tokenizer, SOURCES, GenerationConfig(max_new_tokens=5, **options))
+    assert len(outputs) == len(SOURCES)
+    for text in outputs:
+        assert len(tokenizer(text_target=text, add_special_tokens=False)["input_ids"]) <= 5 + 2
+
+
+def test_the_cap_is_ours_not_the_20_token_default(model_dir):
+    model, tokenizer = load_for_generation(str(model_dir))
+    model.generation_config.max_length = 20  # transformers' silent default
+    texts = generate_texts(
+        model, tokenizer, SOURCES[:1], GenerationConfig(max_new_tokens=40, repetition_penalty=1.0)
+    )
+    produced = tokenizer(text_target=texts[0], add_special_tokens=False)["input_ids"]
+    # A random model rarely stops on its own: it runs to our cap of 40, past the default of 20.
+    assert len(produced) > 20 or texts[0] == ""
+
+
+def test_label_restricted_decoding(model_dir):
+    model, tokenizer = load_for_generation(str(model_dir))
+    labels = ["yes", "no", "maybe not", "sentiment: True"]
+    for beams in (1, 3):
+        outputs = generate_texts(
+            model, tokenizer, SOURCES, GenerationConfig(max_new_tokens=10, num_beams=beams), labels=labels
+        )
+        assert all(o in labels for o in outputs), outputs
+
+
+def test_decode_keeps_task_tokens(t5_tokenizer):
+    tokenizer = AutoTokenizer.from_pretrained(t5_tokenizer.name_or_path)
+    tokenizer.add_tokens(["<think>", "</think>"], special_tokens=True)
+    ids = [0, *tokenizer("<think> x </think>", add_special_tokens=False)["input_ids"], 1, 0]
+    assert decode(tokenizer, ids).replace(" ", "") == "<think>x</think>"
+
+
+def test_read_inputs_errors(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(GenerateError, match="holds no input rows"):
+        read_inputs(str(empty))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"source": "a"}\n{"source": \n')
+    with pytest.raises(GenerateError, match=r"bad.jsonl line 2: malformed JSON"):
+        read_inputs(str(bad))
+    wrong = tmp_path / "wrong.jsonl"
+    wrong.write_text('{"text": "a"}\n')
+    with pytest.raises(
+        GenerateError, match=r"line 1: expected an object with a string 'source' \(set --field\)"
+    ):
+        read_inputs(str(wrong))
+    assert read_inputs(str(wrong), field="text") == ["a"]
+
+
+def test_load_errors(tmp_path, model_dir):
+    with pytest.raises(GenerateError, match="does not exist"):
+        load_for_generation(str(tmp_path / "missing"))
+    fake_adapter = tmp_path / "adapter"
+    fake_adapter.mkdir()
+    (fake_adapter / "adapter_config.json").write_text("{}")
+    with pytest.raises(GenerateError, match="is an adapter folder"):
+        load_for_generation(str(fake_adapter))
+
+
+def test_cli_generate_input_and_file(tmp_path, model_dir):
+    result = subprocess.run([sys.executable, "-m", "flantune.cli", "generate", str(model_dir), "--input", "hello",
+                             "--input", "world", "--max-new-tokens", "4", "--label", "yes", "--label", "no"],
+                            capture_output=True, text=True, cwd=ROOT)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(x) for x in result.stdout.splitlines()]
+    assert [r["source"] for r in rows] == ["hello", "world"] and all(
+        r["output"] in ("yes", "no") for r in rows
+    )
+    file = tmp_path / "in.jsonl"
+    file.write_text('{"source": "one"}\n{"source": "two"}\n')
+    out = tmp_path / "out.jsonl"
+    result = subprocess.run([sys.executable, "-m", "flantune.cli", "generate", str(model_dir), "--file", str(file),
+                             "--out", str(out), "--num-beams", "2"], capture_output=True, text=True, cwd=ROOT)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert len(out.read_text().splitlines()) == 2
+    bad = subprocess.run([sys.executable, "-m", "flantune.cli", "generate", str(tmp_path / "nope"), "--input", "x"],
+                         capture_output=True, text=True, cwd=ROOT)  # fmt: skip
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr and "does not exist" in bad.stderr
