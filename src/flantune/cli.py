@@ -218,6 +218,23 @@ def generate_command(
         sys.stdout.write(lines)
 
 
+@app.command("merge")
+@user_errors
+def merge_command(
+    adapter: Annotated[
+        str, typer.Argument(help="A LoRA or IA3 adapter folder (e.g. a run's final/).", show_default=False)
+    ],
+    out: Annotated[str, typer.Option("--out", help="Folder for the merged model.")],
+    base: Annotated[
+        str | None, typer.Option(help="Base model; default: the one the adapter was trained on.")
+    ] = None,
+) -> None:
+    """Fold an adapter into its base: a plain transformers model folder."""
+    from flantune.export import merge
+
+    console.print(f"merged model written to {merge(adapter, out, base)}", highlight=False)
+
+
 def length_table(reports, splits_cfg: Recipe) -> Table:
     data = splits_cfg.data
     table = Table(

@@ -266,7 +266,7 @@ def is_peft(model) -> bool:
     return isinstance(model, PeftModel)
 
 
-def save_final(model, tokenizer, directory: Path, method: MethodConfig) -> None:
+def save_final(model, tokenizer, directory: Path, method: MethodConfig, base: dict | None = None) -> None:
     """The result in standard Hugging Face form: a PEFT adapter folder, a bottleneck adapter folder,
     or a full model folder, each with the tokenizer beside it."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -279,4 +279,7 @@ def save_final(model, tokenizer, directory: Path, method: MethodConfig) -> None:
     else:
         model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
-    (directory / "flantune.json").write_text(json.dumps({"method": method.kind}, indent=2))
+    # How to rebuild the base this adapter was trained on (a random-init base needs its seed).
+    (directory / "flantune.json").write_text(
+        json.dumps({"method": method.kind, "base": base or {}}, indent=2)
+    )

@@ -59,7 +59,8 @@ def _check_path(path: str, init: str) -> None:
 
 
 def load_tokenizer(path: str, revision: str | None = None):
-    _check_path(path, init="random")
+    if is_local(path) and not Path(path).expanduser().is_dir():
+        raise ModelLoadError(f"model.path: folder {path} does not exist (give a local model folder or a hub id)")
     try:
         return AutoTokenizer.from_pretrained(path, revision=revision)
     except (OSError, ValueError) as e:

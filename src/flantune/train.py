@@ -429,7 +429,13 @@ def train(recipe: Recipe, console=None) -> TrainResult:
         ckpt.load_trainable(best_path, unwrapped)  # final/ holds the best model, as evaluated
     if main:
         with ckpt.atomic_dir(final_dir) as tmp:
-            save_final(unwrapped, tokenizer, tmp, recipe.method)
+            base_info = {
+                "path": recipe.model.path,
+                "init": recipe.model.init,
+                "seed": cfg.seed,
+                "revision": recipe.model.revision,
+            }
+            save_final(unwrapped, tokenizer, tmp, recipe.method, base_info)
     accelerator.wait_for_everyone()
     log.close()
     seconds = time.perf_counter() - started
