@@ -114,8 +114,10 @@ def test_load_errors(tmp_path, model_dir):
     fake_adapter = tmp_path / "adapter"
     fake_adapter.mkdir()
     (fake_adapter / "adapter_config.json").write_text("{}")
-    with pytest.raises(GenerateError, match="is an adapter folder"):
+    with pytest.raises(GenerateError, match="does not say its base model"):
         load_for_generation(str(fake_adapter))
+    with pytest.raises(GenerateError, match="is an adapter folder"):
+        load_for_generation(str(fake_adapter), str(fake_adapter))
 
 
 def test_cli_generate_input_and_file(tmp_path, model_dir):

@@ -235,6 +235,38 @@ def merge_command(
     console.print(f"merged model written to {merge(adapter, out, base)}", highlight=False)
 
 
+@app.command("eval")
+@user_errors
+def eval_command(
+    recipe: RecipeArg,
+    overrides: OverridesArg = None,
+    model: Annotated[
+        str, typer.Option(help="Full model or base: a folder or hub id; or a run's final/.")
+    ] = "",
+    adapter: Annotated[str | None, typer.Option(help="A PEFT or bottleneck adapter folder.")] = None,
+    compare: Annotated[str | None, typer.Option(help="A base model to evaluate on the same rows.")] = None,
+    split: Annotated[str, typer.Option(help="test, eval (validation) or train.")] = "test",
+    out: Annotated[str | None, typer.Option(help="Report folder; default output_dir/eval-SPLIT.")] = None,
+) -> None:
+    """Generate on a split, score, and write predictions, metrics and a report (md + html)."""
+    from flantune.evaluate import run_eval
+
+    cfg = _recipe(recipe, overrides)
+    if not model:
+        raise ConfigError(["--model: give the model to evaluate (a folder, hub id, or a run's final/)"])
+    results = run_eval(cfg, model, adapter, compare, split, out)
+    models = list(results["models"])
+    table = Table(title=f"{results['rows']} rows of the {split} split")
+    for column in ["metric", *models] + (["difference"] if len(models) == 2 else []):
+        table.add_column(column, justify="left" if column == "metric" else "right")
+    from flantune.evaluate import metric_rows
+
+    for key, values in metric_rows(results):
+        table.add_row(key, *values)
+    console.print(table)
+    console.print(f"report written to {results['out']}", highlight=False)
+
+
 def length_table(reports, splits_cfg: Recipe) -> Table:
     data = splits_cfg.data
     table = Table(

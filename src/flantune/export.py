@@ -20,7 +20,7 @@ def merge(adapter: str, out: str, base: str | None = None) -> Path:
     """Merge `adapter` into its base (or `base`) and write the full model and tokenizer to `out`."""
     from peft import PeftConfig, PeftModel
 
-    from flantune.models import fit_embeddings, load_model, load_tokenizer
+    from flantune.models import fit_embeddings, load_model, load_tokenizer, recorded_base
 
     folder = Path(adapter)
     config_file = folder / "adapter_config.json"
@@ -40,12 +40,10 @@ def merge(adapter: str, out: str, base: str | None = None) -> Path:
     if Path(out).exists() and any(Path(out).iterdir()):
         raise ExportError(f"--out {out} exists and is not empty; choose another folder")
 
-    recorded = {}
-    if (folder / "flantune.json").is_file():
-        recorded = json.loads((folder / "flantune.json").read_text()).get("base", {})
-    path = base or recorded.get("path") or peft_config.base_model_name_or_path
-    init = "pretrained" if base else recorded.get("init", "pretrained")
-    model = load_model(path, init=init, seed=recorded.get("seed", 0), revision=recorded.get("revision"))
+    recorded = recorded_base(adapter)
+    path = base or recorded["path"]
+    init = "pretrained" if base else recorded["init"]
+    model = load_model(path, init=init, seed=recorded["seed"], revision=recorded["revision"])
     has_tokenizer = (folder / "tokenizer_config.json").is_file()
     tokenizer = load_tokenizer(adapter if has_tokenizer else path)
     fit_embeddings(model, tokenizer)

@@ -140,31 +140,51 @@ def read_inputs(path: str, field: str = "source") -> list[str]:
     return sources
 
 
-def load_for_generation(model_path: str, adapter: str | None = None, device: str | None = None):
-    """(model, tokenizer) for generation: a full model, or a base with a PEFT or bottleneck adapter."""
+def load_for_generation(
+    model_path: str, adapter: str | None = None, device: str | None = None, *, recorded_by: str | None = None
+):
+    """(model, tokenizer) for generation: a full model, or a base with a PEFT or bottleneck adapter.
+
+    MODEL may itself be an adapter folder (a LoRA run's final/): the base it was trained on is then
+    rebuilt as recorded beside it. A base given explicitly that is the recorded random-init base
+    (tests, benchmarks) is rebuilt the same way, since such a folder holds no weights.
+    `recorded_by` names an adapter folder whose record to use when no adapter is loaded (the base
+    of a comparison).
+    """
     import json
     from pathlib import Path
 
-    from flantune.models import ModelLoadError, fit_embeddings, load_model, load_tokenizer
+    from flantune.models import ModelLoadError, fit_embeddings, load_model, load_tokenizer, recorded_base
 
     if (Path(model_path) / "adapter_config.json").is_file():
-        raise GenerateError(
-            f"{model_path} is an adapter folder: give the base model as MODEL and this folder as --adapter"
-        )
+        if adapter:
+            raise GenerateError(
+                f"{model_path} is an adapter folder: give the base model as MODEL and this folder as --adapter"
+            )
+        model_path, adapter = None, model_path
+    init, seed, revision = "pretrained", 0, None
+    if adapter and not (Path(adapter) / "adapter_config.json").is_file():
+        raise GenerateError(f"--adapter: {adapter} has no adapter_config.json")
+    record_folder = adapter or recorded_by
+    if record_folder and ((Path(record_folder) / "flantune.json").is_file() or adapter):
+        recorded = recorded_base(record_folder)
+        if model_path is None:
+            if not recorded["path"]:
+                raise GenerateError(f"{adapter}: the adapter does not say its base model; give it as MODEL")
+            model_path = recorded["path"]
+        if recorded["path"] and _same_path(recorded["path"], model_path):
+            init, seed, revision = recorded["init"], recorded["seed"], recorded["revision"]
     tokenizer_source = (
         adapter if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else model_path
     )
     try:
         tokenizer = load_tokenizer(tokenizer_source)
-        model = load_model(model_path, init="pretrained")
+        model = load_model(model_path, init=init, seed=seed, revision=revision)
     except ModelLoadError as e:
         raise GenerateError(str(e)) from None
     fit_embeddings(model, tokenizer)  # the adapter's tokenizer may hold added tokens
     if adapter:
-        config_file = Path(adapter) / "adapter_config.json"
-        if not config_file.is_file():
-            raise GenerateError(f"--adapter: {adapter} has no adapter_config.json")
-        kind = json.loads(config_file.read_text()).get("kind")
+        kind = json.loads((Path(adapter) / "adapter_config.json").read_text()).get("kind")
         try:
             if kind == "bottleneck":
                 from flantune.adapters import load_adapters
@@ -180,3 +200,13 @@ def load_for_generation(model_path: str, adapter: str | None = None, device: str
             ) from None
     model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")).eval()
     return model, tokenizer
+
+
+def _same_path(a: str, b: str) -> bool:
+    from pathlib import Path
+
+    from flantune.models import is_local
+
+    if is_local(a) and is_local(b):
+        return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+    return a == b

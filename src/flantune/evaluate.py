@@ -1,0 +1,221 @@
+"""flantune eval: generate on a split, score, and write a report a person can read.
+
+The report folder holds predictions.jsonl (source, reference, prediction and per-row scores, for
+each model), metrics.json, report.md and a self-contained report.html: the metric table (base
+versus fine-tuned with the difference, when --compare is given), the training curves of the run
+the model came from (inline SVG, no plotting library), and the rows where the two models differ
+most. Compared models see exactly the same rows with the same generation settings.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+from flantune import checkpoint as ckpt
+from flantune.config import ConfigError, Recipe
+from flantune.data import load_split
+from flantune.generate import generate_texts, load_for_generation
+from flantune.metrics import compute_metrics, row_scores
+
+
+def _score_model(model, tokenizer, split, recipe: Recipe) -> tuple[list[str], dict[str, float], list[dict]]:
+    dataset = split.dataset
+    sources = list(dataset["source"])
+    task_names = list(dataset["task"])
+    labels = None
+    if recipe.generation.restrict_to_labels and len(split.tasks) == 1:
+        labels = list(next(iter(split.tasks.values())).labels or []) or None
+    predictions = generate_texts(model, tokenizer, sources, recipe.generation, batch_size=recipe.eval.batch_size,
+                                 max_source_tokens=recipe.data.max_source_tokens, labels=labels)  # fmt: skip
+    metrics: dict[str, float] = {}
+    per_row: list[dict] = [{} for _ in sources]
+    for name, task in split.tasks.items():
+        rows = [i for i, t in enumerate(task_names) if t == name]
+        names = recipe.eval.metrics or task.metrics
+        kwargs = {"choices": [dataset[i]["choices"] for i in rows] if name.startswith("sciq") else None,
+                  "answer_prefix": task.answer_prefix}  # fmt: skip
+        preds, refs = [predictions[i] for i in rows], [dataset[i]["references"] for i in rows]
+        scores = compute_metrics(names, preds, refs, labels=task.labels, **kwargs)
+        prefix = f"{name}/" if len(split.tasks) > 1 else ""
+        metrics.update({prefix + k: v for k, v in scores.items()})
+        for i, row in zip(rows, row_scores(names, preds, refs, **kwargs), strict=True):
+            per_row[i] = row
+    return predictions, metrics, per_row
+
+
+SPLIT_ROLES = {"test": "test", "eval": "eval", "validation": "eval", "train": "train"}
+
+
+def run_eval(
+    recipe: Recipe,
+    model: str,
+    adapter: str | None = None,
+    compare: str | None = None,
+    split_name: str = "test",
+    out: Path | str | None = None,
+) -> dict:
+    """Evaluate `model` (+ `adapter`), and `compare` when given, on the same rows; write the report.
+
+    Both models generate with the recipe's generation settings on exactly the same rows (the first
+    `eval.max_rows` of the split); each uses its own tokenizer, so a fine-tuned model with added
+    tokens compares fairly against a base without them.
+    """
+    if split_name not in SPLIT_ROLES:
+        raise ConfigError([f"--split: expected one of {', '.join(SPLIT_ROLES)}, got {split_name!r}"])
+    role = SPLIT_ROLES[split_name]
+    tuned, tokenizer = load_for_generation(model, adapter)
+    split = load_split(recipe.data, role, tokenizer, seed=recipe.train.seed)
+    if split is None:
+        raise ConfigError([f"data.{role}: the recipe names no {split_name} split to evaluate on"])
+    if recipe.eval.max_rows is not None:
+        split.dataset = split.dataset.select(range(min(recipe.eval.max_rows, len(split.dataset))))
+    out = Path(out or Path(recipe.output_dir) / f"eval-{split_name}")
+    _check_out(out)
+    results = {"model": model, "adapter": adapter, "compare": compare, "split": split_name,
+               "rows": len(split.dataset), "generation": asdict(recipe.generation), "models": {}}  # fmt: skip
+    runs = {"fine-tuned": _score_model(tuned, tokenizer, split, recipe)}
+    del tuned
+    if compare:
+        base, base_tokenizer = load_for_generation(compare, None, recorded_by=adapter or model)
+        runs = {"base": _score_model(base, base_tokenizer, split, recipe), **runs}
+        del base
+    for label, (_, metrics, _) in runs.items():
+        results["models"][label] = metrics
+    curves = _training_curves(Path(adapter or model))
+    differ = _largest_differences(split, runs) if compare else []
+    with ckpt.atomic_dir(out) as tmp:
+        with open(tmp / "predictions.jsonl", "w", encoding="utf-8") as f:
+            for i in range(len(split.dataset)):
+                row = {"source": split.dataset[i]["source"], "reference": split.dataset[i]["target"]}
+                for label, (predictions, _, per_row) in runs.items():
+                    row[label] = {"prediction": predictions[i], "scores": per_row[i]}
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        (tmp / "metrics.json").write_text(json.dumps(results, indent=2))
+        (tmp / "report.md").write_text(_markdown(results, curves, differ), encoding="utf-8")
+        (tmp / "report.html").write_text(_html(results, curves, differ), encoding="utf-8")
+    results["out"] = str(out)
+    return results
+
+
+REPORT_FILES = {"predictions.jsonl", "metrics.json", "report.md", "report.html"}
+
+
+def _check_out(out: Path) -> None:
+    """A report replaces an earlier report, never a folder holding anything else."""
+    if out.exists() and (not out.is_dir() or set(p.name for p in out.iterdir()) - REPORT_FILES):
+        raise ConfigError(
+            [f"--out: {out} exists and holds other files than an eval report; choose another folder"]
+        )
+
+
+def _training_curves(model_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Series from the metrics.jsonl of the run whose final/ (or checkpoint) this model is."""
+    for folder in (model_dir.parent, model_dir.parent.parent):
+        log = folder / "metrics.jsonl"
+        if log.is_file():
+            series: dict[str, list[tuple[int, float]]] = {}
+            for line in log.read_text().splitlines():
+                record = json.loads(line)
+                for key, value in record.items():
+                    if key not in ("step", "epoch", "tokens_per_s", "grad_norm") and isinstance(
+                        value, (int, float)
+                    ):
+                        series.setdefault(key, []).append((record["step"], float(value)))
+            return series
+    return {}
+
+
+def _main_score(scores: dict) -> float:
+    for key in ("rougeL", "exact_match", "mc_accuracy", "accuracy", "bleu", "chrf", "f1", "format_rate"):
+        if key in scores:
+            return scores[key]
+    return 0.0
+
+
+def _largest_differences(split, runs, n: int = 10) -> list[dict]:
+    base_rows, tuned_rows = runs["base"][2], runs["fine-tuned"][2]
+    order = sorted(
+        range(len(base_rows)), key=lambda i: -abs(_main_score(tuned_rows[i]) - _main_score(base_rows[i]))
+    )
+    return [{"source": split.dataset[i]["source"], "reference": split.dataset[i]["target"],
+             "base": runs["base"][0][i], "fine-tuned": runs["fine-tuned"][0][i],
+             "difference": _main_score(tuned_rows[i]) - _main_score(base_rows[i])} for i in order[:n]]  # fmt: skip
+
+
+def metric_rows(results: dict) -> list[tuple[str, list[str]]]:
+    models = results["models"]
+    keys = list(next(iter(models.values())))
+    rows = []
+    for key in keys:
+        values = [f"{models[m][key]:.2f}" for m in models]
+        if len(models) == 2:
+            base, tuned = (models[m][key] for m in models)
+            values.append(f"{tuned - base:+.2f}")
+        rows.append((key, values))
+    return rows
+
+
+def _markdown(results: dict, curves: dict, differ: list[dict]) -> str:
+    models = list(results["models"])
+    header = ["metric", *models] + (["difference"] if len(models) == 2 else [])
+    lines = [f"# Evaluation: {results['model']}" + (f" + {results['adapter']}" if results["adapter"] else ""), "",
+             f"{results['rows']} rows of the {results['split']} split.", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]  # fmt: skip
+    lines += ["| " + " | ".join([key, *values]) + " |" for key, values in metric_rows(results)]
+    if curves:
+        lines += ["", "## Training run", "", "| series | first | last | min | max |", "|---|---|---|---|---|"]
+        for name, points in curves.items():
+            values = [v for _, v in points]
+            lines.append(
+                f"| {name} | {values[0]:.4g} | {values[-1]:.4g} | {min(values):.4g} | {max(values):.4g} |"
+            )
+        lines += ["", "The curves are plotted in report.html."]
+    if differ:
+        lines += ["", "## Rows where the models differ most", ""]
+        for d in differ:
+            lines += [f"- **source**: {d['source'][:300]}", f"  - reference: {d['reference']}", f"  - base: {d['base']}",
+                      f"  - fine-tuned: {d['fine-tuned']} ({d['difference']:+.1f})"]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def _svg(series: list[tuple[int, float]], title: str, width: int = 420, height: int = 200) -> str:
+    """A line chart as inline SVG (steps on x, the value on y)."""
+    pad = 36
+    xs, ys = [s for s, _ in series], [v for _, v in series]
+    x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
+    sx = (width - 2 * pad) / ((x1 - x0) or 1)
+    sy = (height - 2 * pad) / ((y1 - y0) or 1)
+    points = " ".join(f"{pad + (x - x0) * sx:.1f},{height - pad - (y - y0) * sy:.1f}" for x, y in series)
+    return (f'<svg width="{width}" height="{height}" role="img" aria-label="{html.escape(title)}">'
+            f'<text x="{pad}" y="16" font-size="13">{html.escape(title)}</text>'
+            f'<polyline fill="none" stroke="#2563eb" stroke-width="2" points="{points}"/>'
+            f'<text x="2" y="{pad}" font-size="10">{y1:.3g}</text><text x="2" y="{height - pad}" font-size="10">{y0:.3g}</text>'
+            f'<text x="{pad}" y="{height - 8}" font-size="10">step {x0}</text>'
+            f'<text x="{width - pad - 40}" y="{height - 8}" font-size="10">step {x1}</text></svg>')  # fmt: skip
+
+
+def _html(results: dict, curves: dict, differ: list[dict]) -> str:
+    models = list(results["models"])
+    header = ["metric", *models] + (["difference"] if len(models) == 2 else [])
+    table = "<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>"
+    for key, values in metric_rows(results):
+        table += "<tr>" + "".join(f"<td>{html.escape(v)}</td>" for v in [key, *values]) + "</tr>"
+    table += "</table>"
+    charts = "".join(_svg(points, name) for name, points in curves.items() if len(points) >= 2)
+    rows = "".join(
+        f"<tr><td>{html.escape(d['source'][:300])}</td><td>{html.escape(d['reference'])}</td>"
+        f"<td>{html.escape(d['base'])}</td><td>{html.escape(d['fine-tuned'])}</td><td>{d['difference']:+.1f}</td></tr>"
+        for d in differ
+    )
+    differ_html = (f"<h2>Rows where the models differ most</h2><table><tr><th>source</th><th>reference</th><th>base</th>"
+                   f"<th>fine-tuned</th><th>difference</th></tr>{rows}</table>") if differ else ""  # fmt: skip
+    title = html.escape(results["model"] + (f" + {results['adapter']}" if results["adapter"] else ""))
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>flantune eval: {title}</title>
+<style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:1100px}}table{{border-collapse:collapse;margin:1em 0}}
+td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}}svg{{margin:8px;border:1px solid #eee}}</style>
+</head><body><h1>Evaluation: {title}</h1><p>{results["rows"]} rows of the {html.escape(results["split"])} split.</p>
+{table}<h2>Training curves</h2>{charts or "<p>No training log found beside the model.</p>"}{differ_html}</body></html>
+"""

@@ -1,0 +1,163 @@
+"""flantune eval: reports whose numbers follow from their predictions, and fair comparisons."""
+
+import json
+import random
+import subprocess
+import sys
+
+import pytest
+
+from flantune.config import ConfigError, recipe_from_dict
+from flantune.evaluate import run_eval
+from flantune.generate import GenerateError, generate_texts, load_for_generation
+from flantune.quickstart import build_tokenizer, make_rows, write_jsonl
+from flantune.train import train
+
+from .conftest import ROOT
+from .test_train import METHODS
+
+
+@pytest.fixture(scope="module")
+def tuned_run(tmp_path_factory):
+    """The quickstart's small T5 and word-level tokenizer, fully fine-tuned from random weights on
+    sorting letters (learns in 300 steps), with a test split and an eval every 100 steps."""
+    folder = tmp_path_factory.mktemp("eval")
+    model_dir = folder / "model"
+    model_dir.mkdir()
+    build_tokenizer(model_dir)
+    rng = random.Random(0)
+    write_jsonl(folder / "train.jsonl", make_rows(2000, rng))
+    write_jsonl(folder / "test.jsonl", make_rows(24, rng))
+    result = train(sort_recipe(folder, model_dir, folder / "run", steps=300))
+    return sort_recipe(folder, model_dir, folder / "run", steps=300), model_dir, result.final_dir
+
+
+def sort_recipe(folder, model_dir, out, steps, method=None):
+    return recipe_from_dict({
+        "model": {"path": str(model_dir), "init": "random"},
+        "method": method or {"kind": "full"},
+        "data": {"task": "template", "task_options": {"source": "{text}", "target": "{sorted}", "metrics": ["exact_match"]},
+                 "train": str(folder / "train.jsonl"), "eval": str(folder / "test.jsonl"),
+                 "test": str(folder / "test.jsonl"), "max_source_tokens": 16, "max_target_tokens": 16},
+        "train": {"max_steps": steps, "batch_size": 32, "lr": 3e-3, "schedule": "cosine", "warmup_steps": 30,
+                  "log_every": 10, "eval_every": 100, "precision": "fp32"},
+        "generation": {"max_new_tokens": 12},
+        "output_dir": str(out),
+    })  # fmt: skip
+
+
+def read_predictions(out):
+    return [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+
+
+def test_report_numbers_follow_from_predictions(tuned_run, tmp_path):
+    recipe, _, final = tuned_run
+    results = run_eval(recipe, str(final), out=tmp_path / "report")
+    out = tmp_path / "report"
+    assert {p.name for p in out.iterdir()} == {
+        "predictions.jsonl",
+        "metrics.json",
+        "report.md",
+        "report.html",
+    }
+    rows = read_predictions(out)
+    assert len(rows) == results["rows"] == 24
+    # Exact match of the split is the mean of the per-row 0/100 scores, and agrees with the texts.
+    em = [r["fine-tuned"]["scores"]["exact_match"] for r in rows]
+    assert em == [100.0 if r["fine-tuned"]["prediction"] == r["reference"] else 0.0 for r in rows]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["models"]["fine-tuned"]["exact_match"] == pytest.approx(sum(em) / len(em))
+    # The predictions are what plain generation with the same settings gives on the same sources.
+    model, tokenizer = load_for_generation(str(final))
+    direct = generate_texts(model, tokenizer, [r["source"] for r in rows], recipe.generation)
+    assert [r["fine-tuned"]["prediction"] for r in rows] == direct
+    md, page = (out / "report.md").read_text(), (out / "report.html").read_text()
+    assert f"| exact_match | {sum(em) / len(em):.2f} |" in md
+    assert "## Training run" in md
+    # Training curves from the run's metrics.jsonl, drawn inline: loss, lr and the eval metric.
+    assert page.count("<polyline") >= 3
+    for series in ("loss", "lr", "eval_exact_match"):
+        assert f'aria-label="{series}"' in page
+
+
+def test_compare_scores_both_models_on_the_same_rows(tuned_run, tmp_path):
+    recipe, model_dir, final = tuned_run
+    # The run's recorded base (random init, seed 0) is rebuilt for the comparison.
+    results = run_eval(recipe, str(final), compare=str(model_dir), out=tmp_path / "cmp", split_name="test")
+    rows = read_predictions(tmp_path / "cmp")
+    assert all(set(r) == {"source", "reference", "base", "fine-tuned"} for r in rows)
+    base_model, tokenizer = load_for_generation(str(model_dir), None, recorded_by=str(final))
+    base_direct = generate_texts(base_model, tokenizer, [r["source"] for r in rows], recipe.generation)
+    assert [r["base"]["prediction"] for r in rows] == base_direct
+    base_em = sum(r["base"]["scores"]["exact_match"] for r in rows) / len(rows)
+    tuned_em = sum(r["fine-tuned"]["scores"]["exact_match"] for r in rows) / len(rows)
+    assert results["models"]["base"]["exact_match"] == pytest.approx(base_em)
+    assert results["models"]["fine-tuned"]["exact_match"] == pytest.approx(tuned_em)
+    assert tuned_em > base_em + 50  # 300 steps on 'sort' beat the random base by far
+    md = (tmp_path / "cmp" / "report.md").read_text()
+    assert "| metric | base | fine-tuned | difference |" in md
+    assert f"{tuned_em - base_em:+.2f}" in md
+    page = (tmp_path / "cmp" / "report.html").read_text()
+    assert "Rows where the models differ most" in page
+    # The first row listed is one where the two models' scores differ by the most.
+    best = max(
+        abs(r["fine-tuned"]["scores"]["exact_match"] - r["base"]["scores"]["exact_match"]) for r in rows
+    )
+    assert f"{best:+.1f}" in page or f"{-best:+.1f}" in page
+
+
+def test_eval_command_end_to_end(tuned_run, tmp_path):
+    recipe, model_dir, final = tuned_run
+    path = tmp_path / "recipe.yaml"
+    from flantune.config import dump_recipe
+
+    path.write_text(dump_recipe(recipe))
+    result = subprocess.run(
+        [sys.executable, "-m", "flantune.cli", "eval", str(path), "eval.max_rows=5", "--model", str(final),
+         "--compare", str(model_dir), "--out", str(tmp_path / "r")],
+        capture_output=True, text=True, cwd=ROOT,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "exact_match" in result.stdout and "difference" in result.stdout
+    assert len(read_predictions(tmp_path / "r")) == 5  # eval.max_rows: the first 5 rows, for both models
+
+
+def test_eval_errors(tuned_run, tmp_path):
+    recipe, model_dir, final = tuned_run
+    with pytest.raises(GenerateError, match="does not exist"):
+        run_eval(recipe, str(tmp_path / "missing"), out=tmp_path / "a")
+    with pytest.raises(GenerateError, match="no adapter_config.json"):
+        run_eval(recipe, str(model_dir), adapter=str(final), out=tmp_path / "a")
+    with pytest.raises(ConfigError, match="--split"):
+        run_eval(recipe, str(final), split_name="dev", out=tmp_path / "a")
+    recipe_without_test = sort_recipe(final.parent.parent, model_dir, tmp_path / "run", 1)
+    recipe_without_test.data.test = None
+    with pytest.raises(ConfigError, match=r"data\.test"):
+        run_eval(recipe_without_test, str(final), out=tmp_path / "a")
+    keep = tmp_path / "mine"
+    keep.mkdir()
+    (keep / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="holds other files"):
+        run_eval(recipe, str(final), out=keep)
+    assert (keep / "notes.txt").read_text() == "mine"
+    result = subprocess.run(
+        [sys.executable, "-m", "flantune.cli", "eval", str(ROOT / "recipes/offline/sciq-lora.yaml"), "--model",
+         str(tmp_path / "missing")], capture_output=True, text=True, cwd=ROOT,
+    )  # fmt: skip
+    assert result.returncode == 2 and "does not exist" in result.stderr
+
+
+def test_an_adapter_folder_stands_for_its_base_plus_adapter(tuned_run, tmp_path):
+    """`--model runs/x/final` of a LoRA run equals `--model BASE --adapter runs/x/final`."""
+    recipe, model_dir, final = tuned_run
+    lora_recipe = sort_recipe(final.parent.parent, model_dir, tmp_path / "lora", 3, METHODS["lora"])
+    lora_recipe.train.eval_every = None
+    lora = train(lora_recipe)
+    sources = ["sort: a c b", "sort: q e d"]
+    outputs = []
+    for args in ((str(lora.final_dir),), (str(model_dir), str(lora.final_dir))):
+        model, tokenizer = load_for_generation(*args)
+        outputs.append(generate_texts(model, tokenizer, sources, recipe.generation))
+    assert outputs[0] == outputs[1]
+    with pytest.raises(GenerateError, match="adapter folder"):
+        load_for_generation(str(lora.final_dir), str(lora.final_dir))
