@@ -1,6 +1,7 @@
 """flantune merge: merged LoRA/IA3 models load with plain transformers and match the adapter model."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -60,3 +61,52 @@ def test_merge_errors(tmp_path):
     (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({"kind": "bottleneck"}))
     with pytest.raises(ExportError, match="non-linear"):
         merge(str(tmp_path / "a"), str(tmp_path / "out"))
+
+
+def test_push_says_why_it_did_not_push(tmp_path, monkeypatch):
+    from flantune.export import push
+
+    folder = tmp_path / "final"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text("{}")
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # no saved login
+    with pytest.raises(ExportError, match="no Hugging Face token"):
+        push(str(folder), "me/model")
+    with pytest.raises(ExportError, match="HF_HUB_OFFLINE"):  # the tests run offline
+        push(str(folder), "me/model", token="hf_x")
+    with pytest.raises(ExportError, match="not a model or adapter folder"):
+        push(str(tmp_path), "me/model", token="hf_x")
+    result = subprocess.run([sys.executable, "-m", "flantune.cli", "push", str(folder), "--repo-id", "me/model"],
+                            capture_output=True, text=True, cwd=ROOT, env={**os.environ, "HF_HOME": str(tmp_path / "hf")})  # fmt: skip
+    assert result.returncode == 2 and "not pushed" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_push_uploads_the_folder(tmp_path, monkeypatch):
+    from huggingface_hub import HfApi
+
+    from flantune.export import push
+
+    folder = tmp_path / "final"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    calls = []
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(
+        HfApi,
+        "create_repo",
+        lambda self, repo_id, **kw: calls.append(("create", repo_id, kw)) or f"https://hf.co/{repo_id}",
+    )
+    monkeypatch.setattr(HfApi, "upload_folder", lambda self, **kw: calls.append(("upload", kw["repo_id"], kw["folder_path"])))  # fmt: skip
+    assert push(str(folder), "me/model", private=True, token="hf_x") == "https://hf.co/me/model"
+    assert calls == [
+        ("create", "me/model", {"private": True, "exist_ok": True}),
+        ("upload", "me/model", str(folder)),
+    ]
+
+    def unreachable(self, **kw):
+        raise ConnectionError("Name or service not known")
+
+    monkeypatch.setattr(HfApi, "upload_folder", unreachable)
+    with pytest.raises(ExportError, match="cannot reach the hub"):
+        push(str(folder), "me/model", token="hf_x")

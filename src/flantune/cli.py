@@ -46,6 +46,7 @@ OverridesArg = Annotated[
 def user_errors(fn):
     """Print user-fixable errors as one line on stderr and exit 2; let real bugs raise."""
     from flantune.data import DataError
+    from flantune.export import ExportError
     from flantune.generate import GenerateError
     from flantune.methods import MethodError
     from flantune.models import ModelLoadError
@@ -59,6 +60,7 @@ def user_errors(fn):
         except (
             ConfigError,
             DataError,
+            ExportError,
             GenerateError,
             MethodError,
             ModelLoadError,
@@ -265,6 +267,26 @@ def eval_command(
         table.add_row(key, *values)
     console.print(table)
     console.print(f"report written to {results['out']}", highlight=False)
+
+
+@app.command("push")
+@user_errors
+def push_command(
+    folder: Annotated[
+        str, typer.Argument(help="A run's final/, a merged model, any model folder.", show_default=False)
+    ],
+    repo_id: Annotated[str, typer.Option("--repo-id", help="Hub repository, e.g. you/flan-t5-sciq-lora.")],
+    private: Annotated[bool, typer.Option(help="Create the repository private.")] = False,
+    token: Annotated[
+        str | None, typer.Option(help="Hub token; default: HF_TOKEN or the saved login.")
+    ] = None,
+) -> None:
+    """Upload a model or adapter folder to the Hugging Face Hub."""
+    from flantune.export import push
+
+    console.print(
+        f"pushed {folder} to {push(folder, repo_id, private=private, token=token)}", highlight=False
+    )
 
 
 def length_table(reports, splits_cfg: Recipe) -> Table:

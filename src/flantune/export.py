@@ -56,3 +56,41 @@ def merge(adapter: str, out: str, base: str | None = None) -> Path:
         merged.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return Path(out)
+
+
+def push(folder: str, repo_id: str, *, private: bool = False, token: str | None = None) -> str:
+    """Upload a model or adapter folder (a run's final/, a merged model) to the Hugging Face Hub.
+
+    Nothing is skipped quietly: without a token, offline, or when the hub refuses, the error says
+    why nothing was pushed.
+    """
+    import os
+
+    from huggingface_hub import HfApi, get_token
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
+    path = Path(folder)
+    if not path.is_dir() or not any(
+        (path / name).is_file() for name in ("config.json", "adapter_config.json")
+    ):
+        raise ExportError(f"{folder}: not a model or adapter folder (no config.json or adapter_config.json)")
+    token = token or get_token()
+    if not token:
+        raise ExportError(
+            "not pushed: no Hugging Face token (pass --token, set HF_TOKEN, or run `hf auth login`)"
+        )
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        raise ExportError("not pushed: HF_HUB_OFFLINE is set, so the hub cannot be reached; unset it to push")
+    api = HfApi(token=token)
+    try:
+        url = api.create_repo(repo_id, private=private, exist_ok=True)
+        api.upload_folder(
+            repo_id=repo_id, folder_path=str(path), commit_message=f"Upload {path.name} with flantune"
+        )
+    except OfflineModeIsEnabled as e:
+        raise ExportError(f"not pushed: offline mode ({e})") from None
+    except HfHubHTTPError as e:
+        raise ExportError(f"not pushed: the hub refused {repo_id}: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # connection errors: the HTTP client's own classes differ between versions
+        raise ExportError(f"not pushed: cannot reach the hub ({type(e).__name__}: {e})") from None
+    return str(url)
