@@ -139,3 +139,15 @@ def test_cli_generate_input_and_file(tmp_path, model_dir):
     bad = subprocess.run([sys.executable, "-m", "flantune.cli", "generate", str(tmp_path / "nope"), "--input", "x"],
                          capture_output=True, text=True, cwd=ROOT)  # fmt: skip
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and "does not exist" in bad.stderr
+
+
+def test_adapter_for_another_base_is_refused(tmp_path, t5_small_path, bart_path):
+    """A LoRA adapter of a T5 base, loaded onto a BART model: a clear error naming both."""
+    from peft import LoraConfig, get_peft_model
+
+    t5 = saved_model(tmp_path / "t5", t5_small_path)
+    bart = saved_model(tmp_path / "bart", bart_path)
+    base = AutoModelForSeq2SeqLM.from_pretrained(t5)
+    get_peft_model(base, LoraConfig(r=2, target_modules=["q", "v"])).save_pretrained(tmp_path / "adapter")
+    with pytest.raises(GenerateError, match=r"--adapter: .*adapter does not fit .*bart"):
+        load_for_generation(str(bart), str(tmp_path / "adapter"))
