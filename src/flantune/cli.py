@@ -50,6 +50,7 @@ def user_errors(fn):
     from flantune.generate import GenerateError
     from flantune.methods import MethodError
     from flantune.models import ModelLoadError
+    from flantune.rewards import RewardError
     from flantune.tasks import TaskError
     from flantune.train import TrainingError
 
@@ -64,6 +65,7 @@ def user_errors(fn):
             GenerateError,
             MethodError,
             ModelLoadError,
+            RewardError,
             TaskError,
             TrainingError,
         ) as e:
@@ -147,6 +149,20 @@ def train_command(
 
     cfg = _recipe(recipe, [*(overrides or []), *(["train.resume=true"] if resume else [])])
     train(cfg, console=console)
+
+
+@app.command("rl")
+@user_errors
+def rl_command(
+    recipe: RecipeArg,
+    overrides: OverridesArg = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the last RL checkpoint.")] = False,
+) -> None:
+    """Reinforcement learning after SFT: GRPO with the recipe's rewards; writes rl.output_dir."""
+    from flantune.rl import run_rl
+
+    cfg = _recipe(recipe, [*(overrides or []), *(["rl.resume=true"] if resume else [])])
+    run_rl(cfg, console=console)
 
 
 @app.command("quickstart")

@@ -307,6 +307,107 @@ class GenerationConfig:
 
 
 @dataclass
+class RewardSpec:
+    name: str
+    """A built-in reward — correct, format, rouge, bleu, length — or a custom `module:function`
+    called as function(prompt, completion, row) -> float."""
+    weight: float = 1.0
+    """Its weight in the total reward (a weighted sum)."""
+    mode: Literal["normalized", "exact"] = "normalized"
+    """`correct` on free text: SQuAD-normalized or exact string match (SciQ always matches options)."""
+    target_tokens: int = 0
+    """`length`: completions longer than this many tokens lose (n - target) / target; 0: n / max_new_tokens."""
+
+
+@dataclass
+class RLConfig:
+    start: str | None = None
+    """Model to start from: an SFT run's final/ (adapter or full model) or a model folder. Default:
+    output_dir/final when it exists, else model.path with a fresh method.kind adapter."""
+    output_dir: str | None = None
+    """RL run directory. Default: output_dir/rl."""
+    max_steps: int = 100
+    """Policy updates (one batch of prompts each, followed by inner_steps optimizer steps)."""
+    prompts_per_step: int = 8
+    """Prompts sampled per step; each gets group_size completions."""
+    group_size: int = 8
+    """Completions per prompt (G); advantages are normalized within each group."""
+    inner_steps: int = 2
+    """Optimizer steps on each batch of completions (the policy ratio departs from 1 after the first)."""
+    micro_batch_size: int = 64
+    """Completions per forward/backward pass (memory); the loss is still averaged over all tokens."""
+    lr: float = 1e-5
+    """AdamW learning rate (constant after warm-up)."""
+    warmup_steps: int = 0
+    """Linear warm-up, in optimizer steps."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping (0 disables)."""
+    clip_eps: float = 0.2
+    """Policy-ratio clipping range: ratios outside [1 - eps, 1 + eps] get no gradient past the bound."""
+    beta: float = 0.04
+    """KL penalty weight to the reference policy (the model RL starts from); 0 skips the reference."""
+    temperature: float = 1.0
+    """Sampling temperature of the completions."""
+    top_p: float = 1.0
+    """Nucleus sampling mass of the completions."""
+    max_new_tokens: int | None = None
+    """Completion cap in tokens; default: generation.max_new_tokens."""
+    rewards: list[RewardSpec] = field(default_factory=lambda: [RewardSpec(name="correct")])
+    """The reward: a weighted sum of these."""
+    log_every: int = 1
+    """Write metrics.jsonl every this many steps."""
+    eval_every: int | None = 25
+    """Evaluate (greedy, the task's metrics) on data.eval every this many steps; null: only at the end."""
+    save_every: int | None = 50
+    """Write a checkpoint every this many steps."""
+    keep_last: int = 2
+    """Checkpoints kept."""
+    resume: bool = False
+    """Continue the RL run in output_dir from its last checkpoint."""
+
+    def check(self, path: str) -> list[str]:
+        problems = []
+        for key in (
+            "max_steps",
+            "prompts_per_step",
+            "group_size",
+            "inner_steps",
+            "micro_batch_size",
+            "log_every",
+        ):
+            if getattr(self, key) < 1:
+                problems.append(f"{path}.{key}: must be at least 1, got {getattr(self, key)}")
+        if self.group_size < 2:
+            problems.append(
+                f"{path}.group_size: GRPO needs at least 2 completions per prompt, got {self.group_size}"
+            )
+        if self.lr <= 0:
+            problems.append(f"{path}.lr: must be > 0, got {self.lr}")
+        if not 0 < self.clip_eps < 1:
+            problems.append(f"{path}.clip_eps: must be in (0, 1), got {self.clip_eps}")
+        if self.beta < 0:
+            problems.append(f"{path}.beta: must be >= 0, got {self.beta}")
+        if self.temperature <= 0:
+            problems.append(f"{path}.temperature: must be > 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            problems.append(f"{path}.top_p: must be in (0, 1], got {self.top_p}")
+        if not self.rewards:
+            problems.append(f"{path}.rewards: name at least one reward (e.g. [{{name: correct}}])")
+        for i, reward in enumerate(self.rewards):
+            if not isinstance(reward, RewardSpec):  # already reported by the type check
+                continue
+            builtin = reward.name in ("correct", "format", "rouge", "bleu", "length")
+            if not builtin and not re.fullmatch(r"[\w.]+:\w+", reward.name):
+                problems.append(
+                    f"{path}.rewards[{i}].name: {reward.name!r} is neither a built-in reward "
+                    "(correct, format, rouge, bleu, length) nor module:function"
+                )
+        return problems
+
+
+@dataclass
 class Recipe:
     model: ModelConfig
     """The base model."""
@@ -320,6 +421,8 @@ class Recipe:
     """Evaluation during and after training."""
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     """Decoding settings for evaluation and generation."""
+    rl: RLConfig = field(default_factory=RLConfig)
+    """Reinforcement learning after SFT (`flantune rl`): GRPO with verifiable rewards."""
     output_dir: str = "runs/run"
     """The run directory: resolved recipe, metrics.jsonl, checkpoints, final/."""
 

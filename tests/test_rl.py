@@ -1,0 +1,290 @@
+"""GRPO for encoder-decoder models: reference values for the math, rewards, every method, resume,
+and a task where reinforcement learning must beat the supervised model it starts from."""
+
+import json
+import math
+import random
+import string
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from flantune.config import RewardSpec, recipe_from_dict
+from flantune.quickstart import build_tokenizer, write_jsonl
+from flantune.rewards import RewardError, build_rewards, score_all
+from flantune.rl import (
+    Reference,
+    clipped_objective,
+    completion_logprobs,
+    completion_mask,
+    group_advantages,
+    grpo_loss_sum,
+    kl_k3,
+    run_rl,
+)
+from flantune.tasks import build_task
+from flantune.train import train
+
+# ---- the math ------------------------------------------------------------------------------------
+
+
+def test_group_advantages_reference_values():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 0.0, 2.0, 2.0, 2.0, 2.0])
+    # group 1: mean 0.25, unbiased std sqrt((0.75² + 3·0.25²) / 3) = 0.5; group 2: all equal → 0
+    expected = torch.tensor([0.75, -0.25, -0.25, -0.25, 0, 0, 0, 0]) / (0.5 + 1e-4)
+    torch.testing.assert_close(group_advantages(rewards, 4), expected)
+
+
+def test_kl_k3_reference_values():
+    new, ref = torch.log(torch.tensor([0.5, 0.3])), torch.log(torch.tensor([0.25, 0.3]))
+    # exp(ref - new) - (ref - new) - 1 = 0.5 + ln 2 - 1 for the first token, 0 where they agree
+    torch.testing.assert_close(kl_k3(new, ref), torch.tensor([0.5 + math.log(2) - 1, 0.0]))
+
+
+def test_clipped_objective_reference_values():
+    old = torch.zeros(4, 1)
+    new = torch.log(torch.tensor([[1.5], [0.5], [0.5], [1.5]]))  # ratios
+    adv = torch.tensor([1.0, 1.0, -1.0, -1.0])
+    loss, clipped = clipped_objective(new, old, adv, clip_eps=0.2)
+    # min(ρA, clip(ρ)A): 1.2 (clipped), 0.5, -0.8 (clipped), -1.5; the loss is its negative
+    torch.testing.assert_close(loss, torch.tensor([[-1.2], [-0.5], [0.8], [1.5]]))
+    assert clipped.flatten().tolist() == [1.0, 0.0, 1.0, 0.0]
+
+
+def test_loss_gradient_at_ratio_one_is_minus_advantage_over_tokens():
+    new = torch.zeros(2, 3, requires_grad=True)
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    adv = torch.tensor([2.0, -1.0])
+    loss, stats = grpo_loss_sum(new, new.detach(), new.detach(), adv, mask, 0.2, beta=0.5)
+    (loss / mask.sum()).backward()
+    # policy gradient -A per real token, KL gradient 0 where new == ref, averaged over the 5 tokens
+    torch.testing.assert_close(new.grad, -adv.unsqueeze(1) * mask / 5)
+    assert stats["kl_sum"] == 0.0 and stats["clip_sum"] == 0.0
+
+
+def test_completion_mask_stops_after_the_first_eos():
+    ids = torch.tensor([[0, 5, 6, 1, 0], [0, 1, 0, 0, 0], [0, 5, 6, 7, 8]])  # start, tokens, EOS=1, pad
+    assert completion_mask(ids, eos_id=1).tolist() == [[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]]
+
+
+def test_completion_logprobs_equal_the_models_own_cross_entropy(t5_small_path):
+    from transformers import AutoModelForSeq2SeqLM
+
+    from .conftest import tiny_config
+
+    torch.manual_seed(0)
+    model = AutoModelForSeq2SeqLM.from_config(tiny_config(t5_small_path)).eval()
+    prompts = torch.tensor([[5, 6, 7, 1], [8, 9, 1, 0]])
+    attention = (prompts != 0).long()
+    completions = torch.tensor([[0, 11, 12, 1], [0, 13, 1, 0], [0, 14, 15, 16], [0, 1, 0, 0]])  # G = 2
+    states = model.get_encoder()(input_ids=prompts, attention_mask=attention).last_hidden_state
+    ours = completion_logprobs(model, states, attention, completions, group_size=2)
+    logits = model(input_ids=prompts.repeat_interleave(2, 0), attention_mask=attention.repeat_interleave(2, 0),
+                   decoder_input_ids=completions[:, :-1]).logits  # fmt: skip
+    reference = -torch.nn.functional.cross_entropy(
+        logits.transpose(1, 2), completions[:, 1:], reduction="none"
+    )
+    torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_reference_swaps_adapter_weights_in_and_back():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    model[0].requires_grad_(False)
+    ref = Reference(model, full=False)
+    start = model[1].weight.detach().clone()
+    with torch.no_grad():
+        model[1].weight.add_(1.0)
+    trained = model[1].weight.detach().clone()
+    with ref.weights(model) as m:
+        torch.testing.assert_close(m[1].weight, start)  # the starting policy
+    torch.testing.assert_close(model[1].weight, trained)  # and back to the trained one
+    assert len(ref.params) == 2  # only the trainable weight and bias are copied
+
+
+# ---- rewards -------------------------------------------------------------------------------------
+
+
+def bad_reward(prompt, completion, row):
+    raise KeyError("missing")
+
+
+def text_reward(prompt, completion, row):
+    return "high"
+
+
+def test_rewards_builtin_and_custom(t5_tokenizer):
+    sciq = build_task("sciq_think")
+    row = {"references": ["oxygen"], "choices": ["nitrogen", "oxygen", "carbon", "helium"]}
+    rewards = build_rewards(
+        [RewardSpec("correct"), RewardSpec("format", weight=0.5), RewardSpec("length", weight=0.1, target_tokens=4)],
+        sciq, t5_tokenizer, max_new_tokens=16,
+    )  # fmt: skip
+    completions = ["<think> air </think> <answer> oxygen </answer>", "<answer> carbon </answer>", "B"]
+    totals, parts = score_all(rewards, ["p"] * 3, completions, [row] * 3)
+    assert parts["correct"] == [1.0, 0.0, 1.0]  # "B" names the second option
+    assert parts["format"] == [1.0, 0.0, 0.0]
+    assert parts["length"][2] == 0.0 and parts["length"][0] < 0  # only over-long completions lose
+    assert totals[0] == pytest.approx(1.0 + 0.5 + 0.1 * parts["length"][0])
+    squad = build_task("squad_qa")
+    exact = build_rewards(
+        [RewardSpec("correct", mode="exact"), RewardSpec("correct")], squad, t5_tokenizer, 16
+    )
+    _, parts = score_all(exact[:1], ["p"], ["The Eiffel tower"], [{"references": ["Eiffel tower"]}])
+    assert parts["correct"] == [0.0]
+    _, parts = score_all(exact[1:], ["p"], ["The Eiffel tower"], [{"references": ["Eiffel tower"]}])
+    assert parts["correct"] == [1.0]  # normalized: articles dropped
+    module = __name__
+    for name, message in (
+        (f"{module}:bad_reward", "raised KeyError"),
+        (f"{module}:text_reward", "must return a finite number"),
+    ):
+        (reward,) = build_rewards([RewardSpec(name)], squad, t5_tokenizer, 16)
+        with pytest.raises(RewardError, match=rf"reward {name} .*{message}"):
+            score_all([reward], ["p"], ["x"], [{"references": ["x"]}])
+    with pytest.raises(RewardError, match="cannot load nomodule:f"):
+        build_rewards([RewardSpec("nomodule:f")], squad, t5_tokenizer, 16)
+
+
+# ---- end to end ----------------------------------------------------------------------------------
+
+
+def sort_rows(rng, n, wrong=0.0):
+    """'sort: q c m' → 'c m q'; with `wrong`, that share of targets is reverse-sorted instead."""
+    rows = []
+    for _ in range(n):
+        letters = rng.sample(string.ascii_lowercase, rng.randint(3, 5))
+        truth = sorted(letters)
+        target = truth[::-1] if rng.random() < wrong else truth
+        rows.append(
+            {"text": "sort: " + " ".join(letters), "sorted": " ".join(target), "truth": " ".join(truth)}
+        )
+    return rows
+
+
+@pytest.fixture(scope="module")
+def sort_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rl")
+    (root / "model").mkdir()
+    build_tokenizer(root / "model")  # the quickstart's small T5 with a word-level tokenizer
+    rng = random.Random(0)
+    write_jsonl(root / "sft.jsonl", sort_rows(rng, 3000, wrong=0.6))
+    write_jsonl(root / "rl.jsonl", sort_rows(rng, 500))
+    write_jsonl(root / "test.jsonl", sort_rows(rng, 100))
+    return root
+
+
+def sort_recipe(root, out, stage, method=None, **rl):
+    return recipe_from_dict({
+        "model": {"path": str(root / "model"), "init": "random"},
+        "method": method or {"kind": "full"},
+        "data": {"task": "template",
+                 "task_options": {"source": "{text}", "target": "{sorted}" if stage == "sft" else "{truth}",
+                                  "metrics": ["exact_match"]},
+                 "train": str(root / ("sft.jsonl" if stage == "sft" else "rl.jsonl")), "eval": str(root / "test.jsonl"),
+                 "max_source_tokens": 16, "max_target_tokens": 16},
+        "train": {"max_steps": 300, "batch_size": 32, "lr": 3e-3, "schedule": "cosine", "warmup_steps": 30,
+                  "log_every": 50, "precision": "fp32"},
+        "generation": {"max_new_tokens": 8},
+        "rl": {"max_steps": 40, "prompts_per_step": 8, "group_size": 8, "inner_steps": 2, "lr": 2e-4,
+               "beta": 0.04, "eval_every": 20, "save_every": None, **rl},
+        "output_dir": str(out),
+    })  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def sft_run(sort_data):
+    result = train(sort_recipe(sort_data, sort_data / "run", "sft"))
+    return result
+
+
+def test_rl_beats_the_supervised_model_it_starts_from(sort_data, sft_run):
+    """SFT learned from targets of which 60% are deliberately wrong (reverse-sorted), so it answers
+    correctly only some of the time; GRPO with a verifier reward (exact match with the true sort)
+    must raise held-out exact match far above that. Seeds are fixed; it takes about 10 s."""
+    sft_em = sft_run.eval_metrics["eval_exact_match"]
+    result = run_rl(sort_recipe(sort_data, sort_data / "run", "rl"))
+    rl_em = result.eval_metrics["eval_exact_match"]
+    assert rl_em >= sft_em + 20, (sft_em, rl_em)  # measured: 16 → 53
+    log = [json.loads(line) for line in (sort_data / "run" / "rl" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in log if "reward" in r]
+    for key in ("reward", "reward_std", "reward_correct", "kl", "clip_fraction", "completion_tokens",
+                "prompts_per_s", "completions_per_s", "lr"):  # fmt: skip
+        assert key in steps[0], key
+    assert [r["step"] for r in log if "eval_exact_match" in r] == [20, 40]
+    assert any(r["kl"] > 0 for r in steps[1:])  # the policy moves away from the reference
+    from transformers import AutoModelForSeq2SeqLM
+
+    AutoModelForSeq2SeqLM.from_pretrained(result.final_dir)  # final/ in standard form
+
+
+@pytest.mark.parametrize("kind", ["lora", "adapter"])
+def test_rl_with_adapters_from_an_sft_adapter(kind, sort_data, sft_run, tmp_path):
+    """An SFT adapter run's final/ is the start; the base (the full SFT model here) stays frozen,
+    only the adapter moves, and the result is an adapter folder again."""
+    method = {"kind": kind, "r": 4, "alpha": 8, "target_modules": ["q", "v"]} if kind == "lora" else {
+        "kind": "adapter", "reduction_factor": 4}  # fmt: skip
+    sft = sort_recipe(sort_data, tmp_path / "sft", "sft", method)
+    sft.model.path, sft.model.init, sft.train.max_steps = str(sft_run.final_dir), "pretrained", 2
+    adapter = train(sft).final_dir
+    recipe = sort_recipe(sort_data, tmp_path / "sft", "rl", max_steps=2, eval_every=None, lr=1e-2)
+    recipe.model.path = str(sft_run.final_dir)
+    result = run_rl(recipe)  # rl.start defaults to output_dir/final: the adapter
+    assert (result.final_dir / "adapter_config.json").is_file()
+    before, after = (load_file(next(p.glob("*.safetensors"))) for p in (adapter, result.final_dir))
+    assert before.keys() == after.keys() and any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_rl_resume_equals_uninterrupted(sort_data, sft_run, tmp_path):
+    def recipe(out, steps, **kw):
+        r = sort_recipe(sort_data, out, "rl", max_steps=steps, eval_every=None, save_every=2, **kw)
+        r.rl.start, r.rl.output_dir = str(sft_run.final_dir), str(out)
+        return r
+
+    whole = run_rl(recipe(tmp_path / "a", 4))
+    run_rl(recipe(tmp_path / "b", 2))
+    resumed = run_rl(recipe(tmp_path / "b", 4, resume=True))
+    for name, p in whole.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[name], p, msg=name)
+    a, b = ((tmp_path / d / "metrics.jsonl").read_text().splitlines() for d in ("a", "b"))
+    rewards = [[r["reward"] for r in map(json.loads, lines) if "reward" in r] for lines in (a, b)]
+    assert len(rewards[0]) == 4 and rewards[0] == rewards[1]
+
+
+def test_rl_refuses_what_it_cannot_do(sort_data, sft_run, tmp_path):
+    from flantune.config import ConfigError
+    from flantune.train import TrainingError
+
+    recipe = sort_recipe(sort_data, tmp_path, "rl", max_steps=1, eval_every=None)
+    recipe.rl.start, recipe.rl.output_dir = str(sft_run.final_dir), str(sort_data / "run" / "rl")
+    with pytest.raises(TrainingError, match="already holds a run"):
+        run_rl(recipe)
+    with pytest.raises(ConfigError, match="group_size"):
+        sort_recipe(sort_data, tmp_path, "rl", group_size=1)
+    if not torch.cuda.is_available():
+        from flantune.methods import MethodError
+
+        recipe = sort_recipe(sort_data, tmp_path / "q", "rl", {"kind": "qlora"}, max_steps=1)
+        with pytest.raises((MethodError, TrainingError), match="GPU"):
+            run_rl(recipe)
+
+
+def test_rl_command_line(sort_data, sft_run, tmp_path):
+    import subprocess
+
+    from flantune.config import dump_recipe
+
+    from .conftest import ROOT
+
+    recipe = sort_recipe(sort_data, tmp_path, "rl", max_steps=1, eval_every=None)
+    recipe.rl.start = str(sft_run.final_dir)
+    path = tmp_path / "r.yaml"
+    path.write_text(dump_recipe(recipe))
+    result = subprocess.run([sys.executable, "-m", "flantune.cli", "rl", str(path), "rl.group_size=2"],
+                            capture_output=True, text=True, cwd=ROOT)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "rl" / "final" / "config.json").is_file()
+    bad = subprocess.run([sys.executable, "-m", "flantune.cli", "rl", str(path), "rl.rewards=[{name: nomod:f}]",
+                          "rl.output_dir=" + str(tmp_path / "x")], capture_output=True, text=True, cwd=ROOT)  # fmt: skip
+    assert bad.returncode == 2 and "cannot load nomod:f" in bad.stderr and "Traceback" not in bad.stderr
