@@ -161,3 +161,17 @@ def test_an_adapter_folder_stands_for_its_base_plus_adapter(tuned_run, tmp_path)
     assert outputs[0] == outputs[1]
     with pytest.raises(GenerateError, match="adapter folder"):
         load_for_generation(str(lora.final_dir), str(lora.final_dir))
+
+
+def test_three_models_in_one_report(tuned_run, tmp_path):
+    """base vs SFT vs RL style: the evaluated model and two named comparisons on the same rows."""
+    recipe, model_dir, final = tuned_run
+    results = run_eval(recipe, str(final), compare=[f"base={model_dir}", f"again={final}"], out=tmp_path / "r")
+    assert list(results["models"]) == ["base", "again", "fine-tuned"]
+    # the same model under two names: the same predictions row by row
+    rows = read_predictions(tmp_path / "r")
+    assert all(r["again"]["prediction"] == r["fine-tuned"]["prediction"] for r in rows)
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "| metric | base | again | fine-tuned | fine-tuned − base |" in md
+    with pytest.raises(ConfigError, match="distinct"):
+        run_eval(recipe, str(final), compare=[f"x={model_dir}", f"x={final}"], out=tmp_path / "s")

@@ -262,7 +262,10 @@ def eval_command(
         str, typer.Option(help="Full model or base: a folder or hub id; or a run's final/.")
     ] = "",
     adapter: Annotated[str | None, typer.Option(help="A PEFT or bottleneck adapter folder.")] = None,
-    compare: Annotated[str | None, typer.Option(help="A base model to evaluate on the same rows.")] = None,
+    compare: Annotated[
+        list[str] | None,
+        typer.Option(help="A model to evaluate on the same rows, as PATH or NAME=PATH (repeatable)."),
+    ] = None,
     split: Annotated[str, typer.Option(help="test, eval (validation) or train.")] = "test",
     out: Annotated[str | None, typer.Option(help="Report folder; default output_dir/eval-SPLIT.")] = None,
 ) -> None:
@@ -275,7 +278,9 @@ def eval_command(
     results = run_eval(cfg, model, adapter, compare, split, out)
     models = list(results["models"])
     table = Table(title=f"{results['rows']} rows of the {split} split")
-    for column in ["metric", *models] + (["difference"] if len(models) == 2 else []):
+    from flantune.evaluate import difference_label
+
+    for column in ["metric", *models] + ([difference_label(models)] if len(models) >= 2 else []):
         table.add_column(column, justify="left" if column == "metric" else "right")
     from flantune.evaluate import metric_rows
 

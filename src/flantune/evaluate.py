@@ -53,11 +53,14 @@ def run_eval(
     recipe: Recipe,
     model: str,
     adapter: str | None = None,
-    compare: str | None = None,
+    compare: str | list[str] | None = None,
     split_name: str = "test",
     out: Path | str | None = None,
 ) -> dict:
-    """Evaluate `model` (+ `adapter`), and `compare` when given, on the same rows; write the report.
+    """Evaluate `model` (+ `adapter`), and each `compare` model, on the same rows; write the report.
+
+    `compare` is a model path or a list of them, each optionally named `NAME=PATH` (default names:
+    base, then compare-2, compare-3, ...). The first one is what the differences are measured from.
 
     Both models generate with the recipe's generation settings on exactly the same rows (the first
     `eval.max_rows` of the split); each uses its own tokenizer, so a fine-tuned model with added
@@ -74,18 +77,21 @@ def run_eval(
         split.dataset = split.dataset.select(range(min(recipe.eval.max_rows, len(split.dataset))))
     out = Path(out or Path(recipe.output_dir) / f"eval-{split_name}")
     _check_out(out)
-    results = {"model": model, "adapter": adapter, "compare": compare, "split": split_name,
+    others = compare_models(compare)
+    results = {"model": model, "adapter": adapter, "compare": dict(others), "split": split_name,
                "rows": len(split.dataset), "generation": asdict(recipe.generation), "models": {}}  # fmt: skip
     runs = {"fine-tuned": _score_model(tuned, tokenizer, split, recipe)}
     del tuned
-    if compare:
-        base, base_tokenizer = load_for_generation(compare, None, recorded_by=adapter or model)
-        runs = {"base": _score_model(base, base_tokenizer, split, recipe), **runs}
-        del base
+    scored = {}
+    for label, path in others:
+        other, other_tokenizer = load_for_generation(path, None, recorded_by=adapter or model)
+        scored[label] = _score_model(other, other_tokenizer, split, recipe)
+        del other
+    runs = {**scored, **runs}
     for label, (_, metrics, _) in runs.items():
         results["models"][label] = metrics
     curves = _training_curves(Path(adapter or model))
-    differ = _largest_differences(split, runs) if compare else []
+    differ = _largest_differences(split, runs) if others else []
     with ckpt.atomic_dir(out) as tmp:
         with open(tmp / "predictions.jsonl", "w", encoding="utf-8") as f:
             for i in range(len(split.dataset)):
@@ -135,32 +141,54 @@ def _main_score(scores: dict) -> float:
     return 0.0
 
 
+def compare_models(compare: str | list[str] | None) -> list[tuple[str, str]]:
+    """[(name, path)] from `NAME=PATH` or `PATH` items; names must differ from each other."""
+    items = [compare] if isinstance(compare, str) else list(compare or [])
+    pairs = []
+    for i, item in enumerate(items):
+        name, sep, path = item.partition("=")
+        if not sep or "/" in name or not name:
+            name, path = ("base" if i == 0 else f"compare-{i + 1}"), item
+        pairs.append((name, path))
+    names = [n for n, _ in pairs]
+    if len(set(names)) != len(names) or "fine-tuned" in names:
+        raise ConfigError([f"--compare: names must be distinct and not 'fine-tuned', got {names}"])
+    return pairs
+
+
 def _largest_differences(split, runs, n: int = 10) -> list[dict]:
-    base_rows, tuned_rows = runs["base"][2], runs["fine-tuned"][2]
+    """Rows where the evaluated model and the first comparison differ most in the main score."""
+    first = next(iter(runs))
+    base_rows, tuned_rows = runs[first][2], runs["fine-tuned"][2]
     order = sorted(
         range(len(base_rows)), key=lambda i: -abs(_main_score(tuned_rows[i]) - _main_score(base_rows[i]))
     )
     return [{"source": split.dataset[i]["source"], "reference": split.dataset[i]["target"],
-             "base": runs["base"][0][i], "fine-tuned": runs["fine-tuned"][0][i],
+             "base": runs[first][0][i], "fine-tuned": runs["fine-tuned"][0][i], "base_name": first,
              "difference": _main_score(tuned_rows[i]) - _main_score(base_rows[i])} for i in order[:n]]  # fmt: skip
 
 
 def metric_rows(results: dict) -> list[tuple[str, list[str]]]:
     models = results["models"]
-    keys = list(next(iter(models.values())))
+    keys = list(dict.fromkeys(k for m in models.values() for k in m))
     rows = []
     for key in keys:
-        values = [f"{models[m][key]:.2f}" for m in models]
-        if len(models) == 2:
-            base, tuned = (models[m][key] for m in models)
-            values.append(f"{tuned - base:+.2f}")
+        values = [f"{models[m][key]:.2f}" if key in models[m] else "" for m in models]
+        if len(models) >= 2:
+            first, last = (models[m].get(key) for m in (next(iter(models)), list(models)[-1]))
+            values.append(f"{last - first:+.2f}" if first is not None and last is not None else "")
         rows.append((key, values))
     return rows
 
 
+def difference_label(models) -> str:
+    """The difference column: the evaluated model minus the first comparison."""
+    return "difference" if len(models) == 2 else f"fine-tuned − {next(iter(models))}"
+
+
 def _markdown(results: dict, curves: dict, differ: list[dict]) -> str:
     models = list(results["models"])
-    header = ["metric", *models] + (["difference"] if len(models) == 2 else [])
+    header = ["metric", *models] + ([difference_label(models)] if len(models) >= 2 else [])
     lines = [f"# Evaluation: {results['model']}" + (f" + {results['adapter']}" if results["adapter"] else ""), "",
              f"{results['rows']} rows of the {results['split']} split.", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]  # fmt: skip
@@ -176,7 +204,7 @@ def _markdown(results: dict, curves: dict, differ: list[dict]) -> str:
     if differ:
         lines += ["", "## Rows where the models differ most", ""]
         for d in differ:
-            lines += [f"- **source**: {d['source'][:300]}", f"  - reference: {d['reference']}", f"  - base: {d['base']}",
+            lines += [f"- **source**: {d['source'][:300]}", f"  - reference: {d['reference']}", f"  - {d['base_name']}: {d['base']}",
                       f"  - fine-tuned: {d['fine-tuned']} ({d['difference']:+.1f})"]  # fmt: skip
     return "\n".join(lines) + "\n"
 
@@ -199,7 +227,7 @@ def _svg(series: list[tuple[int, float]], title: str, width: int = 420, height: 
 
 def _html(results: dict, curves: dict, differ: list[dict]) -> str:
     models = list(results["models"])
-    header = ["metric", *models] + (["difference"] if len(models) == 2 else [])
+    header = ["metric", *models] + ([difference_label(models)] if len(models) >= 2 else [])
     table = "<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>"
     for key, values in metric_rows(results):
         table += "<tr>" + "".join(f"<td>{html.escape(v)}</td>" for v in [key, *values]) + "</tr>"
@@ -210,7 +238,7 @@ def _html(results: dict, curves: dict, differ: list[dict]) -> str:
         f"<td>{html.escape(d['base'])}</td><td>{html.escape(d['fine-tuned'])}</td><td>{d['difference']:+.1f}</td></tr>"
         for d in differ
     )
-    differ_html = (f"<h2>Rows where the models differ most</h2><table><tr><th>source</th><th>reference</th><th>base</th>"
+    differ_html = (f"<h2>Rows where the models differ most</h2><table><tr><th>source</th><th>reference</th><th>{html.escape(differ[0]['base_name'])}</th>"
                    f"<th>fine-tuned</th><th>difference</th></tr>{rows}</table>") if differ else ""  # fmt: skip
     title = html.escape(results["model"] + (f" + {results['adapter']}" if results["adapter"] else ""))
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>flantune eval: {title}</title>

@@ -305,10 +305,11 @@ def run_rl(recipe: Recipe, console=None) -> RLResult:
     task = next(iter(train_split.tasks.values()))
     max_new_tokens = cfg.max_new_tokens or recipe.generation.max_new_tokens
     rewards = build_rewards(cfg.rewards, task, tokenizer, max_new_tokens)
-    reference = Reference(model, full=method.kind == "full") if cfg.beta > 0 else None
     collator = make_collator(tokenizer, model=model)
 
     model = accelerator.prepare(model)
+    # After prepare: the reference lives on the same device as the policy.
+    reference = Reference(accelerator.unwrap_model(model), full=method.kind == "full") if cfg.beta > 0 else None
     optimizer = accelerator.prepare(build_optimizer(model, cfg.lr, cfg.weight_decay))
     total_updates = cfg.max_steps * cfg.inner_steps
     scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=cfg.warmup_steps,
@@ -463,6 +464,16 @@ def run_rl(recipe: Recipe, console=None) -> RLResult:
     accelerator.wait_for_everyone()
     log.close()
     return RLResult(out, final_dir, state.step, time.perf_counter() - started, last_eval, unwrapped)
+
+
+def _progress(console, disable: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(
+        TextColumn("[bold]rl"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("reward {task.fields[reward]:.3f}  kl {task.fields[kl]:.4f}  {task.fields[cps]:,.1f} completions/s"),
+        TimeElapsedColumn(), console=console, disable=disable,
+    )  # fmt: skip
 
 
 def _chunks(n: int, size: int) -> list[tuple[int, int]]:

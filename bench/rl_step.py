@@ -1,0 +1,79 @@
+"""Throughput of one GRPO step (`flantune rl`) on random weights of a published FLAN-T5 shape.
+
+Runs the real RL loop on SciQ prompts in the think/answer format: sampling G completions per
+prompt, rewards, old/reference log-probabilities and the inner optimizer steps; reports prompts/s
+and completions/s per step (median over the steps after the first) and the time spent sampling.
+Random weights rarely emit EOS, so completions run to max_new_tokens: the figures are for the
+longest completions the setting allows.
+
+    python bench/rl_step.py --shared ../shared --out rl.json [--shape flan-t5-base] [--steps 6]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+from pathlib import Path
+
+import torch
+
+from flantune.config import recipe_from_dict
+from flantune.rl import run_rl
+
+
+def run_case(
+    shared: Path, shape: str, method: str, steps: int, prompts: int, group: int, new_tokens: int
+) -> dict:
+    with tempfile.TemporaryDirectory() as out:
+        recipe = recipe_from_dict({
+            "model": {"path": str(shared / "assets" / shape), "init": "random",
+                      "add_tokens": ["<think>", "</think>", "<answer>", "</answer>"]},
+            "method": {"kind": method, "r": 16, "alpha": 32, "target_modules": ["q", "v"]},
+            "data": {"task": "sciq_think", "train": {"path": str(shared / "data/sciq/valid.json"), "rows": "0:800"},
+                     "max_source_tokens": 256, "max_target_tokens": 96, "overlong": "truncate"},
+            "train": {"precision": "auto", "seed": 0},
+            "rl": {"max_steps": steps, "prompts_per_step": prompts, "group_size": group, "inner_steps": 2,
+                   "lr": 1e-5, "beta": 0.04, "max_new_tokens": new_tokens, "eval_every": None, "save_every": None,
+                   "rewards": [{"name": "correct"}, {"name": "format", "weight": 0.2}]},
+            "output_dir": out,
+        })  # fmt: skip
+        torch.cuda.reset_peak_memory_stats() if torch.cuda.is_available() else None
+        run_rl(recipe)
+        log = [json.loads(x) for x in (Path(out) / "rl" / "metrics.jsonl").read_text().splitlines()]
+    steps_log = [r for r in log if "reward" in r][1:]  # the first step includes warm-up
+    med = lambda key: statistics.median(r[key] for r in steps_log)  # noqa: E731
+    return {
+        "shape": shape, "method": method, "prompts_per_step": prompts, "group_size": group,
+        "max_new_tokens": new_tokens, "prompts_per_s": med("prompts_per_s"),
+        "completions_per_s": med("completions_per_s"), "step_seconds": med("step_seconds"),
+        "generate_seconds": med("generate_seconds"), "completion_tokens": med("completion_tokens"),
+        "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+    }  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shared", default="../shared")
+    parser.add_argument("--out", default="rl.json")
+    parser.add_argument("--shape", default="flan-t5-base")
+    parser.add_argument("--methods", default="lora,full")
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--prompts", type=int, default=16)
+    parser.add_argument("--group", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    args = parser.parse_args()
+    results = []
+    for method in args.methods.split(","):
+        r = run_case(
+            Path(args.shared), args.shape, method, args.steps, args.prompts, args.group, args.max_new_tokens
+        )
+        print(json.dumps(r), flush=True)
+        results.append(r)
+    Path(args.out).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
