@@ -260,6 +260,9 @@ def test_rl_refuses_what_it_cannot_do(sort_data, sft_run, tmp_path):
     recipe.rl.start, recipe.rl.output_dir = str(sft_run.final_dir), str(sort_data / "run" / "rl")
     with pytest.raises(TrainingError, match="already holds a run"):
         run_rl(recipe)
+    recipe.rl.start = str(tmp_path / "no-such-run" / "final")
+    with pytest.raises(TrainingError, match="rl.start: .* does not exist"):
+        run_rl(recipe)
     with pytest.raises(ConfigError, match="group_size"):
         sort_recipe(sort_data, tmp_path, "rl", group_size=1)
     if not torch.cuda.is_available():

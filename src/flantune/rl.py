@@ -193,8 +193,12 @@ class RLResult:
 def resolve_start(recipe: Recipe) -> str | None:
     """rl.start, else the SFT run's final/ when there is one, else None (the base, fresh method)."""
     if recipe.rl.start:
-        if not Path(recipe.rl.start).exists() and Path(recipe.rl.start).is_absolute():
-            raise TrainingError(f"rl.start: {recipe.rl.start} does not exist")
+        from flantune.models import is_local
+
+        if is_local(recipe.rl.start) and not Path(recipe.rl.start).exists():
+            raise TrainingError(
+                f"rl.start: {recipe.rl.start} does not exist (give an SFT run's final/, a model folder or a hub id)"
+            )
         return recipe.rl.start
     final = Path(recipe.output_dir) / "final"
     return str(final) if final.is_dir() else None
@@ -309,7 +313,9 @@ def run_rl(recipe: Recipe, console=None) -> RLResult:
 
     model = accelerator.prepare(model)
     # After prepare: the reference lives on the same device as the policy.
-    reference = Reference(accelerator.unwrap_model(model), full=method.kind == "full") if cfg.beta > 0 else None
+    reference = (
+        Reference(accelerator.unwrap_model(model), full=method.kind == "full") if cfg.beta > 0 else None
+    )
     optimizer = accelerator.prepare(build_optimizer(model, cfg.lr, cfg.weight_decay))
     total_updates = cfg.max_steps * cfg.inner_steps
     scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=cfg.warmup_steps,
