@@ -257,10 +257,14 @@ def test_rl_refuses_what_it_cannot_do(sort_data, sft_run, tmp_path):
     from flantune.train import TrainingError
 
     recipe = sort_recipe(sort_data, tmp_path, "rl", max_steps=1, eval_every=None)
-    recipe.rl.start, recipe.rl.output_dir = str(sft_run.final_dir), str(sort_data / "run" / "rl")
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    (earlier / "metrics.jsonl").write_text('{"step": 1}\n')
+    recipe.rl.start, recipe.rl.output_dir = str(sft_run.final_dir), str(earlier)
     with pytest.raises(TrainingError, match="already holds a run"):
         run_rl(recipe)
-    recipe.rl.start = str(tmp_path / "no-such-run" / "final")
+    assert (earlier / "metrics.jsonl").read_text() == '{"step": 1}\n'  # untouched
+    recipe.rl.start, recipe.rl.output_dir = str(tmp_path / "no-such-run" / "final"), str(tmp_path / "new")
     with pytest.raises(TrainingError, match="rl.start: .* does not exist"):
         run_rl(recipe)
     with pytest.raises(ConfigError, match="group_size"):
