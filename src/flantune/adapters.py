@@ -27,6 +27,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from flantune.checkpoint import fsync_dir, fsync_file
+
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 KIND = "bottleneck"
@@ -181,14 +183,6 @@ def mark_only_adapters_trainable(model: nn.Module) -> None:
         model.enable_input_require_grads()
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_adapters(
     model: nn.Module, directory: str | os.PathLike, config: AdapterConfig | None = None
 ) -> None:
@@ -219,7 +213,7 @@ def save_adapters(
         save_file(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
         for name in (WEIGHTS_NAME, CONFIG_NAME):
-            _fsync(tmp / name)
+            fsync_file(tmp / name)
         if directory.is_dir() and not any(directory.iterdir()):
             directory.rmdir()  # an empty folder made by the caller: replace it whole
         if not directory.exists():
@@ -229,7 +223,7 @@ def save_adapters(
             # config is never newer than the weights beside it.
             for name in (WEIGHTS_NAME, CONFIG_NAME):
                 os.replace(tmp / name, directory / name)
-        _fsync(directory.parent)
+        fsync_dir(directory.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

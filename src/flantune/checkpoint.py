@@ -144,6 +144,16 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, accelerator) -> Tra
     return TrainState(**json.loads((path / "state.json").read_text()))
 
 
+def start_state(
+    root: Path, resume: bool, model, optimizer, scheduler, accelerator
+) -> tuple[TrainState, Path | None]:
+    """A fresh state, or the one of the last complete checkpoint under `root` when resuming."""
+    if not resume:
+        return TrainState(), None
+    _, path = list_checkpoints(root)[-1]
+    return load_checkpoint(path, model, optimizer, scheduler, accelerator), path
+
+
 def load_trainable(path: Path, model) -> None:
     """Only the weights of a checkpoint (to export the best one)."""
     weights = load_file(path / "trainable.safetensors")

@@ -270,6 +270,15 @@ class EvalConfig:
     """Generation batch size during evaluation."""
 
 
+def sampling_problems(path: str, temperature: float, top_p: float) -> list[str]:
+    problems = []
+    if temperature <= 0:
+        problems.append(f"{path}.temperature: must be > 0, got {temperature}")
+    if not 0.0 < top_p <= 1.0:
+        problems.append(f"{path}.top_p: must be in (0, 1], got {top_p}")
+    return problems
+
+
 @dataclass
 class GenerationConfig:
     max_new_tokens: int = 128
@@ -299,10 +308,7 @@ class GenerationConfig:
             problems.append(f"{path}.max_new_tokens: must be at least 1, got {self.max_new_tokens}")
         if self.num_beams < 1:
             problems.append(f"{path}.num_beams: must be at least 1, got {self.num_beams}")
-        if self.temperature <= 0:
-            problems.append(f"{path}.temperature: must be > 0, got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            problems.append(f"{path}.top_p: must be in (0, 1], got {self.top_p}")
+        problems += sampling_problems(path, self.temperature, self.top_p)
         return problems
 
 
@@ -389,10 +395,7 @@ class RLConfig:
             problems.append(f"{path}.clip_eps: must be in (0, 1), got {self.clip_eps}")
         if self.beta < 0:
             problems.append(f"{path}.beta: must be >= 0, got {self.beta}")
-        if self.temperature <= 0:
-            problems.append(f"{path}.temperature: must be > 0, got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            problems.append(f"{path}.top_p: must be in (0, 1], got {self.top_p}")
+        problems += sampling_problems(path, self.temperature, self.top_p)
         if not self.rewards:
             problems.append(f"{path}.rewards: name at least one reward (e.g. [{{name: correct}}])")
         for i, reward in enumerate(self.rewards):

@@ -52,6 +52,7 @@ from flantune.train import (
     build_optimizer,
     default_best_metric,
     evaluate,
+    prepare_run_dir,
     resolve_precision,
 )
 
@@ -262,19 +263,6 @@ def load_policy(recipe: Recipe, seed: int):
     return model, loaded.tokenizer, recipe.method, record
 
 
-def _prepare_run_dir(out: Path, resume: bool) -> None:
-    has_run = (out / "metrics.jsonl").exists() or ckpt.list_checkpoints(out / "checkpoints")
-    if has_run and not resume:
-        raise TrainingError(
-            f"rl.output_dir {out} already holds a run; set rl.resume=true to continue it, or choose another folder"
-        )
-    if resume and not ckpt.list_checkpoints(out / "checkpoints"):
-        raise TrainingError(f"rl.resume=true but {out / 'checkpoints'} holds no complete checkpoint")
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt.clean_partial(out / "checkpoints")
-    ckpt.clean_partial(out)
-
-
 def run_rl(recipe: Recipe, console=None) -> RLResult:
     """GRPO from the recipe's starting model; writes rl.output_dir like a training run."""
     from accelerate import Accelerator
@@ -292,7 +280,7 @@ def run_rl(recipe: Recipe, console=None) -> RLResult:
     )
     main = accelerator.is_main_process
     if main:
-        _prepare_run_dir(out, cfg.resume)
+        prepare_run_dir(out, cfg.resume, section="rl", key="rl.output_dir")
         (out / "recipe.yaml").write_text(dump_recipe(recipe))
     accelerator.wait_for_everyone()
     set_seed(seed)
@@ -320,13 +308,10 @@ def run_rl(recipe: Recipe, console=None) -> RLResult:
     total_updates = cfg.max_steps * cfg.inner_steps
     scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=cfg.warmup_steps,
                               num_training_steps=total_updates)  # fmt: skip
-    state = ckpt.TrainState()
     checkpoints = out / "checkpoints"
-    if cfg.resume:
-        _, path = ckpt.list_checkpoints(checkpoints)[-1]
-        state = ckpt.load_checkpoint(path, model, optimizer, scheduler, accelerator)
-        if main:
-            console.print(f"resumed from {path} (step {state.step})", highlight=False)
+    state, path = ckpt.start_state(checkpoints, cfg.resume, model, optimizer, scheduler, accelerator)
+    if path and main:
+        console.print(f"resumed from {path} (step {state.step})", highlight=False)
     log = MetricsLog(
         out / "metrics.jsonl", main, recipe.train.tensorboard, state.step if cfg.resume else None
     )

@@ -90,16 +90,16 @@ def main_key(metric: str) -> str:
     return "rougeL" if metric == "rouge" else metric
 
 
-def prepare_run_dir(out: Path, resume: bool) -> None:
+def prepare_run_dir(out: Path, resume: bool, section: str = "train", key: str = "output_dir") -> None:
     """Refuse to overwrite an earlier run: what the user made is never lost."""
     has_run = (out / "metrics.jsonl").exists() or ckpt.list_checkpoints(out / "checkpoints")
     if has_run and not resume:
         raise TrainingError(
-            f"output_dir {out} already holds a run; set train.resume=true to continue it, or choose another output_dir"
+            f"{key} {out} already holds a run; set {section}.resume=true to continue it, or choose another {key}"
         )
     if resume and not ckpt.list_checkpoints(out / "checkpoints"):
         raise TrainingError(
-            f"train.resume=true but {out / 'checkpoints'} holds no complete checkpoint to resume from"
+            f"{section}.resume=true but {out / 'checkpoints'} holds no complete checkpoint to resume from"
         )
     out.mkdir(parents=True, exist_ok=True)
     ckpt.clean_partial(out / "checkpoints")
@@ -272,13 +272,10 @@ def train(recipe: Recipe, console=None) -> TrainResult:
     # Not passed through accelerator.prepare: we step it exactly once per optimizer step.
     scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
 
-    state = ckpt.TrainState()
     checkpoints = out / "checkpoints"
-    if cfg.resume:
-        _, path = ckpt.list_checkpoints(checkpoints)[-1]
-        state = ckpt.load_checkpoint(path, model, optimizer, scheduler, accelerator)
-        if main:
-            console.print(f"resumed from {path} (step {state.step}, epoch {state.epoch})", highlight=False)
+    state, path = ckpt.start_state(checkpoints, cfg.resume, model, optimizer, scheduler, accelerator)
+    if path and main:
+        console.print(f"resumed from {path} (step {state.step}, epoch {state.epoch})", highlight=False)
     log = MetricsLog(out / "metrics.jsonl", main, cfg.tensorboard, state.step if cfg.resume else None)
     best_name = default_best_metric(recipe, eval_split)
     last_eval_step = -1
