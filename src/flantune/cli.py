@@ -310,6 +310,53 @@ def push_command(
     )
 
 
+@app.command("serve")
+@user_errors
+def serve_command(
+    model: Annotated[
+        str | None, typer.Option(help="Base model: a folder or hub id; default: the adapters' recorded base.")
+    ] = None,
+    adapter: Annotated[
+        list[str] | None, typer.Option("--adapter", help="An adapter to serve, as NAME=PATH (repeatable).")
+    ] = None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    token: Annotated[
+        str | None,
+        typer.Option(
+            envvar="FLANTUNE_SERVE_TOKEN", help="Require 'Authorization: Bearer TOKEN' (not on /healthz)."
+        ),
+    ] = None,
+    device: Annotated[str | None, typer.Option(help="cuda, cpu, ...; default: cuda when available.")] = None,
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
+    max_input_tokens: Annotated[int, typer.Option(help="Tokens of one input.")] = 1024,
+    max_new_tokens: Annotated[int, typer.Option(help="The largest max_new_tokens a request may ask.")] = 512,
+    max_inputs: Annotated[int, typer.Option(help="Inputs in one request.")] = 64,
+    max_body_bytes: Annotated[int, typer.Option(help="Size of a request body.")] = 1 << 20,
+    timeout: Annotated[float, typer.Option(help="Seconds one request may take, queue included.")] = 60.0,
+    max_batch: Annotated[int, typer.Option(help="Inputs generated together.")] = 32,
+    batch_wait_ms: Annotated[float, typer.Option(help="How long a batch waits for more requests.")] = 10.0,
+) -> None:
+    """Serve a base model and its adapters: an HTTP API (/v1/generate, /docs) and a playground at /."""
+    from flantune.generate import GenerateError
+
+    try:
+        from flantune.serve import Limits, build_app, run
+    except ImportError as e:
+        if e.name not in {"fastapi", "starlette", "uvicorn", "pydantic"}:
+            raise
+        raise GenerateError(
+            f"flantune serve needs FastAPI and uvicorn: pip install 'flantune[serve]' ({e})"
+        ) from None
+    limits = Limits(
+        max_input_tokens=max_input_tokens, max_new_tokens=max_new_tokens, max_inputs=max_inputs,
+        max_body_bytes=max_body_bytes, timeout_s=timeout, max_batch=max_batch, batch_wait_ms=batch_wait_ms,
+    )  # fmt: skip
+    served = build_app(model, adapter or [], limits=limits, token=token, device=device, dtype=dtype)
+    console.print(f"serving on http://{host}:{port}/ (API docs at /docs)", highlight=False)
+    run(served, host, port)
+
+
 def length_table(reports, splits_cfg: Recipe) -> Table:
     data = splits_cfg.data
     table = Table(

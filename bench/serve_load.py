@@ -1,0 +1,230 @@
+"""Load test of `flantune serve` on loopback: N requests at C concurrent connections.
+
+Starts `flantune serve` in a subprocess (so the load generator does not share its interpreter) with a
+base model of a published shape on random weights and K LoRA adapters (random, non-zero weights, so
+each answers differently), sends one SciQ question per request to the base and the adapters in turn
+with httpx's async client, then stops the server with SIGTERM (a graceful shutdown, checked to exit
+0). Reports latency p50/p99 as the client sees it, requests/s over the whole run, and errors.
+Random weights rarely emit EOS, so every answer runs to --max-new-tokens: the longest answers that
+setting allows.
+
+    python bench/serve_load.py --shared ../shared --shape tiny --out serve-cpu.json
+    python bench/serve_load.py --shared .gpu_shared --shape flan-t5-base --device cuda --dtype bfloat16 --out serve-gpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+
+def make_base(shared: Path, shape: str, folder: Path) -> Path:
+    """`tiny`: flan-t5-small's architecture at width 32 (the tests' model); else the published shape."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    source = shared / "assets" / ("flan-t5-small" if shape == "tiny" else shape)
+    if shape != "tiny":
+        return source
+    cfg = AutoConfig.from_pretrained(source)
+    cfg.update(dict(d_model=32, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=2, d_kv=16))
+    base = folder / "tiny"
+    cfg.save_pretrained(base)
+    AutoTokenizer.from_pretrained(source).save_pretrained(base)
+    return base
+
+
+def make_adapters(base: Path, count: int, folder: Path) -> dict[str, Path]:
+    """LoRA adapters (r=16 on q, v) of the random-init base, recorded the way `flantune train` does."""
+    from peft import LoraConfig, get_peft_model
+
+    from flantune.models import load_model
+
+    model = load_model(str(base), init="random", seed=0)
+    adapters = {}
+    for k in range(count):
+        torch.manual_seed(k + 1)
+        lora = LoraConfig(r=16, lora_alpha=32, target_modules=["q", "v"], init_lora_weights=False)
+        peft_model = get_peft_model(model, lora)
+        out = folder / f"adapter-{k}"
+        peft_model.save_pretrained(out)
+        model = peft_model.unload()  # the plain base again, for the next adapter
+        record = {
+            "method": "lora",
+            "base": {"path": str(base), "init": "random", "seed": 0, "revision": None},
+        }
+        (out / "flantune.json").write_text(json.dumps(record))
+        adapters[f"lora-{k}"] = out
+    return adapters
+
+
+def say(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def questions(shared: Path, n: int) -> list[str]:
+    rows = json.loads((shared / "data" / "sciq" / "valid.json").read_text())
+    return [f"question: {r['question']}" for r in rows[:n]]
+
+
+def cpu_name() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    return platform.machine()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def fire(
+    url: str, bodies: list[dict], concurrency: int, time_limit: float | None = None
+) -> tuple[list[float], list[dict], list[str], float]:
+    """Every body once, `concurrency` at a time, none sent after `time_limit` seconds;
+    (latencies in ms, answers, errors, seconds)."""
+    latencies, answers, errors = [], [], []
+    queue: asyncio.Queue[dict] = asyncio.Queue()
+    for body in bodies:
+        queue.put_nowait(body)
+    run_started = time.perf_counter()
+
+    async def connection(client: httpx.AsyncClient) -> None:
+        while not queue.empty():
+            if time_limit is not None and time.perf_counter() - run_started > time_limit:
+                return
+            body = queue.get_nowait()
+            started = time.perf_counter()
+            try:
+                response = await client.post("/v1/generate", json=body)
+            except httpx.HTTPError as e:
+                errors.append(f"{type(e).__name__}: {e}")
+                continue
+            if response.status_code != 200:
+                errors.append(f"{response.status_code}: {response.text[:200]}")
+                continue
+            latencies.append((time.perf_counter() - started) * 1000)
+            answers.append(response.json())
+
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=120) as client:
+        await asyncio.gather(*(connection(client) for _ in range(concurrency)))
+    return latencies, answers, errors, time.perf_counter() - run_started
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shared", default="../shared")
+    parser.add_argument("--shape", default="tiny", help="tiny, or an asset folder name such as flan-t5-base")
+    parser.add_argument("--adapters", type=int, default=3)
+    parser.add_argument("--requests", type=int, default=500)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--max-batch", type=int, default=32)
+    parser.add_argument("--batch-wait-ms", type=float, default=10.0)
+    parser.add_argument("--time-limit", type=float, default=None, help="send no request after this many s")
+    parser.add_argument("--out", default="serve-load.json")
+    args = parser.parse_args()
+    shared = Path(args.shared)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        base = make_base(shared, args.shape, folder)
+        adapters = make_adapters(base, args.adapters, folder)
+        say(f"{len(adapters)} adapters written; starting the server")
+        port = free_port()
+        command = [sys.executable, "-m", "flantune.cli", "serve", "--model", str(base), "--port", str(port),
+                   "--device", args.device, "--dtype", args.dtype, "--max-batch", str(args.max_batch),
+                   "--batch-wait-ms", str(args.batch_wait_ms)]  # fmt: skip
+        for name, path in adapters.items():
+            command += ["--adapter", f"{name}={path}"]
+        log = open(folder / "server.log", "w+")  # noqa: SIM115 - read back after the server ends
+        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + 300
+            while True:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    log.seek(0)
+                    sys.exit(f"the server did not start:\n{log.read()[-3000:]}")
+                try:
+                    if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.5)
+            say("server up; warming up")
+            names = [None, *adapters]
+            texts = questions(shared, args.requests)
+            bodies = [
+                {"adapter": names[i % len(names)], "inputs": [texts[i % len(texts)]],
+                 "max_new_tokens": args.max_new_tokens}
+                for i in range(args.requests)
+            ]  # fmt: skip
+            asyncio.run(fire(url, bodies[: 2 * args.concurrency], args.concurrency))  # warm-up, not counted
+            say(f"{args.requests} requests at {args.concurrency} concurrent connections")
+            latencies, answers, errors, seconds = asyncio.run(
+                fire(url, bodies, args.concurrency, args.time_limit)
+            )
+            say(f"done in {seconds:.1f} s; stopping the server")
+        finally:
+            server.send_signal(signal.SIGTERM)
+            exit_code = server.wait(120)
+            log.seek(0)
+            server_log = log.read()
+            log.close()
+
+    result = {
+        "date": time.strftime("%Y-%m-%d"),
+        "shape": args.shape, "adapters": args.adapters, "requests": args.requests,
+        "concurrency": args.concurrency, "max_new_tokens": args.max_new_tokens, "device": args.device,
+        "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else cpu_name(),
+        "cpu_threads": torch.get_num_threads(), "dtype": args.dtype, "max_batch": args.max_batch,
+        "batch_wait_ms": args.batch_wait_ms, "torch": torch.__version__,
+        "ok": len(latencies), "errors": len(errors), "error_samples": errors[:5],
+        "stopped_by_time_limit": len(latencies) + len(errors) < args.requests,
+        "p50_ms": percentile(latencies, 50) if latencies else None,
+        "p99_ms": percentile(latencies, 99) if latencies else None,
+        "mean_ms": statistics.fmean(latencies) if latencies else None,
+        "requests_per_s": len(latencies) / seconds, "seconds": seconds,
+        "mean_requests_per_batch": statistics.fmean(a["batch"]["requests"] for a in answers) if answers else None,
+        "median_generate_ms": statistics.median(a["timing"]["generate_ms"] for a in answers) if answers else None,
+        "output_tokens_per_s": sum(sum(a["output_tokens"]) for a in answers) / seconds,
+        # uvicorn re-raises the SIGTERM it caught once shutdown is done: the exit code is -15 either way.
+        "server_exit_code": exit_code, "graceful_shutdown": "Application shutdown complete." in server_log,
+        "server_log_tail": server_log[-1500:],
+        "command": " ".join(["python", *sys.argv]),
+    }  # fmt: skip
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    summary = {k: result[k] for k in ("device_name", "ok", "errors", "p50_ms", "p99_ms", "requests_per_s",
+                                      "mean_requests_per_batch", "graceful_shutdown")}  # fmt: skip
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,583 @@
+"""`flantune serve`: one base model and many fine-tuned adapters behind an HTTP API and a playground.
+
+The base and every adapter live in one PEFT model in memory. A single worker thread owns that
+model: requests queue up per (adapter, generation options), and the worker runs the oldest queue
+next, taking every request of it that arrives within a short wait window (up to a maximum batch) as
+one `generate_texts` call. One owner means adapters can never be switched under a running
+generation, so interleaved requests for different adapters each get their own adapter's output.
+
+Routes: POST /v1/generate, GET /v1/models, GET /healthz, the OpenAPI docs at /docs, and the
+playground page at /.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import copy
+import dataclasses
+import hmac
+import json
+import re
+import threading
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import Future
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import torch
+from fastapi import FastAPI, HTTPException
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, ConfigDict, Field
+
+from flantune.config import GenerationConfig
+from flantune.generate import GenerateError, generate_texts
+
+STATIC = Path(str(resources.files("flantune") / "static"))
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+TOKEN_ENV = "FLANTUNE_SERVE_TOKEN"
+
+
+class ServeError(GenerateError):
+    """The server cannot start as asked (a bad adapter, a mismatched base); the message says why."""
+
+
+@dataclass
+class Limits:
+    """What one request may ask for; each violation is answered with a 4xx and a message."""
+
+    max_input_tokens: int = 1024
+    """Tokens of one input (with EOS); longer inputs are refused, never truncated silently."""
+    max_new_tokens: int = 512
+    """The largest max_new_tokens a request may ask for."""
+    max_inputs: int = 64
+    """Inputs in one request."""
+    max_body_bytes: int = 1 << 20
+    """Size of a request body."""
+    timeout_s: float = 60.0
+    """Queue wait plus generation time of one request."""
+    max_batch: int = 32
+    """Inputs the worker generates together (several requests of one adapter share a batch)."""
+    batch_wait_ms: float = 10.0
+    """How long the first request of a batch waits for others of the same adapter."""
+
+    def check(self) -> list[str]:
+        problems = []
+        for key, value in dataclasses.asdict(self).items():
+            smallest = 0 if key == "batch_wait_ms" else 1e-9
+            if value < smallest:
+                problems.append(
+                    f"--{key.replace('_', '-')}: must be {'0 or more' if smallest == 0 else 'positive'}, got {value}"
+                )
+        return problems
+
+
+# ---- loading: one base, many adapters ---------------------------------------------------------
+
+
+def parse_adapters(specs: list[str]) -> dict[str, str]:
+    """NAME=PATH pairs from the command line, in order; names are what requests may ask for."""
+    adapters: dict[str, str] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not path:
+            raise ServeError(f"--adapter: expected NAME=PATH, got {spec!r}")
+        if not NAME.match(name):
+            raise ServeError(
+                f"--adapter {spec}: names are 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+            )
+        if name in adapters:
+            raise ServeError(f"--adapter: the name {name!r} is given twice")
+        adapters[name] = path
+    return adapters
+
+
+def _adapter_kind(name: str, path: str) -> str:
+    config = Path(path) / "adapter_config.json"
+    if not config.is_file():
+        raise ServeError(f"--adapter {name}={path}: no adapter_config.json there")
+    raw = json.loads(config.read_text())
+    if raw.get("kind") == "bottleneck":
+        raise ServeError(
+            f"--adapter {name}={path}: bottleneck adapters are layers inserted into the model and cannot "
+            "share one base with other adapters; use `flantune generate BASE --adapter PATH` for it, "
+            "or serve a LoRA adapter"
+        )
+    return str(raw.get("peft_type", "unknown")).lower()
+
+
+def _base_recipe(model: str | None, adapters: dict[str, str]) -> tuple[str, str, int, str | None]:
+    """(path, init, seed, revision) of the base, checked against what each adapter was trained on.
+
+    Adapters trained on a random-init base (tests, benchmarks) need that exact base rebuilt: its folder
+    holds no weights, only the seed recorded in flantune.json beside the adapter.
+    """
+    from flantune.generate import _same_path
+    from flantune.models import recorded_base
+
+    if model and (Path(model) / "adapter_config.json").is_file():
+        raise ServeError(f"--model: {model} is an adapter folder; give it as --adapter NAME={model}")
+    recorded = {name: recorded_base(path) for name, path in adapters.items()}
+    if model is None:
+        paths = {r["path"] for r in recorded.values()}
+        if not adapters or None in paths:
+            raise ServeError("--model: give the base model (a folder or hub id)")
+        if len(paths) > 1:
+            raise ServeError(
+                f"--model: the adapters were trained on different bases ({sorted(paths)}); give one"
+            )
+        model = paths.pop()
+    same = {name: r for name, r in recorded.items() if r["path"] and _same_path(r["path"], model)}
+    builds = {(r["init"], r["seed"], r["revision"]) for r in same.values()}
+    if len(builds) > 1:
+        raise ServeError(
+            f"--adapter: {', '.join(same)} were trained on differently initialised copies of {model} "
+            "(init/seed differ in their flantune.json) and cannot share one base"
+        )
+    init, seed, revision = builds.pop() if builds else ("pretrained", 0, None)
+    return model, init, seed, revision
+
+
+def _tokenizer(model: str, adapters: dict[str, str], revision: str | None):
+    """The tokenizer saved beside the adapters (it may hold added tokens), else the base's.
+
+    All adapters must agree on it: one base model has one embedding table for all of them.
+    """
+    from flantune.models import load_tokenizer
+
+    chosen, chosen_from = None, model
+    for name, path in adapters.items():
+        if not (Path(path) / "tokenizer_config.json").is_file():
+            continue
+        tokenizer = load_tokenizer(path)
+        if chosen is None:
+            chosen, chosen_from = tokenizer, name
+        elif tokenizer.get_vocab() != chosen.get_vocab():
+            raise ServeError(
+                f"--adapter {name}: its tokenizer differs from {chosen_from}'s (added tokens?); "
+                "adapters served together must share one vocabulary"
+            )
+    return chosen or load_tokenizer(model, revision)
+
+
+def load_service_model(
+    model: str | None, adapters: dict[str, str], *, device: str | None = None, dtype: str = "float32"
+):
+    """(model, tokenizer, base path, adapter kinds): the base with every adapter loaded under its name."""
+    from flantune.models import ModelLoadError, fit_embeddings, load_model
+
+    kinds = {name: _adapter_kind(name, path) for name, path in adapters.items()}
+    if len(set(kinds.values())) > 1:
+        raise ServeError(
+            f"--adapter: adapters of one PEFT type can share a base; got {kinds}. Serve each type separately"
+        )
+    path, init, seed, revision = _base_recipe(model, adapters)
+    try:
+        tokenizer = _tokenizer(path, adapters, revision)
+        loaded = load_model(path, init=init, seed=seed, revision=revision, dtype=dtype)
+    except ModelLoadError as e:
+        raise ServeError(str(e)) from None
+    fit_embeddings(loaded, tokenizer)
+    if adapters:
+        from peft import PeftModel
+
+        for name, adapter_path in adapters.items():
+            try:
+                if isinstance(loaded, PeftModel):
+                    loaded.load_adapter(adapter_path, adapter_name=name)
+                else:
+                    loaded = PeftModel.from_pretrained(loaded, adapter_path, adapter_name=name)
+            except (RuntimeError, ValueError, KeyError, TypeError) as e:
+                raise ServeError(
+                    f"--adapter {name}={adapter_path} does not fit {path}: {str(e).splitlines()[0]}"
+                ) from None
+    loaded.to(device or ("cuda" if torch.cuda.is_available() else "cpu")).eval()
+    return loaded, tokenizer, path, kinds
+
+
+# ---- the worker: one thread owns the model, batches requests of one adapter ---------------------
+
+
+@dataclass
+class Job:
+    adapter: str | None
+    inputs: list[str]
+    cfg: GenerationConfig
+    future: Future = field(default_factory=Future)
+    queued: float = field(default_factory=time.perf_counter)
+
+    @property
+    def key(self) -> tuple:
+        # Requests share a batch only when the same adapter AND the same options serve them.
+        return (self.adapter, *dataclasses.astuple(self.cfg))
+
+
+class Worker:
+    def __init__(self, model, tokenizer, *, max_batch: int, batch_wait_ms: float):
+        self.model, self.tokenizer = model, tokenizer
+        self.max_batch, self.wait_s = max_batch, batch_wait_ms / 1000
+        self.pending: list[Job] = []
+        self.cond = threading.Condition()
+        self.stopping = False
+        self.thread = threading.Thread(target=self._loop, name="flantune-generate", daemon=True)
+        self.batches = 0
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        """Finish every queued request, then end the thread."""
+        with self.cond:
+            self.stopping = True
+            self.cond.notify_all()
+        self.thread.join()
+
+    def submit(self, adapter: str | None, inputs: list[str], cfg: GenerationConfig) -> Future:
+        job = Job(adapter, inputs, cfg)
+        with self.cond:
+            if self.stopping:
+                raise RuntimeError("the worker is stopping")
+            self.pending.append(job)
+            self.cond.notify_all()
+        return job.future
+
+    def _take_batch(self) -> list[Job] | None:
+        with self.cond:
+            while not self.pending:
+                if self.stopping:
+                    return None
+                self.cond.wait()
+            first = self.pending[0]
+            # The window starts when the oldest request arrived: one that already waited behind
+            # another adapter's batch does not wait again.
+            deadline = first.queued + self.wait_s
+            while True:
+                batch, size = [], 0
+                for job in self.pending:
+                    if job.key == first.key and (not batch or size + len(job.inputs) <= self.max_batch):
+                        batch.append(job)
+                        size += len(job.inputs)
+                left = deadline - time.perf_counter()
+                if size >= self.max_batch or left <= 0 or self.stopping:
+                    break
+                self.cond.wait(left)
+            for job in batch:
+                self.pending.remove(job)
+        # A request whose client gave up (timeout) while queued is dropped here.
+        return [job for job in batch if job.future.set_running_or_notify_cancel()]
+
+    def _loop(self) -> None:
+        while (batch := self._take_batch()) is not None:
+            if batch:
+                self._run(batch)
+
+    def _run(self, batch: list[Job]) -> None:
+        started = time.perf_counter()
+        sources = [text for job in batch for text in job.inputs]
+        adapter = batch[0].adapter
+        try:
+            outputs = self._generate(adapter, sources, batch[0].cfg)
+            counts = [len(ids) for ids in self.tokenizer(outputs, add_special_tokens=False)["input_ids"]]
+        except Exception as e:  # a failed batch answers its requests; the worker lives on
+            for job in batch:
+                job.future.set_exception(e)
+            return
+        self.batches += 1
+        generate_ms = (time.perf_counter() - started) * 1000
+        at = 0
+        for job in batch:
+            n = len(job.inputs)
+            job.future.set_result({
+                "outputs": outputs[at : at + n], "output_tokens": counts[at : at + n],
+                "batch": {"requests": len(batch), "inputs": len(sources)},
+                "queue_ms": (started - job.queued) * 1000, "generate_ms": generate_ms,
+            })  # fmt: skip
+            at += n
+
+    def _generate(self, adapter: str | None, sources: list[str], cfg: GenerationConfig) -> list[str]:
+        from peft import PeftModel
+
+        model = self.model
+        if not isinstance(model, PeftModel):
+            return generate_texts(model, self.tokenizer, sources, cfg, batch_size=self.max_batch)
+        if adapter is None:
+            with model.disable_adapter():
+                return generate_texts(model, self.tokenizer, sources, cfg, batch_size=self.max_batch)
+        model.set_adapter(adapter)
+        return generate_texts(model, self.tokenizer, sources, cfg, batch_size=self.max_batch)
+
+
+# ---- the HTTP API ----------------------------------------------------------------------------
+
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    adapter: str | None = Field(
+        None, description="An adapter name from GET /v1/models; null: the base model."
+    )
+    inputs: list[str] = Field(..., min_length=1, description="Input texts; one output each, in order.")
+    max_new_tokens: int = Field(128, ge=1, description="Output cap in tokens.")
+    num_beams: int = Field(1, ge=1, le=16)
+    early_stopping: bool = False
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = Field(50, ge=0)
+    repetition_penalty: float = Field(1.0, gt=0)
+    no_repeat_ngram_size: int = Field(0, ge=0)
+
+
+class Timing(BaseModel):
+    queue_ms: float = Field(description="Waiting for the worker (other batches, the batching window).")
+    generate_ms: float = Field(description="Generation of the batch this request ran in.")
+    total_ms: float = Field(description="From the request's arrival to its answer.")
+
+
+class Batch(BaseModel):
+    requests: int
+    inputs: int
+
+
+class GenerateResponse(BaseModel):
+    adapter: str | None
+    outputs: list[str]
+    input_tokens: list[int]
+    output_tokens: list[int]
+    batch: Batch = Field(description="The batch this request was generated in (requests batched together).")
+    timing: Timing
+
+
+class Service:
+    """What the routes share: the worker, the names it serves, the limits and a tokenizer for counting."""
+
+    def __init__(self, model, tokenizer, *, base: str, kinds: dict[str, str], limits: Limits):
+        self.worker = Worker(model, tokenizer, max_batch=limits.max_batch, batch_wait_ms=limits.batch_wait_ms)
+        # The worker thread uses the tokenizer while requests are counted on the event loop; a Rust
+        # tokenizer used from two threads at once can fail ("Already borrowed"), so each has its own.
+        self.counter = copy.deepcopy(tokenizer)
+        self.base, self.kinds, self.limits = base, kinds, limits
+        self.device = str(next(model.parameters()).device)
+        self.draining = False
+
+
+def create_app(service: Service, token: str | None = None) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        service.worker.start()
+        yield
+        # uvicorn runs this after the requests in flight have been answered; anything still queued
+        # is generated before the worker ends.
+        service.draining = True
+        await asyncio.to_thread(service.worker.stop)
+
+    app = FastAPI(
+        title="flantune serve",
+        summary="One base model and its fine-tuned adapters: batched text-to-text generation.",
+        version="1",
+        lifespan=lifespan,
+    )
+    app.state.service = service
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_middleware(Guard, service=service, token=token)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/healthz")
+    def healthz() -> JSONResponse:
+        """Liveness without auth; 503 while shutting down so a balancer stops sending traffic."""
+        if service.draining:
+            return JSONResponse({"status": "shutting down"}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/v1/models")
+    def models() -> dict:
+        """The base model and the adapters requests may name."""
+        return {
+            "base": {"name": service.base, "device": service.device},
+            "adapters": [{"name": name, "kind": kind} for name, kind in service.kinds.items()],
+            "limits": dataclasses.asdict(service.limits),
+        }
+
+    @app.post("/v1/generate", response_model=GenerateResponse)
+    async def generate(request: GenerateRequest) -> GenerateResponse:
+        """Generate one output per input with the base (adapter null) or a named adapter."""
+        arrived = time.perf_counter()
+        check_adapter(request.adapter, service)
+        cfg = generation_config(request, service.limits)
+        input_tokens = count_inputs(request, service)
+        try:
+            future = service.worker.submit(request.adapter, request.inputs, cfg)
+        except RuntimeError:
+            raise HTTPException(503, "the server is shutting down") from None
+        try:
+            result = await asyncio.wait_for(asyncio.wrap_future(future), service.limits.timeout_s)
+        except TimeoutError:
+            future.cancel()  # still queued: never generated; already running: its answer is dropped
+            raise HTTPException(
+                504, f"generation did not finish within the {service.limits.timeout_s:g} s limit"
+            ) from None
+        except torch.cuda.OutOfMemoryError:
+            raise HTTPException(
+                503, "out of GPU memory for this batch: retry with fewer inputs or a smaller max_new_tokens"
+            ) from None
+        except Exception as e:  # the model failed: say so, the server lives on
+            raise HTTPException(500, f"generation failed: {type(e).__name__}: {e}") from None
+        total_ms = (time.perf_counter() - arrived) * 1000
+        return GenerateResponse(
+            adapter=request.adapter, outputs=result["outputs"], input_tokens=input_tokens,
+            output_tokens=result["output_tokens"], batch=Batch(**result["batch"]),
+            timing=Timing(queue_ms=result["queue_ms"], generate_ms=result["generate_ms"], total_ms=total_ms),
+        )  # fmt: skip
+
+    @app.get("/", include_in_schema=False)
+    def playground() -> FileResponse:
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    return app
+
+
+async def validation_error(request, error: RequestValidationError) -> JSONResponse:
+    """422 with where and what, without echoing the input: it may hold NaN or Infinity, which JSON
+    cannot carry back (FastAPI's own handler would fail on it with a 500)."""
+    detail = [{"loc": e.get("loc"), "msg": e.get("msg"), "type": e.get("type")} for e in error.errors()]
+    return JSONResponse({"detail": jsonable_encoder(detail)}, status_code=422)
+
+
+def generation_config(request: GenerateRequest, limits: Limits) -> GenerationConfig:
+    """The request's generation options, refused (422) when invalid or over the limits."""
+    if request.max_new_tokens > limits.max_new_tokens:
+        raise HTTPException(
+            422,
+            f"max_new_tokens: {request.max_new_tokens} is over this server's limit of {limits.max_new_tokens}",
+        )
+    if len(request.inputs) > limits.max_inputs:
+        raise HTTPException(
+            422,
+            f"inputs: {len(request.inputs)} inputs, this server takes at most {limits.max_inputs} per request",
+        )
+    options = request.model_dump(exclude={"adapter", "inputs"})
+    cfg = GenerationConfig(**options)
+    problems = cfg.check("request")
+    if problems:
+        raise HTTPException(422, "; ".join(problems))
+    return cfg
+
+
+def check_adapter(name: str | None, service: Service) -> None:
+    """Only names from the server's own list: a request can never make the server load a path."""
+    if name is not None and name not in service.kinds:
+        names = ", ".join(service.kinds) or "none"
+        raise HTTPException(
+            404, f"adapter {name!r} is not served here (adapters: {names}; null for the base)"
+        )
+
+
+def count_inputs(request: GenerateRequest, service: Service) -> list[int]:
+    """Tokens of each input (with EOS), refused (422) over the limit rather than truncated."""
+    for i, text in enumerate(request.inputs):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone surrogate (\ud800) that JSON allows but a tokenizer does not
+            raise HTTPException(422, f"inputs[{i}]: not valid Unicode text ({e.reason})") from None
+    counts = [len(ids) for ids in service.counter(request.inputs)["input_ids"]]
+    for i, n in enumerate(counts):
+        if n > service.limits.max_input_tokens:
+            raise HTTPException(
+                422, f"inputs[{i}]: {n} tokens, over this server's limit of {service.limits.max_input_tokens}"
+            )
+    return counts
+
+
+class Guard:
+    """Checks every request before any route: shutting down (503), auth (401), body size (413).
+
+    An ASGI middleware rather than a route dependency so that it also covers /docs, /openapi.json and
+    the static files.
+    """
+
+    def __init__(self, app, *, service: Service, token: str | None):
+        self.app, self.service = app, service
+        self.token = token.encode() if token else None
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        headers = dict(scope["headers"])
+        if self.service.draining and path != "/healthz":
+            return await _answer(scope, receive, send, 503, "the server is shutting down")
+        if self.token and path != "/healthz" and not self._authorized(headers.get(b"authorization", b"")):
+            # Basic lets a browser open the playground: it asks for the token as the password. One
+            # challenge per header line, since browsers read only the first of a list.
+            challenges = ['Bearer realm="flantune"', 'Basic realm="flantune", charset="UTF-8"']
+            detail = "missing or wrong token: send 'Authorization: Bearer TOKEN'"
+            return await _answer(scope, receive, send, 401, detail, challenges)
+        limit = self.service.limits.max_body_bytes
+        length = headers.get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            return await _answer(scope, receive, send, 413, f"request body over the {limit}-byte limit")
+        received = 0
+
+        async def limited_receive():
+            # A chunked body has no Content-Length: count what arrives.
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > limit:
+                raise HTTPException(413, f"request body over the {limit}-byte limit")
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+    def _authorized(self, header: bytes) -> bool:
+        scheme, _, credentials = header.partition(b" ")
+        if scheme.lower() == b"bearer":
+            given = credentials.strip()
+        elif scheme.lower() == b"basic":
+            try:
+                given = base64.b64decode(credentials.strip(), validate=True).partition(b":")[2]
+            except ValueError:
+                return False
+        else:
+            return False
+        return hmac.compare_digest(given, self.token)
+
+
+async def _answer(scope, receive, send, status: int, detail: str, challenges: list[str] = ()) -> None:
+    response = JSONResponse({"detail": detail}, status_code=status)
+    for challenge in challenges:
+        response.headers.append("www-authenticate", challenge)
+    await response(scope, receive, send)
+
+
+def build_app(
+    model: str | None,
+    adapter_specs: list[str],
+    *,
+    limits: Limits | None = None,
+    token: str | None = None,
+    device: str | None = None,
+    dtype: str = "float32",
+) -> FastAPI:
+    """The app for `flantune serve`: load the base and adapters, check the limits, wire the routes."""
+    limits = limits or Limits()
+    problems = limits.check()
+    if problems:
+        raise ServeError("; ".join(problems))
+    adapters = parse_adapters(adapter_specs)
+    loaded, tokenizer, base, kinds = load_service_model(model, adapters, device=device, dtype=dtype)
+    return create_app(Service(loaded, tokenizer, base=base, kinds=kinds, limits=limits), token=token)
+
+
+def run(app: FastAPI, host: str, port: int) -> None:
+    """Serve until SIGINT/SIGTERM; uvicorn then stops accepting, finishes requests in flight, and runs
+    the lifespan's shutdown (which drains the worker)."""
+    import uvicorn
+
+    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=None)

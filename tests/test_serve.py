@@ -1,0 +1,299 @@
+"""flantune serve: each route, each limit, auth, and adapters that answer exactly as direct generation
+does, also when requests for different adapters interleave and are batched."""
+
+import base64
+import json
+import random
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("fastapi", reason="the serve extra (FastAPI, uvicorn) is not installed")
+
+import httpx
+import uvicorn
+from fastapi.testclient import TestClient
+from typer.testing import CliRunner
+
+from flantune import serve
+from flantune.cli import app as cli
+from flantune.config import GenerationConfig
+from flantune.generate import generate_texts, load_for_generation
+from flantune.serve import Limits, Service, create_app, load_service_model
+
+from .conftest import ASSETS, need
+from .test_train import METHODS, make_recipe, tiny_model_dir, write_copy_task
+
+SOURCES = ["reverse: a b c", "copy: x y", "reverse: one two three four five six", "b", "copy: sky blue"]
+CFG = GenerationConfig(max_new_tokens=8)
+_BUILT: dict[str, tuple[Path, dict[str, Path]]] = {}
+
+
+def adapters_of_one_base(tmp_path_factory) -> tuple[Path, dict[str, Path]]:
+    """A tiny random-weight T5 base and three LoRA adapters trained on it for a few steps each with
+    different data and learning rates, so each answers differently. Built once per session."""
+    if "built" not in _BUILT:
+        from flantune.train import train
+
+        folder = tmp_path_factory.mktemp("serve")
+        base = tiny_model_dir(folder / "base", str(need(ASSETS / "flan-t5-small")))
+        finals = {}
+        for name, kind, steps, lr in (("alpha", "reverse", 2, 5e-2), ("beta", "copy", 3, 3e-2),
+                                      ("gamma", "reverse", 1, 1e-1)):  # fmt: skip
+            data = write_copy_task(folder, n=16, kind=kind)
+            recipe = make_recipe(base, data, folder / name, METHODS["lora"], max_steps=steps, lr=lr)
+            finals[name] = train(recipe).final_dir
+        _BUILT["built"] = (base, finals)
+    return _BUILT["built"]
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory):
+    return adapters_of_one_base(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def loaded(adapters):
+    """The base with every adapter, loaded once; each test wraps it in its own app and limits."""
+    _, finals = adapters
+    return load_service_model(None, {name: str(path) for name, path in finals.items()}, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def expected(adapters):
+    """Direct generation, one model per adapter, outside the server: what the server must answer."""
+    base, finals = adapters
+    answers = {}
+    for name in (None, *finals):
+        if name is None:
+            model, tokenizer = load_for_generation(str(base), recorded_by=str(finals["alpha"]), device="cpu")
+        else:
+            model, tokenizer = load_for_generation(str(finals[name]), device="cpu")
+        answers[name] = dict(zip(SOURCES, generate_texts(model, tokenizer, SOURCES, CFG), strict=True))
+    return answers
+
+
+def make_app(loaded, token=None, **limits):
+    model, tokenizer, base, kinds = loaded
+    return create_app(Service(model, tokenizer, base=base, kinds=kinds, limits=Limits(**limits)), token=token)
+
+
+@contextmanager
+def live_server(app):
+    """A real uvicorn server on a free loopback port, in a thread; stops gracefully on exit."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=None))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.01)
+    try:
+        yield server, thread, f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(20)
+        sock.close()
+
+
+def ask(client, adapter, inputs, **options):
+    return client.post(
+        "/v1/generate", json={"adapter": adapter, "inputs": inputs, "max_new_tokens": 8, **options}
+    )
+
+
+def test_each_route(loaded, expected):
+    with TestClient(make_app(loaded)) as client:
+        assert client.get("/healthz").json() == {"status": "ok"}
+        models = client.get("/v1/models").json()
+        assert [a["name"] for a in models["adapters"]] == ["alpha", "beta", "gamma"]
+        assert {a["kind"] for a in models["adapters"]} == {"lora"}
+        assert models["limits"]["max_new_tokens"] == 512
+        assert "swagger" in client.get("/docs").text.lower()
+        assert "/v1/generate" in client.get("/openapi.json").json()["paths"]
+        page = client.get("/")
+        assert page.status_code == 200 and "playground.js" in page.text
+        assert client.get("/static/playground.js").status_code == 200
+
+        for adapter in (None, "alpha", "beta", "gamma"):
+            answer = ask(client, adapter, SOURCES).json()
+            assert answer["adapter"] == adapter
+            assert answer["outputs"] == [expected[adapter][s] for s in SOURCES]
+            assert answer["input_tokens"] == [len(loaded[1](s)["input_ids"]) for s in SOURCES]
+            assert len(answer["output_tokens"]) == len(SOURCES)
+            assert all(0 < n <= 8 + 2 for n in answer["output_tokens"])
+            assert answer["timing"]["total_ms"] >= answer["timing"]["generate_ms"] > 0
+    # The adapters really differ, so a server that mixed them up would fail the comparison above.
+    assert len({tuple(expected[name].values()) for name in expected}) == 4
+
+
+def test_interleaved_adapters_are_batched_and_each_gets_its_own_output(loaded, expected):
+    rng = random.Random(0)
+    requests = [(rng.choice([None, "alpha", "beta", "gamma"]), rng.choice(SOURCES)) for _ in range(40)]
+    app = make_app(loaded, batch_wait_ms=30, max_batch=8)
+    with TestClient(app) as client, ThreadPoolExecutor(12) as pool:
+        answers = list(pool.map(lambda r: ask(client, r[0], [r[1]]), requests))
+    assert [a.status_code for a in answers] == [200] * len(requests)
+    for (adapter, source), answer in zip(requests, answers, strict=True):
+        assert answer.json()["outputs"] == [expected[adapter][source]], (adapter, source)
+    batched = [a.json()["batch"]["requests"] for a in answers]
+    assert max(batched) > 1, "concurrent requests of one adapter should share a batch"
+    assert max(a.json()["batch"]["inputs"] for a in answers) <= 8
+    assert app.state.service.worker.batches < len(requests)
+
+
+def test_each_limit_is_a_4xx_with_a_message(loaded):
+    app = make_app(loaded, max_input_tokens=12, max_new_tokens=8, max_inputs=3, max_body_bytes=2000)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        cases = [
+            (ask(client, None, ["word " * 30]), 422, "inputs[0]: 31 tokens, over this server's limit of 12"),
+            (ask(client, None, ["a"], max_new_tokens=9), 422, "max_new_tokens: 9 is over this server's limit of 8"),
+            (ask(client, None, ["a"] * 4), 422, "4 inputs, this server takes at most 3 per request"),
+            (ask(client, None, ["a"], temperature=0, do_sample=True), 422, "temperature"),
+            (ask(client, None, []), 422, "at least 1"),
+            (ask(client, None, ["a"], colour="red"), 422, "colour"),
+            (client.post("/v1/generate", content=b'{"inputs": ["a"], "temperature": NaN}',
+                         headers={"content-type": "application/json"}), 422, "finite number"),
+            (client.post("/v1/generate", content=b'{"inputs": ["a", "\\ud800"], "max_new_tokens": 2}',
+                         headers={"content-type": "application/json"}), 422, "inputs[1]: not valid Unicode"),
+            (ask(client, "nope", ["a"]), 404, "adapter 'nope' is not served here (adapters: alpha, beta, gamma"),
+            (ask(client, str(Path.cwd()), ["a"]), 404, "is not served here"),
+            (client.post("/v1/generate", content=b"{not json", headers={"content-type": "application/json"}),
+             422, "JSON"),
+            (ask(client, None, ["a" * 3000]), 413, "request body over the 2000-byte limit"),
+            # A chunked body announces no length: it is counted as it arrives.
+            (client.post("/v1/generate", content=iter([b'{"inputs": ["', b"a" * 3000, b'"]}']),
+                         headers={"content-type": "application/json"}), 413, "2000-byte limit"),
+        ]  # fmt: skip
+        for response, status, message in cases:
+            assert response.status_code == status, response.text
+            assert message in json.dumps(response.json()), response.text
+        assert ask(client, None, ["a"] * 3).status_code == 200  # at the limits is fine
+
+
+def test_timeout_is_a_504_and_the_server_lives_on(loaded, monkeypatch):
+    release = threading.Event()
+    real = serve.generate_texts
+
+    def slow(*args, **kwargs):
+        release.wait(10)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(serve, "generate_texts", slow)
+    with TestClient(make_app(loaded, timeout_s=0.3)) as client:
+        response = ask(client, None, ["a"])
+        assert response.status_code == 504
+        assert "within the 0.3 s limit" in response.json()["detail"]
+        release.set()
+        assert ask(client, "alpha", ["a"]).status_code == 200
+
+
+def test_auth_guards_every_route_but_healthz(loaded, monkeypatch):
+    token = "s3cret-token"
+    with TestClient(make_app(loaded, token=token)) as client:
+        routes = [("GET", "/"), ("GET", "/docs"), ("GET", "/openapi.json"), ("GET", "/v1/models"),
+                  ("GET", "/static/playground.js"), ("POST", "/v1/generate"), ("GET", "/no-such-route")]  # fmt: skip
+        for method, path in routes:
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": token}):
+                response = client.request(method, path, headers=headers, json={"inputs": ["a"]})
+                assert response.status_code == 401, (method, path, headers)
+                assert "token" in response.json()["detail"]
+        assert "Basic" in client.get("/").headers["www-authenticate"]  # the browser asks for it
+        assert client.get("/healthz").status_code == 200
+        good = {"Authorization": f"Bearer {token}"}
+        assert client.get("/v1/models", headers=good).status_code == 200
+        assert (
+            client.post("/v1/generate", headers=good, json={"inputs": ["a"], "max_new_tokens": 2}).status_code
+            == 200
+        )
+        basic = base64.b64encode(f"anyone:{token}".encode()).decode()
+        assert client.get("/", headers={"Authorization": f"Basic {basic}"}).status_code == 200
+
+    # The CLI takes the token from the environment and passes every limit on.
+    built = {}
+    monkeypatch.setattr(serve, "run", lambda app, host, port: built.update(app=app, host=host, port=port))
+    monkeypatch.setattr(serve, "load_service_model", lambda *a, **k: loaded)
+    monkeypatch.setenv("FLANTUNE_SERVE_TOKEN", token)
+    result = CliRunner().invoke(cli, ["serve", "--adapter", "alpha=x", "--port", "8123", "--max-inputs", "5"])
+    assert result.exit_code == 0, result.output
+    assert built["port"] == 8123 and built["app"].state.service.limits.max_inputs == 5
+    with TestClient(built["app"]) as client:
+        assert client.get("/v1/models").status_code == 401
+        assert client.get("/v1/models", headers={"Authorization": f"Bearer {token}"}).status_code == 200
+
+
+def test_unservable_adapters_are_refused_with_a_message(adapters, tmp_path):
+    _, finals = adapters
+    bottleneck = tmp_path / "bottleneck"
+    bottleneck.mkdir()
+    (bottleneck / "adapter_config.json").write_text(json.dumps({"kind": "bottleneck"}))
+    ia3 = tmp_path / "ia3"
+    ia3.mkdir()
+    (ia3 / "adapter_config.json").write_text(json.dumps({"peft_type": "IA3"}))
+    runner = CliRunner()
+    cases = [
+        (["--adapter", f"b={bottleneck}"], "bottleneck adapters are layers inserted into the model"),
+        (["--adapter", f"a={finals['alpha']}", "--adapter", f"i={ia3}"], "adapters of one PEFT type"),
+        (["--adapter", f"a={finals['alpha']}", "--adapter", f"a={finals['beta']}"], "the name 'a' is given twice"),
+        (["--adapter", str(finals["alpha"])], "expected NAME=PATH"),
+        (["--adapter", f"../x={finals['alpha']}"], "names are 1-64 letters"),
+        (["--adapter", f"a={tmp_path}"], "no adapter_config.json there"),
+        (["--model", str(finals["alpha"])], "is an adapter folder"),
+        ([], "--model: give the base model"),
+        (["--adapter", f"a={finals['alpha']}", "--max-batch", "0"], "--max-batch: must be positive"),
+    ]  # fmt: skip
+    for args, message in cases:
+        result = runner.invoke(cli, ["serve", *args])
+        assert result.exit_code == 2, (args, result.output)
+        assert message in " ".join(result.output.split()), (args, result.output)
+
+
+def test_shutdown_finishes_requests_in_flight(loaded, expected, monkeypatch):
+    started, release = threading.Event(), threading.Event()
+    real = serve.generate_texts
+
+    def slow(*args, **kwargs):
+        started.set()
+        release.wait(10)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(serve, "generate_texts", slow)
+    app = make_app(loaded, batch_wait_ms=0)
+    with live_server(app) as (server, thread, url), ThreadPoolExecutor(2) as pool:
+        running = pool.submit(httpx.post, f"{url}/v1/generate", json={"inputs": [SOURCES[0]], "max_new_tokens": 8},
+                              timeout=30)  # fmt: skip
+        assert started.wait(10)
+        # A second request queues behind the first (another adapter: not in its batch).
+        queued = pool.submit(httpx.post, f"{url}/v1/generate",
+                             json={"adapter": "beta", "inputs": [SOURCES[1]], "max_new_tokens": 8}, timeout=30)  # fmt: skip
+        deadline = time.monotonic() + 10
+        while not app.state.service.worker.pending:
+            assert time.monotonic() < deadline, "the second request did not arrive"
+            time.sleep(0.01)
+        server.should_exit = True  # what SIGINT/SIGTERM do
+        time.sleep(0.3)
+        assert thread.is_alive(), "the server must wait for the requests in flight"
+        release.set()
+        first, second = running.result(), queued.result()
+        thread.join(20)
+    assert first.status_code == second.status_code == 200
+    assert first.json()["outputs"] == [expected[None][SOURCES[0]]]
+    assert second.json()["outputs"] == [expected["beta"][SOURCES[1]]]
+    assert not thread.is_alive() and not app.state.service.worker.thread.is_alive()
+
+
+def test_draining_answers_503(loaded):
+    app = make_app(loaded)
+    with TestClient(app) as client:
+        app.state.service.draining = True
+        assert client.get("/healthz").status_code == 503
+        response = ask(client, None, ["a"])
+        assert response.status_code == 503 and "shutting down" in response.json()["detail"]
+        app.state.service.draining = False
