@@ -241,9 +241,31 @@ class TrainConfig:
     """A NaN/inf loss stops the run, or skips that optimizer step."""
     tensorboard: bool = False
     """Also log to TensorBoard under output_dir/tensorboard."""
+    packing: bool = False
+    """T5 family: pack several (source, target) pairs per row, padding-free, attention kept per pair."""
+    token_budget: int | None = None
+    """With packing: source + target tokens per micro-batch (null: batch_size examples per micro-batch)."""
+    attention: Literal["auto", "eager", "sdpa", "flex"] = "auto"
+    """auto: flex for packed T5 on CUDA, else eager (packed) or the model's default; flex needs packing."""
+    compile: bool = False
+    """torch.compile the packed model forward (CUDA; the first steps pay the compilation)."""
 
     def check(self, path: str) -> list[str]:
         problems = []
+        if self.token_budget is not None and not self.packing:
+            problems.append(f"{path}.token_budget: only used with {path}.packing=true")
+        if self.token_budget is not None and self.token_budget < 1:
+            problems.append(f"{path}.token_budget: must be at least 1 or null, got {self.token_budget}")
+        if self.attention == "flex" and not self.packing:
+            problems.append(
+                f"{path}.attention=flex: needs {path}.packing=true (the unpacked path is transformers')"
+            )
+        if self.attention == "sdpa" and self.packing:
+            problems.append(
+                f"{path}.attention=sdpa: the packed path runs flex or eager; use auto, flex or eager"
+            )
+        if self.compile and not self.packing:
+            problems.append(f"{path}.compile: compiles the packed forward; set {path}.packing=true")
         for key in ("batch_size", "grad_accum", "log_every", "keep_last"):
             if getattr(self, key) < 1:
                 problems.append(f"{path}.{key}: must be at least 1, got {getattr(self, key)}")

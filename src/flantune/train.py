@@ -30,6 +30,7 @@ from flantune.generate import generate_texts
 from flantune.methods import apply_method, quantization_config, save_final, trainable_line
 from flantune.metrics import compute_metrics
 from flantune.models import load_model_and_tokenizer
+from flantune.packing import packed_loader
 
 
 class TrainingError(RuntimeError):
@@ -72,6 +73,53 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Sum of the cross-entropy over target tokens (labels -100 are padding)."""
     # logits (B, T, V), labels (B, T); float32 for the softmax even under bf16 autocast.
     return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
+
+
+def packing_setup(cfg, model_type: str, method_kind: str, base, model, accelerator) -> str:
+    """Check train.packing/attention against the model; returns the attention path to run.
+
+    Unpacked runs keep transformers' forward (train.attention eager/sdpa picks its backend).
+    Packed flex runs freeze T5's relative bias tables (see flantune.fast_t5: their gradient through
+    FlexAttention is 29x slower; they are 2 x 32 x heads pretrained numbers).
+    """
+    from flantune import fast_t5
+    from flantune.packing import packing_problem, resolve_attention
+
+    if not cfg.packing:
+        if cfg.attention != "auto":
+            base.set_attn_implementation(cfg.attention)
+        return cfg.attention
+    problem = packing_problem(model_type, method_kind, accelerator.num_processes)
+    if problem:
+        raise TrainingError(problem)
+    try:
+        attention = resolve_attention(cfg.attention, True, torch.cuda.is_available())
+    except ValueError as e:
+        raise TrainingError(str(e)) from None
+    if attention == "flex":
+        fast_t5.freeze_relative_bias(model)
+    return attention
+
+
+def make_packed_forward(model, attention: str, compile: bool, accelerator):
+    """(batch, labels) -> summed target-token loss of a packed micro-batch, under autocast.
+
+    The packed path calls the model's modules itself (flantune.fast_t5), so Accelerate's autocast
+    wrapper around model.forward does not apply: it is entered here.
+    """
+    from flantune import fast_t5
+
+    compiled = None
+    if compile:
+        # One graph per block kind (encoder, decoder); a few shapes, then dynamic: allow the recompiles.
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        compiled = torch.compile(fast_t5.t5_block)
+
+    def forward(batch: dict, labels: torch.Tensor) -> torch.Tensor:
+        with accelerator.autocast():
+            return fast_t5.packed_loss_sum(model, {**batch, "labels": labels}, attention, block_fn=compiled)
+
+    return forward
 
 
 def resolve_precision(precision: str, model_type: str) -> str:
@@ -256,15 +304,23 @@ def train(recipe: Recipe, console=None) -> TrainResult:
     train_set = splits["train"].dataset.select_columns(MODEL_COLUMNS)
     # The collator builds decoder_input_ids from the labels with the base model's own shift rule.
     collator = make_collator(tokenizer, model=base)
-    sampler = EpochSampler(len(train_set), cfg.seed)
-    # Its own generator: starting an epoch's iterator must not draw from the global RNG, or a
-    # resumed run (which starts one mid-epoch) would shift every later dropout mask.
-    loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collator,
-                        generator=torch.Generator().manual_seed(cfg.seed))  # fmt: skip
+    attention = packing_setup(cfg, model_type, recipe.method.kind, base, model, accelerator)
+    if cfg.packing:
+        loader, sampler = packed_loader(
+            train_set, batch_size=cfg.batch_size, token_budget=cfg.token_budget, seed=cfg.seed,
+            pad_id=tokenizer.pad_token_id, decoder_start_id=base.config.decoder_start_token_id,
+        )  # fmt: skip
+    else:
+        sampler = EpochSampler(len(train_set), cfg.seed)
+        # Its own generator: starting an epoch's iterator must not draw from the global RNG, or a
+        # resumed run (which starts one mid-epoch) would shift every later dropout mask.
+        loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collator,
+                            generator=torch.Generator().manual_seed(cfg.seed))  # fmt: skip
 
     # ---- optimizer, schedule ------------------------------------------------------------------
     model, loader = accelerator.prepare(model, loader)
     optimizer = accelerator.prepare(build_optimizer(model, cfg.lr, cfg.weight_decay))
+    packed_forward = make_packed_forward(model, attention, cfg.compile, accelerator) if cfg.packing else None
     steps_per_epoch = max(1, math.ceil(len(loader) / cfg.grad_accum))
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
     warmup = cfg.warmup_steps or int(cfg.warmup_ratio * total_steps)
@@ -346,8 +402,11 @@ def train(recipe: Recipe, console=None) -> TrainResult:
                 labels = batch.pop("labels")
                 sync = i == len(batches) - 1
                 with nullcontext() if sync else accelerator.no_sync(model):
-                    logits = model(**batch).logits  # (B, T, V)
-                    batch_loss = token_loss_sum(logits, labels)
+                    if packed_forward is None:
+                        logits = model(**batch).logits  # (B, T, V)
+                        batch_loss = token_loss_sum(logits, labels)
+                    else:
+                        batch_loss = packed_forward(batch, labels)
                     # DDP averages gradients over processes; scale so the result is the token mean.
                     accelerator.backward(batch_loss * accelerator.num_processes / max(step_tokens, 1))
                 loss_sum += batch_loss.detach()

@@ -1,0 +1,153 @@
+"""Where a packed flantune training step spends its time, and what each compile strategy gains.
+
+One GPU, one model shape and method, the same SciQ batches (32 examples a step) for every variant.
+Each variant runs one untimed pass over the batches (compilation, CUDA-graph recording for every
+shape the batches have), then a timed pass over the same batches: the steady state of a long run,
+where the few packed shapes recur. Variants:
+
+    block       torch.compile of one T5 block, reused by every block (dynamic shapes)
+    block-ro    the same with CUDA graphs (mode="reduce-overhead")
+    stacks      torch.compile of the whole encoder + decoder (flantune.fast_t5.stacks_hidden)
+    stacks-ro   the same with CUDA graphs
+
+For the first variant it also records a torch.profiler trace of 3 steps and writes the kernel
+table (sorted by GPU time) and the GPU-busy share of the step's wall time.
+
+    python bench/profile_step.py --shared ../shared --shape flan-t5-large --method lora \
+        --variants block,stacks,stacks-ro --out profile.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_speed import build, optimizer_for, packed_batch, real_tokens, sciq_examples, step_indices
+
+from flantune import fast_t5
+
+
+def make_step(model, optimizer, variant: str):
+    kwargs = {}
+    mode = "reduce-overhead" if variant.endswith("-ro") else None
+    if variant.startswith("block"):
+        kwargs["block_fn"] = torch.compile(fast_t5.t5_block, mode=mode)
+    elif variant.startswith("stacks"):
+        kwargs["hidden_fn"] = torch.compile(fast_t5.stacks_hidden, mode=mode)
+
+    def step(batch):
+        tokens = (batch["labels"] != -100).sum()
+        if mode:
+            torch.compiler.cudagraph_mark_step_begin()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = fast_t5.packed_loss_sum(model, batch, "flex", **kwargs) / tokens
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return step
+
+
+def timed_pass(step, batches) -> list[float]:
+    times = []
+    for batch in batches:
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        step(batch)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def profile(step, batches, out: Path) -> dict:
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        for batch in batches:
+            step(batch)
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - start
+    table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=90)
+    out.write_text(table)
+    kernel_us = sum(e.self_device_time_total for e in prof.key_averages() if e.device_type.name == "CUDA")
+    return {"wall_ms_per_step": 1000 * wall / len(batches), "gpu_kernel_ms_per_step": kernel_us / 1000 / len(batches)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shared", default="../shared")
+    parser.add_argument("--shape", default="flan-t5-large")
+    parser.add_argument("--method", default="lora")
+    parser.add_argument("--variants", default="block,block-ro,stacks,stacks-ro")
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    from transformers import AutoTokenizer
+
+    shared = Path(args.shared)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch._dynamo.config.cache_size_limit = 64
+    tokenizer = AutoTokenizer.from_pretrained(shared / "assets" / "flan-t5-base")
+    examples = sciq_examples(shared, tokenizer)
+    lengths = [len(s) + len(t) for s, t in examples]
+    plan = step_indices(len(examples), args.batch, args.steps, False, lengths, seed=1)
+    tokens = sum(real_tokens(examples, idx) for idx in plan)
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "shape": args.shape,
+              "method": args.method, "batch": args.batch, "steps": args.steps, "variants": {}}  # fmt: skip
+    out = Path(args.out)
+
+    model = build(shared, args.shape, args.method, "bfloat16")
+    fast_t5.freeze_relative_bias(model)
+    batches = [packed_batch(examples, idx, "cuda") for idx in plan]
+    result["shapes"] = sorted({(tuple(b["input_ids"].shape), tuple(b["labels"].shape)) for b in batches})
+    base = fast_t5.t5_model(model)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for b in batches:
+        fast_t5.patterns(base, b, "flex", True)
+    torch.cuda.synchronize()
+    result["masks_ms_per_step"] = 1000 * (time.perf_counter() - start) / len(batches)
+    print(json.dumps(result), flush=True)
+    for i, variant in enumerate(args.variants.split(",")):
+        optimizer = optimizer_for(model, 1e-5)
+        step = make_step(model, optimizer, variant)
+        started = time.perf_counter()
+        try:
+            timed_pass(step, batches)  # compile, record
+            warm = time.perf_counter() - started
+            times = timed_pass(step, batches)
+        except Exception as e:  # record and go on with the next variant
+            result["variants"][variant] = {"error": repr(e)[:2000]}
+            print(variant, "error", repr(e)[:2000], flush=True)
+            torch._dynamo.reset()
+            continue
+        row = {
+            "warm_s": warm,
+            "median_step_ms": 1000 * statistics.median(times),
+            "tokens_per_s": tokens / sum(times),
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+        }
+        if i == 0:
+            row["profile"] = profile(step, batches[:3], out.with_name(f"profile-{variant}.txt"))
+        result["variants"][variant] = row
+        print(variant, json.dumps(row), flush=True)
+        out.write_text(json.dumps(result, indent=2))
+        del optimizer, step
+        torch._dynamo.reset()
+    out.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,406 @@
+"""Packed (padding-free) T5 training: our own T5 forward with the relative bias inside the attention.
+
+Why our own code: no library runs packed encoder-decoder attention with T5's relative position bias.
+transformers' T5 materializes a (B, H, Lq, Lk) bias for every forward, its `flex_attention` backend
+refuses training with dropout, and causal-LM packing (position ids, varlen flash) has no notion of
+a decoder row whose tokens must only see their own source in another row.
+
+What this module does, on the transformers model's own parameters (nothing is copied or renamed, so
+PEFT's LoRA/IA3 layers, checkpoints and `save_pretrained` are untouched):
+
+- A packed batch (see `flantune.packing`) holds several (source, target) pairs per encoder row and
+  per decoder row. Every token carries its pair's id and its position inside its pair; the pair of
+  an encoder segment and the pair of a decoder segment in the same row share one id.
+- Attention is block-diagonal per pair: encoder self-attention within its source, decoder
+  self-attention causal within its target, cross-attention from a target only to its own source.
+  T5's relative positions restart at every pair, so each pair sees exactly what it would alone.
+- `attention="flex"`: FlexAttention with a `BlockMask` built from the pair ids and a `score_mod`
+  that adds bias[h, k_pos - q_pos] from a per-distance table (H, 2M+1) gathered from the 32-bucket
+  table once per forward. No (B, H, L, L) tensor exists.
+- `attention="eager"`: the same math with the bias and mask materialized; the reference for tests,
+  the CPU path (FlexAttention has no CPU backward), and the path that trains the bias table.
+
+Choices (measured facts in docs/benchmarks.md, "Training speed"):
+
+- Dropout: FlexAttention has no dropout on attention probabilities. Under `flex` those are
+  dropout-free; T5's other dropouts (embeddings, after every attention and feed-forward sublayer,
+  inside the feed-forward, after the final norm) are kept, with the model's dropout_rate.
+- Relative bias table under `flex`: frozen (detached). Its gradient through the score_mod turns
+  every score into an atomic add into a 32 x H table (29x slower, ../shared/notes/t5-flex-attention.md).
+  The tables are 2 x 32 x H numbers (1,024 in flan-t5-large) and already pretrained; under
+  LoRA they are frozen anyway. `freeze_relative_bias` makes that explicit for full fine-tuning.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+PAD_PAIR = -1
+"""Pair id of padding tokens. Padding attends only padding (never a real token), so no row of
+scores is ever fully masked and real tokens never see padding."""
+
+
+def relative_bucket(relative: Tensor, bidirectional: bool, num_buckets: int, max_distance: int) -> Tensor:
+    """T5's bucket of a relative position (key position - query position); the same arithmetic as
+    transformers' `T5Attention._relative_position_bucket`, so buckets agree bit for bit."""
+    buckets = torch.zeros_like(relative)
+    if bidirectional:
+        num_buckets //= 2
+        buckets = buckets + (relative > 0).long() * num_buckets
+        distance = relative.abs()
+    else:
+        distance = -torch.min(relative, torch.zeros_like(relative))
+    max_exact = num_buckets // 2
+    is_small = distance < max_exact
+    # Distances past max_exact share log-spaced buckets up to max_distance.
+    large = (
+        max_exact
+        + (
+            torch.log(distance.float() / max_exact)
+            / math.log(max_distance / max_exact)
+            * (num_buckets - max_exact)
+        ).long()
+    )
+    large = torch.min(large, torch.full_like(large, num_buckets - 1))
+    return buckets + torch.where(is_small, distance, large)
+
+
+def distance_table(attention, bidirectional: bool, frozen: bool) -> Tensor:
+    """(H, 2 * max_distance + 1): the bias for every key - query distance in [-max_distance, max_distance].
+
+    Buckets saturate at max_distance (every farther distance shares the last bucket), so a distance
+    clamped to that range has the same bias: the table's size never depends on the sequence length
+    (one compiled graph serves every length). Gathering once per forward is cheaper inside the
+    kernel than bucketing per score, and the gather stays differentiable for the eager path.
+    """
+    weight = attention.relative_attention_bias.weight  # (num_buckets, H)
+    if frozen:
+        weight = weight.detach()
+    reach = attention.relative_attention_max_distance
+    distances = torch.arange(-reach, reach + 1, device=weight.device)
+    buckets = relative_bucket(distances, bidirectional, attention.relative_attention_num_buckets, reach)
+    return weight[buckets].t().contiguous()  # (H, 2M+1)
+
+
+@dataclass
+class Pattern:
+    """Who attends to whom in one kind of attention (encoder self, decoder self, cross) of a batch."""
+
+    q_pair: Tensor  # (B, Lq) pair id of every query token
+    k_pair: Tensor  # (B, Lk)
+    q_pos: Tensor  # (B, Lq) position inside its pair
+    k_pos: Tensor  # (B, Lk)
+    causal: bool
+    bias: Tensor | None = None  # (H, 2M+1) per-distance table, or None (cross-attention has no bias)
+    block_mask: object = None  # FlexAttention BlockMask, built once and shared by all layers
+
+    def allowed(self) -> Tensor:
+        """(B, 1, Lq, Lk) bool: the materialized mask (eager path)."""
+        same = self.q_pair[:, :, None] == self.k_pair[:, None, :]
+        if self.causal:
+            same = same & (self.k_pos[:, None, :] <= self.q_pos[:, :, None])
+        return same[:, None]
+
+    def dense_bias(self) -> Tensor:
+        """(B, H, Lq, Lk) relative bias (eager path)."""
+        reach = self.bias.shape[1] // 2
+        relative = (self.k_pos[:, None, :] - self.q_pos[:, :, None]).clamp(
+            -reach, reach
+        ) + reach  # (B, Lq, Lk)
+        return self.bias[:, relative].permute(1, 0, 2, 3)
+
+
+def mask_mod_of(pattern: Pattern):
+    """The exact per-score rule, for FlexAttention's partial blocks."""
+    q_pair, k_pair, q_pos, k_pos, causal = (
+        pattern.q_pair,
+        pattern.k_pair,
+        pattern.q_pos,
+        pattern.k_pos,
+        pattern.causal,
+    )
+
+    def mask_mod(b, h, q, k):
+        same = q_pair[b, q] == k_pair[b, k]
+        if causal:
+            same = same & (k_pos[b, k] <= q_pos[b, q])
+        return same
+
+    return mask_mod
+
+
+def build_block_mask(pattern: Pattern, block: int = 128):
+    """A BlockMask straight from the pair ids, without evaluating the mask at every (q, k).
+
+    Pairs sit in a row one after another with ids 0, 1, 2, ... (padding last), so a block of 128
+    tokens holds every id between its smallest and largest: two blocks share a pair exactly when
+    their id ranges overlap, and a block pair is full when both hold one and the same pair (and,
+    for the causal decoder, the key block lies before the query block). `create_block_mask` gives
+    the same blocks by evaluating mask_mod on all Lq x Lk scores: milliseconds per mask per step.
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+
+    def ranges(pair: Tensor) -> tuple[Tensor, Tensor]:
+        big = torch.iinfo(torch.int32).max
+        ids = torch.where(pair == PAD_PAIR, big, pair)  # (B, L) nondecreasing: padding sorts last
+        tail = -ids.shape[1] % block
+        ids = F.pad(ids, (0, tail), value=big).view(ids.shape[0], -1, block)  # (B, nblocks, block)
+        return ids.amin(-1), ids.amax(-1)  # (B, nblocks) each
+
+    q_lo, q_hi = ranges(pattern.q_pair)
+    k_lo, k_hi = ranges(pattern.k_pair)
+    overlap = (q_lo[:, :, None] <= k_hi[:, None, :]) & (k_lo[:, None, :] <= q_hi[:, :, None])  # (B, nq, nk)
+    full = (q_lo == q_hi)[:, :, None] & (k_lo == k_hi)[:, None, :] & (q_lo[:, :, None] == k_lo[:, None, :])
+    if pattern.causal:
+        q_block = torch.arange(q_lo.shape[1], device=q_lo.device)[:, None]
+        k_block = torch.arange(k_lo.shape[1], device=k_lo.device)[None, :]
+        overlap = overlap & (k_block <= q_block)
+        full = full & (k_block < q_block)
+    partial = overlap & ~full
+
+    def indices(mask: Tensor) -> tuple[Tensor, Tensor]:
+        count = mask.sum(-1, dtype=torch.int32)[:, None]  # (B, 1, nq)
+        # The blocks to visit first, in key order (a stable sort of "not visited").
+        order = torch.argsort((~mask).to(torch.int32), dim=-1, stable=True).to(torch.int32)[:, None]
+        return count, order  # (B, 1, nq, nk)
+
+    count, order = indices(partial)
+    full_count, full_order = indices(full)
+    return BlockMask.from_kv_blocks(
+        count, order, full_count, full_order, BLOCK_SIZE=block, mask_mod=mask_mod_of(pattern),
+        seq_lengths=(pattern.q_pair.shape[1], pattern.k_pair.shape[1]),
+    )  # fmt: skip
+
+
+def attend(module, hidden: Tensor, context: Tensor, pattern: Pattern, attention: str) -> Tensor:
+    """One T5Attention (self when context is hidden, else cross) on its own q/k/v/o modules."""
+    batch, q_len, _ = hidden.shape
+    heads, head_dim = module.n_heads, module.key_value_proj_dim
+    q = module.q(hidden).view(batch, q_len, heads, head_dim).transpose(1, 2)  # (B, H, Lq, D)
+    k = module.k(context).view(batch, -1, heads, head_dim).transpose(1, 2)  # (B, H, Lk, D)
+    v = module.v(context).view(batch, -1, heads, head_dim).transpose(1, 2)
+    if attention == "flex":
+        out = _flex(q, k, v, pattern)
+    else:
+        # T5 does not scale q·k: the 1/sqrt(d) is folded into its initialisation.
+        scores = torch.matmul(q, k.transpose(2, 3))  # (B, H, Lq, Lk)
+        if pattern.bias is not None:
+            scores = scores + pattern.dense_bias()  # float32 bias, as transformers adds it
+        scores = scores.masked_fill(~pattern.allowed(), torch.finfo(scores.dtype).min)
+        probs = F.softmax(scores.float(), dim=-1).type_as(scores)
+        probs = F.dropout(probs, p=module.dropout, training=module.training)
+        out = torch.matmul(probs, v)
+    out = out.transpose(1, 2).reshape(batch, q_len, heads * head_dim)  # (B, Lq, H*D)
+    return module.o(out)
+
+
+def _flex(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern) -> Tensor:
+    from torch.nn.attention.flex_attention import flex_attention
+
+    q_pos, k_pos, bias = pattern.q_pos, pattern.k_pos, pattern.bias
+    score_mod = None
+    if bias is not None:
+        reach = bias.shape[1] // 2
+
+        def score_mod(score, b, h, q_idx, k_idx):
+            distance = (k_pos[b, k_idx] - q_pos[b, q_idx]).clamp(-reach, reach)
+            return score + bias[h, distance + reach].to(score.dtype)
+
+    # FlexAttention wants one dtype for q, k, v (LoRA under autocast may hand back mixed ones).
+    dtype = q.dtype if q.dtype == k.dtype == v.dtype else torch.get_autocast_dtype("cuda")
+    q, k, v = q.to(dtype).contiguous(), k.to(dtype).contiguous(), v.to(dtype).contiguous()
+    return flex_attention(q, k, v, score_mod=score_mod, block_mask=pattern.block_mask, scale=1.0)
+
+
+def t5_block(
+    block, hidden: Tensor, self_pattern: Pattern, attention: str, encoder=None, cross=None
+) -> Tensor:
+    """One T5Block (mirrors T5Block / T5LayerSelfAttention / T5LayerCrossAttention / T5LayerFF).
+
+    The unit worth `torch.compile`: every block of a stack has the same structure, so one compiled
+    graph serves them all (parameters are graph inputs), and compiling takes seconds, not minutes.
+    """
+    layer = block.layer[0]
+    x = layer.layer_norm(hidden)
+    hidden = hidden + layer.dropout(attend(layer.SelfAttention, x, x, self_pattern, attention))
+    if encoder is not None:
+        layer = block.layer[1]
+        x = layer.layer_norm(hidden)
+        hidden = hidden + layer.dropout(attend(layer.EncDecAttention, x, encoder, cross, attention))
+    layer = block.layer[-1]
+    return hidden + layer.dropout(layer.DenseReluDense(layer.layer_norm(hidden)))
+
+
+def _stack(
+    stack, hidden: Tensor, self_pattern: Pattern, attention: str, encoder=None, cross=None, block_fn=None
+):
+    """A T5Stack (encoder or decoder) on embeddings: dropout, blocks, final norm, dropout."""
+    block_fn = block_fn or t5_block
+    checkpointing = getattr(stack, "gradient_checkpointing", False) and stack.training
+    hidden = stack.dropout(hidden)
+    for block in stack.block:
+        if checkpointing:
+            from torch.utils.checkpoint import checkpoint
+
+            hidden = checkpoint(
+                block_fn, block, hidden, self_pattern, attention, encoder, cross, use_reentrant=False
+            )
+        else:
+            hidden = block_fn(block, hidden, self_pattern, attention, encoder, cross)
+    return stack.dropout(stack.final_layer_norm(hidden))
+
+
+def t5_model(model):
+    """The T5ForConditionalGeneration under PEFT/Accelerate wrappers (its submodules stay wrapped)."""
+    model = getattr(model, "module", model)  # DDP / compiled wrappers
+    if hasattr(model, "get_base_model"):  # PEFT
+        model = model.get_base_model()
+    return model
+
+
+def patterns(model, batch: dict, attention: str, freeze_bias: bool) -> tuple[Pattern, Pattern, Pattern]:
+    """Encoder self, decoder self and cross-attention patterns of a packed batch, built once per
+    step and shared by every layer (T5 computes its bias in block 0 and reuses it)."""
+    enc_pair, enc_pos = batch["enc_pair"], batch["enc_pos"]  # (B, Le)
+    dec_pair, dec_pos = batch["dec_pair"], batch["dec_pos"]  # (B, Ld)
+    frozen = freeze_bias or attention == "flex"
+    enc_attn = model.encoder.block[0].layer[0].SelfAttention
+    dec_attn = model.decoder.block[0].layer[0].SelfAttention
+    enc = Pattern(enc_pair, enc_pair, enc_pos, enc_pos, causal=False,
+                  bias=distance_table(enc_attn, True, frozen))  # fmt: skip
+    dec = Pattern(dec_pair, dec_pair, dec_pos, dec_pos, causal=True,
+                  bias=distance_table(dec_attn, False, frozen))  # fmt: skip
+    cross = Pattern(dec_pair, enc_pair, dec_pos, enc_pos, causal=False)
+    if attention == "flex":
+        for pattern in (enc, dec, cross):
+            pattern.block_mask = build_block_mask(pattern)
+    return enc, dec, cross
+
+
+def decoder_hidden(
+    model, batch: dict, attention: str = "eager", freeze_bias: bool = False, block_fn=None, hidden_fn=None
+) -> Tensor:
+    """(B, Ld, d_model): the decoder's output of a packed batch, scaled as the model scales it
+    before lm_head. `block_fn`: an optional compiled `t5_block`; `hidden_fn`: an optional compiled
+    `stacks_hidden` (the whole encoder and decoder as one graph)."""
+    model = t5_model(model)
+    enc, dec, cross = patterns(model, batch, attention, freeze_bias)
+    if hidden_fn is not None:
+        return hidden_fn(model, batch["input_ids"], batch["decoder_input_ids"], enc, dec, cross, attention)
+    return stacks_hidden(
+        model, batch["input_ids"], batch["decoder_input_ids"], enc, dec, cross, attention, block_fn
+    )
+
+
+def stacks_hidden(
+    model, input_ids: Tensor, decoder_input_ids: Tensor, enc: Pattern, dec: Pattern, cross: Pattern,
+    attention: str, block_fn=None,
+) -> Tensor:  # fmt: skip
+    """Encoder and decoder stacks on the ids of a packed batch, its patterns built: (B, Ld, d_model).
+
+    Split from `decoder_hidden` so that it can be compiled whole: the block masks (argsort and
+    friends on the pair ids) stay outside the graph, the 2 x num_layers blocks inside it.
+    """
+    encoded = _stack(model.encoder, model.encoder.embed_tokens(input_ids), enc, attention, block_fn=block_fn)
+    hidden = _stack(
+        model.decoder, model.decoder.embed_tokens(decoder_input_ids), dec, attention, encoded, cross, block_fn
+    )
+    # transformers 5.23 names the rescale of a tied head `scale_decoder_outputs`; 5.17 keyed it on
+    # tie_word_embeddings. FLAN-T5 (untied) does not rescale under either.
+    scale = getattr(model.config, "scale_decoder_outputs", model.config.tie_word_embeddings)
+    return hidden * model.model_dim**-0.5 if scale else hidden
+
+
+def packed_logits(model, batch: dict, attention: str = "eager") -> Tensor:
+    """(B, Ld, V) logits of a packed batch (tests and evaluation of the packed path)."""
+    return t5_model(model).lm_head(decoder_hidden(model, batch, attention))
+
+
+def packed_loss_sum(
+    model, batch: dict, attention: str = "eager", freeze_bias: bool = False, block_fn=None, hidden_fn=None
+) -> Tensor:
+    """Sum of the cross-entropy over the target tokens of a packed batch (labels -100 are padding).
+
+    `block_fn`/`hidden_fn`: optional compiled `t5_block`/`stacks_hidden`. Only target positions reach
+    the vocabulary projection, through `chunked_cross_entropy`: no (tokens, V) float32 logits are kept.
+    """
+    hidden = decoder_hidden(model, batch, attention, freeze_bias, block_fn, hidden_fn)  # (B, Ld, d)
+    labels = batch["labels"]
+    keep = labels.flatten() != -100
+    hidden = hidden.flatten(0, 1)[keep]  # (N, d) target tokens only
+    head = t5_model(model).lm_head
+    if type(head) is torch.nn.Linear and head.bias is None:
+        return chunked_cross_entropy(hidden, head.weight, labels.flatten()[keep])
+    # A wrapped head (LoRA on lm_head, modules_to_save): plain projection.
+    return F.cross_entropy(head(hidden).float(), labels.flatten()[keep], reduction="sum")
+
+
+# ----------------------------------------------------------------------------------------------
+# Cross-entropy over the vocabulary in chunks of tokens
+
+
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    """sum_i CE(hidden_i @ weight.T, label_i), computed CHUNK tokens at a time.
+
+    Logits exist one chunk at a time, in the compute dtype (bf16 under autocast); the log-sum-exp
+    is taken in float32. The backward recomputes each chunk's logits instead of keeping them:
+    at 32k vocab the kept fp32 logits of 5k target tokens would be 640 MB.
+    """
+
+    CHUNK = 4096
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, labels: Tensor, dtype: torch.dtype) -> Tensor:
+        total = torch.zeros((), device=hidden.device, dtype=torch.float32)
+        for start in range(0, hidden.shape[0], _ChunkedCrossEntropy.CHUNK):
+            h = hidden[start : start + _ChunkedCrossEntropy.CHUNK].to(dtype)
+            logits = (h @ weight.to(dtype).t()).float()  # (chunk, V)
+            y = labels[start : start + _ChunkedCrossEntropy.CHUNK]
+            total += (torch.logsumexp(logits, dim=-1) - logits.gather(1, y[:, None]).squeeze(1)).sum()
+        ctx.save_for_backward(hidden, weight, labels)
+        ctx.dtype = dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        hidden, weight, labels = ctx.saved_tensors
+        dtype = ctx.dtype
+        w = weight.to(dtype)
+        d_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        d_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        for start in range(0, hidden.shape[0], _ChunkedCrossEntropy.CHUNK):
+            h = hidden[start : start + _ChunkedCrossEntropy.CHUNK].to(dtype)
+            logits = (h @ w.t()).float()  # (chunk, V)
+            y = labels[start : start + _ChunkedCrossEntropy.CHUNK]
+            d_logits = torch.softmax(logits, dim=-1)
+            d_logits[torch.arange(len(y), device=y.device), y] -= 1.0
+            d_logits = (d_logits * grad).to(dtype)  # (chunk, V)
+            if d_hidden is not None:
+                d_hidden[start : start + _ChunkedCrossEntropy.CHUNK] = (d_logits @ w).to(hidden.dtype)
+            if d_weight is not None:
+                d_weight += (d_logits.t() @ h).float()
+        return d_hidden, None if d_weight is None else d_weight.to(weight.dtype), None, None
+
+
+def chunked_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor) -> Tensor:
+    """Summed cross-entropy of `hidden` (N, d) projected by `weight` (V, d) against `labels` (N,)."""
+    if torch.is_autocast_enabled(hidden.device.type):
+        dtype = torch.get_autocast_dtype(hidden.device.type)
+    else:
+        dtype = torch.promote_types(hidden.dtype, weight.dtype)
+    return _ChunkedCrossEntropy.apply(hidden, weight, labels, dtype)
+
+
+def freeze_relative_bias(model) -> int:
+    """Freeze the relative attention bias tables (flex path); returns how many numbers were frozen."""
+    frozen = 0
+    for name, p in t5_model(model).named_parameters():
+        if "relative_attention_bias" in name and p.requires_grad:
+            p.requires_grad_(False)
+            frozen += p.numel()
+    return frozen

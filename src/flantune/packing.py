@@ -1,0 +1,209 @@
+"""Pack tokenized (source, target) pairs into shared encoder and decoder rows, padding-free.
+
+A packed micro-batch is a few rows; each row holds several whole pairs: their sources side by side
+in the encoder row and their targets side by side, in the same order, in the decoder row. Every
+token carries the id of its pair (the same id in both rows) and its position inside its pair, which
+is all `flantune.fast_t5` needs to keep each pair's attention to itself and restart T5's relative
+positions. A pair is never split across rows; labels of padding are -100, so the loss per target
+token is the unpacked one.
+
+    PackedCollator     a list of tokenized examples -> one packed micro-batch (dict of tensors)
+    TokenBudgetBatches a batch sampler: micro-batches filled to a token budget, not a row count
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.data import Sampler
+
+from flantune.fast_t5 import PAD_PAIR
+
+ROW_TOKENS = 2048
+"""Encoder tokens per packed row. Any length works; 2048 keeps rows few (one kernel launch covers
+many pairs) while the block mask stays small (16 x 16 blocks of 128 per row)."""
+
+
+def round_up(n: int, multiple: int) -> int:
+    return max(multiple, -(-n // multiple) * multiple)
+
+
+def assign_rows(source_lengths: list[int], row_tokens: int) -> list[list[int]]:
+    """First-fit decreasing: indices of pairs per row, each row's sources within row_tokens.
+
+    A source longer than row_tokens gets a row of its own (the row grows; nothing is cut).
+    """
+    order = sorted(range(len(source_lengths)), key=lambda i: -source_lengths[i])
+    rows: list[list[int]] = []
+    fill: list[int] = []
+    for i in order:
+        n = source_lengths[i]
+        for r in range(len(rows)):
+            if fill[r] + n <= row_tokens:
+                rows[r].append(i)
+                fill[r] += n
+                break
+        else:
+            rows.append([i])
+            fill.append(n)
+    return rows
+
+
+def pack(
+    sources: list[list[int]],
+    targets: list[list[int]],
+    *,
+    pad_id: int,
+    decoder_start_id: int,
+    row_tokens: int = ROW_TOKENS,
+    multiple: int = 128,
+) -> dict[str, torch.Tensor]:
+    """Packed tensors for pairs of token-id lists (targets end with EOS, as tokenized).
+
+    Returns input_ids / enc_pair / enc_pos / attention_mask (R, Le) and decoder_input_ids /
+    dec_pair / dec_pos / labels (R, Ld). Lengths are rounded up to `multiple` so that a compiled
+    step sees few distinct shapes; padding has pair id PAD_PAIR and label -100.
+    """
+    rows = assign_rows([len(s) for s in sources], row_tokens)
+    enc_len = round_up(max(sum(len(sources[i]) for i in row) for row in rows), multiple)
+    dec_len = round_up(max(sum(len(targets[i]) for i in row) for row in rows), multiple)
+    shape_e, shape_d = (len(rows), enc_len), (len(rows), dec_len)
+    out = {
+        "input_ids": torch.full(shape_e, pad_id, dtype=torch.long),
+        "enc_pair": torch.full(shape_e, PAD_PAIR, dtype=torch.int32),
+        "enc_pos": torch.zeros(shape_e, dtype=torch.int32),
+        "decoder_input_ids": torch.full(shape_d, pad_id, dtype=torch.long),
+        "dec_pair": torch.full(shape_d, PAD_PAIR, dtype=torch.int32),
+        "dec_pos": torch.zeros(shape_d, dtype=torch.int32),
+        "labels": torch.full(shape_d, -100, dtype=torch.long),
+    }
+    for r, row in enumerate(rows):
+        e = d = 0
+        for pair, i in enumerate(row):
+            src, tgt = sources[i], targets[i]
+            out["input_ids"][r, e : e + len(src)] = torch.tensor(src)
+            out["enc_pair"][r, e : e + len(src)] = pair
+            out["enc_pos"][r, e : e + len(src)] = torch.arange(len(src))
+            # The decoder input is the target shifted right behind the start token, per pair: the
+            # same as the model's own shift of an unpacked target.
+            out["decoder_input_ids"][r, d : d + len(tgt)] = torch.tensor([decoder_start_id, *tgt[:-1]])
+            out["labels"][r, d : d + len(tgt)] = torch.tensor(tgt)
+            out["dec_pair"][r, d : d + len(tgt)] = pair
+            out["dec_pos"][r, d : d + len(tgt)] = torch.arange(len(tgt))
+            e, d = e + len(src), d + len(tgt)
+        # Padding counts up too, as one more "pair": the causal rule k_pos <= q_pos then agrees
+        # with block order, which the block mask built from pair ids relies on.
+        out["enc_pos"][r, e:] = torch.arange(enc_len - e)
+        out["dec_pos"][r, d:] = torch.arange(dec_len - d)
+    out["attention_mask"] = (out["enc_pair"] != PAD_PAIR).long()  # counts real source tokens
+    return out
+
+
+class PackedCollator:
+    """DataLoader collate_fn: tokenized rows ({input_ids, labels, ...}) -> a packed micro-batch."""
+
+    def __init__(self, pad_id: int, decoder_start_id: int, row_tokens: int = ROW_TOKENS):
+        self.pad_id, self.decoder_start_id, self.row_tokens = pad_id, decoder_start_id, row_tokens
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        return pack(
+            [list(x["input_ids"]) for x in examples],
+            [[t for t in x["labels"] if t != -100] for x in examples],
+            pad_id=self.pad_id,
+            decoder_start_id=self.decoder_start_id,
+            row_tokens=self.row_tokens,
+        )
+
+
+class TokenBudgetBatches(Sampler):
+    """Micro-batches of example indices whose source + target tokens stay within `budget`.
+
+    The order is a fresh permutation per epoch from (seed, epoch) alone, as `EpochSampler`'s, so a
+    resumed run sees the same batches; an example longer than the budget forms a batch alone.
+    """
+
+    def __init__(self, lengths: list[int], budget: int, seed: int):
+        self.lengths, self.budget, self.seed, self.epoch = lengths, budget, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def batches(self) -> list[list[int]]:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        out, current, used = [], [], 0
+        for i in torch.randperm(len(self.lengths), generator=g).tolist():
+            if current and used + self.lengths[i] > self.budget:
+                out.append(current)
+                current, used = [], 0
+            current.append(i)
+            used += self.lengths[i]
+        if current:
+            out.append(current)
+        return out
+
+    def __iter__(self):
+        return iter(self.batches())
+
+    def __len__(self) -> int:
+        return len(self.batches())
+
+
+# ----------------------------------------------------------------------------------------------
+# The training engine's hooks
+
+PACKED_MODEL_TYPES = ("t5", "mt5", "umt5")
+PACKED_METHODS = ("full", "lora", "qlora", "ia3")
+
+
+def packing_problem(model_type: str, method_kind: str, processes: int) -> str | None:
+    """Why train.packing cannot run this recipe, or None."""
+    if model_type not in PACKED_MODEL_TYPES:
+        return (
+            f"train.packing=true: packed training runs the T5 family ({', '.join(PACKED_MODEL_TYPES)}); "
+            f"{model_type} has no relative bias to restart per pair: set train.packing=false (its "
+            "attention runs through transformers' sdpa/flash path)"
+        )
+    if method_kind not in PACKED_METHODS:
+        return (
+            f"train.packing=true with method.kind={method_kind}: the packed forward runs "
+            f"{', '.join(PACKED_METHODS)} (methods that wrap linear layers); set train.packing=false"
+        )
+    if processes > 1:
+        return "train.packing=true runs on one process for now; launch without accelerate's multi-process"
+    return None
+
+
+def resolve_attention(attention: str, packing: bool, cuda: bool) -> str:
+    """The attention path the run takes: flex/eager for packed batches, else transformers' choice."""
+    if not packing:
+        return attention
+    if attention == "auto":
+        return "flex" if cuda else "eager"
+    if attention == "flex" and not cuda:
+        raise ValueError(
+            "train.attention=flex: FlexAttention has no CPU backward; use train.attention=eager on CPU"
+        )
+    return attention
+
+
+def packed_loader(dataset, *, batch_size: int, token_budget: int | None, seed: int, pad_id: int,
+                  decoder_start_id: int):  # fmt: skip
+    """(DataLoader of packed micro-batches, its sampler with set_epoch).
+
+    Without a token budget a micro-batch holds batch_size examples in the unpacked order (the same
+    examples as the unpacked run, so the two compare step for step).
+    """
+    from torch.utils.data import DataLoader
+
+    from flantune.train import EpochSampler
+
+    collator = PackedCollator(pad_id, decoder_start_id)
+    generator = torch.Generator().manual_seed(seed)
+    if token_budget is None:
+        sampler = EpochSampler(len(dataset), seed)
+        loader = DataLoader(
+            dataset, batch_size=batch_size, sampler=sampler, collate_fn=collator, generator=generator
+        )
+        return loader, sampler
+    lengths = [len(s) + len(t) for s, t in zip(dataset["input_ids"], dataset["labels"], strict=True)]
+    sampler = TokenBudgetBatches(lengths, token_budget, seed)
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collator, generator=generator), sampler

@@ -1,0 +1,243 @@
+"""Packed T5 training (flantune.packing, flantune.fast_t5) against transformers, in float32 on CPU.
+
+Our attention equals transformers' eager T5 attention on padded and packed inputs; the packed loss
+per pair is the unpacked loss; gradients agree for every parameter, the relative bias tables
+included; the packer never splits a pair; a packed training run follows the unpacked one.
+"""
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForSeq2SeqLM
+from transformers.models.t5.modeling_t5 import T5Attention
+
+from flantune import fast_t5
+from flantune.config import recipe_from_dict
+from flantune.packing import PAD_PAIR, TokenBudgetBatches, assign_rows, pack
+from flantune.train import TrainingError, train
+
+from .conftest import tiny_config
+from .test_train import losses, make_recipe, tiny_model_dir, write_copy_task
+
+SOURCE_LENGTHS = (5, 17, 150, 9, 23)  # 150: distances past max_distance (128)
+TARGET_LENGTHS = (3, 7, 12, 1, 5)
+
+
+@pytest.fixture(scope="module")
+def tiny(t5_small_path):
+    """A tiny FLAN-T5 (untied head) without dropout, on transformers' eager attention."""
+    cfg = tiny_config(t5_small_path)
+    cfg.update({"dropout_rate": 0.0, "tie_word_embeddings": False})
+    torch.manual_seed(0)
+    model = AutoModelForSeq2SeqLM.from_config(cfg, attn_implementation="eager")
+    with torch.no_grad():  # a visible bias: random tables of a larger scale than the scores
+        for name, p in model.named_parameters():
+            if "relative_attention_bias" in name:
+                p.normal_(0.0, 1.0)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def pairs():
+    g = torch.Generator().manual_seed(1)
+    sources = [[*torch.randint(2, 300, (n,), generator=g).tolist(), 1] for n in SOURCE_LENGTHS]
+    targets = [[*torch.randint(2, 300, (n,), generator=g).tolist(), 1] for n in TARGET_LENGTHS]
+    return sources, targets
+
+
+def padded(sources, targets):
+    """The usual padded batch: input_ids/attention_mask/labels (labels padded with -100)."""
+    rows, cols = len(sources), max(map(len, sources))
+    ids, mask = torch.zeros(rows, cols, dtype=torch.long), torch.zeros(rows, cols, dtype=torch.long)
+    labels = torch.full((rows, max(map(len, targets))), -100)
+    for i, (s, t) in enumerate(zip(sources, targets, strict=True)):
+        ids[i, : len(s)], mask[i, : len(s)], labels[i, : len(t)] = torch.tensor(s), 1, torch.tensor(t)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def per_pair(batch, values, targets):
+    """{example index: values (T, ...) of its target tokens} from a packed batch."""
+    out = {}
+    for r in range(batch["dec_pair"].shape[0]):
+        for pair in batch["dec_pair"][r].unique().tolist():
+            if pair == PAD_PAIR:
+                continue
+            sel = batch["dec_pair"][r] == pair
+            out[targets.index(batch["labels"][r][sel].tolist())] = values[r][sel]
+    return out
+
+
+def rel_error(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+def test_relative_bucket_matches_transformers():
+    relative = torch.arange(-600, 600)
+    for bidirectional in (True, False):
+        ours = fast_t5.relative_bucket(relative, bidirectional, 32, 128)
+        theirs = T5Attention._relative_position_bucket(relative, bidirectional, 32, 128)
+        assert torch.equal(ours, theirs)
+        # Saturation at max_distance: the per-distance table clamps distances to [-128, 128].
+        assert torch.equal(fast_t5.relative_bucket(relative.clamp(-128, 128), bidirectional, 32, 128), theirs)
+
+
+@pytest.mark.parametrize("row_tokens", [1, 2048], ids=["one-pair-a-row", "packed"])
+@pytest.mark.parametrize("attention", ["eager", "flex"])
+def test_logits_match_transformers_eager(tiny, pairs, row_tokens, attention):
+    """Padded (one pair a row) and packed (all pairs in one row): every pair's logits equal those of
+    transformers' eager T5 on the padded batch. FlexAttention runs forward-only on CPU."""
+    sources, targets = pairs
+    batch = pack(sources, targets, pad_id=0, decoder_start_id=0, row_tokens=row_tokens, multiple=16)
+    assert batch["input_ids"].shape[0] == (len(sources) if row_tokens == 1 else 1)
+    with torch.no_grad():
+        reference = tiny(**padded(sources, targets)).logits  # (N, T, V)
+        ours = per_pair(batch, fast_t5.packed_logits(tiny, batch, attention), targets)
+    for i, t in enumerate(targets):
+        assert rel_error(ours[i], reference[i, : len(t)]) < 1e-5
+
+
+def test_packed_loss_per_pair_and_gradients_match(tiny, pairs):
+    sources, targets = pairs
+    batch = pack(sources, targets, pad_id=0, decoder_start_id=0, multiple=16)
+    # Loss per pair: the packed cross-entropy of each pair's tokens equals the unpacked one.
+    with torch.no_grad():
+        logits = per_pair(batch, fast_t5.packed_logits(tiny, batch), targets)
+        for i, (s, t) in enumerate(zip(sources, targets, strict=True)):
+            alone = tiny(input_ids=torch.tensor([s]), labels=torch.tensor([t])).loss
+            packed = F.cross_entropy(logits[i], torch.tensor(t))
+            assert abs(float(packed - alone)) < 1e-5 * float(alone)
+
+    # Gradients of the summed token loss, for every parameter (relative bias tables included).
+    tiny.zero_grad()
+    reference = padded(sources, targets)
+    logits = tiny(**reference).logits
+    F.cross_entropy(logits.flatten(0, 1), reference["labels"].flatten(), reduction="sum").backward()
+    expected = {n: p.grad.clone() for n, p in tiny.named_parameters() if p.grad is not None}
+    tiny.zero_grad()
+    fast_t5.packed_loss_sum(tiny, batch).backward()
+    got = {n: p.grad for n, p in tiny.named_parameters() if p.grad is not None}
+    assert set(got) == set(expected)
+    assert any("relative_attention_bias" in n for n in got)
+    for name, grad in expected.items():
+        assert rel_error(got[name], grad) < 1e-4, name
+    tiny.zero_grad()
+
+
+def test_chunked_cross_entropy_matches_full(monkeypatch):
+    monkeypatch.setattr(fast_t5._ChunkedCrossEntropy, "CHUNK", 7)  # several chunks and a ragged last one
+    torch.manual_seed(0)
+    hidden = torch.randn(30, 16, requires_grad=True)
+    weight = torch.randn(50, 16, requires_grad=True)
+    labels = torch.randint(0, 50, (30,))
+    ours = fast_t5.chunked_cross_entropy(hidden, weight, labels)
+    (g_h, g_w) = torch.autograd.grad(ours * 0.5, (hidden, weight))
+    full = F.cross_entropy(hidden @ weight.t(), labels, reduction="sum")
+    (e_h, e_w) = torch.autograd.grad(full * 0.5, (hidden, weight))
+    assert abs(float(ours - full)) < 1e-5 * float(full)
+    assert rel_error(g_h, e_h) < 1e-5 and rel_error(g_w, e_w) < 1e-5
+
+
+def test_packer_fills_rows_and_never_splits_a_pair():
+    g = torch.Generator().manual_seed(0)
+    sources = [[7] * int(n) for n in torch.randint(1, 300, (200,), generator=g)] + [[7] * 700]
+    targets = [[3] * int(n) + [1] for n in torch.randint(0, 40, (201,), generator=g)]
+    rows = assign_rows([len(s) for s in sources], 512)
+    assert sorted(i for row in rows for i in row) == list(range(len(sources)))
+    fills = [sum(len(sources[i]) for i in row) for row in rows]
+    assert all(f <= 512 or len(row) == 1 for f, row in zip(fills, rows, strict=True))  # 700 rides alone
+    # First-fit decreasing leaves little room: at most one row is less than 90% full.
+    assert sum(f < 0.9 * 512 for f in fills) <= 1
+    batch = pack(sources, targets, pad_id=0, decoder_start_id=0, row_tokens=512)
+    assert batch["input_ids"].shape[1] % 128 == 0
+    for r in range(batch["enc_pair"].shape[0]):  # each pair: one contiguous span per side
+        for side in ("enc", "dec"):
+            ids = batch[f"{side}_pair"][r]
+            for pair in ids.unique().tolist():
+                where = (ids == pair).nonzero().flatten()
+                if pair != PAD_PAIR:
+                    assert int(where[-1] - where[0]) + 1 == len(where)
+                    assert torch.equal(
+                        batch[f"{side}_pos"][r][where], torch.arange(len(where), dtype=torch.int32)
+                    )
+    assert int((batch["labels"] != -100).sum()) == sum(map(len, targets))
+    budget = TokenBudgetBatches(
+        [len(s) + len(t) for s, t in zip(sources, targets, strict=True)], 1024, seed=0
+    )
+    batches = budget.batches()
+    assert sorted(i for b in batches for i in b) == list(range(len(sources)))
+    for b in batches:
+        used = sum(len(sources[i]) + len(targets[i]) for i in b)
+        assert used <= 1024 or len(b) == 1
+    budget.set_epoch(1)
+    assert budget.batches() != batches and len(budget) == len(budget.batches())
+
+
+@pytest.fixture(scope="module")
+def tiny_no_dropout(tmp_path_factory, t5_small_path):
+    folder = tiny_model_dir(tmp_path_factory.mktemp("t5-packed"), t5_small_path)
+    config = json.loads((folder / "config.json").read_text())
+    config["dropout_rate"] = 0.0  # the same trajectory needs the same (no) dropout masks
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.mark.parametrize(
+    "method",
+    [{"kind": "full"}, {"kind": "lora", "r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q", "v"]}],
+    ids=["full", "lora"],
+)
+def test_packed_training_follows_unpacked(method, tiny_no_dropout, tmp_path):
+    data = write_copy_task(tmp_path, n=48)
+    curves = {}
+    for packing in (False, True):
+        out = tmp_path / f"packing-{packing}"
+        train(make_recipe(tiny_no_dropout, data, out, method, max_steps=8, packing=packing))
+        curves[packing] = losses(out)
+    assert len(curves[True]) == 8
+    assert curves[True][-1] < curves[True][0]
+    for a, b in zip(curves[False], curves[True], strict=True):
+        assert math.isclose(a, b, rel_tol=2e-4), (curves[False], curves[True])
+
+
+def test_token_budget_run_and_config_errors(tiny_no_dropout, bart_path, tmp_path):
+    data = write_copy_task(tmp_path, n=48)
+    result = train(
+        make_recipe(tiny_no_dropout, data, tmp_path / "budget", max_steps=3, packing=True, token_budget=64)
+    )
+    assert result.steps == 3 and math.isfinite(result.train_loss)
+    bart = tiny_model_dir(tmp_path / "bart", bart_path)
+    with pytest.raises(TrainingError, match="packing=false"):
+        train(make_recipe(bart, data, tmp_path / "bart-run", max_steps=1, packing=True))
+    with pytest.raises(TrainingError, match="no CPU backward"):
+        train(
+            make_recipe(tiny_no_dropout, data, tmp_path / "flex", max_steps=1, packing=True, attention="flex")
+        )
+    with pytest.raises(ValueError, match="train.attention=flex: needs train.packing=true"):
+        recipe_from_dict({"model": {"path": str(tiny_no_dropout)}, "data": {"task": "sciq"},
+                          "train": {"attention": "flex"}})  # fmt: skip
+
+
+def test_block_mask_from_pairs_matches_create_block_mask(tiny, pairs):
+    """Our BlockMask (from pair-id ranges) visits exactly the blocks create_block_mask finds, and
+    marks the same ones full."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    sources, targets = pairs
+    sources = [*sources, [5] * 300, [6] * 7]  # a pair spanning several blocks
+    targets = [*targets, [7] * 140 + [1], [1]]
+    batch = pack(sources, targets, pad_id=0, decoder_start_id=0, row_tokens=256, multiple=128)
+    for pattern in fast_t5.patterns(tiny, batch, "eager", False):
+        ours = fast_t5.build_block_mask(pattern, block=16)
+        theirs = create_block_mask(
+            fast_t5.mask_mod_of(pattern), pattern.q_pair.shape[0], None, pattern.q_pair.shape[1],
+            pattern.k_pair.shape[1], device="cpu", BLOCK_SIZE=16,
+        )  # fmt: skip
+        assert torch.equal(ours.to_dense(), theirs.to_dense())
+        for got, want in (
+            (ours.full_kv_num_blocks, theirs.full_kv_num_blocks),
+            (ours.kv_num_blocks, theirs.kv_num_blocks),
+        ):
+            assert torch.equal(got, want)
