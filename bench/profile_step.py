@@ -81,7 +81,10 @@ def profile(step, batches, out: Path) -> dict:
     table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=90)
     out.write_text(table)
     kernel_us = sum(e.self_device_time_total for e in prof.key_averages() if e.device_type.name == "CUDA")
-    return {"wall_ms_per_step": 1000 * wall / len(batches), "gpu_kernel_ms_per_step": kernel_us / 1000 / len(batches)}
+    return {
+        "wall_ms_per_step": 1000 * wall / len(batches),
+        "gpu_kernel_ms_per_step": kernel_us / 1000 / len(batches),
+    }
 
 
 def main() -> None:

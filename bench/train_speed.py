@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from flantune import fast_t5
-from flantune.packing import pack
+from flantune.packing import pack, to_device
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 MODELS = ("flan-t5-base", "flan-t5-large")
@@ -109,7 +109,7 @@ def padded_batch(examples, idx, device) -> dict:
 
 def packed_batch(examples, idx, device) -> dict:
     batch = pack([examples[i][0] for i in idx], [examples[i][1] for i in idx], pad_id=0, decoder_start_id=0)
-    return {k: v.to(device) for k, v in batch.items()}
+    return to_device(batch, device)
 
 
 def real_tokens(examples, idx) -> int:

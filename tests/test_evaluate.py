@@ -166,7 +166,9 @@ def test_an_adapter_folder_stands_for_its_base_plus_adapter(tuned_run, tmp_path)
 def test_three_models_in_one_report(tuned_run, tmp_path):
     """base vs SFT vs RL style: the evaluated model and two named comparisons on the same rows."""
     recipe, model_dir, final = tuned_run
-    results = run_eval(recipe, str(final), compare=[f"base={model_dir}", f"again={final}"], out=tmp_path / "r")
+    results = run_eval(
+        recipe, str(final), compare=[f"base={model_dir}", f"again={final}"], out=tmp_path / "r"
+    )
     assert list(results["models"]) == ["base", "again", "fine-tuned"]
     # the same model under two names: the same predictions row by row
     rows = read_predictions(tmp_path / "r")

@@ -221,23 +221,24 @@ def test_token_budget_run_and_config_errors(tiny_no_dropout, bart_path, tmp_path
 
 
 def test_block_mask_from_pairs_matches_create_block_mask(tiny, pairs):
-    """Our BlockMask (from pair-id ranges) visits exactly the blocks create_block_mask finds, and
-    marks the same ones full."""
+    """Our BlockMask (from pair-id ranges, made by the packer on the CPU) visits exactly the blocks
+    create_block_mask finds, marks the same ones full, and has the same q-side (backward) indices."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     sources, targets = pairs
     sources = [*sources, [5] * 300, [6] * 7]  # a pair spanning several blocks
     targets = [*targets, [7] * 140 + [1], [1]]
-    batch = pack(sources, targets, pad_id=0, decoder_start_id=0, row_tokens=256, multiple=128)
-    for pattern in fast_t5.patterns(tiny, batch, "eager", False):
-        ours = fast_t5.build_block_mask(pattern, block=16)
+    batch = pack(sources, targets, pad_id=0, decoder_start_id=0, row_tokens=256, multiple=128, block=16)
+    for name, pattern in zip(
+        ("enc", "dec", "cross"), fast_t5.patterns(tiny, batch, "eager", False), strict=True
+    ):
+        ours = fast_t5.build_block_mask(pattern, block=16, tensors=batch[f"{name}_blocks"])
         theirs = create_block_mask(
             fast_t5.mask_mod_of(pattern), pattern.q_pair.shape[0], None, pattern.q_pair.shape[1],
             pattern.k_pair.shape[1], device="cpu", BLOCK_SIZE=16,
         )  # fmt: skip
         assert torch.equal(ours.to_dense(), theirs.to_dense())
-        for got, want in (
-            (ours.full_kv_num_blocks, theirs.full_kv_num_blocks),
-            (ours.kv_num_blocks, theirs.kv_num_blocks),
-        ):
-            assert torch.equal(got, want)
+        for field in ("kv_num_blocks", "full_kv_num_blocks", "q_num_blocks", "full_q_num_blocks"):
+            assert torch.equal(getattr(ours, field), getattr(theirs, field)), (name, field)
+        # Computed on the spot from the pattern: the same mask.
+        assert torch.equal(fast_t5.build_block_mask(pattern, block=16).to_dense(), theirs.to_dense())

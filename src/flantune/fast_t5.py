@@ -134,14 +134,20 @@ def mask_mod_of(pattern: Pattern):
     return mask_mod
 
 
-def build_block_mask(pattern: Pattern, block: int = 128):
-    """A BlockMask straight from the pair ids, without evaluating the mask at every (q, k).
+BLOCK = 128
+"""FlexAttention's block size: the block masks are built for it."""
+
+
+def block_mask_tensors(pattern: Pattern, block: int = BLOCK) -> tuple[Tensor, ...]:
+    """The eight index tensors of the pattern's BlockMask (kv side, then q side, each partial then
+    full), from the pair ids without evaluating the mask at every (q, k).
 
     Pairs sit in a row one after another with ids 0, 1, 2, ... (padding last), so a block of 128
     tokens holds every id between its smallest and largest: two blocks share a pair exactly when
     their id ranges overlap, and a block pair is full when both hold one and the same pair (and,
     for the causal decoder, the key block lies before the query block). `create_block_mask` gives
-    the same blocks by evaluating mask_mod on all Lq x Lk scores: milliseconds per mask per step.
+    the same blocks by evaluating mask_mod on all Lq x Lk scores. flantune.packing calls this on the
+    CPU while it packs (in the data loader), so a training step only copies the small results.
     """
     from torch.nn.attention.flex_attention import BlockMask
 
@@ -171,10 +177,29 @@ def build_block_mask(pattern: Pattern, block: int = 128):
 
     count, order = indices(partial)
     full_count, full_order = indices(full)
-    return BlockMask.from_kv_blocks(
-        count, order, full_count, full_order, BLOCK_SIZE=block, mask_mod=mask_mod_of(pattern),
-        seq_lengths=(pattern.q_pair.shape[1], pattern.k_pair.shape[1]),
+    # from_kv_blocks derives the q-side indices (the backward's) from the kv side.
+    mask = BlockMask.from_kv_blocks(count, order, full_count, full_order, BLOCK_SIZE=block)
+    return (
+        mask.kv_num_blocks, mask.kv_indices, mask.full_kv_num_blocks, mask.full_kv_indices,
+        mask.q_num_blocks, mask.q_indices, mask.full_q_num_blocks, mask.full_q_indices,
     )  # fmt: skip
+
+
+def build_block_mask(pattern: Pattern, block: int = BLOCK, tensors: tuple[Tensor, ...] | None = None):
+    """The pattern's FlexAttention BlockMask, from `tensors` (block_mask_tensors made while
+    packing, on the pattern's device) or computed here."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    if tensors is None:
+        tensors = block_mask_tensors(pattern, block)
+    names = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
+             "q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices")  # fmt: skip
+    return BlockMask(
+        seq_lengths=(pattern.q_pair.shape[1], pattern.k_pair.shape[1]),
+        **dict(zip(names, tensors, strict=True)),
+        BLOCK_SIZE=(block, block),
+        mask_mod=mask_mod_of(pattern),
+    )
 
 
 def attend(module, hidden: Tensor, context: Tensor, pattern: Pattern, attention: str) -> Tensor:
@@ -207,6 +232,9 @@ def _flex(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern) -> Tensor:
     if bias is not None:
         reach = bias.shape[1] // 2
 
+        # bias[h, k_pos - q_pos] with the positions gathered per score. (Where the mask allows,
+        # k_pos - q_pos equals k_idx - q_idx, but that form measured 2.9x slower in the forward
+        # kernel: bench/flex_variants.py, docs/benchmarks.md.)
         def score_mod(score, b, h, q_idx, k_idx):
             distance = (k_pos[b, k_idx] - q_pos[b, q_idx]).clamp(-reach, reach)
             return score + bias[h, distance + reach].to(score.dtype)
@@ -277,8 +305,8 @@ def patterns(model, batch: dict, attention: str, freeze_bias: bool) -> tuple[Pat
                   bias=distance_table(dec_attn, False, frozen))  # fmt: skip
     cross = Pattern(dec_pair, enc_pair, dec_pos, enc_pos, causal=False)
     if attention == "flex":
-        for pattern in (enc, dec, cross):
-            pattern.block_mask = build_block_mask(pattern)
+        for name, pattern in (("enc", enc), ("dec", dec), ("cross", cross)):
+            pattern.block_mask = build_block_mask(pattern, tensors=batch.get(f"{name}_blocks"))
     return enc, dec, cross
 
 

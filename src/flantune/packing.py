@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch.utils.data import Sampler
 
-from flantune.fast_t5 import PAD_PAIR
+from flantune.fast_t5 import BLOCK, PAD_PAIR, Pattern, block_mask_tensors
 
 ROW_TOKENS = 2048
 """Encoder tokens per packed row. Any length works; 2048 keeps rows few (one kernel launch covers
@@ -56,12 +56,16 @@ def pack(
     decoder_start_id: int,
     row_tokens: int = ROW_TOKENS,
     multiple: int = 128,
-) -> dict[str, torch.Tensor]:
+    block: int = BLOCK,
+) -> dict:
     """Packed tensors for pairs of token-id lists (targets end with EOS, as tokenized).
 
     Returns input_ids / enc_pair / enc_pos / attention_mask (R, Le) and decoder_input_ids /
     dec_pair / dec_pos / labels (R, Ld). Lengths are rounded up to `multiple` so that a compiled
-    step sees few distinct shapes; padding has pair id PAD_PAIR and label -100.
+    step sees few distinct shapes; padding has pair id PAD_PAIR and label -100. enc_blocks /
+    dec_blocks / cross_blocks hold the FlexAttention block-mask indices of the three attentions
+    (`fast_t5.block_mask_tensors`, with `block`), computed here on the CPU so that the training
+    step does not spend GPU launches and host syncs on them.
     """
     rows = assign_rows([len(s) for s in sources], row_tokens)
     enc_len = round_up(max(sum(len(sources[i]) for i in row) for row in rows), multiple)
@@ -95,7 +99,21 @@ def pack(
         out["enc_pos"][r, e:] = torch.arange(enc_len - e)
         out["dec_pos"][r, d:] = torch.arange(dec_len - d)
     out["attention_mask"] = (out["enc_pair"] != PAD_PAIR).long()  # counts real source tokens
+    enc, dec = (out["enc_pair"], out["enc_pos"]), (out["dec_pair"], out["dec_pos"])
+    for name, (q, k, causal) in {
+        "enc": (enc, enc, False),
+        "dec": (dec, dec, True),
+        "cross": (dec, enc, False),
+    }.items():
+        out[f"{name}_blocks"] = block_mask_tensors(Pattern(q[0], k[0], q[1], k[1], causal=causal), block)
     return out
+
+
+def to_device(batch: dict, device) -> dict:
+    """A packed batch on `device` (the block-mask entries are tuples of tensors)."""
+    return {
+        k: tuple(t.to(device) for t in v) if isinstance(v, tuple) else v.to(device) for k, v in batch.items()
+    }
 
 
 class PackedCollator:
