@@ -147,6 +147,7 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--batch-wait-ms", type=float, default=10.0)
     parser.add_argument("--time-limit", type=float, default=None, help="send no request after this many s")
+    parser.add_argument("--no-mixed-batches", action="store_true", help="batch per adapter only")
     parser.add_argument("--out", default="serve-load.json")
     args = parser.parse_args()
     shared = Path(args.shared)
@@ -160,6 +161,8 @@ def main() -> None:
         command = [sys.executable, "-m", "flantune.cli", "serve", "--model", str(base), "--port", str(port),
                    "--device", args.device, "--dtype", args.dtype, "--max-batch", str(args.max_batch),
                    "--batch-wait-ms", str(args.batch_wait_ms)]  # fmt: skip
+        if args.no_mixed_batches:
+            command.append("--no-mixed-batches")
         for name, path in adapters.items():
             command += ["--adapter", f"{name}={path}"]
         log = open(folder / "server.log", "w+")  # noqa: SIM115 - read back after the server ends
@@ -204,7 +207,8 @@ def main() -> None:
         "concurrency": args.concurrency, "max_new_tokens": args.max_new_tokens, "device": args.device,
         "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else cpu_name(),
         "cpu_threads": torch.get_num_threads(), "dtype": args.dtype, "max_batch": args.max_batch,
-        "batch_wait_ms": args.batch_wait_ms, "torch": torch.__version__,
+        "batch_wait_ms": args.batch_wait_ms, "mixed_batches": not args.no_mixed_batches,
+        "torch": torch.__version__,
         "ok": len(latencies), "errors": len(errors), "error_samples": errors[:5],
         "stopped_by_time_limit": len(latencies) + len(errors) < args.requests,
         "p50_ms": percentile(latencies, 50) if latencies else None,
@@ -212,6 +216,7 @@ def main() -> None:
         "mean_ms": statistics.fmean(latencies) if latencies else None,
         "requests_per_s": len(latencies) / seconds, "seconds": seconds,
         "mean_requests_per_batch": statistics.fmean(a["batch"]["requests"] for a in answers) if answers else None,
+        "mean_models_per_batch": statistics.fmean(a["batch"]["models"] for a in answers) if answers else None,
         "median_generate_ms": statistics.median(a["timing"]["generate_ms"] for a in answers) if answers else None,
         "output_tokens_per_s": sum(sum(a["output_tokens"]) for a in answers) / seconds,
         # uvicorn re-raises the SIGTERM it caught once shutdown is done: the exit code is -15 either way.

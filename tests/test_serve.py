@@ -78,9 +78,10 @@ def expected(adapters):
     return answers
 
 
-def make_app(loaded, token=None, **limits):
+def make_app(loaded, token=None, mixed=None, **limits):
     model, tokenizer, base, kinds = loaded
-    return create_app(Service(model, tokenizer, base=base, kinds=kinds, limits=Limits(**limits)), token=token)
+    service = Service(model, tokenizer, base=base, kinds=kinds, limits=Limits(**limits), mixed=mixed)
+    return create_app(service, token=token)
 
 
 @contextmanager
@@ -134,19 +135,48 @@ def test_each_route(loaded, expected):
     assert len({tuple(expected[name].values()) for name in expected}) == 4
 
 
-def test_interleaved_adapters_are_batched_and_each_gets_its_own_output(loaded, expected):
+@pytest.mark.parametrize("mixed", [True, False], ids=["mixed-batches", "one-adapter-batches"])
+def test_interleaved_adapters_are_batched_and_each_gets_its_own_output(loaded, expected, mixed):
+    """LoRA adapters mix in one batch (PEFT's adapter_names) by default; either way every request
+    gets the answer of its own adapter, as direct generation with that adapter alone gives it."""
+    assert serve.mixable(loaded[0])
     rng = random.Random(0)
     requests = [(rng.choice([None, "alpha", "beta", "gamma"]), rng.choice(SOURCES)) for _ in range(40)]
-    app = make_app(loaded, batch_wait_ms=30, max_batch=8)
+    app = make_app(loaded, mixed=mixed, batch_wait_ms=30, max_batch=8)
     with TestClient(app) as client, ThreadPoolExecutor(12) as pool:
         answers = list(pool.map(lambda r: ask(client, r[0], [r[1]]), requests))
     assert [a.status_code for a in answers] == [200] * len(requests)
     for (adapter, source), answer in zip(requests, answers, strict=True):
         assert answer.json()["outputs"] == [expected[adapter][source]], (adapter, source)
-    batched = [a.json()["batch"]["requests"] for a in answers]
-    assert max(batched) > 1, "concurrent requests of one adapter should share a batch"
-    assert max(a.json()["batch"]["inputs"] for a in answers) <= 8
+    batches = [a.json()["batch"] for a in answers]
+    assert max(b["requests"] for b in batches) > 1, "concurrent requests should share a batch"
+    assert max(b["inputs"] for b in batches) <= 8
+    if mixed:
+        assert max(b["models"] for b in batches) > 1, "rows of several adapters should share a batch"
+    else:
+        assert max(b["models"] for b in batches) == 1
     assert app.state.service.worker.batches < len(requests)
+
+
+def test_beam_search_is_batched_per_adapter(loaded):
+    """Beam-search requests never mix adapters in a batch, and answer as each adapter alone does."""
+    model, tokenizer = loaded[0], loaded[1]
+    cfg = GenerationConfig(max_new_tokens=8, num_beams=3)
+    want = {}
+    for name in (None, "alpha", "beta"):
+        if name is None:
+            with model.disable_adapter():
+                want[name] = generate_texts(model, tokenizer, SOURCES[:3], cfg)
+        else:
+            model.set_adapter(name)
+            want[name] = generate_texts(model, tokenizer, SOURCES[:3], cfg)
+    app = make_app(loaded, batch_wait_ms=50)
+    with TestClient(app) as client, ThreadPoolExecutor(6) as pool:
+        jobs = [(name, source) for name in want for source in SOURCES[:3]]
+        answers = list(pool.map(lambda r: ask(client, r[0], [r[1]], num_beams=3), jobs))
+    for (name, source), answer in zip(jobs, answers, strict=True):
+        assert answer.json()["outputs"] == [want[name][SOURCES.index(source)]], (name, source)
+        assert answer.json()["batch"]["models"] == 1
 
 
 def test_each_limit_is_a_4xx_with_a_message(loaded):

@@ -336,6 +336,9 @@ def serve_command(
     timeout: Annotated[float, typer.Option(help="Seconds one request may take, queue included.")] = 60.0,
     max_batch: Annotated[int, typer.Option(help="Inputs generated together.")] = 32,
     batch_wait_ms: Annotated[float, typer.Option(help="How long a batch waits for more requests.")] = 10.0,
+    mixed_batches: Annotated[
+        bool, typer.Option(help="Let rows of different LoRA adapters (and the base) share one batch.")
+    ] = True,
 ) -> None:
     """Serve a base model and its adapters: an HTTP API (/v1/generate, /docs) and a playground at /."""
     from flantune.generate import GenerateError
@@ -352,7 +355,9 @@ def serve_command(
         max_input_tokens=max_input_tokens, max_new_tokens=max_new_tokens, max_inputs=max_inputs,
         max_body_bytes=max_body_bytes, timeout_s=timeout, max_batch=max_batch, batch_wait_ms=batch_wait_ms,
     )  # fmt: skip
-    served = build_app(model, adapter or [], limits=limits, token=token, device=device, dtype=dtype)
+    served = build_app(
+        model, adapter or [], limits=limits, token=token, device=device, dtype=dtype, mixed=mixed_batches
+    )
     console.print(f"serving on http://{host}:{port}/ (API docs at /docs)", highlight=False)
     run(served, host, port)
 

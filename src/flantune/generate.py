@@ -75,10 +75,13 @@ def generate_texts(
     max_source_tokens: int | None = None,
     device: torch.device | str | None = None,
     labels: list[str] | None = None,
+    adapter_names: list[str] | None = None,
 ) -> list[str]:
     """Generate one output per source; the result is in the order of `sources`.
 
     With `labels`, decoding can only produce one of those strings (classification tasks).
+    `adapter_names` (one per source) picks the LoRA adapter that answers each row, "__base__" for
+    the base model: PEFT's mixed-adapter batches, so rows of several adapters share a batch.
     """
     sources = list(sources)
     if not sources:
@@ -99,6 +102,8 @@ def generate_texts(
     for start in range(0, len(order), batch_size):
         index = order[start : start + batch_size]
         batch = tokenizer.pad({"input_ids": [encoded[i] for i in index]}, return_tensors="pt").to(device)
+        if adapter_names is not None:
+            kwargs["adapter_names"] = [adapter_names[i] for i in index]
         generated = model.generate(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs
         )

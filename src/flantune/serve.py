@@ -201,6 +201,16 @@ def load_service_model(
     return loaded, tokenizer, path, kinds
 
 
+def mixable(model) -> bool:
+    """Whether rows of different adapters can share a batch: plain LoRA adapters (no DoRA), which
+    PEFT runs per row with `adapter_names`. Other kinds are batched per adapter."""
+    from peft import LoraConfig, PeftModel
+
+    if not isinstance(model, PeftModel):
+        return False
+    return all(isinstance(c, LoraConfig) and not c.use_dora for c in model.peft_config.values())
+
+
 # ---- the worker: one thread owns the model, batches requests of one adapter ---------------------
 
 
@@ -212,15 +222,25 @@ class Job:
     future: Future = field(default_factory=Future)
     queued: float = field(default_factory=time.perf_counter)
 
-    @property
-    def key(self) -> tuple:
-        # Requests share a batch only when the same adapter AND the same options serve them.
-        return (self.adapter, *dataclasses.astuple(self.cfg))
+    def key(self, mixed: bool) -> tuple:
+        # Requests share a batch only when the same options serve them and, unless the adapters
+        # can mix in one batch, the same adapter. Beam search does not mix: PEFT's per-row adapters
+        # gave other beams than each adapter alone (checked with PEFT 0.21).
+        return (None if self.mixes(mixed) else self.adapter, *dataclasses.astuple(self.cfg))
+
+    def mixes(self, mixed: bool) -> bool:
+        return mixed and self.cfg.num_beams == 1
 
 
 class Worker:
-    def __init__(self, model, tokenizer, *, max_batch: int, batch_wait_ms: float):
-        self.model, self.tokenizer = model, tokenizer
+    """One thread owns the model and generates batches of queued requests.
+
+    mixed: every adapter is plain LoRA, so one batch may hold rows of several adapters and of the
+    base (PEFT's `adapter_names`); otherwise a batch serves one adapter.
+    """
+
+    def __init__(self, model, tokenizer, *, max_batch: int, batch_wait_ms: float, mixed: bool = False):
+        self.model, self.tokenizer, self.mixed = model, tokenizer, mixed
         self.max_batch, self.wait_s = max_batch, batch_wait_ms / 1000
         self.pending: list[Job] = []
         self.cond = threading.Condition()
@@ -260,7 +280,9 @@ class Worker:
             while True:
                 batch, size = [], 0
                 for job in self.pending:
-                    if job.key == first.key and (not batch or size + len(job.inputs) <= self.max_batch):
+                    if job.key(self.mixed) == first.key(self.mixed) and (
+                        not batch or size + len(job.inputs) <= self.max_batch
+                    ):
                         batch.append(job)
                         size += len(job.inputs)
                 left = deadline - time.perf_counter()
@@ -280,22 +302,27 @@ class Worker:
     def _run(self, batch: list[Job]) -> None:
         started = time.perf_counter()
         sources = [text for job in batch for text in job.inputs]
-        adapter = batch[0].adapter
         try:
-            outputs = self._generate(adapter, sources, batch[0].cfg)
+            if batch[0].mixes(self.mixed):
+                names = [job.adapter or "__base__" for job in batch for _ in job.inputs]
+                outputs = generate_texts(self.model, self.tokenizer, sources, batch[0].cfg,
+                                         batch_size=self.max_batch, adapter_names=names)  # fmt: skip
+            else:
+                outputs = self._generate(batch[0].adapter, sources, batch[0].cfg)
             counts = [len(ids) for ids in self.tokenizer(outputs, add_special_tokens=False)["input_ids"]]
         except Exception as e:  # a failed batch answers its requests; the worker lives on
             for job in batch:
                 job.future.set_exception(e)
             return
         self.batches += 1
+        models = len({job.adapter for job in batch})
         generate_ms = (time.perf_counter() - started) * 1000
         at = 0
         for job in batch:
             n = len(job.inputs)
             job.future.set_result({
                 "outputs": outputs[at : at + n], "output_tokens": counts[at : at + n],
-                "batch": {"requests": len(batch), "inputs": len(sources)},
+                "batch": {"requests": len(batch), "inputs": len(sources), "models": models},
                 "queue_ms": (started - job.queued) * 1000, "generate_ms": generate_ms,
             })  # fmt: skip
             at += n
@@ -343,6 +370,7 @@ class Timing(BaseModel):
 class Batch(BaseModel):
     requests: int
     inputs: int
+    models: int = Field(description="Distinct models (adapters, or the base) the batch served.")
 
 
 class GenerateResponse(BaseModel):
@@ -357,8 +385,13 @@ class GenerateResponse(BaseModel):
 class Service:
     """What the routes share: the worker, the names it serves, the limits and a tokenizer for counting."""
 
-    def __init__(self, model, tokenizer, *, base: str, kinds: dict[str, str], limits: Limits):
-        self.worker = Worker(model, tokenizer, max_batch=limits.max_batch, batch_wait_ms=limits.batch_wait_ms)
+    def __init__(
+        self, model, tokenizer, *, base: str, kinds: dict[str, str], limits: Limits, mixed: bool | None = None
+    ):
+        mixed = mixable(model) if mixed is None else mixed
+        self.worker = Worker(
+            model, tokenizer, max_batch=limits.max_batch, batch_wait_ms=limits.batch_wait_ms, mixed=mixed
+        )
         # The worker thread uses the tokenizer while requests are counted on the event loop; a Rust
         # tokenizer used from two threads at once can fail ("Already borrowed"), so each has its own.
         self.counter = copy.deepcopy(tokenizer)
@@ -564,15 +597,22 @@ def build_app(
     token: str | None = None,
     device: str | None = None,
     dtype: str = "float32",
+    mixed: bool = True,
 ) -> FastAPI:
-    """The app for `flantune serve`: load the base and adapters, check the limits, wire the routes."""
+    """The app for `flantune serve`: load the base and adapters, check the limits, wire the routes.
+
+    mixed: rows of different LoRA adapters may share a batch (where `mixable`); False batches per adapter.
+    """
     limits = limits or Limits()
     problems = limits.check()
     if problems:
         raise ServeError("; ".join(problems))
     adapters = parse_adapters(adapter_specs)
     loaded, tokenizer, base, kinds = load_service_model(model, adapters, device=device, dtype=dtype)
-    return create_app(Service(loaded, tokenizer, base=base, kinds=kinds, limits=limits), token=token)
+    service = Service(
+        loaded, tokenizer, base=base, kinds=kinds, limits=limits, mixed=mixed and mixable(loaded)
+    )
+    return create_app(service, token=token)
 
 
 def run(app: FastAPI, host: str, port: int) -> None:
