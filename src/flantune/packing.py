@@ -23,6 +23,9 @@ ROW_TOKENS = 2048
 many pairs) while the block mask stays small (16 x 16 blocks of 128 per row)."""
 
 
+COLUMNS = ("input_ids", "enc_pair", "enc_pos", "decoder_input_ids", "dec_pair", "dec_pos", "labels")
+
+
 def round_up(n: int, multiple: int) -> int:
     return max(multiple, -(-n // multiple) * multiple)
 
@@ -56,7 +59,7 @@ def pack(
     decoder_start_id: int,
     row_tokens: int = ROW_TOKENS,
     multiple: int = 128,
-    block: int = BLOCK,
+    block: int | None = BLOCK,
 ) -> dict:
     """Packed tensors for pairs of token-id lists (targets end with EOS, as tokenized).
 
@@ -64,41 +67,43 @@ def pack(
     dec_pair / dec_pos / labels (R, Ld). Lengths are rounded up to `multiple` so that a compiled
     step sees few distinct shapes; padding has pair id PAD_PAIR and label -100. enc_blocks /
     dec_blocks / cross_blocks hold the FlexAttention block-mask indices of the three attentions
-    (`fast_t5.block_mask_tensors`, with `block`), computed here on the CPU so that the training
-    step does not spend GPU launches and host syncs on them.
+    (`fast_t5.block_mask_tensors`, with `block`; none with block=None: the eager path needs
+    none), computed here on the CPU so that the training step does not spend GPU launches on them.
     """
     rows = assign_rows([len(s) for s in sources], row_tokens)
     enc_len = round_up(max(sum(len(sources[i]) for i in row) for row in rows), multiple)
     dec_len = round_up(max(sum(len(targets[i]) for i in row) for row in rows), multiple)
-    shape_e, shape_d = (len(rows), enc_len), (len(rows), dec_len)
-    out = {
-        "input_ids": torch.full(shape_e, pad_id, dtype=torch.long),
-        "enc_pair": torch.full(shape_e, PAD_PAIR, dtype=torch.int32),
-        "enc_pos": torch.zeros(shape_e, dtype=torch.int32),
-        "decoder_input_ids": torch.full(shape_d, pad_id, dtype=torch.long),
-        "dec_pair": torch.full(shape_d, PAD_PAIR, dtype=torch.int32),
-        "dec_pos": torch.zeros(shape_d, dtype=torch.int32),
-        "labels": torch.full(shape_d, -100, dtype=torch.long),
-    }
-    for r, row in enumerate(rows):
-        e = d = 0
+    columns: dict[str, list[list[int]]] = {name: [] for name in COLUMNS}
+    for row in rows:
+        # Plain lists per row and one tensor per column at the end (writing tensors pair by pair
+        # costs several times more CPU per batch).
+        col = {name: [] for name in COLUMNS}
         for pair, i in enumerate(row):
             src, tgt = sources[i], targets[i]
-            out["input_ids"][r, e : e + len(src)] = torch.tensor(src)
-            out["enc_pair"][r, e : e + len(src)] = pair
-            out["enc_pos"][r, e : e + len(src)] = torch.arange(len(src))
+            col["input_ids"] += src
+            col["enc_pair"] += [pair] * len(src)
+            col["enc_pos"] += range(len(src))
             # The decoder input is the target shifted right behind the start token, per pair: the
             # same as the model's own shift of an unpacked target.
-            out["decoder_input_ids"][r, d : d + len(tgt)] = torch.tensor([decoder_start_id, *tgt[:-1]])
-            out["labels"][r, d : d + len(tgt)] = torch.tensor(tgt)
-            out["dec_pair"][r, d : d + len(tgt)] = pair
-            out["dec_pos"][r, d : d + len(tgt)] = torch.arange(len(tgt))
-            e, d = e + len(src), d + len(tgt)
+            col["decoder_input_ids"] += [decoder_start_id, *tgt[:-1]]
+            col["labels"] += tgt
+            col["dec_pair"] += [pair] * len(tgt)
+            col["dec_pos"] += range(len(tgt))
+        e, d = enc_len - len(col["input_ids"]), dec_len - len(col["labels"])
         # Padding counts up too, as one more "pair": the causal rule k_pos <= q_pos then agrees
         # with block order, which the block mask built from pair ids relies on.
-        out["enc_pos"][r, e:] = torch.arange(enc_len - e)
-        out["dec_pos"][r, d:] = torch.arange(dec_len - d)
+        pads = {"input_ids": [pad_id] * e, "enc_pair": [PAD_PAIR] * e, "enc_pos": range(e),
+                "decoder_input_ids": [pad_id] * d, "dec_pair": [PAD_PAIR] * d, "dec_pos": range(d),
+                "labels": [-100] * d}  # fmt: skip
+        for name in COLUMNS:
+            columns[name].append(col[name] + list(pads[name]))
+    out = {
+        name: torch.tensor(values, dtype=torch.int32 if name.endswith(("_pair", "_pos")) else torch.long)
+        for name, values in columns.items()
+    }
     out["attention_mask"] = (out["enc_pair"] != PAD_PAIR).long()  # counts real source tokens
+    if block is None:
+        return out
     enc, dec = (out["enc_pair"], out["enc_pos"]), (out["dec_pair"], out["dec_pos"])
     for name, (q, k, causal) in {
         "enc": (enc, enc, False),
@@ -119,8 +124,11 @@ def to_device(batch: dict, device) -> dict:
 class PackedCollator:
     """DataLoader collate_fn: tokenized rows ({input_ids, labels, ...}) -> a packed micro-batch."""
 
-    def __init__(self, pad_id: int, decoder_start_id: int, row_tokens: int = ROW_TOKENS):
+    def __init__(
+        self, pad_id: int, decoder_start_id: int, row_tokens: int = ROW_TOKENS, block_masks: bool = True
+    ):
         self.pad_id, self.decoder_start_id, self.row_tokens = pad_id, decoder_start_id, row_tokens
+        self.block = BLOCK if block_masks else None
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         return pack(
@@ -129,6 +137,7 @@ class PackedCollator:
             pad_id=self.pad_id,
             decoder_start_id=self.decoder_start_id,
             row_tokens=self.row_tokens,
+            block=self.block,
         )
 
 
@@ -204,17 +213,18 @@ def resolve_attention(attention: str, packing: bool, cuda: bool) -> str:
 
 
 def packed_loader(dataset, *, batch_size: int, token_budget: int | None, seed: int, pad_id: int,
-                  decoder_start_id: int):  # fmt: skip
+                  decoder_start_id: int, block_masks: bool = True):  # fmt: skip
     """(DataLoader of packed micro-batches, its sampler with set_epoch).
 
     Without a token budget a micro-batch holds batch_size examples in the unpacked order (the same
-    examples as the unpacked run, so the two compare step for step).
+    examples as the unpacked run, so the two compare step for step). block_masks: make the
+    FlexAttention block masks while packing (the flex path; the eager path needs none).
     """
     from torch.utils.data import DataLoader
 
     from flantune.train import EpochSampler
 
-    collator = PackedCollator(pad_id, decoder_start_id)
+    collator = PackedCollator(pad_id, decoder_start_id, block_masks=block_masks)
     generator = torch.Generator().manual_seed(seed)
     # Packing and the block masks take a few ms of CPU per micro-batch: on CUDA, two worker processes
     # build the next batches while the GPU runs this one (on the CPU they would compete for cores).

@@ -309,6 +309,7 @@ def train(recipe: Recipe, console=None) -> TrainResult:
         loader, sampler = packed_loader(
             train_set, batch_size=cfg.batch_size, token_budget=cfg.token_budget, seed=cfg.seed,
             pad_id=tokenizer.pad_token_id, decoder_start_id=base.config.decoder_start_token_id,
+            block_masks=attention == "flex",
         )  # fmt: skip
     else:
         sampler = EpochSampler(len(train_set), cfg.seed)
