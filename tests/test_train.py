@@ -439,9 +439,11 @@ def test_seq2seq_trainer_uses_our_datasets_and_collator(tiny_t5, tmp_path):
     assert output.global_step == 3 and math.isfinite(output.training_loss)
 
 
-def test_two_process_ddp_matches_one_process(tiny_t5, tmp_path):
+@pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
+def test_two_process_ddp_matches_one_process(tiny_t5, tmp_path, packing):
     """Two DDP processes with batch 4 each take the same steps as one process with batch 8: same
-    examples per step, gradients averaged over all target tokens of the step (dropout off)."""
+    examples per step, gradients averaged over all target tokens of the step (dropout off). Packed,
+    the processes' gradients must still be all-reduced (their forward bypasses the model's own)."""
     import shutil
 
     model_dir = tmp_path / "model"
@@ -456,7 +458,8 @@ def test_two_process_ddp_matches_one_process(tiny_t5, tmp_path):
             f"model: {{path: {model_dir}, init: random}}\n"
             "method: {kind: lora, r: 4, dropout: 0.0, target_modules: all-linear}\n"
             f"data: {{task: template, task_options: {{source: '{{text}}', target: '{{answer}}'}}, train: {data}}}\n"
-            f"train: {{max_steps: 6, batch_size: {batch_size}, save_every: 3, log_every: 1, lr: 0.01}}\n"
+            f"train: {{max_steps: 6, batch_size: {batch_size}, save_every: 3, log_every: 1, lr: 0.01, "
+            f"packing: {str(packing).lower()}}}\n"
             f"output_dir: {tmp_path / name}\n"
         )
         return path

@@ -181,7 +181,7 @@ PACKED_MODEL_TYPES = ("t5", "mt5", "umt5")
 PACKED_METHODS = ("full", "lora", "qlora", "ia3")
 
 
-def packing_problem(model_type: str, method_kind: str, processes: int) -> str | None:
+def packing_problem(model_type: str, method_kind: str, fsdp: bool = False) -> str | None:
     """Why train.packing cannot run this recipe, or None."""
     if model_type not in PACKED_MODEL_TYPES:
         return (
@@ -194,8 +194,13 @@ def packing_problem(model_type: str, method_kind: str, processes: int) -> str | 
             f"train.packing=true with method.kind={method_kind}: the packed forward runs "
             f"{', '.join(PACKED_METHODS)} (methods that wrap linear layers); set train.packing=false"
         )
-    if processes > 1:
-        return "train.packing=true runs on one process for now; launch without accelerate's multi-process"
+    if fsdp:
+        # FSDP gathers a block's sharded weights in that block's forward, which the packed path does
+        # not call (it runs the block's layers itself). DDP works: see train.PackedLoss.
+        return (
+            "train.packing=true does not run under FSDP; use DDP (accelerate launch --multi_gpu) or "
+            "set train.packing=false"
+        )
     return None
 
 

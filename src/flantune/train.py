@@ -82,6 +82,8 @@ def packing_setup(cfg, model_type: str, method_kind: str, base, model, accelerat
     Packed flex runs freeze T5's relative bias tables (see flantune.fast_t5: their gradient through
     FlexAttention is 29x slower; they are 2 x 32 x heads pretrained numbers).
     """
+    from accelerate import DistributedType
+
     from flantune import fast_t5
     from flantune.packing import packing_problem, resolve_attention
 
@@ -89,7 +91,8 @@ def packing_setup(cfg, model_type: str, method_kind: str, base, model, accelerat
         if cfg.attention != "auto":
             base.set_attn_implementation(cfg.attention)
         return cfg.attention
-    problem = packing_problem(model_type, method_kind, accelerator.num_processes)
+    fsdp = accelerator.distributed_type == DistributedType.FSDP
+    problem = packing_problem(model_type, method_kind, fsdp)
     if problem:
         raise TrainingError(problem)
     try:
@@ -101,25 +104,31 @@ def packing_setup(cfg, model_type: str, method_kind: str, base, model, accelerat
     return attention
 
 
-def make_packed_forward(model, attention: str, compile: bool, accelerator):
-    """(batch, labels) -> summed target-token loss of a packed micro-batch, under autocast.
+class PackedLoss(torch.nn.Module):
+    """The model as a module whose forward is the summed target-token loss of a packed micro-batch.
 
-    The packed path calls the model's modules itself (flantune.fast_t5), so Accelerate's autocast
-    wrapper around model.forward does not apply: it is entered here.
+    The packed path calls the model's submodules itself (flantune.fast_t5). DDP arms its gradient
+    all-reduce in its own forward, so the module it wraps must be this one: were the model wrapped
+    and its submodules called directly, backward would run without synchronizing gradients.
+    Accelerate's autocast around forward applies here too.
     """
-    from flantune import fast_t5
 
-    compiled = None
-    if compile:
-        # One graph per block kind (encoder, decoder); a few shapes, then dynamic: allow the recompiles.
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        compiled = torch.compile(fast_t5.t5_block)
+    def __init__(self, model, attention: str, compile: bool):
+        super().__init__()
+        from flantune import fast_t5
 
-    def forward(batch: dict, labels: torch.Tensor) -> torch.Tensor:
-        with accelerator.autocast():
-            return fast_t5.packed_loss_sum(model, {**batch, "labels": labels}, attention, block_fn=compiled)
+        self.model, self.attention, self.block_fn = model, attention, None
+        if compile:
+            # One graph per block kind (encoder, decoder); a few shapes, then dynamic: allow recompiles.
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+            self.block_fn = torch.compile(fast_t5.t5_block)
 
-    return forward
+    def forward(self, batch: dict, labels: torch.Tensor) -> torch.Tensor:
+        from flantune import fast_t5
+
+        return fast_t5.packed_loss_sum(
+            self.model, {**batch, "labels": labels}, self.attention, block_fn=self.block_fn
+        )
 
 
 def resolve_precision(precision: str, model_type: str) -> str:
@@ -319,9 +328,14 @@ def train(recipe: Recipe, console=None) -> TrainResult:
                             generator=torch.Generator().manual_seed(cfg.seed))  # fmt: skip
 
     # ---- optimizer, schedule ------------------------------------------------------------------
-    model, loader = accelerator.prepare(model, loader)
+    if cfg.packing:
+        # `stepped` is what the loop calls (DDP-wrapped when several processes run); `model` stays
+        # the plain model for evaluation and checkpoints.
+        stepped, loader = accelerator.prepare(PackedLoss(model, attention, cfg.compile), loader)
+    else:
+        model, loader = accelerator.prepare(model, loader)
+        stepped = model
     optimizer = accelerator.prepare(build_optimizer(model, cfg.lr, cfg.weight_decay))
-    packed_forward = make_packed_forward(model, attention, cfg.compile, accelerator) if cfg.packing else None
     steps_per_epoch = max(1, math.ceil(len(loader) / cfg.grad_accum))
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
     warmup = cfg.warmup_steps or int(cfg.warmup_ratio * total_steps)
@@ -385,7 +399,7 @@ def train(recipe: Recipe, console=None) -> TrainResult:
     last_eval: dict[str, float] = {}
     train_loss = None
     started = time.perf_counter()
-    model.train()
+    stepped.train()
     progress = _progress(console, disable=not main)
     task_id = progress.add_task(
         "train", total=total_steps, completed=state.step, loss=float("nan"), lr=0.0, tps=0.0
@@ -402,12 +416,12 @@ def train(recipe: Recipe, console=None) -> TrainResult:
             for i, batch in enumerate(batches):
                 labels = batch.pop("labels")
                 sync = i == len(batches) - 1
-                with nullcontext() if sync else accelerator.no_sync(model):
-                    if packed_forward is None:
+                with nullcontext() if sync else accelerator.no_sync(stepped):
+                    if cfg.packing:
+                        batch_loss = stepped(batch, labels)
+                    else:
                         logits = model(**batch).logits  # (B, T, V)
                         batch_loss = token_loss_sum(logits, labels)
-                    else:
-                        batch_loss = packed_forward(batch, labels)
                     # DDP averages gradients over processes; scale so the result is the token mean.
                     accelerator.backward(batch_loss * accelerator.num_processes / max(step_tokens, 1))
                 loss_sum += batch_loss.detach()
