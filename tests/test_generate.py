@@ -121,10 +121,15 @@ def test_load_errors(tmp_path, model_dir):
 
 
 def test_cli_generate_input_and_file(tmp_path, model_dir):
-    result = subprocess.run([sys.executable, "-m", "flantune.cli", "generate", str(model_dir), "--input", "hello",
-                             "--input", "world", "--max-new-tokens", "4", "--label", "yes", "--label", "no"],
-                            capture_output=True, text=True, cwd=ROOT)  # fmt: skip
-    assert result.returncode == 0, result.stderr
+    """The command in-process (CliRunner: the same typer app the `flantune` script runs)."""
+    from typer.testing import CliRunner
+
+    from flantune.cli import app
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["generate", str(model_dir), "--input", "hello", "--input", "world",
+                                 "--max-new-tokens", "4", "--label", "yes", "--label", "no"])  # fmt: skip
+    assert result.exit_code == 0, result.output
     rows = [json.loads(x) for x in result.stdout.splitlines()]
     assert [r["source"] for r in rows] == ["hello", "world"] and all(
         r["output"] in ("yes", "no") for r in rows
@@ -132,10 +137,12 @@ def test_cli_generate_input_and_file(tmp_path, model_dir):
     file = tmp_path / "in.jsonl"
     file.write_text('{"source": "one"}\n{"source": "two"}\n')
     out = tmp_path / "out.jsonl"
-    result = subprocess.run([sys.executable, "-m", "flantune.cli", "generate", str(model_dir), "--file", str(file),
-                             "--out", str(out), "--num-beams", "2"], capture_output=True, text=True, cwd=ROOT)  # fmt: skip
-    assert result.returncode == 0, result.stderr
+    result = runner.invoke(
+        app, ["generate", str(model_dir), "--file", str(file), "--out", str(out), "--num-beams", "2"]
+    )
+    assert result.exit_code == 0, result.output
     assert len(out.read_text().splitlines()) == 2
+    # A bad path through the real script: exit code 2, a message, no traceback.
     bad = subprocess.run([sys.executable, "-m", "flantune.cli", "generate", str(tmp_path / "nope"), "--input", "x"],
                          capture_output=True, text=True, cwd=ROOT)  # fmt: skip
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and "does not exist" in bad.stderr

@@ -118,6 +118,10 @@ class PackedLoss(torch.nn.Module):
         from flantune import fast_t5
 
         self.model, self.attention, self.block_fn = model, attention, None
+        # Accelerate reads these to leave a quantized or device-mapped model where it was loaded.
+        for name in ("hf_device_map", "is_loaded_in_4bit", "is_loaded_in_8bit"):
+            if getattr(model, name, None) is not None:
+                setattr(self, name, getattr(model, name))
         if compile:
             # One graph per block kind (encoder, decoder); a few shapes, then dynamic: allow recompiles.
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
