@@ -44,6 +44,25 @@ def test_batches_by_length_keep_the_callers_order(model_dir):
     assert generate_texts(model, tokenizer, SOURCES, cfg, batch_size=3) == one_by_one
 
 
+def test_stop_ends_generation_at_the_next_step(tmp_path, t5_small_path):
+    """`stop` is asked after each decoding step: True ends every row there. (The tiny random T5
+    rarely emits EOS, so without it the rows run to the cap.)"""
+    model, tokenizer = load_for_generation(str(saved_model(tmp_path / "t5", t5_small_path)))
+    cfg = GenerationConfig(max_new_tokens=16)
+    asked = []
+
+    def stop_at_third_step():
+        asked.append(1)
+        return len(asked) >= 3
+
+    full = generate_texts(model, tokenizer, SOURCES, cfg, stop=lambda: False)
+    stopped = generate_texts(model, tokenizer, SOURCES, cfg, batch_size=len(SOURCES), stop=stop_at_third_step)
+    lengths = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in (*full, *stopped)]
+    # Re-tokenizing decoded text may count one token more than were generated (16 and 3 here).
+    assert min(lengths[: len(SOURCES)]) >= 15 and max(lengths[len(SOURCES) :]) <= 4
+    assert len(asked) == 3
+
+
 @pytest.mark.parametrize(
     "options",
     [

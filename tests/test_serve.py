@@ -208,20 +208,28 @@ def test_each_limit_is_a_4xx_with_a_message(loaded):
         assert ask(client, None, ["a"] * 3).status_code == 200  # at the limits is fine
 
 
-def test_timeout_is_a_504_and_the_server_lives_on(loaded, monkeypatch):
-    release = threading.Event()
+def test_timeout_is_a_504_its_generation_stops_and_the_server_lives_on(loaded, monkeypatch):
+    """The first generation runs until told to stop (or 10 s): the request times out with a 504, the
+    worker's stop signal reaches the running generation, and the next request is answered."""
+    stopped, calls = threading.Event(), []
     real = serve.generate_texts
 
-    def slow(*args, **kwargs):
-        release.wait(10)
-        return real(*args, **kwargs)
+    def slow(*args, stop, **kwargs):
+        calls.append(1)
+        deadline = time.monotonic() + 10
+        while len(calls) == 1 and not stop() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if stop():
+            stopped.set()
+        return real(*args, stop=stop, **kwargs)
 
     monkeypatch.setattr(serve, "generate_texts", slow)
     with TestClient(make_app(loaded, timeout_s=0.3)) as client:
+        started = time.monotonic()
         response = ask(client, None, ["a"])
         assert response.status_code == 504
         assert "within the 0.3 s limit" in response.json()["detail"]
-        release.set()
+        assert stopped.wait(5) and time.monotonic() - started < 5, "the abandoned generation did not stop"
         assert ask(client, "alpha", ["a"]).status_code == 200
 
 

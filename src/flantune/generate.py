@@ -76,12 +76,15 @@ def generate_texts(
     device: torch.device | str | None = None,
     labels: list[str] | None = None,
     adapter_names: list[str] | None = None,
+    stop=None,
 ) -> list[str]:
     """Generate one output per source; the result is in the order of `sources`.
 
     With `labels`, decoding can only produce one of those strings (classification tasks).
     `adapter_names` (one per source) picks the LoRA adapter that answers each row, "__base__" for
     the base model: PEFT's mixed-adapter batches, so rows of several adapters share a batch.
+    `stop` (a function of no arguments) is asked after every decoding step: True ends the
+    generation there (the server stops work nobody waits for any more).
     """
     sources = list(sources)
     if not sources:
@@ -99,6 +102,10 @@ def generate_texts(
         config = getattr(model, "config", None)
         trie = LabelTrie(tokenizer, labels, config.decoder_start_token_id)
         kwargs["prefix_allowed_tokens_fn"] = trie.allowed
+    if stop is not None:
+        from transformers import StoppingCriteriaList
+
+        kwargs["stopping_criteria"] = StoppingCriteriaList([_Stop(stop)])
     for start in range(0, len(order), batch_size):
         index = order[start : start + batch_size]
         batch = tokenizer.pad({"input_ids": [encoded[i] for i in index]}, return_tensors="pt").to(device)
@@ -111,6 +118,16 @@ def generate_texts(
             outputs[i] = decode(tokenizer, ids)
     model.train(was_training)
     return outputs
+
+
+class _Stop:
+    """A transformers stopping criterion from a function of no arguments: True stops every row."""
+
+    def __init__(self, stop):
+        self.stop = stop
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), bool(self.stop()), dtype=torch.bool, device=input_ids.device)
 
 
 class GenerateError(ValueError):

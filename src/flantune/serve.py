@@ -221,6 +221,7 @@ class Job:
     cfg: GenerationConfig
     future: Future = field(default_factory=Future)
     queued: float = field(default_factory=time.perf_counter)
+    abandoned: threading.Event = field(default_factory=threading.Event)  # the client stopped waiting
 
     def key(self, mixed: bool) -> tuple:
         # Requests share a batch only when the same options serve them and, unless the adapters
@@ -258,14 +259,14 @@ class Worker:
             self.cond.notify_all()
         self.thread.join()
 
-    def submit(self, adapter: str | None, inputs: list[str], cfg: GenerationConfig) -> Future:
+    def submit(self, adapter: str | None, inputs: list[str], cfg: GenerationConfig) -> Job:
         job = Job(adapter, inputs, cfg)
         with self.cond:
             if self.stopping:
                 raise RuntimeError("the worker is stopping")
             self.pending.append(job)
             self.cond.notify_all()
-        return job.future
+        return job
 
     def _take_batch(self) -> list[Job] | None:
         with self.cond:
@@ -302,13 +303,18 @@ class Worker:
     def _run(self, batch: list[Job]) -> None:
         started = time.perf_counter()
         sources = [text for job in batch for text in job.inputs]
+
+        # Once every request of the batch has timed out, decoding stops at the next step.
+        def stop() -> bool:
+            return all(job.abandoned.is_set() for job in batch)
+
         try:
             if batch[0].mixes(self.mixed):
                 names = [job.adapter or "__base__" for job in batch for _ in job.inputs]
                 outputs = generate_texts(self.model, self.tokenizer, sources, batch[0].cfg,
-                                         batch_size=self.max_batch, adapter_names=names)  # fmt: skip
+                                         batch_size=self.max_batch, adapter_names=names, stop=stop)  # fmt: skip
             else:
-                outputs = self._generate(batch[0].adapter, sources, batch[0].cfg)
+                outputs = self._generate(batch[0].adapter, sources, batch[0].cfg, stop)
             counts = [len(ids) for ids in self.tokenizer(outputs, add_special_tokens=False)["input_ids"]]
         except Exception as e:  # a failed batch answers its requests; the worker lives on
             for job in batch:
@@ -327,17 +333,18 @@ class Worker:
             })  # fmt: skip
             at += n
 
-    def _generate(self, adapter: str | None, sources: list[str], cfg: GenerationConfig) -> list[str]:
+    def _generate(self, adapter: str | None, sources: list[str], cfg: GenerationConfig, stop) -> list[str]:
         from peft import PeftModel
 
         model = self.model
+        options = {"batch_size": self.max_batch, "stop": stop}
         if not isinstance(model, PeftModel):
-            return generate_texts(model, self.tokenizer, sources, cfg, batch_size=self.max_batch)
+            return generate_texts(model, self.tokenizer, sources, cfg, **options)
         if adapter is None:
             with model.disable_adapter():
-                return generate_texts(model, self.tokenizer, sources, cfg, batch_size=self.max_batch)
+                return generate_texts(model, self.tokenizer, sources, cfg, **options)
         model.set_adapter(adapter)
-        return generate_texts(model, self.tokenizer, sources, cfg, batch_size=self.max_batch)
+        return generate_texts(model, self.tokenizer, sources, cfg, **options)
 
 
 # ---- the HTTP API ----------------------------------------------------------------------------
@@ -445,13 +452,16 @@ def create_app(service: Service, token: str | None = None) -> FastAPI:
         cfg = generation_config(request, service.limits)
         input_tokens = count_inputs(request, service)
         try:
-            future = service.worker.submit(request.adapter, request.inputs, cfg)
+            job = service.worker.submit(request.adapter, request.inputs, cfg)
         except RuntimeError:
             raise HTTPException(503, "the server is shutting down") from None
         try:
-            result = await asyncio.wait_for(asyncio.wrap_future(future), service.limits.timeout_s)
+            result = await asyncio.wait_for(asyncio.wrap_future(job.future), service.limits.timeout_s)
         except TimeoutError:
-            future.cancel()  # still queued: never generated; already running: its answer is dropped
+            # Still queued: never generated. Running: its batch stops decoding once no request of
+            # it is waited for.
+            job.abandoned.set()
+            job.future.cancel()
             raise HTTPException(
                 504, f"generation did not finish within the {service.limits.timeout_s:g} s limit"
             ) from None
