@@ -132,12 +132,38 @@ def test_chunked_cross_entropy_matches_full(monkeypatch):
     hidden = torch.randn(30, 16, requires_grad=True)
     weight = torch.randn(50, 16, requires_grad=True)
     labels = torch.randint(0, 50, (30,))
+    labels[[3, 7, 8, 29]] = -100  # padding positions (the fixed-shape path keeps them)
     ours = fast_t5.chunked_cross_entropy(hidden, weight, labels)
     (g_h, g_w) = torch.autograd.grad(ours * 0.5, (hidden, weight))
-    full = F.cross_entropy(hidden @ weight.t(), labels, reduction="sum")
+    full = F.cross_entropy(hidden @ weight.t(), labels, ignore_index=-100, reduction="sum")
     (e_h, e_w) = torch.autograd.grad(full * 0.5, (hidden, weight))
     assert abs(float(ours - full)) < 1e-5 * float(full)
     assert rel_error(g_h, e_h) < 1e-5 and rel_error(g_w, e_w) < 1e-5
+
+
+def test_fixed_shape_and_unselected_targets_give_the_same_loss_and_gradients(tiny, pairs):
+    """Padding a packed batch to a fixed shape (extra rows of padding alone) and projecting every
+    decoder position (padding masked) change neither the loss nor any gradient."""
+    sources, targets = pairs
+    plain = pack(sources, targets, pad_id=0, decoder_start_id=0, multiple=16)
+    fixed = pack(sources, targets, pad_id=0, decoder_start_id=0, multiple=16, shape=(3, 256, 64))
+    assert fixed["input_ids"].shape == (3, 256) and fixed["labels"].shape == (3, 64)
+    results = []
+    for batch, select in ((plain, True), (fixed, False)):
+        tiny.zero_grad()
+        loss = fast_t5.packed_loss_sum(tiny, batch, select_targets=select)
+        loss.backward()
+        results.append(
+            (float(loss), {n: p.grad.clone() for n, p in tiny.named_parameters() if p.grad is not None})
+        )
+    tiny.zero_grad()
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert abs(loss_a - loss_b) < 1e-5 * loss_a
+    assert set(grads_a) == set(grads_b)
+    for name in grads_a:
+        assert rel_error(grads_b[name], grads_a[name]) < 1e-5, name
+    with pytest.raises(ValueError, match="more than the fixed shape"):
+        pack(sources, targets, pad_id=0, decoder_start_id=0, multiple=16, shape=(1, 64, 64))
 
 
 def test_packer_fills_rows_and_never_splits_a_pair():

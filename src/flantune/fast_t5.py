@@ -350,22 +350,28 @@ def packed_logits(model, batch: dict, attention: str = "eager") -> Tensor:
 
 
 def packed_loss_sum(
-    model, batch: dict, attention: str = "eager", freeze_bias: bool = False, block_fn=None, hidden_fn=None
-) -> Tensor:
+    model, batch: dict, attention: str = "eager", freeze_bias: bool = False, block_fn=None, hidden_fn=None,
+    select_targets: bool = True,
+) -> Tensor:  # fmt: skip
     """Sum of the cross-entropy over the target tokens of a packed batch (labels -100 are padding).
 
-    `block_fn`/`hidden_fn`: optional compiled `t5_block`/`stacks_hidden`. Only target positions reach
-    the vocabulary projection, through `chunked_cross_entropy`: no (tokens, V) float32 logits are kept.
+    `block_fn`/`hidden_fn`: optional compiled `t5_block`/`stacks_hidden`. The vocabulary projection
+    runs through `chunked_cross_entropy`: no (tokens, V) float32 logits are kept. select_targets:
+    project only the target positions (least work; a boolean index, so the host waits for the GPU
+    and the shape varies); False projects every decoder position and masks the padding, so the
+    step has fixed shapes and no host sync (what CUDA-graph capture needs).
     """
     hidden = decoder_hidden(model, batch, attention, freeze_bias, block_fn, hidden_fn)  # (B, Ld, d)
-    labels = batch["labels"]
-    keep = labels.flatten() != -100
-    hidden = hidden.flatten(0, 1)[keep]  # (N, d) target tokens only
+    labels = batch["labels"].flatten()  # (B*Ld,)
+    hidden = hidden.flatten(0, 1)  # (B*Ld, d)
+    if select_targets:
+        keep = labels != -100
+        hidden, labels = hidden[keep], labels[keep]  # (N, d), (N,) target tokens only
     head = t5_model(model).lm_head
     if type(head) is torch.nn.Linear and head.bias is None:
-        return chunked_cross_entropy(hidden, head.weight, labels.flatten()[keep])
+        return chunked_cross_entropy(hidden, head.weight, labels)
     # A wrapped head (LoRA on lm_head, modules_to_save): plain projection.
-    return F.cross_entropy(head(hidden).float(), labels.flatten()[keep], reduction="sum")
+    return F.cross_entropy(head(hidden).float(), labels, ignore_index=-100, reduction="sum")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -373,7 +379,7 @@ def packed_loss_sum(
 
 
 class _ChunkedCrossEntropy(torch.autograd.Function):
-    """sum_i CE(hidden_i @ weight.T, label_i), computed CHUNK tokens at a time.
+    """sum_i CE(hidden_i @ weight.T, label_i), computed CHUNK tokens at a time (label -100: none).
 
     Logits exist one chunk at a time, in the compute dtype (bf16 under autocast); the log-sum-exp
     is taken in float32. The backward recomputes each chunk's logits instead of keeping them:
@@ -389,7 +395,9 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             h = hidden[start : start + _ChunkedCrossEntropy.CHUNK].to(dtype)
             logits = (h @ weight.to(dtype).t()).float()  # (chunk, V)
             y = labels[start : start + _ChunkedCrossEntropy.CHUNK]
-            total += (torch.logsumexp(logits, dim=-1) - logits.gather(1, y[:, None]).squeeze(1)).sum()
+            valid = y != -100  # padding positions add nothing
+            picked = logits.gather(1, y.clamp(min=0)[:, None]).squeeze(1)
+            total += ((torch.logsumexp(logits, dim=-1) - picked) * valid).sum()
         ctx.save_for_backward(hidden, weight, labels)
         ctx.dtype = dtype
         return total
@@ -405,9 +413,10 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             h = hidden[start : start + _ChunkedCrossEntropy.CHUNK].to(dtype)
             logits = (h @ w.t()).float()  # (chunk, V)
             y = labels[start : start + _ChunkedCrossEntropy.CHUNK]
+            valid = (y != -100)[:, None]  # (chunk, 1)
             d_logits = torch.softmax(logits, dim=-1)
-            d_logits[torch.arange(len(y), device=y.device), y] -= 1.0
-            d_logits = (d_logits * grad).to(dtype)  # (chunk, V)
+            d_logits.scatter_add_(1, y.clamp(min=0)[:, None], -torch.ones_like(logits[:, :1]))
+            d_logits = (d_logits * valid * grad).to(dtype)  # (chunk, V)
             if d_hidden is not None:
                 d_hidden[start : start + _ChunkedCrossEntropy.CHUNK] = (d_logits @ w).to(hidden.dtype)
             if d_weight is not None:
@@ -416,7 +425,8 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
 
 
 def chunked_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor) -> Tensor:
-    """Summed cross-entropy of `hidden` (N, d) projected by `weight` (V, d) against `labels` (N,)."""
+    """Summed cross-entropy of `hidden` (N, d) projected by `weight` (V, d) against `labels` (N,);
+    labels of -100 add nothing (as F.cross_entropy's ignore_index)."""
     if torch.is_autocast_enabled(hidden.device.type):
         dtype = torch.get_autocast_dtype(hidden.device.type)
     else:

@@ -60,6 +60,7 @@ def pack(
     row_tokens: int = ROW_TOKENS,
     multiple: int = 128,
     block: int | None = BLOCK,
+    shape: tuple[int, int, int] | None = None,
 ) -> dict:
     """Packed tensors for pairs of token-id lists (targets end with EOS, as tokenized).
 
@@ -69,10 +70,21 @@ def pack(
     dec_blocks / cross_blocks hold the FlexAttention block-mask indices of the three attentions
     (`fast_t5.block_mask_tensors`, with `block`; none with block=None: the eager path needs
     none), computed here on the CPU so that the training step does not spend GPU launches on them.
+    shape: (rows, encoder length, decoder length) to pad to, the same for every batch (rows of
+    padding alone are added): fixed shapes for CUDA-graph capture. A batch that needs more is an
+    error.
     """
     rows = assign_rows([len(s) for s in sources], row_tokens)
     enc_len = round_up(max(sum(len(sources[i]) for i in row) for row in rows), multiple)
     dec_len = round_up(max(sum(len(targets[i]) for i in row) for row in rows), multiple)
+    if shape is not None:
+        if len(rows) > shape[0] or enc_len > shape[1] or dec_len > shape[2]:
+            raise ValueError(
+                f"the batch packs into {len(rows)} rows of {enc_len} source and {dec_len} target tokens, "
+                f"more than the fixed shape {shape}: raise it, or lower the token budget"
+            )
+        rows = rows + [[] for _ in range(shape[0] - len(rows))]
+        enc_len, dec_len = shape[1], shape[2]
     columns: dict[str, list[list[int]]] = {name: [] for name in COLUMNS}
     for row in rows:
         # Plain lists per row and one tensor per column at the end (writing tensors pair by pair
