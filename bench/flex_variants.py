@@ -6,6 +6,7 @@ pack into, forward + backward, compiled once per variant (static shapes), timed 
     none         no score_mod (the block mask alone)
     positions    bias[h, k_pos[b, k] - q_pos[b, q]]: two gathers per score
     indices      bias[h, k - q]: the same values where the mask allows (pairs are contiguous)
+    positions-blockN   positions, with the block mask built at block size N (--blocks N)
 
     python bench/flex_variants.py --shared ../shared --out flex.json
 """
@@ -30,6 +31,13 @@ def main() -> None:
     parser.add_argument("--shared", default="../shared")
     parser.add_argument("--out", required=True)
     parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--variants", default="none,positions,indices")
+    parser.add_argument(
+        "--blocks",
+        type=lambda text: [int(x) for x in text.split(",")],
+        default=[],
+        help="other block sizes to time with the positions score_mod, e.g. 64",
+    )
     args = parser.parse_args()
     from torch.nn.attention.flex_attention import flex_attention
     from transformers import AutoTokenizer
@@ -58,7 +66,13 @@ def main() -> None:
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows, "length": length,
               "real_tokens": int((pair >= 0).sum()), "variants": {}}  # fmt: skip
     compiled = torch.compile(flex_attention, dynamic=False)
-    for name, score_mod in (("none", None), ("positions", positions), ("indices", indices)):
+    runs = [(name, score_mod, mask) for name, score_mod in (("none", None), ("positions", positions),
+                                                         ("indices", indices)) if name in args.variants]  # fmt: skip
+    for block in args.blocks:
+        if block != fast_t5.BLOCK:  # the same mask at another block size (FlexAttention's tiles follow it)
+            other = fast_t5.build_block_mask(pattern, block=block)
+            runs.append((f"positions-block{block}", positions, other))
+    for name, score_mod, mask in runs:
         for _ in range(3):
             compiled(q, k, v, score_mod=score_mod, block_mask=mask, scale=1.0).sum().backward()
         times = {}
@@ -74,6 +88,7 @@ def main() -> None:
             times[phase] = start.elapsed_time(end) / args.iters
         result["variants"][name] = times
         print(name, json.dumps(times), flush=True)
+        Path(args.out).write_text(json.dumps(result, indent=2))
     Path(args.out).write_text(json.dumps(result, indent=2))
 
 
