@@ -293,6 +293,20 @@ def test_unservable_adapters_are_refused_with_a_message(adapters, tmp_path):
         assert message in " ".join(result.output.split()), (args, result.output)
 
 
+def test_a_base_alone_is_served(adapters, expected):
+    """No adapters: the base answers (adapter null) as direct generation does; any name is a 404."""
+    base, finals = adapters
+    # The random-weight base, rebuilt with the seed its adapters recorded.
+    model, tokenizer = load_for_generation(str(base), recorded_by=str(finals["alpha"]), device="cpu")
+    assert not serve.mixable(model)
+    service = Service(model, tokenizer, base=str(base), kinds={}, limits=Limits())
+    with TestClient(create_app(service)) as client:
+        assert client.get("/v1/models").json()["adapters"] == []
+        answer = ask(client, None, SOURCES)
+        assert answer.status_code == 200 and answer.json()["outputs"] == [expected[None][s] for s in SOURCES]
+        assert ask(client, "alpha", SOURCES[:1]).status_code == 404
+
+
 def test_shutdown_finishes_requests_in_flight(loaded, expected, monkeypatch):
     started, release = threading.Event(), threading.Event()
     real = serve.generate_texts
