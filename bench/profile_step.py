@@ -183,13 +183,12 @@ def main() -> None:
                             decoder_start_id=0, shape=shape), "cuda") for idx in plan]  # fmt: skip
     result["graph_shape"] = shape
     for i, variant in enumerate(args.variants.split(",")):
-        optimizer = optimizer_for(model, 1e-5)
         started = time.perf_counter()
         try:
             step = (
                 make_graph_step(model, 1e-5, fixed[0])
                 if variant == "graph"
-                else make_step(model, optimizer, variant)
+                else make_step(model, optimizer_for(model, 1e-5), variant)
             )
             batches_now = fixed if variant == "graph" else batches
             timed_pass(step, batches_now)  # compile, record
@@ -211,7 +210,7 @@ def main() -> None:
         result["variants"][variant] = row
         print(variant, json.dumps(row), flush=True)
         out.write_text(json.dumps(result, indent=2))
-        del optimizer, step
+        del step
         gc.collect()
         torch._dynamo.reset()
     out.write_text(json.dumps(result, indent=2))

@@ -162,11 +162,18 @@ class TokenBudgetBatches(Sampler):
 
     def __init__(self, lengths: list[int], budget: int, seed: int):
         self.lengths, self.budget, self.seed, self.epoch = lengths, budget, seed, 0
+        self._made: tuple[int, list[list[int]]] | None = None  # (epoch, its batches)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def batches(self) -> list[list[int]]:
+        # len() is asked at every logged step: the epoch's batches are made once.
+        if self._made is None or self._made[0] != self.epoch:
+            self._made = (self.epoch, self._make())
+        return self._made[1]
+
+    def _make(self) -> list[list[int]]:
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         out, current, used = [], [], 0
         for i in torch.randperm(len(self.lengths), generator=g).tolist():
@@ -216,10 +223,8 @@ def packing_problem(model_type: str, method_kind: str, fsdp: bool = False) -> st
     return None
 
 
-def resolve_attention(attention: str, packing: bool, cuda: bool) -> str:
-    """The attention path the run takes: flex/eager for packed batches, else transformers' choice."""
-    if not packing:
-        return attention
+def resolve_attention(attention: str, cuda: bool) -> str:
+    """The attention path a packed run takes: flex or eager."""
     if attention == "auto":
         return "flex" if cuda else "eager"
     if attention == "flex" and not cuda:

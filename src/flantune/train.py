@@ -96,7 +96,7 @@ def packing_setup(cfg, model_type: str, method_kind: str, base, model, accelerat
     if problem:
         raise TrainingError(problem)
     try:
-        attention = resolve_attention(cfg.attention, True, torch.cuda.is_available())
+        attention = resolve_attention(cfg.attention, torch.cuda.is_available())
     except ValueError as e:
         raise TrainingError(str(e)) from None
     if attention == "flex":
