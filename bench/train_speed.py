@@ -8,7 +8,9 @@ weights under bf16 autocast, fused AdamW:
   eager or sdpa attention x random or length-grouped batches (`group_by_length`'s megabatches); the
   best of the four is the baseline, the strongest setting an HF user can pick.
 - flantune: the same examples per step packed into rows of 2048 source tokens (flantune.packing),
-  FlexAttention with T5's bias inside the kernel, compiled blocks, chunked cross-entropy.
+  every step in one fixed shape, FlexAttention with T5's bias inside the kernel, compiled blocks,
+  chunked cross-entropy, forward + backward replayed as one CUDA graph (flantune.graphs, as
+  `train.cuda_graph`); `--no-graph`: compiled blocks launched one by one.
 
 Printed and written per cell: real (non-padding) tokens/s of both, the ratio, model-FLOP
 utilisation against a measured bf16 matmul peak, peak memory. Data: the real SciQ lengths (T5
@@ -18,7 +20,7 @@ flan-t5-base both ways for N steps on SciQ and writes both loss curves.
 
     python bench/train_speed.py --out speed.json [--shared ../shared] [--only large/full]
         [--steps 10] [--warmup 4] [--hf-warmup 2] [--batch 32] [--check] [--curve 300] [--cells 0]
-        [--models flan-t5-large,flan-t5-base] [--mode reduce-overhead] [--static]
+        [--models flan-t5-large,flan-t5-base] [--no-graph [--mode reduce-overhead] [--static]]
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from flantune import fast_t5
+from flantune.graphs import CapturedStep
 from flantune.packing import pack, to_device
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
@@ -107,9 +110,38 @@ def padded_batch(examples, idx, device) -> dict:
     }
 
 
-def packed_batch(examples, idx, device) -> dict:
-    batch = pack([examples[i][0] for i in idx], [examples[i][1] for i in idx], pad_id=0, decoder_start_id=0)
+def packed_batch(examples, idx, device, shape=None) -> dict:
+    if shape is not None:  # first fit in this order: longest sources first fill rows best
+        idx = sorted(idx, key=lambda i: -len(examples[i][0]))
+    batch = pack([examples[i][0] for i in idx], [examples[i][1] for i in idx], pad_id=0, decoder_start_id=0,
+                 shape=shape)  # fmt: skip
     return to_device(batch, device)
+
+
+def fixed_shape(examples, plan) -> tuple[int, int, int]:
+    """The one packed shape (rows, source length, target length) that every step of `plan` fits."""
+    batches = [packed_batch(examples, idx, "cpu") for idx in plan]
+    enc = max(b["input_ids"].shape[1] for b in batches)
+    dec = max(b["labels"].shape[1] for b in batches)
+    rows = max(b["input_ids"].shape[0] for b in batches)
+    while True:
+        try:
+            for idx in plan:
+                packed_batch(examples, idx, "cpu", (rows, enc, dec))
+            return rows, enc, dec
+        except ValueError:
+            rows += 1
+
+
+def graphed_step(model, block_fn):
+    """flantune's training step: the packed micro-batch's forward and backward replayed as one CUDA
+    graph (flantune.graphs.CapturedStep, as `train.cuda_graph`), gradients scaled to the token mean."""
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def loss_fn(batch):
+        return fast_t5.packed_loss_sum(model, batch, "flex", block_fn=block_fn, select_targets=False)
+
+    return CapturedStep(loss_fn, params, torch.bfloat16)
 
 
 def real_tokens(examples, idx) -> int:
@@ -128,7 +160,7 @@ def build(shared: Path, shape: str, method: str, dtype: str):
     spec = (
         MethodConfig(kind=method, r=16, alpha=32, target_modules=["q", "v"])
         if method == "lora"
-        else MethodConfig()
+        else MethodConfig(kind="full")
     )
     return apply_method(model, spec).cuda()
 
@@ -244,17 +276,32 @@ def run_cell(shared, shape, method, name, examples, args, peak) -> dict:
             print(shape, method, name, "hf", key, round(tokens / seconds), flush=True)
             del batches
     best = max(row["hf"], key=lambda k: row["hf"][k]["tokens_per_s"])
-    if row["hf"][best]["tokens_per_s"] == 0.0:
-        raise RuntimeError("every transformers setting ran out of memory at this batch")
-    row["hf_best"] = {"setting": best, **row["hf"][best]}
+    row["hf_best"] = {"setting": best, **row["hf"][best]}  # tokens_per_s 0: every setting ran out of memory
 
-    if method == "full":
-        fast_t5.freeze_relative_bias(model)
-    block_fn = torch.compile(fast_t5.t5_block, dynamic=False if args.static else None, mode=args.mode)
-    batches = [packed_batch(examples, idx, "cuda") for idx in random_steps]
+    fast_t5.freeze_relative_bias(model)
+    if args.no_graph:
+        block_fn = torch.compile(fast_t5.t5_block, dynamic=False if args.static else None, mode=args.mode)
+        batches = [packed_batch(examples, idx, "cuda") for idx in random_steps]
+
+        def run_step(batch):
+            our_step(model, optimizer, batch, block_fn)
+    else:
+        block_fn = torch.compile(fast_t5.t5_block, dynamic=False)
+        shape = fixed_shape(examples, random_steps)
+        row["shape_packed"] = shape
+        batches = [packed_batch(examples, idx, "cuda", shape) for idx in random_steps]
+        scales = {id(b): 1 / int((b["labels"] != -100).sum()) for b in batches}
+        captured = graphed_step(model, block_fn)
+
+        def run_step(batch):
+            captured(batch, scales[id(batch)])
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=False)
+
+    optimizer.zero_grad(set_to_none=False)
     torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
-    seconds, times = timed(lambda b: our_step(model, optimizer, b, block_fn), batches, args.warmup)
+    seconds, times = timed(run_step, batches, args.warmup)
     warm_s = time.perf_counter() - started - seconds
     tokens = sum(real_tokens(examples, idx) for idx in random_steps[args.warmup :])
     flops = sum(step_flops(model, examples, idx, method) for idx in random_steps[args.warmup :])
@@ -269,11 +316,11 @@ def run_cell(shared, shape, method, name, examples, args, peak) -> dict:
         "mfu": flops / seconds / 1e12 / peak, "tflops": flops / seconds / 1e12,
         "median_step_ms": 1000 * statistics.median(times), "warmup_s": warm_s,
         "rows_per_step": statistics.mean(b["input_ids"].shape[0] for b in batches),
-        "masks_ms": mask_ms, "compile_mode": args.mode or "default",
+        "masks_ms": mask_ms, "path": "compiled blocks" if args.no_graph else "compiled blocks + CUDA graph",
     }  # fmt: skip
     # The same model FLOPs per real token on both sides.
     row["hf_best"]["mfu"] = row["flantune"]["mfu"] * row["hf_best"]["tokens_per_s"] / ours
-    row["ratio"] = ours / row["hf_best"]["tokens_per_s"]
+    row["ratio"] = ours / row["hf_best"]["tokens_per_s"] if row["hf_best"]["tokens_per_s"] else None
     print(
         json.dumps({k: row[k] for k in ("shape", "method", "data", "hf_best", "flantune", "ratio")}),
         flush=True,
@@ -327,16 +374,58 @@ def check(shared: Path, examples) -> dict:
         float(hf32),
         float(ours32) / int((packed["labels"] != -100).sum()),
     )
+    out["graph"] = graph_check(model, examples, idx)
     print(json.dumps(out), flush=True)
     del model
     torch._dynamo.reset()
     return out
 
 
+def graph_check(model, examples, idx) -> dict:
+    """The CUDA-graph step against the plain packed step on one batch (dropout off, bf16 autocast):
+    loss and every gradient, on the first replay and on a later one (inputs copied in again)."""
+    fast_t5.freeze_relative_bias(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    other_idx = list(range(32, 64))
+    shape = fixed_shape(examples, [idx, other_idx])  # one shape for both batches
+    fixed, other = (
+        packed_batch(examples, idx, "cuda", shape),
+        packed_batch(examples, other_idx, "cuda", shape),
+    )
+    tokens = int((fixed["labels"] != -100).sum())
+    block_fn = torch.compile(fast_t5.t5_block, dynamic=False)
+    with torch.autocast("cuda", dtype=torch.bfloat16):  # the plain packed step, launched op by op
+        loss = fast_t5.packed_loss_sum(model, fixed, "flex", block_fn=block_fn)
+    loss.backward()
+    ref_loss, ref_grads = float(loss), [p.grad.clone() for p in params]
+    del loss  # no autograd graph of these parameters may be alive at capture (flantune.graphs)
+    for p in params:
+        p.grad = None
+    captured = graphed_step(model, block_fn)
+    out = {}
+    for name, batch in (("first", fixed), ("after_other", other), ("again", fixed)):
+        for p in params:
+            if p.grad is not None:
+                p.grad.zero_()
+        loss = float(captured(batch, 1.0))
+        if batch is fixed:
+            errors = [
+                float((p.grad - g).norm() / g.norm().clamp(min=1e-12))
+                for p, g in zip(params, ref_grads, strict=True)
+            ]
+            out[name] = {"loss_rel_error": abs(loss - ref_loss) / ref_loss, "grad_rel_error_max": max(errors),
+                         "grad_rel_error_median": statistics.median(errors)}  # fmt: skip
+    out["tokens"] = tokens
+    del captured
+    torch._dynamo.reset()
+    return out
+
+
 def curve(shared: Path, examples, steps: int, batch: int) -> dict:
     """flan-t5-base full fine-tuning from the same random weights on the same batches: transformers
-    (eager, attention dropout 0.1) against flantune (packed flex; attention-probability dropout off,
-    the other dropouts on; relative bias frozen). fp32 weights under bf16 autocast, as flantune train."""
+    (eager, attention dropout 0.1) against flantune (packed flex, CUDA-graph step; attention-probability
+    dropout off, the other dropouts on; relative bias frozen). fp32 weights under bf16 autocast, as
+    flantune train."""
     lengths = [len(s) + len(t) for s, t in examples]
     plan = step_indices(len(examples), batch, steps, False, lengths, seed=7)
     start = build(shared, "flan-t5-base", "full", "float32")
@@ -346,9 +435,11 @@ def curve(shared: Path, examples, steps: int, batch: int) -> dict:
         optimizer = optimizer_for(model, 3e-4)
         torch.manual_seed(0)
         losses = []
-        block_fn = torch.compile(fast_t5.t5_block) if side == "flantune" else None
         if side == "flantune":
             fast_t5.freeze_relative_bias(model)
+            shape = fixed_shape(examples, plan)
+            captured = graphed_step(model, torch.compile(fast_t5.t5_block, dynamic=False))
+            optimizer.zero_grad(set_to_none=False)
         started = time.perf_counter()
         for idx in plan:
             if side == "hf":
@@ -363,14 +454,12 @@ def curve(shared: Path, examples, steps: int, batch: int) -> dict:
                 optimizer.zero_grad(set_to_none=True)
                 losses.append(float(loss))
             else:
-                b = packed_batch(examples, idx, "cuda")
-                tokens = (b["labels"] != -100).sum()
-                with torch.autocast("cuda", dtype=torch.bfloat16):
-                    loss = fast_t5.packed_loss_sum(model, b, "flex", block_fn=block_fn) / tokens
-                loss.backward()
+                b = packed_batch(examples, idx, "cuda", shape)
+                tokens = int((b["labels"] != -100).sum())
+                loss = captured(b, 1 / tokens) / tokens
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                 optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                optimizer.zero_grad(set_to_none=False)
                 losses.append(float(loss))
         out[side] = losses
         out[f"{side}_seconds"] = time.perf_counter() - started
@@ -396,7 +485,12 @@ def main() -> None:
     parser.add_argument("--curve", type=int, default=0, help="steps of the loss-curve comparison (0: none)")
     parser.add_argument("--cells", type=int, default=1, help="0: skip the speed cells")
     parser.add_argument(
-        "--static", action="store_true", help="compile with static shapes (one graph per shape)"
+        "--static", action="store_true", help="--no-graph: compile with static shapes (one graph per shape)"
+    )
+    parser.add_argument(
+        "--no-graph",
+        action="store_true",
+        help="flantune without CUDA graphs (compiled blocks launched one by one)",
     )
     args = parser.parse_args()
     from transformers import AutoTokenizer

@@ -5,6 +5,7 @@ per pair is the unpacked loss; gradients agree for every parameter, the relative
 included; the packer never splits a pair; a packed training run follows the unpacked one.
 """
 
+import copy
 import json
 import math
 
@@ -14,9 +15,10 @@ import torch.nn.functional as F
 from transformers import AutoModelForSeq2SeqLM
 from transformers.models.t5.modeling_t5 import T5Attention
 
-from flantune import fast_t5
+from flantune import fast_t5, packing
+from flantune import train as train_module
 from flantune.config import recipe_from_dict
-from flantune.packing import PAD_PAIR, TokenBudgetBatches, assign_rows, pack
+from flantune.packing import PAD_PAIR, ShapeBatches, TokenBudgetBatches, assign_rows, pack, packed_shape
 from flantune.train import TrainingError, train
 
 from .conftest import tiny_config
@@ -162,7 +164,9 @@ def test_fixed_shape_and_unselected_targets_give_the_same_loss_and_gradients(tin
     assert set(grads_a) == set(grads_b)
     for name in grads_a:
         assert rel_error(grads_b[name], grads_a[name]) < 1e-5, name
-    with pytest.raises(ValueError, match="more than the fixed shape"):
+    with pytest.raises(
+        ValueError, match=r"pair 2 \(151 source, 13 target tokens\) does not fit the fixed shape"
+    ):
         pack(sources, targets, pad_id=0, decoder_start_id=0, multiple=16, shape=(1, 64, 64))
 
 
@@ -218,10 +222,10 @@ def tiny_no_dropout(tmp_path_factory, t5_small_path):
 def test_packed_training_follows_unpacked(method, tiny_no_dropout, tmp_path):
     data = write_copy_task(tmp_path, n=48)
     curves = {}
-    for packing in (False, True):
-        out = tmp_path / f"packing-{packing}"
-        train(make_recipe(tiny_no_dropout, data, out, method, max_steps=8, packing=packing))
-        curves[packing] = losses(out)
+    for packed in (False, True):
+        out = tmp_path / f"packing-{packed}"
+        train(make_recipe(tiny_no_dropout, data, out, method, max_steps=8, packing=packed))
+        curves[packed] = losses(out)
     assert len(curves[True]) == 8
     assert curves[True][-1] < curves[True][0]
     for a, b in zip(curves[False], curves[True], strict=True):
@@ -268,3 +272,115 @@ def test_block_mask_from_pairs_matches_create_block_mask(tiny, pairs):
             assert torch.equal(getattr(ours, field), getattr(theirs, field)), (name, field)
         # Computed on the spot from the pattern: the same mask.
         assert torch.equal(fast_t5.build_block_mask(pattern, block=16).to_dense(), theirs.to_dense())
+
+
+def test_shape_batches_fill_one_shape():
+    """Micro-batches for CUDA graphs: every example once per epoch, each micro-batch packs into the
+    one shape (the packer, first fit in the same order, agrees with the sampler), rows well filled."""
+    g = torch.Generator().manual_seed(0)
+    sources = [int(n) for n in torch.randint(20, 300, (500,), generator=g)]
+    targets = [int(n) for n in torch.randint(1, 30, (500,), generator=g)]
+    shape = packed_shape(sources, targets, token_budget=5000)
+    assert shape[1] == 2048 and shape[0] == 2  # 5000 tokens, ~91% of them source: two 2048-token rows
+    assert shape[2] % 128 == 0 and shape[2] >= 1.25 * 2048 * sum(targets) / sum(sources)
+    sampler = ShapeBatches(sources, targets, shape, seed=3)
+    batches = sampler.batches()
+    assert sorted(i for b in batches for i in b) == list(range(500))
+    fills = []
+    for b in batches:
+        batch = pack([[5] * sources[i] for i in b], [[5] * targets[i] for i in b], pad_id=0,
+                     decoder_start_id=0, block=None, shape=shape)  # fmt: skip
+        assert batch["input_ids"].shape == shape[:2] and batch["labels"].shape == (shape[0], shape[2])
+        fills.append(int(batch["attention_mask"].sum()) / (shape[0] * shape[1]))
+    assert sum(fills[:-1]) / len(fills[:-1]) > 0.85, fills  # the last batch takes what is left
+    sampler.set_epoch(1)
+    assert sampler.batches() != batches and len(sampler) == len(sampler.batches())
+    with pytest.raises(ValueError, match=r"training row 1 has 40 source and 300 target tokens"):
+        ShapeBatches([10, 40], [5, 300], shape, seed=0)
+
+
+def test_cuda_graph_config_errors(tiny_no_dropout, tmp_path):
+    data = write_copy_task(tmp_path, n=16)
+    for train_cfg, message in (
+        ({"cuda_graph": True}, "train.cuda_graph: replays the packed step; set train.packing=true"),
+        ({"cuda_graph": True, "packing": True, "gradient_checkpointing": True}, "not with train.gradient_checkpointing"),
+    ):  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            recipe_from_dict(
+                {"model": {"path": str(tiny_no_dropout)}, "data": {"task": "sciq"}, "train": train_cfg}
+            )
+    if not torch.cuda.is_available():
+        with pytest.raises(
+            TrainingError, match="train.cuda_graph: replays the packed FlexAttention step on a GPU"
+        ):
+            train(
+                make_recipe(tiny_no_dropout, data, tmp_path / "g", max_steps=1, packing=True, cuda_graph=True)
+            )
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+
+
+@needs_cuda
+def test_captured_step_equals_the_plain_step(tiny, pairs):
+    """The replayed graph gives the plain packed step's loss and gradients (float32, flex), on its
+    first replay, after another batch, and again; a replaced .grad and another shape are errors."""
+    from flantune.graphs import CapturedStep
+
+    model = copy.deepcopy(tiny).cuda().train()  # dropout 0: the same numbers every replay
+    fast_t5.freeze_relative_bias(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    sources, targets = pairs
+    shape = (2, 256, 64)
+    batch_a = packing.to_device(pack(sources, targets, pad_id=0, decoder_start_id=0, shape=shape), "cuda")
+    batch_b = packing.to_device(pack(sources[::-1], targets[::-1], pad_id=0, decoder_start_id=0, shape=shape),
+                                "cuda")  # fmt: skip
+    loss = fast_t5.packed_loss_sum(model, packing.to_device(pack(sources, targets, pad_id=0, decoder_start_id=0),
+                                                            "cuda"), "flex")  # fmt: skip
+    (loss * 0.5).backward()
+    reference = (float(loss), [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in params])
+    del loss  # its graph holds gradient accumulators made on the default stream: none may live at capture
+    model.zero_grad(set_to_none=True)
+    block_fn = torch.compile(fast_t5.t5_block, dynamic=False)  # as train.cuda_graph runs it
+    step = CapturedStep(
+        lambda b: fast_t5.packed_loss_sum(model, b, "flex", block_fn=block_fn, select_targets=False),
+        params, dtype=None,
+    )  # fmt: skip
+    for batch in (batch_a, batch_b, batch_a):
+        for p in params:
+            if p.grad is not None:
+                p.grad.zero_()
+        loss = float(step(batch, 0.5))
+        if batch is batch_a:
+            assert abs(loss - reference[0]) < 1e-4 * reference[0]
+            for p, g in zip(params, reference[1], strict=True):  # some get none (zero): compare norms
+                assert float((p.grad - g).norm()) <= 1e-4 * float(g.norm()) + 1e-12
+    with pytest.raises(ValueError, match="replays one shape"):
+        step(
+            packing.to_device(
+                pack(sources, targets, pad_id=0, decoder_start_id=0, shape=(1, 256, 64)), "cuda"
+            ),
+            1.0,
+        )
+    model.zero_grad(set_to_none=True)
+    with pytest.raises(RuntimeError, match=r"zero_grad\(set_to_none=False\)"):
+        step(batch_a, 1.0)
+
+
+@needs_cuda
+def test_cuda_graph_training_follows_the_plain_packed_run(tiny_no_dropout, tmp_path, monkeypatch):
+    """flantune train with train.cuda_graph against the same fixed-shape batches without it."""
+    data = write_copy_task(tmp_path, n=96)
+    loader = packing.packed_loader
+    monkeypatch.setattr(
+        train_module, "packed_loader", lambda *a, **k: loader(*a, **{**k, "fixed_shape": True})
+    )
+    curves = {}
+    for graph in (False, True):
+        out = tmp_path / f"graph-{graph}"
+        train(make_recipe(tiny_no_dropout, data, out, max_steps=8, packing=True, cuda_graph=graph,
+                          precision="fp32", token_budget=400, grad_accum=2))  # fmt: skip
+        curves[graph] = losses(out)
+    assert curves[True][-1] < curves[True][0]
+    for a, b in zip(curves[False], curves[True], strict=True):
+        assert math.isclose(a, b, rel_tol=1e-3), curves

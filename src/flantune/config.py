@@ -249,9 +249,20 @@ class TrainConfig:
     """auto: flex for packed T5 on CUDA, else eager (packed) or the model's default; flex needs packing."""
     compile: bool = False
     """torch.compile the packed model forward (CUDA; the first steps pay the compilation)."""
+    cuda_graph: bool = False
+    """Packed flex path on one GPU: replay each micro-batch's forward and backward as one CUDA graph;
+    every micro-batch then fills one fixed shape sized from token_budget (or batch_size examples);
+    the blocks are compiled as with compile=true."""
 
     def check(self, path: str) -> list[str]:
         problems = []
+        if self.cuda_graph and not self.packing:
+            problems.append(f"{path}.cuda_graph: replays the packed step; set {path}.packing=true")
+        if self.cuda_graph and self.gradient_checkpointing:
+            problems.append(
+                f"{path}.cuda_graph: not with {path}.gradient_checkpointing (its recomputation saves and "
+                "restores the random state, which capture does not allow); set one of them false"
+            )
         if self.token_budget is not None and not self.packing:
             problems.append(f"{path}.token_budget: only used with {path}.packing=true")
         if self.token_budget is not None and self.token_budget < 1:

@@ -13,6 +13,8 @@ token is the unpacked one.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch.utils.data import Sampler
 
@@ -51,6 +53,26 @@ def assign_rows(source_lengths: list[int], row_tokens: int) -> list[list[int]]:
     return rows
 
 
+class RowFiller:
+    """First fit, in arrival order, of pairs into a fixed grid: `rows` rows of `enc_len` source and
+    `dec_len` target tokens each. The same order gives the same rows, so the sampler that decides
+    which examples make a micro-batch (`ShapeBatches`) and the packer agree on what fits."""
+
+    def __init__(self, rows: int, enc_len: int, dec_len: int):
+        self.enc_len, self.dec_len = enc_len, dec_len
+        self.rows: list[list[int]] = [[] for _ in range(rows)]
+        self.fill = [[0, 0] for _ in range(rows)]  # per row: source tokens, target tokens
+
+    def add(self, index: int, source_len: int, target_len: int) -> bool:
+        for row, fill in zip(self.rows, self.fill, strict=True):
+            if fill[0] + source_len <= self.enc_len and fill[1] + target_len <= self.dec_len:
+                row.append(index)
+                fill[0] += source_len
+                fill[1] += target_len
+                return True
+        return False
+
+
 def pack(
     sources: list[list[int]],
     targets: list[list[int]],
@@ -70,21 +92,24 @@ def pack(
     dec_blocks / cross_blocks hold the FlexAttention block-mask indices of the three attentions
     (`fast_t5.block_mask_tensors`, with `block`; none with block=None: the eager path needs
     none), computed here on the CPU so that the training step does not spend GPU launches on them.
-    shape: (rows, encoder length, decoder length) to pad to, the same for every batch (rows of
-    padding alone are added): fixed shapes for CUDA-graph capture. A batch that needs more is an
-    error.
+    shape: (rows, encoder length, decoder length): pairs go into that grid first fit in the given
+    order (`RowFiller`, as `ShapeBatches` chose them) and every batch has that one shape, rows of
+    padding alone included: what CUDA-graph capture needs. A pair that does not fit is an error.
     """
-    rows = assign_rows([len(s) for s in sources], row_tokens)
-    enc_len = round_up(max(sum(len(sources[i]) for i in row) for row in rows), multiple)
-    dec_len = round_up(max(sum(len(targets[i]) for i in row) for row in rows), multiple)
-    if shape is not None:
-        if len(rows) > shape[0] or enc_len > shape[1] or dec_len > shape[2]:
-            raise ValueError(
-                f"the batch packs into {len(rows)} rows of {enc_len} source and {dec_len} target tokens, "
-                f"more than the fixed shape {shape}: raise it, or lower the token budget"
-            )
-        rows = rows + [[] for _ in range(shape[0] - len(rows))]
-        enc_len, dec_len = shape[1], shape[2]
+    if shape is None:
+        rows = assign_rows([len(s) for s in sources], row_tokens)
+        enc_len = round_up(max(sum(len(sources[i]) for i in row) for row in rows), multiple)
+        dec_len = round_up(max(sum(len(targets[i]) for i in row) for row in rows), multiple)
+    else:
+        filler = RowFiller(*shape)
+        for i, (src, tgt) in enumerate(zip(sources, targets, strict=True)):
+            if not filler.add(i, len(src), len(tgt)):
+                raise ValueError(
+                    f"pair {i} ({len(src)} source, {len(tgt)} target tokens) does not fit the fixed shape "
+                    f"{shape} (rows, source length, target length) after the {i} pairs before it: "
+                    "fewer pairs per micro-batch (ShapeBatches picks them), or a larger shape"
+                )
+        rows, (enc_len, dec_len) = filler.rows, shape[1:]
     columns: dict[str, list[list[int]]] = {name: [] for name in COLUMNS}
     for row in rows:
         # Plain lists per row and one tensor per column at the end (writing tensors pair by pair
@@ -137,10 +162,12 @@ class PackedCollator:
     """DataLoader collate_fn: tokenized rows ({input_ids, labels, ...}) -> a packed micro-batch."""
 
     def __init__(
-        self, pad_id: int, decoder_start_id: int, row_tokens: int = ROW_TOKENS, block_masks: bool = True
-    ):
+        self, pad_id: int, decoder_start_id: int, row_tokens: int = ROW_TOKENS, block_masks: bool = True,
+        shape: tuple[int, int, int] | None = None,
+    ):  # fmt: skip
         self.pad_id, self.decoder_start_id, self.row_tokens = pad_id, decoder_start_id, row_tokens
         self.block = BLOCK if block_masks else None
+        self.shape = shape
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         return pack(
@@ -150,6 +177,7 @@ class PackedCollator:
             decoder_start_id=self.decoder_start_id,
             row_tokens=self.row_tokens,
             block=self.block,
+            shape=self.shape,
         )
 
 
@@ -191,6 +219,56 @@ class TokenBudgetBatches(Sampler):
 
     def __len__(self) -> int:
         return len(self.batches())
+
+
+class ShapeBatches(TokenBudgetBatches):
+    """Micro-batches that fill one fixed packed shape (rows, source length, target length).
+
+    Examples come in the epoch's permutation (as TokenBudgetBatches'); each goes into the first
+    row with room for both its source and its target (`RowFiller`), and the micro-batch closes at
+    the first example that fits nowhere. The packer, given the same examples in the same order,
+    makes the same rows. For CUDA-graph training, where every micro-batch must have one shape.
+    """
+
+    def __init__(self, source_lengths: list[int], target_lengths: list[int], shape: tuple[int, int, int],
+                 seed: int):  # fmt: skip
+        super().__init__([s + t for s, t in zip(source_lengths, target_lengths, strict=True)], 0, seed)
+        self.sources, self.targets, self.shape = source_lengths, target_lengths, shape
+        for i, (s, t) in enumerate(zip(source_lengths, target_lengths, strict=True)):
+            if s > shape[1] or t > shape[2]:
+                raise ValueError(
+                    f"training row {i} has {s} source and {t} target tokens, more than one packed row "
+                    f"holds ({shape[1]} and {shape[2]}): lower data.max_source_tokens / max_target_tokens"
+                )
+
+    def _make(self) -> list[list[int]]:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        out, filler, current = [], RowFiller(*self.shape), []
+        for i in torch.randperm(len(self.lengths), generator=g).tolist():
+            if not filler.add(len(current), self.sources[i], self.targets[i]):
+                out.append(current)
+                filler, current = RowFiller(*self.shape), []
+                filler.add(0, self.sources[i], self.targets[i])
+            current.append(i)
+        if current:
+            out.append(current)
+        return out
+
+
+def packed_shape(source_lengths: list[int], target_lengths: list[int], token_budget: int,
+                 multiple: int = 128) -> tuple[int, int, int]:  # fmt: skip
+    """One packed shape for a data set: (rows, source length, target length) holding about
+    `token_budget` source + target tokens per micro-batch.
+
+    Rows are ROW_TOKENS source tokens long (longer where a source is); the target length follows
+    the data's target-to-source ratio with 25% room, so that rows close on the source side
+    rather than leaving source room unused; every row holds the longest source and target alone.
+    """
+    sources, targets = sum(source_lengths), sum(target_lengths)
+    enc_len = round_up(max(ROW_TOKENS, max(source_lengths)), multiple)
+    rows = max(1, round(token_budget * sources / (sources + targets) / enc_len))
+    dec_len = round_up(max(max(target_lengths), math.ceil(1.25 * enc_len * targets / sources)), multiple)
+    return rows, enc_len, dec_len
 
 
 # ----------------------------------------------------------------------------------------------
@@ -235,31 +313,42 @@ def resolve_attention(attention: str, cuda: bool) -> str:
 
 
 def packed_loader(dataset, *, batch_size: int, token_budget: int | None, seed: int, pad_id: int,
-                  decoder_start_id: int, block_masks: bool = True):  # fmt: skip
-    """(DataLoader of packed micro-batches, its sampler with set_epoch).
+                  decoder_start_id: int, block_masks: bool = True, fixed_shape: bool = False):  # fmt: skip
+    """(DataLoader of packed micro-batches, its sampler with set_epoch, the fixed shape or None).
 
     Without a token budget a micro-batch holds batch_size examples in the unpacked order (the same
     examples as the unpacked run, so the two compare step for step). block_masks: make the
     FlexAttention block masks while packing (the flex path; the eager path needs none).
+    fixed_shape: every micro-batch fills one shape (`packed_shape` of the token budget, which
+    defaults to batch_size examples of the data's mean length; `ShapeBatches`), for CUDA graphs.
     """
     from torch.utils.data import DataLoader
 
     from flantune.train import EpochSampler
 
-    collator = PackedCollator(pad_id, decoder_start_id, block_masks=block_masks)
+    sources = [len(s) for s in dataset["input_ids"]]
+    targets = [sum(1 for t in labels if t != -100) for labels in dataset["labels"]]
+    shape = None
+    if fixed_shape:
+        budget = token_budget or round(batch_size * (sum(sources) + sum(targets)) / max(len(sources), 1))
+        shape = packed_shape(sources, targets, budget)
+    collator = PackedCollator(pad_id, decoder_start_id, block_masks=block_masks, shape=shape)
     generator = torch.Generator().manual_seed(seed)
     # Packing and the block masks take a few ms of CPU per micro-batch: on CUDA, two worker processes
     # build the next batches while the GPU runs this one (on the CPU they would compete for cores).
     workers = 2 if torch.cuda.is_available() else 0
     extra = {"num_workers": workers, "persistent_workers": workers > 0}
-    if token_budget is None:
+    if shape is None and token_budget is None:
         sampler = EpochSampler(len(dataset), seed)
         loader = DataLoader(
             dataset, batch_size=batch_size, sampler=sampler, collate_fn=collator, generator=generator, **extra
         )
-        return loader, sampler
-    lengths = [len(s) + len(t) for s, t in zip(dataset["input_ids"], dataset["labels"], strict=True)]
-    sampler = TokenBudgetBatches(lengths, token_budget, seed)
-    return DataLoader(
-        dataset, batch_sampler=sampler, collate_fn=collator, generator=generator, **extra
-    ), sampler
+        return loader, sampler, None
+    if shape is None:
+        sampler = TokenBudgetBatches(
+            [s + t for s, t in zip(sources, targets, strict=True)], token_budget, seed
+        )
+    else:
+        sampler = ShapeBatches(sources, targets, shape, seed)
+    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collator, generator=generator, **extra)
+    return loader, sampler, shape

@@ -99,6 +99,22 @@ def packing_setup(cfg, model_type: str, method_kind: str, base, model, accelerat
         attention = resolve_attention(cfg.attention, torch.cuda.is_available())
     except ValueError as e:
         raise TrainingError(str(e)) from None
+    if cfg.cuda_graph:
+        if attention != "flex":
+            raise TrainingError(
+                "train.cuda_graph: replays the packed FlexAttention step on a GPU; this run takes the "
+                f"{attention} path (no CUDA device, or train.attention={cfg.attention}): set it false"
+            )
+        if accelerator.num_processes > 1:
+            raise TrainingError(
+                "train.cuda_graph: one process only (DDP's gradient all-reduce runs in hooks that a "
+                "captured graph does not replay); set it false for multi-GPU runs"
+            )
+        if method_kind == "qlora":
+            raise TrainingError(
+                "train.cuda_graph: not with method.kind=qlora (bitsandbytes' quantized layers are not "
+                "verified under CUDA-graph capture); set it false"
+            )
     if attention == "flex":
         fast_t5.freeze_relative_bias(model)
     return attention
@@ -132,6 +148,15 @@ class PackedLoss(torch.nn.Module):
 
         return fast_t5.packed_loss_sum(
             self.model, {**batch, "labels": labels}, self.attention, block_fn=self.block_fn
+        )
+
+    def fixed_shape_loss(self, batch: dict) -> torch.Tensor:
+        """The summed loss of a fixed-shape micro-batch (labels included) without a host sync:
+        what `flantune.graphs.CapturedStep` records."""
+        from flantune import fast_t5
+
+        return fast_t5.packed_loss_sum(
+            self.model, batch, self.attention, block_fn=self.block_fn, select_targets=False
         )
 
 
@@ -319,11 +344,14 @@ def train(recipe: Recipe, console=None) -> TrainResult:
     collator = make_collator(tokenizer, model=base)
     attention = packing_setup(cfg, model_type, recipe.method.kind, base, model, accelerator)
     if cfg.packing:
-        loader, sampler = packed_loader(
+        loader, sampler, shape = packed_loader(
             train_set, batch_size=cfg.batch_size, token_budget=cfg.token_budget, seed=cfg.seed,
             pad_id=tokenizer.pad_token_id, decoder_start_id=base.config.decoder_start_token_id,
-            block_masks=attention == "flex",
+            block_masks=attention == "flex", fixed_shape=cfg.cuda_graph,
         )  # fmt: skip
+        if shape and main:
+            console.print(f"packed micro-batches of one shape: {shape[0]} rows of {shape[1]} source and "
+                          f"{shape[2]} target tokens", highlight=False)  # fmt: skip
     else:
         sampler = EpochSampler(len(train_set), cfg.seed)
         # Its own generator: starting an epoch's iterator must not draw from the global RNG, or a
@@ -335,11 +363,21 @@ def train(recipe: Recipe, console=None) -> TrainResult:
     if cfg.packing:
         # `stepped` is what the loop calls (DDP-wrapped when several processes run); `model` stays
         # the plain model for evaluation and checkpoints.
-        stepped, loader = accelerator.prepare(PackedLoss(model, attention, cfg.compile), loader)
+        # CUDA graphs record compiled blocks (FlexAttention outside torch.compile is a slow reference path).
+        packed = PackedLoss(model, attention, cfg.compile or cfg.cuda_graph)
+        stepped, loader = accelerator.prepare(packed, loader)
     else:
         model, loader = accelerator.prepare(model, loader)
         stepped = model
     optimizer = accelerator.prepare(build_optimizer(model, cfg.lr, cfg.weight_decay))
+    graphed = None
+    if cfg.cuda_graph:
+        from flantune.graphs import CapturedStep
+
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision)
+        graphed = CapturedStep(
+            packed.fixed_shape_loss, [p for p in model.parameters() if p.requires_grad], dtype
+        )
     steps_per_epoch = max(1, math.ceil(len(loader) / cfg.grad_accum))
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
     warmup = cfg.warmup_steps or int(cfg.warmup_ratio * total_steps)
@@ -421,13 +459,17 @@ def train(recipe: Recipe, console=None) -> TrainResult:
                 labels = batch.pop("labels")
                 sync = i == len(batches) - 1
                 with nullcontext() if sync else accelerator.no_sync(stepped):
-                    if cfg.packing:
+                    if graphed is not None:
+                        # Forward and backward replayed at once, scaled as accelerator.backward below.
+                        batch_loss = graphed({**batch, "labels": labels}, 1 / max(step_tokens, 1))
+                    elif cfg.packing:
                         batch_loss = stepped(batch, labels)
                     else:
                         logits = model(**batch).logits  # (B, T, V)
                         batch_loss = token_loss_sum(logits, labels)
-                    # DDP averages gradients over processes; scale so the result is the token mean.
-                    accelerator.backward(batch_loss * accelerator.num_processes / max(step_tokens, 1))
+                    if graphed is None:
+                        # DDP averages gradients over processes; scale so the result is the token mean.
+                        accelerator.backward(batch_loss * accelerator.num_processes / max(step_tokens, 1))
                 loss_sum += batch_loss.detach()
                 window_real += int(batch["attention_mask"].sum()) + int((labels != -100).sum())
             step_loss = float(accelerator.reduce(loss_sum, "sum")) / max(step_tokens, 1)  # note: a sync point
@@ -435,7 +477,7 @@ def train(recipe: Recipe, console=None) -> TrainResult:
             finite = math.isfinite(step_loss) and (grad_norm is None or math.isfinite(float(grad_norm)))
             state.step += 1
             if not finite:
-                optimizer.zero_grad(set_to_none=True)
+                optimizer.zero_grad(set_to_none=graphed is None)
                 if cfg.on_nan == "stop":
                     last = ckpt.list_checkpoints(checkpoints)
                     where = (
@@ -454,7 +496,7 @@ def train(recipe: Recipe, console=None) -> TrainResult:
                 continue
             optimizer.step()
             scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad(set_to_none=graphed is None)
             state.tokens_seen += step_tokens
             window_loss += step_loss * step_tokens
             window_tokens += step_tokens

@@ -1,0 +1,126 @@
+"""A packed micro-batch's forward and backward captured once as a CUDA graph, then replayed.
+
+Why: at 32 SciQ examples a step, flan-t5-large runs about 60 ms of GPU kernels per step, and
+launching them one by one from Python (48 blocks, their LoRA layers, autograd) costs about 100 ms
+more: the GPU waits for the CPU. A CUDA graph launches the whole recorded forward and backward at
+once (docs/benchmarks.md, "Training speed"). torch.compile's own CUDA graphs
+(mode="reduce-overhead") need the whole model in one compiled graph, which takes minutes to compile
+for T5-large; here only one T5 block is compiled (the shape every block shares) and the graph is
+recorded around the eager loop over blocks.
+
+What capture needs, and how it is met:
+- fixed shapes: every micro-batch is packed to one (rows, encoder length, decoder length)
+  (`flantune.packing.pack(shape=...)`, `ShapeBatches`);
+- no host synchronization: the loss projects every decoder position and masks padding
+  (`fast_t5.packed_loss_sum(select_targets=False)`);
+- the same memory on every replay: inputs are copied into static tensors; gradients accumulate
+  into `.grad` tensors that exist before capture and must never be replaced, so the optimizer's
+  `zero_grad(set_to_none=False)` is what clears them between steps;
+- autocast without its weight-cast cache, whose copies would outlive the capture.
+Dropout stays on: PyTorch's CUDA generator gives every replay fresh random numbers.
+
+Capture fails (cudaErrorStreamCaptureImplicit) while an autograd graph through the same
+parameters, built on the default stream, is still alive: its gradient accumulators carry that
+stream into the captured backward (seen on an H200 with torch 2.11). Drop such outputs first; the
+training loop captures at its first step, before any exists.
+
+One process only: DDP's gradient all-reduce runs in hooks that capture does not record.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+
+def _static_copy(value):
+    return tuple(t.clone() for t in value) if isinstance(value, tuple) else value.clone()
+
+
+def _copy_into(static, value) -> None:
+    if isinstance(static, tuple):
+        for target, source in zip(static, value, strict=True):
+            target.copy_(source, non_blocking=True)
+    else:
+        static.copy_(value, non_blocking=True)
+
+
+class CapturedStep:
+    """`step(batch, scale)`: backward of `loss_fn(batch) * scale` (gradients accumulate into
+    `.grad`), returns the loss, each call replaying one CUDA graph recorded at the first call.
+
+    loss_fn(batch) -> scalar tensor: the summed loss of a packed micro-batch (dict of tensors and
+    tuples of tensors, all on the GPU). params: the trainable parameters. dtype: the autocast dtype
+    (None: no autocast). A batch of another shape than the first is an error: pack to one shape.
+    """
+
+    def __init__(
+        self, loss_fn: Callable[[dict], Tensor], params: list[torch.nn.Parameter],
+        dtype: torch.dtype | None = torch.bfloat16, warmup: int = 2,
+    ):  # fmt: skip
+        self.loss_fn, self.params, self.dtype, self.warmup = loss_fn, params, dtype, warmup
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.static: dict = {}
+        self.scale: Tensor | None = None
+        self.loss: Tensor | None = None
+
+    def _shapes(self, batch: dict) -> dict:
+        return {k: tuple(t.shape for t in v) if isinstance(v, tuple) else v.shape for k, v in batch.items()}
+
+    def _run(self) -> Tensor:
+        context = (
+            torch.autocast("cuda", dtype=self.dtype, cache_enabled=False)
+            if self.dtype is not None
+            else torch.autocast("cuda", enabled=False)
+        )
+        with context:
+            loss = self.loss_fn(self.static)
+        (loss * self.scale).backward()
+        return loss.detach()
+
+    def _capture(self, batch: dict, scale: float) -> None:
+        self.static = {k: _static_copy(v) for k, v in batch.items()}
+        self.scale = torch.tensor(scale, device=self.params[0].device, dtype=torch.float32)
+        # Gradients must exist before capture (the graph adds into them in place) and must hold,
+        # after warm-up, what they held before it: the warm-up passes are not training steps.
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        kept = [p.grad.clone() for p in self.params]
+        # Warm-up on a side stream, as capture requires: compiled blocks finish compiling here,
+        # and lazily created CUDA state (cuBLAS workspaces, autograd streams) exists before capture.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(self.warmup):
+                self._run()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.loss = self._run()
+        with torch.no_grad():
+            for p, g in zip(self.params, kept, strict=True):
+                p.grad.copy_(g)
+        self.shapes = self._shapes(batch)
+        self.grad_ptrs = [p.grad.data_ptr() for p in self.params]
+
+    def __call__(self, batch: dict, scale: float) -> Tensor:
+        if self.graph is None:
+            self._capture(batch, scale)
+        elif self._shapes(batch) != self.shapes:
+            raise ValueError(
+                f"a captured step replays one shape; this micro-batch has {self._shapes(batch)}, "
+                f"the captured one {self.shapes}: pack every micro-batch to one shape"
+            )
+        for key, value in batch.items():
+            _copy_into(self.static[key], value)
+        self.scale.fill_(scale)
+        if [None if p.grad is None else p.grad.data_ptr() for p in self.params] != self.grad_ptrs:
+            raise RuntimeError(
+                "a parameter's .grad was replaced after capture (the graph adds into the old one): "
+                "clear gradients with zero_grad(set_to_none=False) between replays"
+            )
+        self.graph.replay()
+        return self.loss.clone()
