@@ -206,9 +206,10 @@ def test_final_folders_load_with_plain_libraries_and_match(tiny_t5, tmp_path):
         )
 
 
-def test_resume_equals_uninterrupted_run(tiny_t5, tmp_path, monkeypatch):
+@pytest.mark.parametrize("group_by_length", [False, True], ids=["random", "grouped"])
+def test_resume_equals_uninterrupted_run(tiny_t5, tmp_path, monkeypatch, group_by_length):
     data = write_copy_task(tmp_path)
-    kw = dict(max_steps=8, save_every=4, schedule="linear", warmup_steps=2)
+    kw = dict(max_steps=8, save_every=4, schedule="linear", warmup_steps=2, group_by_length=group_by_length)
     method = {
         "kind": "lora",
         "r": 4,
@@ -565,3 +566,26 @@ def test_tensorboard_mirror(tiny_t5, tmp_path):
     train(make_recipe(tiny_t5, data, tmp_path / "run", max_steps=3, tensorboard=True))
     events = list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 0
+
+
+def test_length_grouped_batches():
+    """Every example once per epoch; batches of similar lengths (each megabatch sorted); the batch
+    with the longest example first; the same batches for the same epoch, others for the next."""
+    from flantune.train import LengthGroupedBatches
+
+    g = torch.Generator().manual_seed(0)
+    lengths = [int(n) for n in torch.randint(1, 500, (1030,), generator=g)]
+    sampler = LengthGroupedBatches(lengths, batch_size=8, seed=1)
+    batches = sampler.batches()
+    assert len(batches) == len(sampler) == 129
+    assert sorted(i for b in batches for i in b) == list(range(1030))
+    assert max(lengths[i] for i in batches[0]) == max(lengths)
+    # Within a batch the lengths are close: far less spread than random batches of 8.
+    spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches) / len(batches)
+    assert spread < 30, spread  # random batches of 8 over 1..500: ~390
+    assert sampler.batches() == batches
+    sampler.set_epoch(1)
+    assert sampler.batches() != batches
+    with pytest.raises(ValueError, match="train.group_by_length: packed runs have no padding to save"):
+        recipe_from_dict({"model": {"path": "x"}, "data": {"task": "sciq"},
+                          "train": {"group_by_length": True, "packing": True}})  # fmt: skip

@@ -243,6 +243,8 @@ class TrainConfig:
     """Also log to TensorBoard under output_dir/tensorboard."""
     packing: bool = False
     """T5 family: pack several (source, target) pairs per row, padding-free, attention kept per pair."""
+    group_by_length: bool = False
+    """Unpacked runs: batches of examples of similar length (less padding), in random order."""
     token_budget: int | None = None
     """With packing: source + target tokens per micro-batch (null: batch_size examples per micro-batch)."""
     attention: Literal["auto", "eager", "sdpa", "flex"] = "auto"
@@ -256,6 +258,10 @@ class TrainConfig:
 
     def check(self, path: str) -> list[str]:
         problems = []
+        if self.group_by_length and self.packing:
+            problems.append(
+                f"{path}.group_by_length: packed runs have no padding to save; set one of them false"
+            )
         if self.cuda_graph and not self.packing:
             problems.append(f"{path}.cuda_graph: replays the packed step; set {path}.packing=true")
         if self.cuda_graph and self.gradient_checkpointing:

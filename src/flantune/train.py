@@ -69,6 +69,41 @@ class EpochSampler(Sampler):
         return self.n
 
 
+class LengthGroupedBatches(Sampler):
+    """Batches of similar lengths for unpacked runs (`train.group_by_length`), as transformers'
+    `group_by_length`: the epoch's permutation (from seed and epoch alone, so a resumed run sees the
+    same batches) is cut into megabatches of 50 batches, each sorted by length and cut into
+    batches; the batches then come in random order, the one holding the longest example first (a
+    run that does not fit in memory fails at its first step, not hours in)."""
+
+    MEGA = 50
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int):
+        self.lengths, self.batch_size, self.seed, self.epoch = lengths, batch_size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def batches(self) -> list[list[int]]:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        order = torch.randperm(len(self.lengths), generator=g).tolist()
+        mega = self.batch_size * self.MEGA
+        out = []
+        for start in range(0, len(order), mega):
+            group = sorted(order[start : start + mega], key=lambda i: -self.lengths[i])
+            out += [group[s : s + self.batch_size] for s in range(0, len(group), self.batch_size)]
+        out = [out[i] for i in torch.randperm(len(out), generator=g).tolist()]
+        longest = max(range(len(out)), key=lambda b: max(self.lengths[i] for i in out[b]))
+        out.insert(0, out.pop(longest))
+        return out
+
+    def __iter__(self):
+        return iter(self.batches())
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.lengths) / self.batch_size) if self.lengths else 0
+
+
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Sum of the cross-entropy over target tokens (labels -100 are padding)."""
     # logits (B, T, V), labels (B, T); float32 for the softmax even under bf16 autocast.
@@ -352,6 +387,11 @@ def train(recipe: Recipe, console=None) -> TrainResult:
         if shape and main:
             console.print(f"packed micro-batches of one shape: {shape[0]} rows of {shape[1]} source and "
                           f"{shape[2]} target tokens", highlight=False)  # fmt: skip
+    elif cfg.group_by_length:
+        lengths = [len(s) + len(t) for s, t in zip(train_set["input_ids"], train_set["labels"], strict=True)]
+        sampler = LengthGroupedBatches(lengths, cfg.batch_size, cfg.seed)
+        loader = DataLoader(train_set, batch_sampler=sampler, collate_fn=collator,
+                            generator=torch.Generator().manual_seed(cfg.seed))  # fmt: skip
     else:
         sampler = EpochSampler(len(train_set), cfg.seed)
         # Its own generator: starting an epoch's iterator must not draw from the global RNG, or a
