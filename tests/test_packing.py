@@ -252,24 +252,32 @@ def test_token_budget_run_and_config_errors(tiny_no_dropout, bart_path, tmp_path
 
 def test_block_mask_from_pairs_matches_create_block_mask(tiny, pairs):
     """Our BlockMask (from pair-id ranges, made by the packer on the CPU) visits exactly the blocks
-    create_block_mask finds, marks the same ones full, and has the same q-side (backward) indices."""
+    where create_block_mask finds a real token allowed to see a real token, marks the same ones
+    full, and has the same q-side (backward) indices; blocks of padding alone are skipped (a row of
+    padding alone visits nothing), and partial blocks keep the exact per-score rule."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     sources, targets = pairs
     sources = [*sources, [5] * 300, [6] * 7]  # a pair spanning several blocks
     targets = [*targets, [7] * 140 + [1], [1]]
-    batch = pack(sources, targets, pad_id=0, decoder_start_id=0, row_tokens=256, multiple=128, block=16)
+    batch = pack(sources, targets, pad_id=0, decoder_start_id=0, block=16, shape=(3, 512, 256))
     for name, pattern in zip(
         ("enc", "dec", "cross"), fast_t5.patterns(tiny, batch, "eager", False), strict=True
     ):
         ours = fast_t5.build_block_mask(pattern, block=16, tensors=batch[f"{name}_blocks"])
+        rule = fast_t5.mask_mod_of(pattern)
+
+        def real_to_real(b, h, q, k, rule=rule, pattern=pattern):
+            return rule(b, h, q, k) & (pattern.q_pair[b, q] != PAD_PAIR) & (pattern.k_pair[b, k] != PAD_PAIR)
+
         theirs = create_block_mask(
-            fast_t5.mask_mod_of(pattern), pattern.q_pair.shape[0], None, pattern.q_pair.shape[1],
-            pattern.k_pair.shape[1], device="cpu", BLOCK_SIZE=16,
+            real_to_real, pattern.q_pair.shape[0], None, pattern.q_pair.shape[1], pattern.k_pair.shape[1],
+            device="cpu", BLOCK_SIZE=16,
         )  # fmt: skip
-        assert torch.equal(ours.to_dense(), theirs.to_dense())
+        assert torch.equal(ours.to_dense(), theirs.to_dense()), name
         for field in ("kv_num_blocks", "full_kv_num_blocks", "q_num_blocks", "full_q_num_blocks"):
             assert torch.equal(getattr(ours, field), getattr(theirs, field)), (name, field)
+        assert ours.mask_mod is not real_to_real and ours.kv_num_blocks[2].sum() == 0  # row 2: padding
         # Computed on the spot from the pattern: the same mask.
         assert torch.equal(fast_t5.build_block_mask(pattern, block=16).to_dense(), theirs.to_dense())
 

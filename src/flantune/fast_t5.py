@@ -41,8 +41,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 PAD_PAIR = -1
-"""Pair id of padding tokens. Padding attends only padding (never a real token), so no row of
-scores is ever fully masked and real tokens never see padding."""
+"""Pair id of padding tokens. Padding attends only padding (never a real token) and real tokens
+never see padding; in the eager path no row of scores is ever fully masked. (The flex path skips
+blocks of padding alone: `block_mask_tensors`.)"""
 
 
 def relative_bucket(relative: Tensor, bidirectional: bool, num_buckets: int, max_distance: int) -> Tensor:
@@ -145,14 +146,16 @@ def block_mask_tensors(pattern: Pattern, block: int = BLOCK) -> tuple[Tensor, ..
     Pairs sit in a row one after another with ids 0, 1, 2, ... (padding last), so a block of 128
     tokens holds every id between its smallest and largest: two blocks share a pair exactly when
     their id ranges overlap, and a block pair is full when both hold one and the same pair (and,
-    for the causal decoder, the key block lies before the query block). `create_block_mask` gives
+    for the causal decoder, the key block lies before the query block). Blocks of padding alone
+    are left out. `create_block_mask` gives
     the same blocks by evaluating mask_mod on all Lq x Lk scores. flantune.packing calls this on the
     CPU while it packs (in the data loader), so a training step only copies the small results.
     """
     from torch.nn.attention.flex_attention import BlockMask
 
+    big = torch.iinfo(torch.int32).max
+
     def ranges(pair: Tensor) -> tuple[Tensor, Tensor]:
-        big = torch.iinfo(torch.int32).max
         ids = torch.where(pair == PAD_PAIR, big, pair)  # (B, L) nondecreasing: padding sorts last
         tail = -ids.shape[1] % block
         ids = F.pad(ids, (0, tail), value=big).view(ids.shape[0], -1, block)  # (B, nblocks, block)
@@ -167,6 +170,12 @@ def block_mask_tensors(pattern: Pattern, block: int = BLOCK) -> tuple[Tensor, ..
         k_block = torch.arange(k_lo.shape[1], device=k_lo.device)[None, :]
         overlap = overlap & (k_block <= q_block)
         full = full & (k_block < q_block)
+    # Blocks of padding alone are skipped on both sides: a fixed-shape batch can hold whole rows of
+    # padding, whose padding-to-padding scores would otherwise cost as much as real attention. Their
+    # query rows come out as zeros (FlexAttention's fully masked rows, also in the backward), which
+    # reach no real token and no loss.
+    real = (q_lo != big)[:, :, None] & (k_lo != big)[:, None, :]
+    overlap, full = overlap & real, full & real
     partial = overlap & ~full
 
     def indices(mask: Tensor) -> tuple[Tensor, Tensor]:
