@@ -118,9 +118,14 @@ def packed_batch(examples, idx, device, shape=None) -> dict:
     return to_device(batch, device)
 
 
-def fixed_shape(examples, plan) -> tuple[int, int, int]:
-    """The one packed shape (rows, source length, target length) that every step of `plan` fits."""
-    batches = [packed_batch(examples, idx, "cpu") for idx in plan]
+def fixed_shape(examples, plan, row_tokens: int = 2048) -> tuple[int, int, int]:
+    """The one packed shape (rows, source length, target length) that every step of `plan` fits,
+    rows of `row_tokens` source tokens (longer where a source is)."""
+    batches = [
+        to_device(pack([examples[i][0] for i in idx], [examples[i][1] for i in idx], pad_id=0,
+                       decoder_start_id=0, row_tokens=row_tokens, block=None), "cpu")
+        for idx in plan
+    ]  # fmt: skip
     enc = max(b["input_ids"].shape[1] for b in batches)
     dec = max(b["labels"].shape[1] for b in batches)
     rows = max(b["input_ids"].shape[0] for b in batches)
@@ -287,7 +292,7 @@ def run_cell(shared, shape, method, name, examples, args, peak) -> dict:
             our_step(model, optimizer, batch, block_fn)
     else:
         block_fn = torch.compile(fast_t5.t5_block, dynamic=False)
-        shape = fixed_shape(examples, random_steps)
+        shape = fixed_shape(examples, random_steps, args.row_tokens)
         row["shape_packed"] = shape
         batches = [packed_batch(examples, idx, "cuda", shape) for idx in random_steps]
         scales = {id(b): 1 / int((b["labels"] != -100).sum()) for b in batches}
@@ -486,6 +491,9 @@ def main() -> None:
     parser.add_argument("--cells", type=int, default=1, help="0: skip the speed cells")
     parser.add_argument(
         "--static", action="store_true", help="--no-graph: compile with static shapes (one graph per shape)"
+    )
+    parser.add_argument(
+        "--row-tokens", type=int, default=2048, help="source tokens per packed row (the fixed shape's)"
     )
     parser.add_argument(
         "--no-graph",
