@@ -392,3 +392,49 @@ def test_cuda_graph_training_follows_the_plain_packed_run(tiny_no_dropout, tmp_p
     assert curves[True][-1] < curves[True][0]
     for a, b in zip(curves[False], curves[True], strict=True):
         assert math.isclose(a, b, rel_tol=1e-3), curves
+
+
+def test_cuda_graph_branch_of_the_train_loop_on_cpu(tiny_no_dropout, tmp_path, monkeypatch):
+    """The train loop's train.cuda_graph branch (fixed-shape micro-batches, the step's own
+    backward with the token-mean scale, gradients accumulated in place and cleared without being
+    replaced), with the capture itself swapped for running the same function (the CPU has no CUDA
+    graphs): the same losses as the plain packed loop on the same micro-batches."""
+    import dataclasses
+
+    from flantune import graphs
+
+    class Uncaptured(graphs.CapturedStep):
+        calls = 0
+
+        def __call__(self, batch, scale):
+            self.static, self.scale = batch, torch.tensor(scale)
+            for p in self.params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            pointers = [p.grad.data_ptr() for p in self.params]
+            assert getattr(self, "pointers", pointers) == pointers, "a .grad was replaced"
+            self.pointers = pointers
+            Uncaptured.calls += 1
+            return self._run()
+
+    real_setup, loader = train_module.packing_setup, packing.packed_loader
+    monkeypatch.setattr(graphs, "CapturedStep", Uncaptured)
+    # The flex-on-CUDA requirement is what the CPU cannot meet: checked with the option off.
+    monkeypatch.setattr(train_module, "packing_setup",
+                        lambda cfg, *a: real_setup(dataclasses.replace(cfg, cuda_graph=False), *a))  # fmt: skip
+    monkeypatch.setattr(
+        train_module, "packed_loader", lambda *a, **k: loader(*a, **{**k, "fixed_shape": True})
+    )
+    data = write_copy_task(tmp_path, n=96)
+    curves = {}
+    for graph in (False, True):
+        out = tmp_path / f"graph-{graph}"
+        train(make_recipe(tiny_no_dropout, data, out, max_steps=6, packing=True, cuda_graph=graph,
+                          token_budget=400, grad_accum=2))  # fmt: skip
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        # The gradient norm too: AdamW would hide a wrongly scaled gradient from the losses.
+        curves[graph] = [(r["loss"], r["grad_norm"]) for r in records if "loss" in r]
+    assert Uncaptured.calls == 12
+    assert curves[True][-1][0] < curves[True][0][0]
+    for a, b in zip(curves[False], curves[True], strict=True):
+        assert math.isclose(a[0], b[0], rel_tol=1e-5) and math.isclose(a[1], b[1], rel_tol=1e-4), curves
