@@ -303,6 +303,7 @@ def test_shape_batches_fill_one_shape():
     assert sum(fills[:-1]) / len(fills[:-1]) > 0.85, fills  # the last batch takes what is left
     sampler.set_epoch(1)
     assert sampler.batches() != batches and len(sampler) == len(sampler.batches())
+    assert packed_shape(sources, targets, token_budget=400)[:2] == (1, 384)  # a budget under one row
     with pytest.raises(ValueError, match=r"training row 1 has 40 source and 300 target tokens"):
         ShapeBatches([10, 40], [5, 300], shape, seed=0)
 
