@@ -320,33 +320,17 @@ def patterns(model, batch: dict, attention: str, freeze_bias: bool) -> tuple[Pat
 
 
 def decoder_hidden(
-    model, batch: dict, attention: str = "eager", freeze_bias: bool = False, block_fn=None, hidden_fn=None
+    model, batch: dict, attention: str = "eager", freeze_bias: bool = False, block_fn=None
 ) -> Tensor:
     """(B, Ld, d_model): the decoder's output of a packed batch, scaled as the model scales it
-    before lm_head. `block_fn`: an optional compiled `t5_block`; `hidden_fn`: an optional compiled
-    `stacks_hidden` (the whole encoder and decoder as one graph)."""
+    before lm_head. `block_fn`: an optional compiled `t5_block`."""
     model = t5_model(model)
     enc, dec, cross = patterns(model, batch, attention, freeze_bias)
-    if hidden_fn is not None:
-        return hidden_fn(model, batch["input_ids"], batch["decoder_input_ids"], enc, dec, cross, attention)
-    return stacks_hidden(
-        model, batch["input_ids"], batch["decoder_input_ids"], enc, dec, cross, attention, block_fn
+    encoded = _stack(
+        model.encoder, model.encoder.embed_tokens(batch["input_ids"]), enc, attention, block_fn=block_fn
     )
-
-
-def stacks_hidden(
-    model, input_ids: Tensor, decoder_input_ids: Tensor, enc: Pattern, dec: Pattern, cross: Pattern,
-    attention: str, block_fn=None,
-) -> Tensor:  # fmt: skip
-    """Encoder and decoder stacks on the ids of a packed batch, its patterns built: (B, Ld, d_model).
-
-    Split from `decoder_hidden` so that it can be compiled whole: the block masks (argsort and
-    friends on the pair ids) stay outside the graph, the 2 x num_layers blocks inside it.
-    """
-    encoded = _stack(model.encoder, model.encoder.embed_tokens(input_ids), enc, attention, block_fn=block_fn)
-    hidden = _stack(
-        model.decoder, model.decoder.embed_tokens(decoder_input_ids), dec, attention, encoded, cross, block_fn
-    )
+    embedded = model.decoder.embed_tokens(batch["decoder_input_ids"])
+    hidden = _stack(model.decoder, embedded, dec, attention, encoded, cross, block_fn)
     # transformers 5.23 names the rescale of a tied head `scale_decoder_outputs`; 5.17 keyed it on
     # tie_word_embeddings. FLAN-T5 (untied) does not rescale under either.
     scale = getattr(model.config, "scale_decoder_outputs", model.config.tie_word_embeddings)
@@ -359,18 +343,18 @@ def packed_logits(model, batch: dict, attention: str = "eager") -> Tensor:
 
 
 def packed_loss_sum(
-    model, batch: dict, attention: str = "eager", freeze_bias: bool = False, block_fn=None, hidden_fn=None,
+    model, batch: dict, attention: str = "eager", freeze_bias: bool = False, block_fn=None,
     select_targets: bool = True,
 ) -> Tensor:  # fmt: skip
     """Sum of the cross-entropy over the target tokens of a packed batch (labels -100 are padding).
 
-    `block_fn`/`hidden_fn`: optional compiled `t5_block`/`stacks_hidden`. The vocabulary projection
+    `block_fn`: an optional compiled `t5_block`. The vocabulary projection
     runs through `chunked_cross_entropy`: no (tokens, V) float32 logits are kept. select_targets:
     project only the target positions (least work; a boolean index, so the host waits for the GPU
     and the shape varies); False projects every decoder position and masks the padding, so the
     step has fixed shapes and no host sync (what CUDA-graph capture needs).
     """
-    hidden = decoder_hidden(model, batch, attention, freeze_bias, block_fn, hidden_fn)  # (B, Ld, d)
+    hidden = decoder_hidden(model, batch, attention, freeze_bias, block_fn)  # (B, Ld, d)
     labels = batch["labels"].flatten()  # (B*Ld,)
     hidden = hidden.flatten(0, 1)  # (B*Ld, d)
     if select_targets:
