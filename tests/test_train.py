@@ -208,6 +208,13 @@ def test_final_folders_load_with_plain_libraries_and_match(tiny_t5, tmp_path):
 
 @pytest.mark.parametrize("group_by_length", [False, True], ids=["random", "grouped"])
 def test_resume_equals_uninterrupted_run(tiny_t5, tmp_path, monkeypatch, group_by_length):
+    from flantune import train as train_module
+
+    made = []  # the grouped runs must take their batches from LengthGroupedBatches
+    real_make = train_module.LengthGroupedBatches._make
+    monkeypatch.setattr(
+        train_module.LengthGroupedBatches, "_make", lambda *a: made.append(1) or real_make(*a)
+    )
     data = write_copy_task(tmp_path)
     kw = dict(max_steps=8, save_every=4, schedule="linear", warmup_steps=2, group_by_length=group_by_length)
     method = {
@@ -234,6 +241,7 @@ def test_resume_equals_uninterrupted_run(tiny_t5, tmp_path, monkeypatch, group_b
     # Data position matters too: with batch 8 over 96 rows, step 4 is mid-epoch.
     train(make_recipe(tiny_t5, data, tmp_path / "b", method, **kw, resume=True))
     assert losses(tmp_path / "b") == uninterrupted
+    assert bool(made) == group_by_length
 
 
 def test_refuses_to_overwrite_a_run(tiny_t5, tmp_path):

@@ -181,30 +181,50 @@ class PackedCollator:
         )
 
 
-class TokenBudgetBatches(Sampler):
-    """Micro-batches of example indices whose source + target tokens stay within `budget`.
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """The random source of one epoch's order: from (seed, epoch) alone, so a resumed run that
+    starts mid-epoch sees the same order as the uninterrupted one."""
+    return torch.Generator().manual_seed(seed * 100_003 + epoch)
 
-    The order is a fresh permutation per epoch from (seed, epoch) alone, as `EpochSampler`'s, so a
-    resumed run sees the same batches; an example longer than the budget forms a batch alone.
-    """
 
-    def __init__(self, lengths: list[int], budget: int, seed: int):
-        self.lengths, self.budget, self.seed, self.epoch = lengths, budget, seed, 0
+class EpochBatches(Sampler):
+    """A batch sampler whose batches come from the epoch's permutation (`epoch_generator`), made
+    once per epoch (len() is asked at every logged step). Subclasses say how in `_make`."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 0
         self._made: tuple[int, list[list[int]]] | None = None  # (epoch, its batches)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def batches(self) -> list[list[int]]:
-        # len() is asked at every logged step: the epoch's batches are made once.
         if self._made is None or self._made[0] != self.epoch:
-            self._made = (self.epoch, self._make())
+            g = epoch_generator(self.seed, self.epoch)
+            self._made = (self.epoch, self._make(torch.randperm(self.n, generator=g).tolist(), g))
         return self._made[1]
 
-    def _make(self) -> list[list[int]]:
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+    def _make(self, order: list[int], g: torch.Generator) -> list[list[int]]:
+        raise NotImplementedError
+
+    def __iter__(self):
+        return iter(self.batches())
+
+    def __len__(self) -> int:
+        return len(self.batches())
+
+
+class TokenBudgetBatches(EpochBatches):
+    """Micro-batches of example indices whose source + target tokens stay within `budget`, in the
+    epoch's order; an example longer than the budget forms a batch alone."""
+
+    def __init__(self, lengths: list[int], budget: int, seed: int):
+        super().__init__(len(lengths), seed)
+        self.lengths, self.budget = lengths, budget
+
+    def _make(self, order: list[int], g: torch.Generator) -> list[list[int]]:
         out, current, used = [], [], 0
-        for i in torch.randperm(len(self.lengths), generator=g).tolist():
+        for i in order:
             if current and used + self.lengths[i] > self.budget:
                 out.append(current)
                 current, used = [], 0
@@ -214,25 +234,19 @@ class TokenBudgetBatches(Sampler):
             out.append(current)
         return out
 
-    def __iter__(self):
-        return iter(self.batches())
 
-    def __len__(self) -> int:
-        return len(self.batches())
-
-
-class ShapeBatches(TokenBudgetBatches):
+class ShapeBatches(EpochBatches):
     """Micro-batches that fill one fixed packed shape (rows, source length, target length).
 
-    Examples come in the epoch's permutation (as TokenBudgetBatches'); each goes into the first
-    row with room for both its source and its target (`RowFiller`), and the micro-batch closes at
-    the first example that fits nowhere. The packer, given the same examples in the same order,
-    makes the same rows. For CUDA-graph training, where every micro-batch must have one shape.
+    Examples come in the epoch's order; each goes into the first row with room for both its
+    source and its target (`RowFiller`), and the micro-batch closes at the first example that fits
+    nowhere. The packer, given the same examples in the same order, makes the same rows. For
+    CUDA-graph training, where every micro-batch must have one shape.
     """
 
     def __init__(self, source_lengths: list[int], target_lengths: list[int], shape: tuple[int, int, int],
                  seed: int):  # fmt: skip
-        super().__init__([s + t for s, t in zip(source_lengths, target_lengths, strict=True)], 0, seed)
+        super().__init__(len(source_lengths), seed)
         self.sources, self.targets, self.shape = source_lengths, target_lengths, shape
         for i, (s, t) in enumerate(zip(source_lengths, target_lengths, strict=True)):
             if s > shape[1] or t > shape[2]:
@@ -241,10 +255,9 @@ class ShapeBatches(TokenBudgetBatches):
                     f"holds ({shape[1]} and {shape[2]}): lower data.max_source_tokens / max_target_tokens"
                 )
 
-    def _make(self) -> list[list[int]]:
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+    def _make(self, order: list[int], g: torch.Generator) -> list[list[int]]:
         out, filler, current = [], RowFiller(*self.shape), []
-        for i in torch.randperm(len(self.lengths), generator=g).tolist():
+        for i in order:
             if not filler.add(len(current), self.sources[i], self.targets[i]):
                 out.append(current)
                 filler, current = RowFiller(*self.shape), []
@@ -328,9 +341,10 @@ def packed_loader(dataset, *, batch_size: int, token_budget: int | None, seed: i
 
     from flantune.train import EpochSampler
 
-    sources = [len(s) for s in dataset["input_ids"]]
-    targets = [sum(1 for t in labels if t != -100) for labels in dataset["labels"]]
     shape = None
+    if fixed_shape or token_budget is not None:
+        sources = [len(s) for s in dataset["input_ids"]]
+        targets = [sum(1 for t in labels if t != -100) for labels in dataset["labels"]]
     if fixed_shape:
         budget = token_budget or round(batch_size * (sum(sources) + sum(targets)) / max(len(sources), 1))
         shape = packed_shape(sources, targets, budget)

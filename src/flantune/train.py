@@ -30,7 +30,7 @@ from flantune.generate import generate_texts
 from flantune.methods import apply_method, quantization_config, save_final, trainable_line
 from flantune.metrics import compute_metrics
 from flantune.models import load_model_and_tokenizer
-from flantune.packing import packed_loader
+from flantune.packing import EpochBatches, epoch_generator, packed_loader
 
 
 class TrainingError(RuntimeError):
@@ -62,31 +62,25 @@ class EpochSampler(Sampler):
         self.epoch = epoch
 
     def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return iter(torch.randperm(self.n, generator=g).tolist())
+        return iter(torch.randperm(self.n, generator=epoch_generator(self.seed, self.epoch)).tolist())
 
     def __len__(self) -> int:
         return self.n
 
 
-class LengthGroupedBatches(Sampler):
+class LengthGroupedBatches(EpochBatches):
     """Batches of similar lengths for unpacked runs (`train.group_by_length`), as transformers'
-    `group_by_length`: the epoch's permutation (from seed and epoch alone, so a resumed run sees the
-    same batches) is cut into megabatches of 50 batches, each sorted by length and cut into
-    batches; the batches then come in random order, the one holding the longest example first (a
-    run that does not fit in memory fails at its first step, not hours in)."""
+    `group_by_length`: the epoch's permutation is cut into megabatches of 50 batches, each sorted
+    by length and cut into batches; the batches then come in random order, the one holding the
+    longest example first (a run that does not fit in memory fails at its first step, not hours in)."""
 
     MEGA = 50
 
     def __init__(self, lengths: list[int], batch_size: int, seed: int):
-        self.lengths, self.batch_size, self.seed, self.epoch = lengths, batch_size, seed, 0
+        super().__init__(len(lengths), seed)
+        self.lengths, self.batch_size = lengths, batch_size
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def batches(self) -> list[list[int]]:
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        order = torch.randperm(len(self.lengths), generator=g).tolist()
+    def _make(self, order: list[int], g: torch.Generator) -> list[list[int]]:
         mega = self.batch_size * self.MEGA
         out = []
         for start in range(0, len(order), mega):
@@ -96,12 +90,6 @@ class LengthGroupedBatches(Sampler):
         longest = max(range(len(out)), key=lambda b: max(self.lengths[i] for i in out[b]))
         out.insert(0, out.pop(longest))
         return out
-
-    def __iter__(self):
-        return iter(self.batches())
-
-    def __len__(self) -> int:
-        return math.ceil(len(self.lengths) / self.batch_size) if self.lengths else 0
 
 
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
