@@ -257,7 +257,7 @@ def run_cell(shared, shape, method, name, examples, args, peak) -> dict:
     random_steps = step_indices(len(examples), args.batch, n_steps, False, lengths, seed=1)
     hf_steps = args.hf_warmup + args.steps
     row = {"shape": shape, "method": method, "data": name, "batch": args.batch, "steps": args.steps, "hf": {}}
-    for attn in ("eager", "sdpa"):
+    for attn in ("eager", "sdpa") if not args.no_hf else ():
         base.set_attn_implementation(attn)
         for grouped in (False, True):
             steps = step_indices(len(examples), args.batch, hf_steps, grouped, lengths, seed=1)
@@ -280,8 +280,11 @@ def run_cell(shared, shape, method, name, examples, args, peak) -> dict:
                               "peak_gib": torch.cuda.max_memory_allocated() / 2**30}  # fmt: skip
             print(shape, method, name, "hf", key, round(tokens / seconds), flush=True)
             del batches
-    best = max(row["hf"], key=lambda k: row["hf"][k]["tokens_per_s"])
-    row["hf_best"] = {"setting": best, **row["hf"][best]}  # tokens_per_s 0: every setting ran out of memory
+    best = max(row["hf"], key=lambda k: row["hf"][k]["tokens_per_s"], default=None)
+    row["hf_best"] = {
+        "setting": best,
+        **row["hf"].get(best, {"tokens_per_s": 0.0}),
+    }  # tokens_per_s 0: every setting ran out of memory, or --no-hf
 
     fast_t5.freeze_relative_bias(model)
     if args.no_graph:
@@ -500,6 +503,7 @@ def main() -> None:
         action="store_true",
         help="flantune without CUDA graphs (compiled blocks launched one by one)",
     )
+    parser.add_argument("--no-hf", action="store_true", help="flantune only (a variant trial)")
     args = parser.parse_args()
     from transformers import AutoTokenizer
 
