@@ -21,6 +21,9 @@ flan-t5-base both ways for N steps on SciQ and writes both loss curves.
     python bench/train_speed.py --out speed.json [--shared ../shared] [--only large/full]
         [--steps 10] [--warmup 4] [--hf-warmup 2] [--batch 32] [--check] [--curve 300] [--cells 0]
         [--models flan-t5-large,flan-t5-base] [--no-graph [--mode reduce-overhead] [--static]]
+        [--row-tokens 2048] [--no-hf]
+
+`--no-hf` skips the baseline (a flantune variant's trial; the cell then has no ratio).
 """
 
 from __future__ import annotations
