@@ -220,10 +220,12 @@ def step_flops(model, examples, idx, method: str) -> float:
 # ---- the two loops ----------------------------------------------------------------------------
 
 
-def hf_step(model, optimizer, batch) -> None:
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        loss = model(**batch).loss
-    loss.backward()
+def hf_step(model, optimizer, micro_batches: list[dict]) -> None:
+    """One optimizer step over the step's micro-batches (one, or several when accumulating)."""
+    for batch in micro_batches:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(**batch).loss / len(micro_batches)
+        loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
@@ -260,29 +262,39 @@ def run_cell(shared, shape, method, name, examples, args, peak) -> dict:
     random_steps = step_indices(len(examples), args.batch, n_steps, False, lengths, seed=1)
     hf_steps = args.hf_warmup + args.steps
     row = {"shape": shape, "method": method, "data": name, "batch": args.batch, "steps": args.steps, "hf": {}}
-    for attn in ("eager", "sdpa") if not args.no_hf else ():
-        base.set_attn_implementation(attn)
-        for grouped in (False, True):
-            steps = step_indices(len(examples), args.batch, hf_steps, grouped, lengths, seed=1)
-            batches = [padded_batch(examples, idx, "cuda") for idx in steps]
-            torch.cuda.reset_peak_memory_stats()
-            key = f"{attn}/{'grouped' if grouped else 'random'}"
-            try:
-                seconds, _ = timed(lambda b: hf_step(model, optimizer, b), batches, args.hf_warmup)
-            except torch.OutOfMemoryError:
-                optimizer.zero_grad(set_to_none=True)
-                row["hf"][key] = {"tokens_per_s": 0.0, "error": "out of memory"}
-                print(shape, method, name, "hf", key, "out of memory", flush=True)
+    # An HF user whose step does not fit accumulates gradients over smaller micro-batches: tried
+    # (2, 4, 8 micro-batches a step) only when every setting runs out of memory at the whole step.
+    for accumulate in (1, 2, 4, 8) if not args.no_hf else ():
+        if accumulate > 1 and any(r["tokens_per_s"] > 0 for r in row["hf"].values()):
+            break
+        size = -(-args.batch // accumulate)
+        for attn in ("eager", "sdpa"):
+            base.set_attn_implementation(attn)
+            for grouped in (False, True):
+                steps = step_indices(len(examples), args.batch, hf_steps, grouped, lengths, seed=1)
+                # (steps, micro-batches): contiguous slices keep grouped batches' similar lengths together
+                batches = [[padded_batch(examples, idx[k : k + size], "cuda") for k in range(0, len(idx), size)]
+                           for idx in steps]  # fmt: skip
+                torch.cuda.reset_peak_memory_stats()
+                key = f"{attn}/{'grouped' if grouped else 'random'}"
+                key += f"/accumulate {accumulate}" if accumulate > 1 else ""
+                try:
+                    seconds, _ = timed(lambda b: hf_step(model, optimizer, b), batches, args.hf_warmup)
+                except torch.OutOfMemoryError:
+                    optimizer.zero_grad(set_to_none=True)
+                    row["hf"][key] = {"tokens_per_s": 0.0, "error": "out of memory"}
+                    print(shape, method, name, "hf", key, "out of memory", flush=True)
+                    del batches
+                    gc.collect()
+                    torch.cuda.empty_cache()
+                    continue
+                tokens = sum(real_tokens(examples, idx) for idx in steps[args.hf_warmup :])
+                padded = sum(b["input_ids"].numel() + b["labels"].numel()
+                             for micro in batches[args.hf_warmup :] for b in micro)  # fmt: skip
+                row["hf"][key] = {"tokens_per_s": tokens / seconds, "padding_share": 1 - tokens / padded,
+                                  "peak_gib": torch.cuda.max_memory_allocated() / 2**30}  # fmt: skip
+                print(shape, method, name, "hf", key, round(tokens / seconds), flush=True)
                 del batches
-                gc.collect()
-                torch.cuda.empty_cache()
-                continue
-            tokens = sum(real_tokens(examples, idx) for idx in steps[args.hf_warmup :])
-            padded = sum(b["input_ids"].numel() + b["labels"].numel() for b in batches[args.hf_warmup :])
-            row["hf"][key] = {"tokens_per_s": tokens / seconds, "padding_share": 1 - tokens / padded,
-                              "peak_gib": torch.cuda.max_memory_allocated() / 2**30}  # fmt: skip
-            print(shape, method, name, "hf", key, round(tokens / seconds), flush=True)
-            del batches
     best = max(row["hf"], key=lambda k: row["hf"][k]["tokens_per_s"], default=None)
     row["hf_best"] = {
         "setting": best,
