@@ -20,7 +20,8 @@ flan-t5-base both ways for N steps on SciQ and writes both loss curves.
 
     python bench/train_speed.py --out speed.json [--shared ../shared] [--only large/full]
         [--steps 10] [--warmup 4] [--hf-warmup 2] [--batch 32] [--check] [--curve 300] [--cells 0]
-        [--models flan-t5-large,flan-t5-base] [--no-graph [--mode reduce-overhead] [--static]]
+        [--models flan-t5-large,flan-t5-base] [--mode max-autotune-no-cudagraphs]
+        [--no-graph [--mode reduce-overhead] [--static]]
         [--row-tokens 2048] [--no-hf]
 
 `--no-hf` skips the baseline (a flantune variant's trial; the cell then has no ratio).
@@ -309,7 +310,7 @@ def run_cell(shared, shape, method, name, examples, args, peak) -> dict:
         def run_step(batch):
             our_step(model, optimizer, batch, block_fn)
     else:
-        block_fn = torch.compile(fast_t5.t5_block, dynamic=False)
+        block_fn = torch.compile(fast_t5.t5_block, dynamic=False, mode=args.mode)
         shape = fixed_shape(examples, random_steps, args.row_tokens)
         row["shape_packed"] = shape
         batches = [packed_batch(examples, idx, "cuda", shape) for idx in random_steps]
@@ -501,7 +502,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=4, help="flantune steps before timing (compilation)")
     parser.add_argument("--hf-warmup", type=int, default=2)
-    parser.add_argument("--mode", default=None, help="torch.compile mode for flantune's blocks")
+    parser.add_argument(
+        "--mode",
+        default=None,
+        help="torch.compile mode for flantune's blocks (with the CUDA graph: max-autotune-no-cudagraphs)",
+    )
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--check", action="store_true")
@@ -520,6 +525,8 @@ def main() -> None:
     )
     parser.add_argument("--no-hf", action="store_true", help="flantune only (a variant trial)")
     args = parser.parse_args()
+    if not args.no_graph and args.mode in ("reduce-overhead", "max-autotune"):
+        parser.error(f"--mode {args.mode} records CUDA graphs of its own: use it with --no-graph")
     from transformers import AutoTokenizer
 
     shared = Path(args.shared)
