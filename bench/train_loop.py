@@ -68,6 +68,7 @@ def main() -> None:
         result["runs"][name] = {
             "tokens_per_s": statistics.mean(r["tokens_per_s"] for r in windows[1:]),
             "first_window_tokens_per_s": windows[0]["tokens_per_s"],
+            "data_wait_share": statistics.mean(r["data_wait_share"] for r in windows[1:]),
             "last_loss": windows[-1]["loss"],
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
         }

@@ -304,7 +304,7 @@ def test_shape_batches_fill_one_shape():
     sampler.set_epoch(1)
     assert sampler.batches() != batches and len(sampler) == len(sampler.batches())
     assert packed_shape(sources, targets, token_budget=400)[:2] == (1, 384)  # a budget under one row
-    rows, enc, dec = packed_shape(sources, targets, token_budget=5000, row_tokens=10**6)  # one row
+    rows, enc, _ = packed_shape(sources, targets, token_budget=5000, row_tokens=10**6)  # one row
     assert rows == 1 and enc >= 5000 * sum(sources) / (sum(sources) + sum(targets)) and enc % 128 == 0
     with pytest.raises(ValueError, match=r"training row 1 has 40 source and 300 target tokens"):
         ShapeBatches([10, 40], [5, 300], shape, seed=0)

@@ -597,3 +597,34 @@ def test_length_grouped_batches():
     with pytest.raises(ValueError, match="train.group_by_length: packed runs have no padding to save"):
         recipe_from_dict({"model": {"path": "x"}, "data": {"task": "sciq"},
                           "train": {"group_by_length": True, "packing": True}})  # fmt: skip
+
+
+def test_data_wait_share_shows_a_slow_loader(tiny_t5, tmp_path, monkeypatch):
+    """metrics.jsonl's data_wait_share: the share of each log window spent waiting for batches."""
+    import time
+
+    import flantune.train as train_module
+
+    data = write_copy_task(tmp_path)
+
+    def shares(out):
+        records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        return [r["data_wait_share"] for r in records if "data_wait_share" in r]
+
+    train(make_recipe(tiny_t5, data, tmp_path / "fast", max_steps=4))
+    real = train_module.make_collator
+
+    def slow_collator(*args, **kwargs):
+        collate = real(*args, **kwargs)
+
+        def slow(rows):
+            time.sleep(0.25)
+            return collate(rows)
+
+        return slow
+
+    monkeypatch.setattr(train_module, "make_collator", slow_collator)
+    train(make_recipe(tiny_t5, data, tmp_path / "slow", max_steps=4))
+    fast, slow = shares(tmp_path / "fast"), shares(tmp_path / "slow")
+    assert len(fast) == len(slow) == 4 and all(0 <= s <= 1 for s in fast + slow)
+    assert min(slow) > 0.5 and min(slow) > max(fast), (fast, slow)

@@ -466,6 +466,7 @@ def train(recipe: Recipe, console=None) -> TrainResult:
     stream = micro_batches()
     params = [p for p in model.parameters() if p.requires_grad]
     window_loss, window_tokens, window_real, window_start = 0.0, 0, 0, time.perf_counter()
+    window_data = 0.0  # seconds of the window spent waiting for micro-batches (loader and copy)
     last_eval: dict[str, float] = {}
     train_loss = None
     started = time.perf_counter()
@@ -476,7 +477,9 @@ def train(recipe: Recipe, console=None) -> TrainResult:
     )
     with progress:
         while state.step < total_steps:
+            waited = time.perf_counter()
             batches = [next(stream) for _ in range(cfg.grad_accum)]
+            window_data += time.perf_counter() - waited  # an input-bound run shows here
             local_tokens = sum(int((b["labels"] != -100).sum()) for b in batches)
             # Every process must divide by the same count: the target tokens of the whole step.
             step_tokens = int(
@@ -538,12 +541,14 @@ def train(recipe: Recipe, console=None) -> TrainResult:
                     "loss": window_loss / max(window_tokens, 1),
                     "lr": scheduler.get_last_lr()[0],
                     "tokens_per_s": window_real * accelerator.num_processes / max(seconds, 1e-9),
+                    "data_wait_share": round(window_data / max(seconds, 1e-9), 4),
                 }
                 if grad_norm is not None:
                     record["grad_norm"] = float(grad_norm)
                 log.write(record)
                 progress.update(task_id, loss=record["loss"], lr=record["lr"], tps=record["tokens_per_s"])
                 window_loss, window_tokens, window_real, window_start = 0.0, 0, 0, time.perf_counter()
+                window_data = 0.0
             progress.update(task_id, completed=state.step)
 
             evaluated = False
