@@ -22,7 +22,7 @@ flan-t5-base both ways for N steps on SciQ and writes both loss curves.
         [--steps 10] [--warmup 4] [--hf-warmup 2] [--batch 32] [--check] [--curve 300] [--cells 0]
         [--models flan-t5-large,flan-t5-base] [--mode max-autotune-no-cudagraphs]
         [--no-graph [--mode reduce-overhead] [--static]]
-        [--row-tokens 2048] [--no-hf]
+        [--row-tokens 2048] [--block 64 --mode max-autotune-no-cudagraphs] [--no-hf]
 
 `--no-hf` skips the baseline (a flantune variant's trial; the cell then has no ratio).
 """
@@ -114,11 +114,11 @@ def padded_batch(examples, idx, device) -> dict:
     }
 
 
-def packed_batch(examples, idx, device, shape=None) -> dict:
+def packed_batch(examples, idx, device, shape=None, block: int = fast_t5.BLOCK) -> dict:
     if shape is not None:  # first fit in this order: longest sources first fill rows best
         idx = sorted(idx, key=lambda i: -len(examples[i][0]))
     batch = pack([examples[i][0] for i in idx], [examples[i][1] for i in idx], pad_id=0, decoder_start_id=0,
-                 shape=shape)  # fmt: skip
+                 shape=shape, block=block)  # fmt: skip
     return to_device(batch, device)
 
 
@@ -262,7 +262,8 @@ def run_cell(shared, shape, method, name, examples, args, peak) -> dict:
     n_steps = args.warmup + args.steps
     random_steps = step_indices(len(examples), args.batch, n_steps, False, lengths, seed=1)
     hf_steps = args.hf_warmup + args.steps
-    row = {"shape": shape, "method": method, "data": name, "batch": args.batch, "steps": args.steps, "hf": {}}
+    row = {"shape": shape, "method": method, "data": name, "batch": args.batch, "steps": args.steps,
+           "row_tokens": args.row_tokens, "block": args.block, "mode": args.mode, "hf": {}}  # fmt: skip
     # An HF user whose step does not fit accumulates gradients over smaller micro-batches: tried
     # (2, 4, 8 micro-batches a step) only when every setting runs out of memory at the whole step.
     for accumulate in (1, 2, 4, 8) if not args.no_hf else ():
@@ -305,7 +306,7 @@ def run_cell(shared, shape, method, name, examples, args, peak) -> dict:
     fast_t5.freeze_relative_bias(model)
     if args.no_graph:
         block_fn = torch.compile(fast_t5.t5_block, dynamic=False if args.static else None, mode=args.mode)
-        batches = [packed_batch(examples, idx, "cuda") for idx in random_steps]
+        batches = [packed_batch(examples, idx, "cuda", block=args.block) for idx in random_steps]
 
         def run_step(batch):
             our_step(model, optimizer, batch, block_fn)
@@ -313,7 +314,7 @@ def run_cell(shared, shape, method, name, examples, args, peak) -> dict:
         block_fn = torch.compile(fast_t5.t5_block, dynamic=False, mode=args.mode)
         shape = fixed_shape(examples, random_steps, args.row_tokens)
         row["shape_packed"] = shape
-        batches = [packed_batch(examples, idx, "cuda", shape) for idx in random_steps]
+        batches = [packed_batch(examples, idx, "cuda", shape, args.block) for idx in random_steps]
         scales = {id(b): 1 / int((b["labels"] != -100).sum()) for b in batches}
         captured = graphed_step(model, block_fn)
 
@@ -524,7 +525,17 @@ def main() -> None:
         help="flantune without CUDA graphs (compiled blocks launched one by one)",
     )
     parser.add_argument("--no-hf", action="store_true", help="flantune only (a variant trial)")
+    parser.add_argument(
+        "--block",
+        type=int,
+        default=fast_t5.BLOCK,
+        help="FlexAttention block size of the masks (64: pairs of ~140 tokens waste less)",
+    )
     args = parser.parse_args()
+    if args.block < fast_t5.BLOCK and args.mode not in ("max-autotune-no-cudagraphs", "max-autotune"):
+        # Inductor filters its FlexAttention backward configs by the block size before applying
+        # kernel_options; without max-autotune its one sm90 config (64, 128, 128, 64) fits no 64.
+        parser.error(f"--block {args.block} compiles only with --mode max-autotune-no-cudagraphs")
     if not args.no_graph and args.mode in ("reduce-overhead", "max-autotune"):
         parser.error(f"--mode {args.mode} records CUDA graphs of its own: use it with --no-graph")
     from transformers import AutoTokenizer

@@ -264,7 +264,9 @@ def test_block_mask_from_pairs_matches_create_block_mask(tiny, pairs):
     for name, pattern in zip(
         ("enc", "dec", "cross"), fast_t5.patterns(tiny, batch, "eager", False), strict=True
     ):
-        ours = fast_t5.build_block_mask(pattern, block=16, tensors=batch[f"{name}_blocks"])
+        # The block size (16) follows from the tensors' shape.
+        ours = fast_t5.build_block_mask(pattern, tensors=batch[f"{name}_blocks"])
+        assert ours.BLOCK_SIZE == (16, 16)
         rule = fast_t5.mask_mod_of(pattern)
 
         def real_to_real(b, h, q, k, rule=rule, pattern=pattern):

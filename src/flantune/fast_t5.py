@@ -194,13 +194,37 @@ def block_mask_tensors(pattern: Pattern, block: int = BLOCK) -> tuple[Tensor, ..
     )  # fmt: skip
 
 
-def build_block_mask(pattern: Pattern, block: int = BLOCK, tensors: tuple[Tensor, ...] | None = None):
+def tensors_block_size(pattern: Pattern, tensors: tuple[Tensor, ...]) -> int:
+    """The block size that `block_mask_tensors` used for `tensors`, from their block counts.
+
+    ceil(L / b) = n with n >= 2 holds for one power of two b at most, so a side of two or more
+    blocks decides; where both sides are one block, every b that covers them gives the same mask
+    and BLOCK is taken (FlexAttention's default tiles divide it).
+    """
+    q_blocks, k_blocks = (
+        tensors[0].shape[-1],
+        tensors[1].shape[-1],
+    )  # kv_num_blocks (B,1,nq), kv_indices (B,1,nq,nk)
+    q_len, k_len = pattern.q_pair.shape[1], pattern.k_pair.shape[1]
+    fits = [b for b in (BLOCK, *(2**i for i in range(4, 11)))
+            if -(-q_len // b) == q_blocks and -(-k_len // b) == k_blocks]  # fmt: skip
+    if not fits:
+        raise ValueError(f"block-mask tensors of {q_blocks} x {k_blocks} blocks fit no block size for "
+                         f"{q_len} x {k_len} positions")  # fmt: skip
+    return fits[0]
+
+
+def build_block_mask(pattern: Pattern, block: int | None = None, tensors: tuple[Tensor, ...] | None = None):
     """The pattern's FlexAttention BlockMask, from `tensors` (block_mask_tensors made while
-    packing, on the pattern's device) or computed here."""
+    packing, on the pattern's device; their block size follows from their shape) or computed here
+    (at `block`, default BLOCK)."""
     from torch.nn.attention.flex_attention import BlockMask
 
     if tensors is None:
+        block = block or BLOCK
         tensors = block_mask_tensors(pattern, block)
+    else:
+        block = tensors_block_size(pattern, tensors)
     names = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
              "q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices")  # fmt: skip
     return BlockMask(
