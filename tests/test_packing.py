@@ -443,3 +443,31 @@ def test_cuda_graph_branch_of_the_train_loop_on_cpu(tiny_no_dropout, tmp_path, m
     assert curves[True][-1][0] < curves[True][0][0]
     for a, b in zip(curves[False], curves[True], strict=True):
         assert math.isclose(a[0], b[0], rel_tol=1e-5) and math.isclose(a[1], b[1], rel_tol=1e-4), curves
+
+
+def test_block_size_follows_from_the_mask_tensors():
+    """build_block_mask reads the packer's block size off its tensors: every size the packer may use
+    comes back, a one-block attention takes the default (any size covering it is the same mask), and
+    tensors that fit no size are refused."""
+    sources, targets = [[5] * 150, [6] * 300, [7] * 40], [[8] * 20, [9] * 30, [1]]
+    for block in (16, 32, 64, 128, 256):
+        batch = pack(sources, targets, pad_id=0, decoder_start_id=0, block=block, multiple=256)
+        enc = fast_t5.Pattern(
+            batch["enc_pair"], batch["enc_pair"], batch["enc_pos"], batch["enc_pos"], causal=False
+        )
+        cross = fast_t5.Pattern(
+            batch["dec_pair"], batch["enc_pair"], batch["dec_pos"], batch["enc_pos"], causal=False
+        )
+        assert fast_t5.tensors_block_size(enc, batch["enc_blocks"]) == block
+        assert fast_t5.tensors_block_size(cross, batch["cross_blocks"]) == block
+    small = pack(
+        [[5] * 10], [[1]], pad_id=0, decoder_start_id=0, block=256, multiple=16
+    )  # 16 x 16: one block
+    pattern = fast_t5.Pattern(
+        small["enc_pair"], small["enc_pair"], small["enc_pos"], small["enc_pos"], causal=False
+    )
+    assert fast_t5.tensors_block_size(pattern, small["enc_blocks"]) == fast_t5.BLOCK
+    batch = pack(sources, targets, pad_id=0, decoder_start_id=0)  # 512 positions: 4 blocks of 128
+    pair, pos = batch["enc_pair"][:, :384], batch["enc_pos"][:, :384]  # 4 blocks cannot tile 384
+    with pytest.raises(ValueError, match="fit no block size"):
+        fast_t5.tensors_block_size(fast_t5.Pattern(pair, pair, pos, pos, causal=False), batch["enc_blocks"])
