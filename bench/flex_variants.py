@@ -6,7 +6,10 @@ pack into, forward + backward, compiled once per variant (static shapes), timed 
     none         no score_mod (the block mask alone)
     positions    bias[h, k_pos[b, k] - q_pos[b, q]]: two gathers per score
     indices      bias[h, k - q]: the same values where the mask allows (pairs are contiguous)
-    positions-blockN   positions, with the block mask built at block size N (--blocks N)
+    positions-blockN   positions, with the block mask built at block size N (--blocks N; compiled
+                       with max-autotune, whose FlexAttention configs include tiles that divide N)
+
+--row-tokens: source tokens per packed row (2048; 65536: the 32 examples in one row).
 
     python bench/flex_variants.py --shared ../shared --out flex.json
 """
@@ -21,9 +24,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_speed import packed_batch, sciq_examples
+from train_speed import sciq_examples
 
 from flantune import fast_t5
+from flantune.packing import pack, to_device
 
 
 def main() -> None:
@@ -32,6 +36,7 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--variants", default="none,positions,indices")
+    parser.add_argument("--row-tokens", type=int, default=2048)
     parser.add_argument(
         "--blocks",
         type=lambda text: [int(x) for x in text.split(",")],
@@ -45,7 +50,8 @@ def main() -> None:
     shared = Path(args.shared)
     tokenizer = AutoTokenizer.from_pretrained(shared / "assets" / "flan-t5-base")
     examples = sciq_examples(shared, tokenizer)
-    batch = packed_batch(examples, list(range(32)), "cuda")
+    batch = to_device(pack([examples[i][0] for i in range(32)], [examples[i][1] for i in range(32)], pad_id=0,
+                           decoder_start_id=0, row_tokens=args.row_tokens), "cuda")  # fmt: skip
     pair, pos = batch["enc_pair"], batch["enc_pos"]
     pattern = fast_t5.Pattern(pair, pair, pos, pos, causal=False)
     mask = fast_t5.build_block_mask(pattern, tensors=batch["enc_blocks"])
@@ -66,21 +72,27 @@ def main() -> None:
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows, "length": length,
               "real_tokens": int((pair >= 0).sum()), "variants": {}}  # fmt: skip
     compiled = torch.compile(flex_attention, dynamic=False)
-    runs = [(name, score_mod, mask) for name, score_mod in (("none", None), ("positions", positions),
-                                                         ("indices", indices)) if name in args.variants]  # fmt: skip
-    for block in args.blocks:
-        if block != fast_t5.BLOCK:  # the same mask at another block size (FlexAttention's tiles follow it)
-            other = fast_t5.build_block_mask(pattern, block=block)
-            runs.append((f"positions-block{block}", positions, other))
-    for name, score_mod, mask in runs:
-        for _ in range(3):
-            compiled(q, k, v, score_mod=score_mod, block_mask=mask, scale=1.0).sum().backward()
+    autotuned = torch.compile(flex_attention, dynamic=False, mode="max-autotune-no-cudagraphs")
+    runs = [(name, score_mod, mask, compiled) for name, score_mod in (("none", None), ("positions", positions),
+            ("indices", indices)) if name in args.variants]  # fmt: skip
+    for block in args.blocks:  # the same mask at another block size, and the 128 one autotuned alike
+        for size in sorted({block, fast_t5.BLOCK}):
+            other = fast_t5.build_block_mask(pattern, block=size)
+            runs.append((f"positions-block{size}-autotuned", positions, other, autotuned))
+    for name, score_mod, mask, fn in runs:
+        try:
+            for _ in range(3):
+                fn(q, k, v, score_mod=score_mod, block_mask=mask, scale=1.0).sum().backward()
+        except Exception as e:  # record and go on with the other variants
+            result["variants"][name] = {"error": repr(e)[:1000]}
+            print(name, "error", repr(e)[:1000], flush=True)
+            continue
         times = {}
         for phase in ("forward", "forward+backward"):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             for _ in range(args.iters):
-                out = compiled(q, k, v, score_mod=score_mod, block_mask=mask, scale=1.0)
+                out = fn(q, k, v, score_mod=score_mod, block_mask=mask, scale=1.0)
                 if phase != "forward":
                     out.sum().backward()
             end.record()
