@@ -194,24 +194,26 @@ def matmul_peak() -> float:
 
 
 def step_flops(model, examples, idx, method: str) -> float:
-    """Model FLOPs of one step on the real tokens: matmuls of each stack times its tokens, the
-    per-pair attention, the vocabulary projection. Full: forward + both backward products (6 per
-    weight per token); LoRA: the frozen weights need no weight gradient (4; adapters ignored)."""
+    """Model FLOPs of one step on the real tokens: matmuls of each stack times its tokens (the
+    decoder's cross-attention k and v project the source tokens), the per-pair attention, the
+    vocabulary projection. Full: forward + both backward products (6 per weight per token); LoRA:
+    the frozen weights need no weight gradient (4; the small adapters counted alike)."""
     base = fast_t5.t5_model(model)
     cfg = base.config
+
+    def weights(stack, keep) -> int:
+        return sum(p.numel() for n, p in stack.block.named_parameters() if p.ndim == 2 and keep(n))
+
     per_weight = 6 if method == "full" else 4
-    enc = sum(
-        p.numel() for n, p in base.encoder.block.named_parameters() if p.ndim == 2 and "relative" not in n
-    )
-    dec = sum(
-        p.numel() for n, p in base.decoder.block.named_parameters() if p.ndim == 2 and "relative" not in n
-    )
+    enc = weights(base.encoder, lambda n: "relative" not in n)
+    cross_kv = weights(base.decoder, lambda n: "EncDecAttention.k." in n or "EncDecAttention.v." in n)
+    dec = weights(base.decoder, lambda n: "relative" not in n) - cross_kv
     head = base.lm_head.weight.numel()
     inner = cfg.num_heads * cfg.d_kv
     flops = 0.0
     for i in idx:
         s, t = len(examples[i][0]), len(examples[i][1])
-        flops += per_weight * (enc * s + (dec + head) * t)
+        flops += per_weight * ((enc + cross_kv) * s + (dec + head) * t)
         # q.k and p.v: 2 products x 2 FLOPs, forward + 2 backward products = 3x (no masking savings counted).
         attention = 4 * inner * (s * s * cfg.num_layers + (t * t + t * s) * cfg.num_decoder_layers)
         flops += 3 * attention
