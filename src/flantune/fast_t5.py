@@ -201,10 +201,8 @@ def tensors_block_size(pattern: Pattern, tensors: tuple[Tensor, ...]) -> int:
     blocks decides; where both sides are one block, every b that covers them gives the same mask
     and BLOCK is taken (FlexAttention's default tiles divide it).
     """
-    q_blocks, k_blocks = (
-        tensors[0].shape[-1],
-        tensors[1].shape[-1],
-    )  # kv_num_blocks (B,1,nq), kv_indices (B,1,nq,nk)
+    q_blocks = tensors[0].shape[-1]  # kv_num_blocks: (B, 1, q blocks)
+    k_blocks = tensors[1].shape[-1]  # kv_indices: (B, 1, q blocks, kv blocks)
     q_len, k_len = pattern.q_pair.shape[1], pattern.k_pair.shape[1]
     fits = [b for b in (BLOCK, *(2**i for i in range(4, 11)))
             if -(-q_len // b) == q_blocks and -(-k_len // b) == k_blocks]  # fmt: skip
