@@ -186,3 +186,9 @@ def test_cli_check_prints_the_resolved_recipe(tmp_path):
     assert result.returncode == 0, result.stderr
     resolved = parse_yaml(result.stdout)
     assert resolved["train"]["lr"] == 0.001 and resolved["method"]["kind"] == "lora"
+
+
+@pytest.mark.parametrize("steps", [[3], [0, 2], [5, 4]])
+def test_profile_steps_need_a_first_and_last_step(steps):
+    [problem] = problems_of(with_("train", profile_steps=steps))
+    assert problem.startswith("train.profile_steps: expected [first, last] with 1 <= first <= last")

@@ -628,3 +628,18 @@ def test_data_wait_share_shows_a_slow_loader(tiny_t5, tmp_path, monkeypatch):
     fast, slow = shares(tmp_path / "fast"), shares(tmp_path / "slow")
     assert len(fast) == len(slow) == 4 and all(0 <= s <= 1 for s in fast + slow)
     assert min(slow) > 0.5 and min(slow) > max(fast), (fast, slow)
+
+
+def test_profile_steps_record_the_window(tiny_t5, tmp_path):
+    """train.profile_steps writes a trace, an operator table and a summary of exactly that window."""
+    data = write_copy_task(tmp_path)
+    out = tmp_path / "run"
+    train(make_recipe(tiny_t5, data, out, max_steps=5, profile_steps=[2, 3]))
+    summary = json.loads((out / "profile" / "summary.json").read_text())
+    assert summary["steps"] == [2, 3] and summary["wall_s"] > 0
+    names = [e.get("name") for e in json.loads((out / "profile" / "trace.json").read_text())["traceEvents"]]
+    assert names.count("Optimizer.step#AdamW.step") == 2  # steps 2 and 3, no more
+    assert "aten::" in (out / "profile" / "ops.txt").read_text()
+    # A window past the end of the run records nothing (and says so).
+    train(make_recipe(tiny_t5, data, tmp_path / "late", max_steps=2, profile_steps=[4, 5]))
+    assert not (tmp_path / "late" / "profile").exists()

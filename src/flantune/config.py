@@ -255,6 +255,10 @@ class TrainConfig:
     """Packed flex path on one GPU: replay each micro-batch's forward and backward as one CUDA graph;
     every micro-batch then fills one fixed shape sized from token_budget (or batch_size examples);
     the blocks are compiled as with compile=true."""
+    profile_steps: list[int] | None = None
+    """[first, last]: record optimizer steps first..last with torch.profiler (CPU, and CUDA kernels on
+    a GPU) into output_dir/profile/: trace.json (Chrome / Perfetto), ops.txt (operators and kernels by
+    time), summary.json (wall and device time, device-busy share). Main process only."""
 
     def check(self, path: str) -> list[str]:
         problems = []
@@ -290,6 +294,13 @@ class TrainConfig:
             value = getattr(self, key)
             if value is not None and value < 1:
                 problems.append(f"{path}.{key}: must be at least 1 or null, got {value}")
+        if self.profile_steps is not None and (
+            len(self.profile_steps) != 2 or not 1 <= self.profile_steps[0] <= self.profile_steps[1]
+        ):
+            problems.append(
+                f"{path}.profile_steps: expected [first, last] with 1 <= first <= last (e.g. [20, 24]), "
+                f"got {self.profile_steps}"
+            )
         if self.lr <= 0:
             problems.append(f"{path}.lr: must be > 0, got {self.lr}")
         if self.epochs <= 0:
@@ -427,6 +438,13 @@ class RLConfig:
         if self.group_size < 2:
             problems.append(
                 f"{path}.group_size: GRPO needs at least 2 completions per prompt, got {self.group_size}"
+            )
+        if self.profile_steps is not None and (
+            len(self.profile_steps) != 2 or not 1 <= self.profile_steps[0] <= self.profile_steps[1]
+        ):
+            problems.append(
+                f"{path}.profile_steps: expected [first, last] with 1 <= first <= last (e.g. [20, 24]), "
+                f"got {self.profile_steps}"
             )
         if self.lr <= 0:
             problems.append(f"{path}.lr: must be > 0, got {self.lr}")

@@ -226,6 +226,51 @@ def build_optimizer(model, lr: float, weight_decay: float) -> torch.optim.Optimi
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, fused=fused or None)
 
 
+class StepProfiler:
+    """train.profile_steps: torch.profiler over optimizer steps first..last, written to
+    output_dir/profile/ (main process). The window opens before step `first` fetches its batches
+    and closes once step `last` is done (its logging, evaluation or checkpoint included)."""
+
+    def __init__(self, steps: list[int] | None, out: Path, enabled: bool, console=None):
+        self.first, self.last = steps if steps and enabled else (None, None)
+        self.out, self.prof, self.console = out, None, console
+
+    def before_step(self, step: int) -> None:
+        """`step`: the optimizer step about to run (1-based)."""
+        if self.prof is None and self.first is not None and self.first <= step <= self.last:
+            from torch.profiler import ProfilerActivity, profile
+
+            cuda = torch.cuda.is_available()
+            self.prof = profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []))
+            self.prof.__enter__()
+            self.begin, self.started = step, time.perf_counter()
+
+    def after_step(self, step: int, final: bool = False) -> None:
+        """`step`: the last optimizer step done; `final`: the loop ended (close whatever is open)."""
+        if final and self.prof is None and self.first is not None and self.console is not None:
+            self.console.print(f"train.profile_steps: the run ended at step {step}, before step {self.first}; "
+                               "nothing was profiled", highlight=False)  # fmt: skip
+        if self.prof is None or (step < self.last and not final):
+            return
+        cuda = torch.cuda.is_available()
+        if cuda:
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - self.started
+        self.prof.__exit__(None, None, None)
+        events = self.prof.key_averages()
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.prof.export_chrome_trace(str(self.out / "trace.json"))
+        sort = "self_device_time_total" if cuda else "self_cpu_time_total"
+        (self.out / "ops.txt").write_text(events.table(sort_by=sort, row_limit=80))
+        summary = {"steps": [self.begin, step], "wall_s": wall}
+        if cuda:
+            # Kernel (and copy) time summed over the window: the share of wall time the GPU had work.
+            device_s = sum(e.self_device_time_total for e in events) / 1e6
+            summary |= {"device_s": device_s, "device_busy_share": device_s / wall}
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+        self.prof, self.first = None, None  # one window per run
+
+
 class MetricsLog:
     """metrics.jsonl: one JSON object per log step or evaluation; optional TensorBoard mirror."""
 
@@ -475,8 +520,11 @@ def train(recipe: Recipe, console=None) -> TrainResult:
     task_id = progress.add_task(
         "train", total=total_steps, completed=state.step, loss=float("nan"), lr=0.0, tps=0.0
     )
+    profiler = StepProfiler(cfg.profile_steps, out / "profile", main, console)
     with progress:
         while state.step < total_steps:
+            profiler.after_step(state.step)
+            profiler.before_step(state.step + 1)
             waited = time.perf_counter()
             batches = [next(stream) for _ in range(cfg.grad_accum)]
             window_data += time.perf_counter() - waited  # an input-bound run shows here
@@ -567,6 +615,7 @@ def train(recipe: Recipe, console=None) -> TrainResult:
                     console.print(f"early stopping at step {state.step}: {best_name} did not improve "
                                   f"for {cfg.early_stopping_patience} evaluations", highlight=False)  # fmt: skip
                 break
+    profiler.after_step(state.step, final=True)
 
     # ---- the end: last evaluation, last checkpoint, final/ --------------------------------------
     if eval_split is not None and last_eval_step != state.step:
