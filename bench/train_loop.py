@@ -7,7 +7,8 @@ and capture). The recipe is recipes/sciq-lora.yaml with local paths; --method fu
 fine-tuning. Loss of the last window is printed too (the runs see different micro-batches: the
 unpacked and packed runs take batch_size examples, the CUDA-graph run fills one packed shape).
 
-    python bench/train_loop.py --shared ../shared --shape flan-t5-base --method lora --out loop.json
+    python bench/train_loop.py --shared ../shared --shape flan-t5-base --method lora --out loop.json \
+        [--profile 31,35]   # train.profile_steps: device-busy share and the op table per run
 """
 
 from __future__ import annotations
@@ -35,6 +36,11 @@ def main() -> None:
     parser.add_argument("--log-every", type=int, default=10)
     parser.add_argument("--runs", default=",".join(RUNS))
     parser.add_argument("--out", required=True)
+    parser.add_argument(
+        "--profile",
+        default=None,
+        help="first,last: train.profile_steps for every run (summary and ops table kept)",
+    )
     args = parser.parse_args()
     import torch
 
@@ -55,6 +61,8 @@ def main() -> None:
             f"train.log_every={args.log_every}", "train.save_every=null", "train.eval_every=null",
             f"output_dir={out}", *RUNS[name],
         ]  # fmt: skip
+        if args.profile:
+            overrides.append(f"train.profile_steps=[{args.profile}]")
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         try:
@@ -72,6 +80,10 @@ def main() -> None:
             "last_loss": windows[-1]["loss"],
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
         }
+        if (out / "profile" / "summary.json").exists():
+            result["runs"][name]["profile"] = json.loads((out / "profile" / "summary.json").read_text())
+            ops = Path(args.out).with_name(f"{Path(args.out).stem}-{name.replace('+', '-')}-ops.txt")
+            ops.write_text((out / "profile" / "ops.txt").read_text())
         print(name, json.dumps(result["runs"][name]), flush=True)
         torch._dynamo.reset()
         Path(args.out).write_text(json.dumps(result, indent=2))
