@@ -439,13 +439,6 @@ class RLConfig:
             problems.append(
                 f"{path}.group_size: GRPO needs at least 2 completions per prompt, got {self.group_size}"
             )
-        if self.profile_steps is not None and (
-            len(self.profile_steps) != 2 or not 1 <= self.profile_steps[0] <= self.profile_steps[1]
-        ):
-            problems.append(
-                f"{path}.profile_steps: expected [first, last] with 1 <= first <= last (e.g. [20, 24]), "
-                f"got {self.profile_steps}"
-            )
         if self.lr <= 0:
             problems.append(f"{path}.lr: must be > 0, got {self.lr}")
         if not 0 < self.clip_eps < 1:
