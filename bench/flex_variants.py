@@ -45,11 +45,9 @@ def main() -> None:
     )
     args = parser.parse_args()
     from torch.nn.attention.flex_attention import flex_attention
-    from transformers import AutoTokenizer
 
     shared = Path(args.shared)
-    tokenizer = AutoTokenizer.from_pretrained(shared / "assets" / "flan-t5-base")
-    examples = sciq_examples(shared, tokenizer)
+    examples = sciq_examples(shared)
     batch = to_device(pack([examples[i][0] for i in range(32)], [examples[i][1] for i in range(32)], pad_id=0,
                            decoder_start_id=0, row_tokens=args.row_tokens), "cuda")  # fmt: skip
     pair, pos = batch["enc_pair"], batch["enc_pos"]

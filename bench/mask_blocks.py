@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_speed import fixed_shape, long_examples, packed_batch, sciq_examples, step_indices
+from train_speed import bench_data, fixed_shape, packed_batch, step_indices
 
 from flantune import fast_t5
 
@@ -33,12 +33,8 @@ def main() -> None:
     parser.add_argument("--shared", default="../shared")
     parser.add_argument("--steps", type=int, default=8)
     args = parser.parse_args()
-    from transformers import AutoTokenizer
-
-    shared = Path(args.shared)
-    tokenizer = AutoTokenizer.from_pretrained(shared / "assets" / "flan-t5-base")
     out = {}
-    for name, examples in (("sciq", sciq_examples(shared, tokenizer)), ("long", long_examples())):
+    for name, examples in bench_data(Path(args.shared)).items():
         lengths = [len(s) + len(t) for s, t in examples]
         plan = step_indices(len(examples), 32, args.steps, False, lengths, seed=1)
         shape = fixed_shape(examples, plan)

@@ -40,11 +40,10 @@ def main() -> None:
     parser.add_argument("--shared", default="../shared")
     parser.add_argument("--repeats", type=int, default=50)
     args = parser.parse_args()
-    from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForSeq2SeqLM
 
     shared = Path(args.shared)
-    tokenizer = AutoTokenizer.from_pretrained(shared / "assets" / "flan-t5-base")
-    examples = sciq_examples(shared, tokenizer)
+    examples = sciq_examples(shared)
     idx = step_indices(len(examples), 32, 1, False, [0] * len(examples), seed=1)[0]
     sources, targets = [examples[i][0] for i in idx], [examples[i][1] for i in idx]
     model = AutoModelForSeq2SeqLM.from_config(AutoConfig.from_pretrained(shared / "assets" / "flan-t5-base"))

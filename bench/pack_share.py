@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_speed import fixed_shape, long_examples, sciq_examples, step_indices
+from train_speed import bench_data, fixed_shape, step_indices
 
 from flantune.packing import ShapeBatches, packed_shape
 
@@ -34,12 +34,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8, help="bench steps the fixed shape covers")
     parser.add_argument("--batches", type=int, default=200, help="train micro-batches counted")
     args = parser.parse_args()
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(Path(args.shared) / "assets" / "flan-t5-base")
-    data = {"sciq": sciq_examples(Path(args.shared), tokenizer), "long": long_examples()}
     out = []
-    for name, examples in data.items():
+    for name, examples in bench_data(Path(args.shared)).items():
         sources, targets = [len(s) for s, _ in examples], [len(t) for _, t in examples]
         lengths = [s + t for s, t in zip(sources, targets, strict=True)]
         plan = step_indices(len(examples), 32, args.steps, False, lengths, seed=1)

@@ -139,13 +139,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
-    from transformers import AutoTokenizer
 
     shared = Path(args.shared)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch._dynamo.config.cache_size_limit = 64
-    tokenizer = AutoTokenizer.from_pretrained(shared / "assets" / "flan-t5-base")
-    examples = sciq_examples(shared, tokenizer)
+    examples = sciq_examples(shared)
     lengths = [len(s) + len(t) for s, t in examples]
     plan = step_indices(len(examples), args.batch, args.steps, False, lengths, seed=1)
     tokens = sum(real_tokens(examples, idx) for idx in plan)

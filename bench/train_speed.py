@@ -54,11 +54,14 @@ DATASETS = ("sciq", "long")
 # ---- data -------------------------------------------------------------------------------------
 
 
-def sciq_examples(shared: Path, tokenizer) -> list[tuple[list[int], list[int]]]:
-    """(source ids, target ids) of the SciQ rows, through flantune's own sciq task and tokenizer."""
+def sciq_examples(shared: Path) -> list[tuple[list[int], list[int]]]:
+    """(source ids, target ids) of the SciQ rows, through flantune's own sciq task and the T5 tokenizer."""
+    from transformers import AutoTokenizer
+
     from flantune.config import recipe_from_dict
     from flantune.data import load_splits
 
+    tokenizer = AutoTokenizer.from_pretrained(shared / "assets" / "flan-t5-base")
     recipe = recipe_from_dict({
         "model": {"path": str(shared / "assets" / "flan-t5-base")},
         "data": {"task": "sciq", "train": str(shared / "data" / "sciq" / "valid.json"),
@@ -77,6 +80,11 @@ def long_examples(n: int = 1000, seed: int = 0) -> list[tuple[list[int], list[in
         tgt = [rng.randrange(5, 32000) for _ in range(rng.randint(20, 120) - 1)] + [1]
         out.append((src, tgt))
     return out
+
+
+def bench_data(shared: Path) -> dict[str, list[tuple[list[int], list[int]]]]:
+    """The benchmark's two data sets: real SciQ lengths and the generated long-target set."""
+    return {"sciq": sciq_examples(shared), "long": long_examples()}
 
 
 def step_indices(
@@ -540,13 +548,11 @@ def main() -> None:
         parser.error(f"--block {args.block} compiles only with --mode max-autotune-no-cudagraphs")
     if not args.no_graph and args.mode in ("reduce-overhead", "max-autotune"):
         parser.error(f"--mode {args.mode} records CUDA graphs of its own: use it with --no-graph")
-    from transformers import AutoTokenizer
 
     shared = Path(args.shared)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch._dynamo.config.cache_size_limit = 64
-    tokenizer = AutoTokenizer.from_pretrained(shared / "assets" / "flan-t5-base")
-    data = {"sciq": sciq_examples(shared, tokenizer), "long": long_examples()}
+    data = bench_data(shared)
     peak = matmul_peak()
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "matmul_peak_tflops": peak,
               "date": time.strftime("%Y-%m-%d"), "cells": []}  # fmt: skip
