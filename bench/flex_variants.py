@@ -9,7 +9,7 @@ pack into, forward + backward, compiled once per variant (static shapes), timed 
     positions-blockN   positions, with the block mask built at block size N (--blocks N; compiled
                        with max-autotune, whose FlexAttention configs include tiles that divide N)
 
---row-tokens: source tokens per packed row (2048; 65536: the 32 examples in one row).
+--row-tokens: source tokens per packed row (65536, the default: the 32 examples in one row; 2048).
 
     python bench/flex_variants.py --shared ../shared --out flex.json
 """
@@ -36,7 +36,7 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--variants", default="none,positions,indices")
-    parser.add_argument("--row-tokens", type=int, default=2048)
+    parser.add_argument("--row-tokens", type=int, default=65536)
     parser.add_argument(
         "--blocks",
         type=lambda text: [int(x) for x in text.split(",")],

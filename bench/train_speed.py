@@ -130,9 +130,9 @@ def packed_batch(examples, idx, device, shape=None, block: int = fast_t5.BLOCK) 
     return to_device(batch, device)
 
 
-def fixed_shape(examples, plan, row_tokens: int = 2048) -> tuple[int, int, int]:
+def fixed_shape(examples, plan, row_tokens: int = 65536) -> tuple[int, int, int]:
     """The one packed shape (rows, source length, target length) that every step of `plan` fits,
-    rows of `row_tokens` source tokens (longer where a source is)."""
+    rows of `row_tokens` source tokens (longer where a source is; 65536: one row per step)."""
     batches = [
         to_device(pack([examples[i][0] for i in idx], [examples[i][1] for i in idx], pad_id=0,
                        decoder_start_id=0, row_tokens=row_tokens, block=None), "cpu")
@@ -527,7 +527,10 @@ def main() -> None:
         "--static", action="store_true", help="--no-graph: compile with static shapes (one graph per shape)"
     )
     parser.add_argument(
-        "--row-tokens", type=int, default=2048, help="source tokens per packed row (the fixed shape's)"
+        "--row-tokens",
+        type=int,
+        default=65536,
+        help="source tokens per packed row of the fixed shape (65536: a step's examples in one row)",
     )
     parser.add_argument(
         "--no-graph",

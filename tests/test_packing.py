@@ -18,7 +18,15 @@ from transformers.models.t5.modeling_t5 import T5Attention
 from flantune import fast_t5, packing
 from flantune import train as train_module
 from flantune.config import recipe_from_dict
-from flantune.packing import PAD_PAIR, ShapeBatches, TokenBudgetBatches, assign_rows, pack, packed_shape
+from flantune.packing import (
+    PAD_PAIR,
+    ShapeBatches,
+    TokenBudgetBatches,
+    assign_rows,
+    pack,
+    packed_shape,
+    round_up,
+)
 from flantune.train import TrainingError, train
 
 from .conftest import tiny_config
@@ -290,9 +298,12 @@ def test_shape_batches_fill_one_shape():
     g = torch.Generator().manual_seed(0)
     sources = [int(n) for n in torch.randint(20, 300, (500,), generator=g)]
     targets = [int(n) for n in torch.randint(1, 30, (500,), generator=g)]
-    shape = packed_shape(sources, targets, token_budget=5000)
-    assert shape[1] == 2048 and shape[0] == 2  # 5000 tokens, ~91% of them source: two 2048-token rows
-    assert shape[2] % 128 == 0 and shape[2] >= 1.25 * 2048 * sum(targets) / sum(sources)
+    assert packed_shape(sources, targets, token_budget=5000, row_tokens=2048)[:2] == (2, 2048)  # ~91% source
+    shape = packed_shape(sources, targets, token_budget=5000)  # one row by default
+    assert shape[0] == 1 and shape[1] == round_up(
+        math.ceil(5000 * sum(sources) / (sum(sources) + sum(targets))), 128
+    )
+    assert shape[2] % 128 == 0 and shape[2] >= 1.25 * shape[1] * sum(targets) / sum(sources)
     sampler = ShapeBatches(sources, targets, shape, seed=3)
     batches = sampler.batches()
     assert sorted(i for b in batches for i in b) == list(range(500))
@@ -306,10 +317,8 @@ def test_shape_batches_fill_one_shape():
     sampler.set_epoch(1)
     assert sampler.batches() != batches and len(sampler) == len(sampler.batches())
     assert packed_shape(sources, targets, token_budget=400)[:2] == (1, 384)  # a budget under one row
-    rows, enc, _ = packed_shape(sources, targets, token_budget=5000, row_tokens=10**6)  # one row
-    assert rows == 1 and enc >= 5000 * sum(sources) / (sum(sources) + sum(targets)) and enc % 128 == 0
     with pytest.raises(ValueError, match=r"training row 1 has 40 source and 300 target tokens"):
-        ShapeBatches([10, 40], [5, 300], shape, seed=0)
+        ShapeBatches([10, 40], [5, 300], (1, 128, 128), seed=0)
 
 
 def test_cuda_graph_config_errors(tiny_no_dropout, tmp_path):

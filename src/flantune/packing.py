@@ -269,18 +269,22 @@ class ShapeBatches(EpochBatches):
 
 
 def packed_shape(source_lengths: list[int], target_lengths: list[int], token_budget: int,
-                 multiple: int = 128, row_tokens: int = ROW_TOKENS) -> tuple[int, int, int]:  # fmt: skip
+                 multiple: int = 128, row_tokens: int | None = None) -> tuple[int, int, int]:  # fmt: skip
     """One packed shape for a data set: (rows, source length, target length) holding about
     `token_budget` source + target tokens per micro-batch.
 
-    Rows are `row_tokens` source tokens long, or the budget's source share where that is less
-    (longer where a source is); the target length follows the data's target-to-source ratio with
-    25% room, so that rows close on the source side rather than leaving source room unused; every
-    row holds the longest source and target alone.
+    One row holds the budget's source share (row_tokens=None), or rows are `row_tokens` source
+    tokens long where that is less (longer where a source is). One row is the default: the block
+    mask skips the other pairs at no cost, and first-fit into one long row leaves the least room
+    unused (real share of the micro-batch on SciQ lengths 93.6% against 93.0% with 2048-token
+    rows, on summarization lengths 93.1% against 87.0%: bench/pack_share.py). The target length
+    follows the data's target-to-source ratio with 25% room, so that rows close on the source side
+    rather than leaving source room unused; every row holds the longest source and target alone.
     """
     sources, targets = sum(source_lengths), sum(target_lengths)
     source_budget = token_budget * sources / (sources + targets)
-    enc_len = round_up(max(min(row_tokens, math.ceil(source_budget)), max(source_lengths)), multiple)
+    row = math.ceil(source_budget) if row_tokens is None else min(row_tokens, math.ceil(source_budget))
+    enc_len = round_up(max(row, max(source_lengths)), multiple)
     rows = max(1, round(source_budget / enc_len))
     dec_len = round_up(max(max(target_lengths), math.ceil(1.25 * enc_len * targets / sources)), multiple)
     return rows, enc_len, dec_len

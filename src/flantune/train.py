@@ -261,7 +261,14 @@ class StepProfiler:
         self.out.mkdir(parents=True, exist_ok=True)
         self.prof.export_chrome_trace(str(self.out / "trace.json"))
         sort = "self_device_time_total" if cuda else "self_cpu_time_total"
-        (self.out / "ops.txt").write_text(events.table(sort_by=sort, row_limit=80))
+        text = events.table(sort_by=sort, row_limit=80)
+        if cuda:
+            # Where the host's time goes (synchronisations, copies, launches, Python-side ops): when
+            # device_busy_share is low, the GPU waited on these.
+            text += "\n\nBy host time (self CPU):\n" + events.table(
+                sort_by="self_cpu_time_total", row_limit=40
+            )
+        (self.out / "ops.txt").write_text(text)
         summary = {"steps": [self.begin, step], "wall_s": wall}
         if cuda:
             # Kernel (and copy) time summed over the window: the share of wall time the GPU had work.
