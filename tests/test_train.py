@@ -244,6 +244,29 @@ def test_resume_equals_uninterrupted_run(tiny_t5, tmp_path, monkeypatch, group_b
     assert bool(made) == group_by_length
 
 
+@pytest.mark.parametrize("extra", [{}, {"packing": True}], ids=["plain", "packed"])
+def test_resume_after_the_first_epoch_equals_uninterrupted_run(tiny_t5, tmp_path, monkeypatch, extra):
+    """A resume in epoch 1 sees epoch 1's order and then epoch 2's (Accelerate's loaders count their
+    own passes from 0 and set the sampler's epoch from that count, unless the loop sets it)."""
+    data = write_copy_task(tmp_path, n=24)  # 3 steps of 8 examples an epoch: step 4 is in epoch 1
+    kw = dict(max_steps=10, save_every=4, schedule="constant", **extra)
+    train(make_recipe(tiny_t5, data, tmp_path / "a", **kw))
+    real_save = ckpt.save_checkpoint
+
+    def save_then_crash(root, model, optimizer, scheduler, state, accelerator):
+        path = real_save(root, model, optimizer, scheduler, state, accelerator)
+        if state.step == 4:
+            raise KeyboardInterrupt
+        return path
+
+    monkeypatch.setattr(ckpt, "save_checkpoint", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        train(make_recipe(tiny_t5, data, tmp_path / "b", **kw))
+    monkeypatch.setattr(ckpt, "save_checkpoint", real_save)
+    train(make_recipe(tiny_t5, data, tmp_path / "b", **kw, resume=True))
+    assert losses(tmp_path / "b") == losses(tmp_path / "a")
+
+
 def test_refuses_to_overwrite_a_run(tiny_t5, tmp_path):
     data = write_copy_task(tmp_path)
     train(make_recipe(tiny_t5, data, tmp_path / "run", max_steps=2))

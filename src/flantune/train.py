@@ -480,6 +480,10 @@ def train(recipe: Recipe, console=None) -> TrainResult:
             sampler.set_epoch(state.epoch)
             skip = state.batches_in_epoch
             epoch_loader = accelerator.skip_first_batches(loader, skip) if skip else loader
+            # Accelerate's loader sets the sampler's epoch to its own count of passes when a pass
+            # starts, and a loader made on resume (or by skip_first_batches) counts from 0: give it
+            # the run's epoch, or a run resumed after its first epoch replays epoch 0's order.
+            epoch_loader.set_epoch(state.epoch)
             for batch in epoch_loader:
                 state.batches_in_epoch += 1
                 yield batch
