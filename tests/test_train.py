@@ -244,7 +244,11 @@ def test_resume_equals_uninterrupted_run(tiny_t5, tmp_path, monkeypatch, group_b
     assert bool(made) == group_by_length
 
 
-@pytest.mark.parametrize("extra", [{}, {"packing": True}], ids=["plain", "packed"])
+@pytest.mark.parametrize(
+    "extra",
+    [{}, {"packing": True}, {"packing": True, "token_budget": 160}],
+    ids=["plain", "packed", "token-budget"],
+)
 def test_resume_after_the_first_epoch_equals_uninterrupted_run(tiny_t5, tmp_path, monkeypatch, extra):
     """A resume in epoch 1 sees epoch 1's order and then epoch 2's (Accelerate's loaders count their
     own passes from 0 and set the sampler's epoch from that count, unless the loop sets it)."""
