@@ -78,6 +78,11 @@ def main() -> None:
             "first_window_tokens_per_s": windows[0]["tokens_per_s"],
             "data_wait_share": statistics.mean(r["data_wait_share"] for r in windows[1:]),
             "last_loss": windows[-1]["loss"],
+            # Per log window: an epoch boundary or a slow loader shows in one window, not in the mean.
+            "windows": [
+                {k: r[k] for k in ("step", "epoch", "tokens_per_s", "data_wait_share") if k in r}
+                for r in windows
+            ],
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
         }
         if (out / "profile" / "summary.json").exists():
