@@ -9,6 +9,7 @@ unpacked and packed runs take batch_size examples, the CUDA-graph run fills one 
 
     python bench/train_loop.py --shared ../shared --shape flan-t5-base --method lora --out loop.json \
         [--profile 31,35]   # train.profile_steps: device-busy share and the op table per run
+        [--runs packed+graph,packed+graph+unpinned]   # train.pin_memory's effect
 """
 
 from __future__ import annotations
@@ -24,7 +25,11 @@ RUNS = {
     "unpacked": ["train.packing=false"],
     "packed": ["train.packing=true", "train.compile=true"],
     "packed+graph": ["train.packing=true", "train.compile=true", "train.cuda_graph=true"],
-}
+    # The same with pageable micro-batches and blocking copies (what train.pin_memory=true replaced).
+    "packed+graph+unpinned": [
+        "train.packing=true", "train.compile=true", "train.cuda_graph=true", "train.pin_memory=false",
+    ],
+}  # fmt: skip
 
 
 def main() -> None:
@@ -34,7 +39,7 @@ def main() -> None:
     parser.add_argument("--method", default="lora")
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--log-every", type=int, default=10)
-    parser.add_argument("--runs", default=",".join(RUNS))
+    parser.add_argument("--runs", default="unpacked,packed,packed+graph")
     parser.add_argument("--out", required=True)
     parser.add_argument(
         "--profile",

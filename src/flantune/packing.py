@@ -332,7 +332,8 @@ def resolve_attention(attention: str, cuda: bool) -> str:
 
 
 def packed_loader(dataset, *, batch_size: int, token_budget: int | None, seed: int, pad_id: int,
-                  decoder_start_id: int, block_masks: bool = True, fixed_shape: bool = False):  # fmt: skip
+                  decoder_start_id: int, block_masks: bool = True, fixed_shape: bool = False,
+                  pin_memory: bool = False):  # fmt: skip
     """(DataLoader of packed micro-batches, its sampler with set_epoch, the fixed shape or None).
 
     Without a token budget a micro-batch holds batch_size examples in the unpacked order (the same
@@ -340,6 +341,7 @@ def packed_loader(dataset, *, batch_size: int, token_budget: int | None, seed: i
     FlexAttention block masks while packing (the flex path; the eager path needs none).
     fixed_shape: every micro-batch fills one shape (`packed_shape` of the token budget, which
     defaults to batch_size examples of the data's mean length; `ShapeBatches`), for CUDA graphs.
+    pin_memory: page-locked micro-batches (CUDA), for asynchronous copies to the GPU.
     """
     from torch.utils.data import DataLoader
 
@@ -357,7 +359,7 @@ def packed_loader(dataset, *, batch_size: int, token_budget: int | None, seed: i
     # Packing and the block masks take a few ms of CPU per micro-batch: on CUDA, two worker processes
     # build the next batches while the GPU runs this one (on the CPU they would compete for cores).
     workers = 2 if torch.cuda.is_available() else 0
-    extra = {"num_workers": workers, "persistent_workers": workers > 0}
+    extra = {"num_workers": workers, "persistent_workers": workers > 0, "pin_memory": pin_memory}
     if shape is None and token_budget is None:
         sampler = EpochSampler(len(dataset), seed)
         loader = DataLoader(

@@ -376,7 +376,7 @@ def default_best_metric(recipe: Recipe, split) -> str:
 def train(recipe: Recipe, console=None) -> TrainResult:
     """Run a recipe's supervised fine-tuning; returns where the result is and its scores."""
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import DataLoaderConfiguration, set_seed
     from rich.console import Console
     from transformers import get_scheduler
 
@@ -388,10 +388,13 @@ def train(recipe: Recipe, console=None) -> TrainResult:
     from transformers import AutoConfig
 
     model_type = AutoConfig.from_pretrained(recipe.model.path, revision=recipe.model.revision).model_type
+    pin = cfg.pin_memory and torch.cuda.is_available()
     # cpu=True without CUDA: Accelerate only sets up several CPU processes (gloo) when told so.
     accelerator = Accelerator(
-        mixed_precision=resolve_precision(cfg.precision, model_type), cpu=not torch.cuda.is_available()
-    )
+        mixed_precision=resolve_precision(cfg.precision, model_type), cpu=not torch.cuda.is_available(),
+        # Copies from page-locked batches need not block the host (non_blocking without pinning does).
+        dataloader_config=DataLoaderConfiguration(non_blocking=pin),
+    )  # fmt: skip
     main = accelerator.is_main_process
     if main:
         prepare_run_dir(out, cfg.resume)
@@ -422,7 +425,7 @@ def train(recipe: Recipe, console=None) -> TrainResult:
         loader, sampler, shape = packed_loader(
             train_set, batch_size=cfg.batch_size, token_budget=cfg.token_budget, seed=cfg.seed,
             pad_id=tokenizer.pad_token_id, decoder_start_id=base.config.decoder_start_token_id,
-            block_masks=attention == "flex", fixed_shape=cfg.cuda_graph,
+            block_masks=attention == "flex", fixed_shape=cfg.cuda_graph, pin_memory=pin,
         )  # fmt: skip
         if shape and main:
             console.print(f"packed micro-batches of one shape: {shape[0]} rows of {shape[1]} source and "
@@ -430,14 +433,14 @@ def train(recipe: Recipe, console=None) -> TrainResult:
     elif cfg.group_by_length:
         lengths = [len(s) + len(t) for s, t in zip(train_set["input_ids"], train_set["labels"], strict=True)]
         sampler = LengthGroupedBatches(lengths, cfg.batch_size, cfg.seed)
-        loader = DataLoader(train_set, batch_sampler=sampler, collate_fn=collator,
+        loader = DataLoader(train_set, batch_sampler=sampler, collate_fn=collator, pin_memory=pin,
                             generator=torch.Generator().manual_seed(cfg.seed))  # fmt: skip
     else:
         sampler = EpochSampler(len(train_set), cfg.seed)
         # Its own generator: starting an epoch's iterator must not draw from the global RNG, or a
         # resumed run (which starts one mid-epoch) would shift every later dropout mask.
         loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collator,
-                            generator=torch.Generator().manual_seed(cfg.seed))  # fmt: skip
+                            pin_memory=pin, generator=torch.Generator().manual_seed(cfg.seed))  # fmt: skip
 
     # ---- optimizer, schedule ------------------------------------------------------------------
     if cfg.packing:
