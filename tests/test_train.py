@@ -206,6 +206,24 @@ def test_final_folders_load_with_plain_libraries_and_match(tiny_t5, tmp_path):
         )
 
 
+def crash_and_resume(recipe_of, monkeypatch, crash_after: int) -> None:
+    """Train `recipe_of(resume)` until the checkpoint of step `crash_after` is written, end the run
+    there (as if the machine went away), then resume it to the end."""
+    real_save = ckpt.save_checkpoint
+
+    def save_then_crash(root, model, optimizer, scheduler, state, accelerator):
+        path = real_save(root, model, optimizer, scheduler, state, accelerator)
+        if state.step == crash_after:
+            raise KeyboardInterrupt
+        return path
+
+    monkeypatch.setattr(ckpt, "save_checkpoint", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        train(recipe_of(False))
+    monkeypatch.setattr(ckpt, "save_checkpoint", real_save)
+    train(recipe_of(True))
+
+
 @pytest.mark.parametrize("group_by_length", [False, True], ids=["random", "grouped"])
 def test_resume_equals_uninterrupted_run(tiny_t5, tmp_path, monkeypatch, group_by_length):
     from flantune import train as train_module
@@ -224,23 +242,11 @@ def test_resume_equals_uninterrupted_run(tiny_t5, tmp_path, monkeypatch, group_b
         "dropout": 0.1,
     }  # dropout: RNG must be restored
     train(make_recipe(tiny_t5, data, tmp_path / "a", method, **kw))
-    uninterrupted = losses(tmp_path / "a")
-
-    real_save = ckpt.save_checkpoint
-
-    def save_then_crash(root, model, optimizer, scheduler, state, accelerator):
-        path = real_save(root, model, optimizer, scheduler, state, accelerator)
-        if state.step == 4:
-            raise KeyboardInterrupt  # as if the machine went away right after the checkpoint
-        return path
-
-    monkeypatch.setattr(ckpt, "save_checkpoint", save_then_crash)
-    with pytest.raises(KeyboardInterrupt):
-        train(make_recipe(tiny_t5, data, tmp_path / "b", method, **kw))
-    monkeypatch.setattr(ckpt, "save_checkpoint", real_save)
     # Data position matters too: with batch 8 over 96 rows, step 4 is mid-epoch.
-    train(make_recipe(tiny_t5, data, tmp_path / "b", method, **kw, resume=True))
-    assert losses(tmp_path / "b") == uninterrupted
+    crash_and_resume(
+        lambda resume: make_recipe(tiny_t5, data, tmp_path / "b", method, **kw, resume=resume), monkeypatch, 4
+    )
+    assert losses(tmp_path / "b") == losses(tmp_path / "a")
     assert bool(made) == group_by_length
 
 
@@ -255,19 +261,9 @@ def test_resume_after_the_first_epoch_equals_uninterrupted_run(tiny_t5, tmp_path
     data = write_copy_task(tmp_path, n=24)  # 3 steps of 8 examples an epoch: step 4 is in epoch 1
     kw = dict(max_steps=10, save_every=4, schedule="constant", **extra)
     train(make_recipe(tiny_t5, data, tmp_path / "a", **kw))
-    real_save = ckpt.save_checkpoint
-
-    def save_then_crash(root, model, optimizer, scheduler, state, accelerator):
-        path = real_save(root, model, optimizer, scheduler, state, accelerator)
-        if state.step == 4:
-            raise KeyboardInterrupt
-        return path
-
-    monkeypatch.setattr(ckpt, "save_checkpoint", save_then_crash)
-    with pytest.raises(KeyboardInterrupt):
-        train(make_recipe(tiny_t5, data, tmp_path / "b", **kw))
-    monkeypatch.setattr(ckpt, "save_checkpoint", real_save)
-    train(make_recipe(tiny_t5, data, tmp_path / "b", **kw, resume=True))
+    crash_and_resume(
+        lambda resume: make_recipe(tiny_t5, data, tmp_path / "b", **kw, resume=resume), monkeypatch, 4
+    )
     assert losses(tmp_path / "b") == losses(tmp_path / "a")
 
 

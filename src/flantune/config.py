@@ -256,9 +256,8 @@ class TrainConfig:
     every micro-batch then fills one fixed shape, one row sized from token_budget (or batch_size
     examples); the blocks are compiled as with compile=true."""
     pin_memory: bool = True
-    """On CUDA: micro-batches in page-locked memory, copied to the GPU asynchronously (the loader's
-    pinning thread receives them from the workers), as transformers' dataloader_pin_memory.
-    No effect on the CPU."""
+    """On CUDA: micro-batches in page-locked memory (pinned by the DataLoader's pinning thread),
+    copied to the GPU asynchronously, as transformers' dataloader_pin_memory. No effect on the CPU."""
     profile_steps: list[int] | None = None
     """[first, last]: record optimizer steps first..last with torch.profiler (CPU, and CUDA kernels on
     a GPU) into output_dir/profile/: trace.json (Chrome / Perfetto), ops.txt (operators and kernels by

@@ -486,6 +486,8 @@ def train(recipe: Recipe, console=None) -> TrainResult:
             # Accelerate's loader sets the sampler's epoch to its own count of passes when a pass
             # starts, and a loader made on resume (or by skip_first_batches) counts from 0: give it
             # the run's epoch, or a run resumed after its first epoch replays epoch 0's order.
+            # (Both calls are needed: under DDP its set_epoch does not reach a batch sampler inside
+            # its shard wrapper, which the line above sets.)
             epoch_loader.set_epoch(state.epoch)
             for batch in epoch_loader:
                 state.batches_in_epoch += 1
