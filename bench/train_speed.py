@@ -264,6 +264,40 @@ def timed(run_step, batches, warmup: int) -> tuple[float, list[float]]:
     return sum(times), times
 
 
+KERNEL_KINDS = (  # (kind, substrings of the kernel name), first match wins
+    ("flex backward", ("flex_attention_backward",)),
+    ("flex forward", ("flex_attention",)),
+    ("matmul", ("gemm", "nvjet", "xmma", "cutlass", "cublas")),
+    ("optimizer", ("multi_tensor", "adam")),
+    ("fused elementwise (triton)", ("triton_",)),
+)
+
+
+def profile_steps(run_step, batches, out: Path) -> dict:
+    """torch.profiler over `batches` (steps already compiled and captured): the kernel table sorted
+    by GPU time, written to `out`, and GPU milliseconds per step by kind of kernel."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        for batch in batches:
+            run_step(batch)
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - start
+    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+    kinds: dict[str, float] = {}
+    for event in events:
+        kind = next((k for k, keys in KERNEL_KINDS if any(x in event.key.lower() for x in keys)), "other")
+        kinds[kind] = kinds.get(kind, 0.0) + event.self_device_time_total / 1000 / len(batches)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(
+        prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=60, max_name_column_width=100)
+    )
+    return {"wall_ms_per_step": 1000 * wall / len(batches), "gpu_ms_per_step": sum(kinds.values()),
+            "gpu_ms_by_kind": dict(sorted(kinds.items(), key=lambda kv: -kv[1]))}  # fmt: skip
+
+
 def run_cell(shared, shape, method, name, examples, args, peak) -> dict:
     model = build(shared, shape, method, "bfloat16")
     base = fast_t5.t5_model(model)
@@ -347,12 +381,17 @@ def run_cell(shared, shape, method, name, examples, args, peak) -> dict:
     torch.cuda.synchronize()
     mask_ms = 1000 * (time.perf_counter() - mask_start)
     row["flantune"] = {
+        "kernel_options": dict(fast_t5.KERNEL_OPTIONS),
         "tokens_per_s": ours, "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
         "mfu": flops / seconds / 1e12 / peak, "tflops": flops / seconds / 1e12,
         "median_step_ms": 1000 * statistics.median(times), "warmup_s": warm_s,
         "rows_per_step": statistics.mean(b["input_ids"].shape[0] for b in batches),
         "masks_ms": mask_ms, "path": "compiled blocks" if args.no_graph else "compiled blocks + CUDA graph",
     }  # fmt: skip
+    if args.profile:
+        out = Path(args.profile) / f"{row['shape']}-{method}-{name}.txt"
+        row["flantune"]["profile"] = profile_steps(run_step, batches[-3:], out)
+        print(json.dumps(row["flantune"]["profile"]), flush=True)
     # The same model FLOPs per real token on both sides.
     row["hf_best"]["mfu"] = row["flantune"]["mfu"] * row["hf_best"]["tokens_per_s"] / ours
     row["ratio"] = ours / row["hf_best"]["tokens_per_s"] if row["hf_best"]["tokens_per_s"] else None
@@ -544,7 +583,15 @@ def main() -> None:
         default=fast_t5.BLOCK,
         help="FlexAttention block size of the masks (64: pairs of ~140 tokens waste less)",
     )
+    parser.add_argument("--profile", default=None, help="folder: profile 3 flantune steps of every cell")
+    parser.add_argument(
+        "--flex-options",
+        type=json.loads,
+        default={},
+        help="FlexAttention kernel_options as JSON, e.g. '{\"bwd_num_warps\": 4}' (fast_t5.KERNEL_OPTIONS)",
+    )
     args = parser.parse_args()
+    fast_t5.KERNEL_OPTIONS.update(args.flex_options)
     if args.block < fast_t5.BLOCK and args.mode not in ("max-autotune-no-cudagraphs", "max-autotune"):
         # Inductor filters its FlexAttention backward configs by the block size before applying
         # kernel_options; without max-autotune its one sm90 config (64, 128, 128, 64) fits no 64.

@@ -480,3 +480,17 @@ def test_block_size_follows_from_the_mask_tensors():
     pair, pos = batch["enc_pair"][:, :384], batch["enc_pos"][:, :384]  # 4 blocks cannot tile 384
     with pytest.raises(ValueError, match="fit no block size"):
         fast_t5.tensors_block_size(fast_t5.Pattern(pair, pair, pos, pos, causal=False), batch["enc_blocks"])
+
+
+def test_kernel_options_follow_device_head_size_and_override(monkeypatch):
+    """The tuned backward tiles apply to heads of 64 on sm90 only; KERNEL_OPTIONS overrides them."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert fast_t5.kernel_options_for(cpu, 64) is None
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    options = fast_t5.kernel_options_for(cuda, 64)
+    assert options == fast_t5.SM90_BACKWARD_D64 and options is not fast_t5.SM90_BACKWARD_D64
+    assert fast_t5.kernel_options_for(cuda, 128) is None
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert fast_t5.kernel_options_for(cuda, 64) is None
+    monkeypatch.setattr(fast_t5, "KERNEL_OPTIONS", {"fwd_BLOCK_N": 64})
+    assert fast_t5.kernel_options_for(cpu, 64) == {"fwd_BLOCK_N": 64}
