@@ -1,5 +1,6 @@
 """CPU cost of packing a micro-batch: `flantune.packing.pack` with and without the FlexAttention
-block masks, and `fast_t5.patterns` on a packed batch whose masks the packer made.
+block masks, `fast_t5.patterns` on a packed batch whose masks the packer made, and the three
+block masks alone with their q side made directly or through torch's `BlockMask.from_kv_blocks`.
 
 The same 32 real SciQ examples a step as bench/train_speed.py (T5 tokenizer, flantune's sciq task),
 flan-t5-base's shape for `patterns` (its relative-bias tables on the CPU). Medians over --repeats.
@@ -59,6 +60,13 @@ def main() -> None:
         ),
         "patterns_ms": median_ms(lambda: fast_t5.patterns(model, batch, "flex", True), args.repeats),
     }
+    # The three block masks alone, their q side (the backward's) made directly and through torch's
+    # BlockMask.from_kv_blocks (what pack used before 2026-11-30's change): the same tensors.
+    plain = fast_t5.patterns(model, batch, "eager", True)
+    for q_side in ("direct", "torch"):
+        result[f"three_masks_{q_side}_ms"] = median_ms(
+            lambda q_side=q_side: [fast_t5.block_mask_tensors(p, q_side=q_side) for p in plain], args.repeats
+        )
     print(json.dumps(result, indent=2))
 
 

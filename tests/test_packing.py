@@ -285,8 +285,13 @@ def test_block_mask_from_pairs_matches_create_block_mask(tiny, pairs):
             device="cpu", BLOCK_SIZE=16,
         )  # fmt: skip
         assert torch.equal(ours.to_dense(), theirs.to_dense()), name
-        for field in ("kv_num_blocks", "full_kv_num_blocks", "q_num_blocks", "full_q_num_blocks"):
+        for field in ("kv_num_blocks", "full_kv_num_blocks", "q_num_blocks", "full_q_num_blocks",
+                      "kv_indices", "full_kv_indices", "q_indices", "full_q_indices"):  # fmt: skip
             assert torch.equal(getattr(ours, field), getattr(theirs, field)), (name, field)
+        # The q side made directly equals the one torch derives from the kv side.
+        direct = fast_t5.block_mask_tensors(pattern, 16)
+        for a, b in zip(direct, fast_t5.block_mask_tensors(pattern, 16, q_side="torch"), strict=True):
+            assert a.dtype == b.dtype == torch.int32 and a.is_contiguous() and torch.equal(a, b), name
         assert ours.kv_num_blocks[2].sum() == ours.full_kv_num_blocks[2].sum() == 0  # row 2: padding alone
         # Computed on the spot from the pattern: the same mask.
         assert torch.equal(fast_t5.build_block_mask(pattern, block=16).to_dense(), theirs.to_dense())

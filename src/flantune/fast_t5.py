@@ -159,7 +159,7 @@ def kernel_options_for(device: torch.device, head_dim: int) -> dict | None:
     return None
 
 
-def block_mask_tensors(pattern: Pattern, block: int = BLOCK) -> tuple[Tensor, ...]:
+def block_mask_tensors(pattern: Pattern, block: int = BLOCK, q_side: str = "direct") -> tuple[Tensor, ...]:
     """The eight index tensors of the pattern's BlockMask (kv side, then q side, each partial then
     full), from the pair ids without evaluating the mask at every (q, k).
 
@@ -170,6 +170,10 @@ def block_mask_tensors(pattern: Pattern, block: int = BLOCK) -> tuple[Tensor, ..
     are left out. `create_block_mask` gives
     the same blocks by evaluating mask_mod on all Lq x Lk scores. flantune.packing calls this on the
     CPU while it packs (in the data loader), so a training step only copies the small results.
+
+    q_side: "direct" orders the transposed block masks as the kv side is ordered; "torch" derives
+    them with `BlockMask.from_kv_blocks` (the same tensors, about 3 ms more per mask on the CPU
+    through its vmap'd dense round trip; the reference in tests and bench/pack_cpu.py).
     """
     from torch.nn.attention.flex_attention import BlockMask
 
@@ -199,19 +203,25 @@ def block_mask_tensors(pattern: Pattern, block: int = BLOCK) -> tuple[Tensor, ..
     partial = overlap & ~full
 
     def indices(mask: Tensor) -> tuple[Tensor, Tensor]:
-        count = mask.sum(-1, dtype=torch.int32)[:, None]  # (B, 1, nq)
-        # The blocks to visit first, in key order (a stable sort of "not visited").
-        order = torch.argsort((~mask).to(torch.int32), dim=-1, stable=True).to(torch.int32)[:, None]
+        count = mask.sum(-1, dtype=torch.int32).contiguous()[:, None]  # (B, 1, nq)
+        # The blocks to visit first, in key order (a stable sort of "not visited"); argsort keeps a
+        # transposed input's strides, and the kernels want row-major indices.
+        order = torch.argsort((~mask).to(torch.int32), dim=-1, stable=True)
+        order = order.to(torch.int32, memory_format=torch.contiguous_format)[:, None]
         return count, order  # (B, 1, nq, nk)
 
     count, order = indices(partial)
     full_count, full_order = indices(full)
-    # from_kv_blocks derives the q-side indices (the backward's) from the kv side.
-    mask = BlockMask.from_kv_blocks(count, order, full_count, full_order, BLOCK_SIZE=block)
-    return (
-        mask.kv_num_blocks, mask.kv_indices, mask.full_kv_num_blocks, mask.full_kv_indices,
-        mask.q_num_blocks, mask.q_indices, mask.full_q_num_blocks, mask.full_q_indices,
-    )  # fmt: skip
+    if q_side == "torch":
+        mask = BlockMask.from_kv_blocks(count, order, full_count, full_order, BLOCK_SIZE=block)
+        return (
+            mask.kv_num_blocks, mask.kv_indices, mask.full_kv_num_blocks, mask.full_kv_indices,
+            mask.q_num_blocks, mask.q_indices, mask.full_q_num_blocks, mask.full_q_indices,
+        )  # fmt: skip
+    # The q side (the backward's): for every key block, the query blocks that visit it.
+    q_count, q_order = indices(partial.transpose(1, 2))  # (B, 1, nk), (B, 1, nk, nq)
+    full_q_count, full_q_order = indices(full.transpose(1, 2))
+    return count, order, full_count, full_order, q_count, q_order, full_q_count, full_q_order
 
 
 def tensors_block_size(pattern: Pattern, tensors: tuple[Tensor, ...]) -> int:
