@@ -7,7 +7,7 @@ weights under bf16 autocast, fused AdamW:
 - transformers + PEFT: the plain loop (`model(**batch).loss`, backward, step) under four settings,
   eager or sdpa attention x random or length-grouped batches (`group_by_length`'s megabatches); the
   best of the four is the baseline, the strongest setting an HF user can pick.
-- flantune: the same examples per step packed into rows of 2048 source tokens (flantune.packing),
+- flantune: the same examples per step packed into one row (flantune.packing; --row-tokens),
   every step in one fixed shape, FlexAttention with T5's bias inside the kernel, compiled blocks,
   chunked cross-entropy, forward + backward replayed as one CUDA graph (flantune.graphs, as
   `train.cuda_graph`); `--no-graph`: compiled blocks launched one by one.
@@ -23,8 +23,12 @@ flan-t5-base both ways for N steps on SciQ and writes both loss curves.
         [--models flan-t5-large,flan-t5-base] [--mode max-autotune-no-cudagraphs]
         [--no-graph [--mode reduce-overhead] [--static]]
         [--row-tokens 2048] [--block 64 --mode max-autotune-no-cudagraphs] [--no-hf]
+        [--profile DIR] [--flex-options '{"bwd_num_warps": 4}']
 
-`--no-hf` skips the baseline (a flantune variant's trial; the cell then has no ratio).
+`--no-hf` skips the baseline (a flantune variant's trial; the cell then has no ratio). `--profile`
+writes each cell's kernel table for 3 flantune steps and adds GPU ms per step by kind of kernel
+(matmul, FlexAttention forward/backward, fused elementwise, optimizer) to the cell.
+`--flex-options` sets FlexAttention's kernel_options (fast_t5.KERNEL_OPTIONS) for a tile sweep.
 """
 
 from __future__ import annotations
