@@ -499,3 +499,38 @@ def test_kernel_options_follow_device_head_size_and_override(monkeypatch):
     assert fast_t5.kernel_options_for(cuda, 64) is None
     monkeypatch.setattr(fast_t5, "KERNEL_OPTIONS", {"fwd_BLOCK_N": 64})
     assert fast_t5.kernel_options_for(cpu, 64) == {"fwd_BLOCK_N": 64}
+
+
+def test_packed_batches_leave_loader_workers_by_value(pairs):
+    """A packed micro-batch pickles as plain arrays, not as shared-memory tensors (one file-descriptor
+    round trip each), comes back equal, and a loader with worker processes gives the same batches."""
+    import pickle
+    from multiprocessing.reduction import ForkingPickler
+
+    from torch.utils.data import DataLoader
+
+    sources, targets = pairs
+    rows = [{"input_ids": s, "labels": t} for s, t in zip(sources, targets, strict=True)]
+    collator = packing.PackedCollator(pad_id=0, decoder_start_id=0, shape=(2, 512, 256))
+    batch = collator(rows)
+    assert isinstance(batch, packing.PackedBatch) and len(batch["enc_blocks"]) == 8
+
+    def flat(b):
+        return [(k, t) for k, v in b.items() for t in (v if isinstance(v, tuple) else (v,))]
+
+    data = bytes(ForkingPickler.dumps(batch))  # how a worker sends it
+    payload = sum(t.numel() * t.element_size() for _, t in flat(batch))
+    assert len(data) >= payload  # the values themselves (shared-memory tensors pickle to handles)
+    assert len(bytes(ForkingPickler.dumps(dict(batch)))) < payload  # which a plain dict would be
+    for loaded in (pickle.loads(data), copy.copy(batch)):
+        assert isinstance(loaded, packing.PackedBatch) and loaded.keys() == batch.keys()
+        for (k, a), (_, b) in zip(flat(loaded), flat(batch), strict=True):
+            assert isinstance(a, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), k
+    pickle.loads(data)["input_ids"].add_(1)  # writable, owns its memory
+
+    indices = [list(range(len(rows) - 2)), [len(rows) - 2, len(rows) - 1]]
+    serial = list(DataLoader(rows, batch_sampler=indices, collate_fn=collator))
+    workers = list(DataLoader(rows, batch_sampler=indices, collate_fn=collator, num_workers=2))
+    for a, b in zip(workers, serial, strict=True):
+        assert isinstance(a, packing.PackedBatch)
+        assert all(torch.equal(x, y) for (_, x), (_, y) in zip(flat(a), flat(b), strict=True))

@@ -158,6 +158,35 @@ def to_device(batch: dict, device) -> dict:
     }
 
 
+class PackedBatch(dict):
+    """A packed micro-batch from the loader: column name -> tensor (block masks: a tuple of them).
+
+    Pickled by value. A loader worker hands a batch to the training process through a pipe; plain
+    tensors would each go through shared memory, one file-descriptor round trip to the worker per
+    tensor, and a packed micro-batch has 32 of them (about 100 KB in all). Measured in the main
+    thread with the workers ahead (one SciQ micro-batch, 2 cores): 19 ms per micro-batch as
+    shared-memory tensors, 3 ms by value. Integer columns only (numpy has no bfloat16).
+    """
+
+    def __reduce__(self):
+        # force: a batch already on the GPU (never sent to a worker) still pickles.
+        arrays = {k: tuple(t.numpy(force=True) for t in v) if isinstance(v, tuple) else v.numpy(force=True)
+                  for k, v in self.items()}  # fmt: skip
+        return _packed_batch, (arrays,)
+
+    def __copy__(self):  # what the DataLoader's pinning thread does with a mapping: a shallow copy
+        return PackedBatch(self)
+
+
+def _packed_batch(arrays: dict) -> PackedBatch:
+    return PackedBatch(
+        {
+            k: tuple(map(torch.from_numpy, v)) if isinstance(v, tuple) else torch.from_numpy(v)
+            for k, v in arrays.items()
+        }
+    )
+
+
 class PackedCollator:
     """DataLoader collate_fn: tokenized rows ({input_ids, labels, ...}) -> a packed micro-batch."""
 
@@ -169,8 +198,8 @@ class PackedCollator:
         self.block = BLOCK if block_masks else None
         self.shape = shape
 
-    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        return pack(
+    def __call__(self, examples: list[dict]) -> PackedBatch:
+        batch = pack(
             [list(x["input_ids"]) for x in examples],
             [[t for t in x["labels"] if t != -100] for x in examples],
             pad_id=self.pad_id,
@@ -179,6 +208,7 @@ class PackedCollator:
             block=self.block,
             shape=self.shape,
         )
+        return PackedBatch(batch)
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
