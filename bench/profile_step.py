@@ -12,7 +12,7 @@ where the few packed shapes recur. Variants:
                 position; real tokens/s counts the same real tokens as the others
 
 For the first variant it also records a torch.profiler trace of 3 steps and writes the kernel
-table (sorted by GPU time) and the GPU-busy share of the step's wall time.
+table (sorted by GPU time) and GPU milliseconds per step by kind of kernel (train_speed.profile_steps).
 
     python bench/profile_step.py --shared ../shared --shape flan-t5-large --method lora \
         --variants block,graph --out profile.json
@@ -34,7 +34,16 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_speed import build, optimizer_for, our_step, packed_batch, real_tokens, sciq_examples, step_indices
+from train_speed import (
+    build,
+    optimizer_for,
+    our_step,
+    packed_batch,
+    profile_steps,
+    real_tokens,
+    sciq_examples,
+    step_indices,
+)
 
 from flantune import fast_t5
 from flantune.packing import pack, to_device
@@ -109,26 +118,6 @@ def timed_pass(step, batches) -> list[float]:
     return times
 
 
-def profile(step, batches, out: Path) -> dict:
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as torch_profile
-
-    torch.cuda.synchronize()
-    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        start = time.perf_counter()
-        for batch in batches:
-            step(batch)
-        torch.cuda.synchronize()
-        wall = time.perf_counter() - start
-    table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=90)
-    out.write_text(table)
-    kernel_us = sum(e.self_device_time_total for e in prof.key_averages() if e.device_type.name == "CUDA")
-    return {
-        "wall_ms_per_step": 1000 * wall / len(batches),
-        "gpu_kernel_ms_per_step": kernel_us / 1000 / len(batches),
-    }
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--shared", default="../shared")
@@ -195,7 +184,7 @@ def main() -> None:
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
         }
         if i == 0:
-            row["profile"] = profile(step, batches_now[:3], out.with_name(f"profile-{variant}.txt"))
+            row["profile"] = profile_steps(step, batches_now[:3], out.with_name(f"profile-{variant}.txt"))
         result["variants"][variant] = row
         print(variant, json.dumps(row), flush=True)
         out.write_text(json.dumps(result, indent=2))
