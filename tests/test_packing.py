@@ -534,3 +534,24 @@ def test_packed_batches_leave_loader_workers_by_value(pairs):
     for a, b in zip(workers, serial, strict=True):
         assert isinstance(a, packing.PackedBatch)
         assert all(torch.equal(x, y) for (_, x), (_, y) in zip(flat(a), flat(b), strict=True))
+
+
+def test_kernel_options_reach_flex_attention_on_16_bit_inputs(tiny, pairs, monkeypatch):
+    """patterns() gives every flex pattern the options of kernel_options_for, and _flex hands them
+    to flex_attention for bf16 inputs only (float32 keeps inductor's tiles)."""
+    import torch.nn.attention.flex_attention as flex_module
+
+    options = {"bwd_num_warps": 4}
+    monkeypatch.setattr(fast_t5, "kernel_options_for", lambda device, head_dim: options)
+    sources, targets = pairs
+    batch = pack(sources, targets, pad_id=0, decoder_start_id=0)
+    patterns = fast_t5.patterns(tiny, batch, "flex", True)
+    assert all(p.kernel_options is options for p in patterns)
+    seen = []
+    monkeypatch.setattr(
+        flex_module, "flex_attention", lambda *a, kernel_options=None, **k: seen.append(kernel_options)
+    )
+    q = torch.zeros(1, 2, 8, 4)
+    for dtype in (torch.bfloat16, torch.float32):
+        fast_t5._flex(q.to(dtype), q.to(dtype), q.to(dtype), patterns[0])
+    assert seen == [options, None]

@@ -140,8 +140,8 @@ BLOCK = 128
 """FlexAttention's block size: the block masks are built for it."""
 
 KERNEL_OPTIONS: dict = {}
-"""FlexAttention `kernel_options` for every flex call (tiles, warps, stages: `fwd_BLOCK_M`,
-`bwd_num_warps`, ...), overriding `kernel_options_for`. Read when a block is compiled."""
+"""FlexAttention `kernel_options` for every flex call on 16-bit inputs (tiles, warps, stages:
+`fwd_BLOCK_M`, `bwd_num_warps`, ...), overriding `kernel_options_for`. Read when a block is compiled."""
 
 SM90_BACKWARD_D64 = {"bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 64,
                      "bwd_num_warps": 4}  # fmt: skip
@@ -177,6 +177,8 @@ def block_mask_tensors(pattern: Pattern, block: int = BLOCK, q_side: str = "dire
     """
     from torch.nn.attention.flex_attention import BlockMask
 
+    if q_side not in ("direct", "torch"):
+        raise ValueError(f"block_mask_tensors: q_side must be 'direct' or 'torch', not {q_side!r}")
     big = torch.iinfo(torch.int32).max
 
     def ranges(pair: Tensor) -> tuple[Tensor, Tensor]:
