@@ -37,7 +37,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_speed import (
     build,
     optimizer_for,
-    our_step,
     packed_batch,
     profile_steps,
     real_tokens,
@@ -49,6 +48,18 @@ from flantune import fast_t5
 from flantune.packing import pack, to_device
 
 
+def packed_step(model, optimizer, batch, block_fn) -> torch.Tensor:
+    """A packed step stripped to forward, backward and AdamW, for comparing compile strategies of
+    the block (bench/train_speed.py times flantune.train.train_step itself)."""
+    tokens = (batch["labels"] != -100).sum()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = fast_t5.packed_loss_sum(model, batch, "flex", block_fn=block_fn) / tokens
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
 def make_step(model, optimizer, variant: str):
     mode = "reduce-overhead" if variant.endswith("-ro") else None
     block_fn = torch.compile(fast_t5.t5_block, mode=mode)
@@ -56,7 +67,7 @@ def make_step(model, optimizer, variant: str):
     def step(batch):
         if mode:
             torch.compiler.cudagraph_mark_step_begin()
-        return our_step(model, optimizer, batch, block_fn)
+        return packed_step(model, optimizer, batch, block_fn)
 
     return step
 

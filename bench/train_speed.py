@@ -10,7 +10,9 @@ weights under bf16 autocast, fused AdamW:
 - flantune: the same examples per step packed into one row (flantune.packing; --row-tokens),
   every step in one fixed shape, FlexAttention with T5's bias inside the kernel, compiled blocks,
   chunked cross-entropy, forward + backward replayed as one CUDA graph (flantune.graphs, as
-  `train.cuda_graph`); `--no-graph`: compiled blocks launched one by one.
+  `train.cuda_graph`); `--no-graph`: compiled blocks launched one by one. Each step is
+  `flantune.train.train_step`, the step `flantune train` runs (token-mean loss, gradient clipping
+  at 1.0, fused AdamW), under Accelerate's bf16 autocast.
 
 Printed and written per cell: real (non-padding) tokens/s of both, the ratio, model-FLOP
 utilisation against a measured bf16 matmul peak, peak memory. Data: the real SciQ lengths (T5
@@ -245,14 +247,32 @@ def hf_step(model, optimizer, micro_batches: list[dict]) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
-def our_step(model, optimizer, batch, block_fn) -> torch.Tensor:
-    tokens = (batch["labels"] != -100).sum()
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        loss = fast_t5.packed_loss_sum(model, batch, "flex", block_fn=block_fn) / tokens
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return loss.detach()
+def flantune_step(model, args):
+    """`run_step(batch)`: one optimizer step of `flantune train` on a packed micro-batch, through its
+    own pieces: `PackedLoss` (compiled blocks), the CUDA-graph step (`CapturedStep`, unless
+    --no-graph) and `flantune.train.train_step`, under Accelerate's bf16 autocast."""
+    from accelerate import Accelerator
+
+    from flantune.packing import PackedLoss
+    from flantune.run import build_optimizer, build_scheduler
+    from flantune.train import make_micro_step, train_step
+
+    fast_t5.freeze_relative_bias(model)
+    accelerator = Accelerator(mixed_precision="bf16")
+    options = {"mode": args.mode} | ({"dynamic": False} if args.static or not args.no_graph else {})
+    packed = PackedLoss(model, "flex", compile=True, compile_options=options)
+    stepped = accelerator.prepare(packed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = accelerator.prepare(build_optimizer(model, 1e-4, 0.0))
+    scheduler = build_scheduler("constant", optimizer, 0, 10**9)
+    graphed = None if args.no_graph else CapturedStep(packed.fixed_shape_loss, params, torch.bfloat16)
+    micro_step = make_micro_step(stepped, accelerator, packed=True, graphed=graphed)
+
+    def run_step(batch):
+        train_step(micro_step, [dict(batch)], stepped=stepped, optimizer=optimizer, scheduler=scheduler,
+                   accelerator=accelerator, params=params, max_grad_norm=1.0, set_to_none=graphed is None)  # fmt: skip
+
+    return run_step
 
 
 def timed(run_step, batches, warmup: int) -> tuple[float, list[float]]:
@@ -351,27 +371,17 @@ def run_cell(shared, shape, method, name, examples, args, peak) -> dict:
         **row["hf"].get(best, {"tokens_per_s": 0.0}),
     }  # tokens_per_s 0: every setting ran out of memory, or --no-hf
 
-    fast_t5.freeze_relative_bias(model)
+    # flantune's side runs flantune.train's own optimizer step (train_step: token-mean loss, gradient
+    # clipping at train.max_grad_norm's default 1.0, AdamW, the schedule), as `flantune train` does.
+    optimizer.zero_grad(set_to_none=True)
+    optimizer.state.clear()  # the baseline's Adam state: not flantune's memory
+    run_step = flantune_step(model, args)
     if args.no_graph:
-        block_fn = torch.compile(fast_t5.t5_block, dynamic=False if args.static else None, mode=args.mode)
         batches = [packed_batch(examples, idx, "cuda", block=args.block) for idx in random_steps]
-
-        def run_step(batch):
-            our_step(model, optimizer, batch, block_fn)
     else:
-        block_fn = torch.compile(fast_t5.t5_block, dynamic=False, mode=args.mode)
         shape = fixed_shape(examples, random_steps, args.row_tokens)
         row["shape_packed"] = shape
         batches = [packed_batch(examples, idx, "cuda", shape, args.block) for idx in random_steps]
-        scales = {id(b): 1 / int((b["labels"] != -100).sum()) for b in batches}
-        captured = graphed_step(model, block_fn)
-
-        def run_step(batch):
-            captured(batch, scales[id(batch)])
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=False)
-
-    optimizer.zero_grad(set_to_none=False)
     torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
     seconds, times = timed(run_step, batches, args.warmup)

@@ -69,3 +69,14 @@ def tiny_config(path: str, vocab_size: int | None = None):
     if vocab_size:
         cfg.vocab_size = vocab_size
     return cfg
+
+
+def load_for_generation(model: str, adapter: str | None = None, device: str = "cpu", recorded_by=None):
+    """(model, tokenizer) as `flantune generate MODEL [--adapter ADAPTER]` loads them."""
+    from flantune.final import load_final
+
+    if adapter:
+        loaded = load_final({"default": adapter}, base=model, device=device, what="--adapter")
+    else:
+        loaded = load_final(model, device=device, recorded_by=recorded_by, what="--model")
+    return loaded.model, loaded.tokenizer

@@ -8,12 +8,13 @@ import sys
 import pytest
 
 from flantune.config import ConfigError, recipe_from_dict
+from flantune.decoding import generate_texts
 from flantune.evaluate import run_eval
-from flantune.generate import GenerateError, generate_texts, load_for_generation
+from flantune.models import ModelLoadError
 from flantune.quickstart import build_tokenizer, make_rows, write_jsonl
 from flantune.train import train
 
-from .conftest import ROOT
+from .conftest import ROOT, load_for_generation
 from .test_train import METHODS
 
 
@@ -124,9 +125,9 @@ def test_eval_command_end_to_end(tuned_run, tmp_path):
 
 def test_eval_errors(tuned_run, tmp_path):
     recipe, model_dir, final = tuned_run
-    with pytest.raises(GenerateError, match="does not exist"):
+    with pytest.raises(ModelLoadError, match="does not exist"):
         run_eval(recipe, str(tmp_path / "missing"), out=tmp_path / "a")
-    with pytest.raises(GenerateError, match="no adapter_config.json"):
+    with pytest.raises(ModelLoadError, match="no adapter_config.json"):
         run_eval(recipe, str(model_dir), adapter=str(final), out=tmp_path / "a")
     with pytest.raises(ConfigError, match="--split"):
         run_eval(recipe, str(final), split_name="dev", out=tmp_path / "a")
@@ -159,7 +160,7 @@ def test_an_adapter_folder_stands_for_its_base_plus_adapter(tuned_run, tmp_path)
         model, tokenizer = load_for_generation(*args)
         outputs.append(generate_texts(model, tokenizer, sources, recipe.generation))
     assert outputs[0] == outputs[1]
-    with pytest.raises(GenerateError, match="adapter folder"):
+    with pytest.raises(ModelLoadError, match="adapter folder"):
         load_for_generation(str(lora.final_dir), str(lora.final_dir))
 
 
@@ -177,3 +178,46 @@ def test_three_models_in_one_report(tuned_run, tmp_path):
     assert "| metric | base | again | fine-tuned | fine-tuned − base |" in md
     with pytest.raises(ConfigError, match="distinct"):
         run_eval(recipe, str(final), compare=[f"x={model_dir}", f"x={final}"], out=tmp_path / "s")
+
+
+def test_in_training_evaluation_scores_as_flantune_eval(tmp_path):
+    """With generation.restrict_to_labels, the scores a run logs at its evaluation (which pick its
+    best checkpoint) are the ones `flantune eval` reports for that checkpoint on the same rows:
+    one scoring path, the label restriction included."""
+    import string
+
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    build_tokenizer(model_dir)
+    rng = random.Random(1)
+    rows = []
+    for _ in range(160):
+        letters = rng.sample(string.ascii_lowercase, 4)
+        # Two labels of several tokens each, so decoding walks the label trie.
+        rows.append({"text": " ".join(letters), "label": "y e s" if letters[0] < letters[-1] else "n o"})
+    write_jsonl(tmp_path / "train.jsonl", rows[:120])
+    write_jsonl(tmp_path / "eval.jsonl", rows[120:])
+    recipe = recipe_from_dict({
+        "model": {"path": str(model_dir), "init": "random"},
+        "method": {"kind": "full"},
+        "data": {"task": "template",
+                 "task_options": {"source": "{text}", "target": "{label}", "labels": ["y e s", "n o"],
+                                  "metrics": ["accuracy"]},
+                 "train": str(tmp_path / "train.jsonl"), "eval": str(tmp_path / "eval.jsonl"),
+                 "max_source_tokens": 16, "max_target_tokens": 8},
+        "train": {"max_steps": 2, "batch_size": 16, "lr": 1e-4, "eval_every": 1, "precision": "fp32"},
+        "eval": {"max_rows": 30},
+        "generation": {"max_new_tokens": 6, "restrict_to_labels": True},
+        "output_dir": str(tmp_path / "run"),
+    })  # fmt: skip
+    result = train(recipe)
+    logged = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    scores = {r["step"]: r["eval_accuracy"] for r in logged if "eval_accuracy" in r}
+    assert set(scores) == {1, 2} and result.best_step in scores
+    report = run_eval(recipe, str(result.final_dir), split_name="eval", out=tmp_path / "report")
+    assert report["rows"] == 30
+    predictions = [row["fine-tuned"]["prediction"] for row in read_predictions(tmp_path / "report")]
+    assert set(predictions) <= {"y e s", "n o"}
+    # Two steps from random weights: unrestricted, the model writes no label at all (accuracy 0).
+    # final/ holds the best checkpoint: flantune eval scores it as the run did when it chose it.
+    assert report["models"]["fine-tuned"]["accuracy"] == scores[result.best_step] > 0

@@ -10,9 +10,11 @@ import torch
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
 from flantune.config import GenerationConfig
-from flantune.generate import GenerateError, decode, generate_texts, load_for_generation, read_inputs
+from flantune.decoding import decode, generate_texts
+from flantune.generate import GenerateError, read_inputs
+from flantune.models import ModelLoadError
 
-from .conftest import ROOT, tiny_config
+from .conftest import ROOT, load_for_generation, tiny_config
 
 SOURCES = [
     "question: is the sky blue?",
@@ -128,14 +130,14 @@ def test_read_inputs_errors(tmp_path):
 
 
 def test_load_errors(tmp_path, model_dir):
-    with pytest.raises(GenerateError, match="does not exist"):
+    with pytest.raises(ModelLoadError, match="does not exist"):
         load_for_generation(str(tmp_path / "missing"))
     fake_adapter = tmp_path / "adapter"
     fake_adapter.mkdir()
     (fake_adapter / "adapter_config.json").write_text("{}")
-    with pytest.raises(GenerateError, match="does not say its base model"):
+    with pytest.raises(ModelLoadError, match="does not say its base model"):
         load_for_generation(str(fake_adapter))
-    with pytest.raises(GenerateError, match="is an adapter folder"):
+    with pytest.raises(ModelLoadError, match="is an adapter folder"):
         load_for_generation(str(fake_adapter), str(fake_adapter))
 
 
@@ -175,5 +177,63 @@ def test_adapter_for_another_base_is_refused(tmp_path, t5_small_path, bart_path)
     bart = saved_model(tmp_path / "bart", bart_path)
     base = AutoModelForSeq2SeqLM.from_pretrained(t5)
     get_peft_model(base, LoraConfig(r=2, target_modules=["q", "v"])).save_pretrained(tmp_path / "adapter")
-    with pytest.raises(GenerateError, match=r"--adapter: .*adapter does not fit .*bart"):
+    with pytest.raises(ModelLoadError, match=r"--adapter: .*adapter does not fit .*bart"):
         load_for_generation(str(bart), str(tmp_path / "adapter"))
+
+
+# ---- sampling from per-row streams (RL) -----------------------------------------------------------
+
+
+def test_gumbel_noise_is_standard_gumbel_and_a_function_of_its_key():
+    from flantune.decoding import gumbel_noise, row_keys
+
+    keys = row_keys(7, torch.arange(64))
+    noise = gumbel_noise(keys, 3, 4096)  # (64, 4096)
+    # Standard Gumbel: mean = Euler's constant 0.5772, variance pi^2 / 6 = 1.6449.
+    assert noise.mean().item() == pytest.approx(0.5772, abs=0.01)
+    assert noise.var().item() == pytest.approx(1.6449, abs=0.03)
+    assert torch.equal(gumbel_noise(keys[10:12], 3, 4096), noise[10:12])  # a row's noise is its own
+    assert not torch.equal(gumbel_noise(keys, 4, 4096), noise)  # each position draws anew
+    assert not torch.equal(gumbel_noise(row_keys(8, torch.arange(64)), 3, 4096), noise)  # and each seed
+
+
+def test_keyed_sampling_draws_from_the_filtered_softmax():
+    from flantune.decoding import KeyedSampling, row_keys
+
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0, -3.0])
+    rows = 40_000
+    scores = logits.expand(rows, -1).clone()
+    ids = torch.zeros(rows, 2, dtype=torch.long)
+    for temperature, top_p in ((1.0, 1.0), (0.5, 1.0), (1.0, 0.8)):
+        out = KeyedSampling(row_keys(0, torch.arange(rows)), temperature=temperature, top_p=top_p)(
+            ids, scores
+        )
+        assert torch.isfinite(out).sum(dim=1).eq(1).all()  # one token left per row
+        counts = torch.bincount(out.argmax(dim=1), minlength=5).float() / rows
+        expected = torch.softmax(logits / temperature, dim=0)
+        if top_p < 1:  # the nucleus: the most likely tokens whose mass reaches top_p, renormalized
+            keep = torch.cumsum(expected, 0) - expected < top_p
+            expected = torch.where(keep, expected, 0) / expected[keep].sum()
+        torch.testing.assert_close(counts, expected, atol=0.01, rtol=0)
+
+
+def test_sampled_groups_do_not_depend_on_how_prompts_are_split(tmp_path, t5_small_path):
+    """Completion j of prompt p is the same whether p is sampled with the others or alone (another
+    process's share, another batch): each row's stream is keyed by (seed, p * G + j)."""
+    from flantune.decoding import sample_groups
+
+    model_path = saved_model(tmp_path / "t5", t5_small_path)
+    model = AutoModelForSeq2SeqLM.from_pretrained(model_path).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+
+    def sample(prompts, first_row, seed=3):
+        enc = tokenizer(prompts, return_tensors="pt", padding=True)
+        out = sample_groups(model, enc["input_ids"], enc["attention_mask"], group_size=4, first_row=first_row,
+                            seed=seed, max_new_tokens=6)  # fmt: skip
+        return [decode(tokenizer, ids) for ids in out.tolist()]
+
+    together = sample(SOURCES, 0)
+    apart = sample(SOURCES[:1], 0) + sample(SOURCES[1:3], 1) + sample(SOURCES[3:], 3)
+    assert together == apart
+    assert len(set(together[:4])) > 1  # a group's completions differ: they are samples, not copies
+    assert sample(SOURCES, 0, seed=4) != together

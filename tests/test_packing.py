@@ -27,7 +27,8 @@ from flantune.packing import (
     packed_shape,
     round_up,
 )
-from flantune.train import TrainingError, train
+from flantune.run import TrainingError
+from flantune.train import train
 
 from .conftest import tiny_config
 from .test_train import losses, make_recipe, tiny_model_dir, write_copy_task

@@ -23,10 +23,10 @@ from typer.testing import CliRunner
 from flantune import serve
 from flantune.cli import app as cli
 from flantune.config import GenerationConfig
-from flantune.generate import generate_texts, load_for_generation
+from flantune.decoding import generate_texts
 from flantune.serve import Limits, Service, create_app, load_service_model
 
-from .conftest import ASSETS, need
+from .conftest import ASSETS, load_for_generation, need
 from .test_train import METHODS, make_recipe, tiny_model_dir, write_copy_task
 
 SOURCES = ["reverse: a b c", "copy: x y", "reverse: one two three four five six", "b", "copy: sky blue"]

@@ -17,7 +17,8 @@ from transformers import AutoModelForSeq2SeqLM
 from flantune import checkpoint as ckpt
 from flantune import train as train_module
 from flantune.config import recipe_from_dict
-from flantune.train import TrainingError, train
+from flantune.run import TrainingError
+from flantune.train import train
 
 from .conftest import ROOT, tiny_config
 
@@ -602,7 +603,7 @@ def test_tensorboard_mirror(tiny_t5, tmp_path):
 def test_length_grouped_batches():
     """Every example once per epoch; batches of similar lengths (each megabatch sorted); the batch
     with the longest example first; the same batches for the same epoch, others for the next."""
-    from flantune.train import LengthGroupedBatches
+    from flantune.samplers import LengthGroupedBatches
 
     g = torch.Generator().manual_seed(0)
     lengths = [int(n) for n in torch.randint(1, 500, (1030,), generator=g)]

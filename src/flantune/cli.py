@@ -51,8 +51,8 @@ def user_errors(fn):
     from flantune.methods import MethodError
     from flantune.models import ModelLoadError
     from flantune.rewards import RewardError
+    from flantune.run import TrainingError
     from flantune.tasks import TaskError
-    from flantune.train import TrainingError
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -69,10 +69,18 @@ def user_errors(fn):
             TaskError,
             TrainingError,
         ) as e:
-            err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
-            sys.exit(2)
+            fail(str(e))
 
     return wrapper
+
+
+def fail(message: str) -> None:
+    """Print a user-fixable error as one message on stderr and exit with status 2."""
+    from rich.markup import escape
+
+    # The message may hold user text such as `[/INST]` or `sciq[train]`: never read it as markup.
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    sys.exit(2)
 
 
 def _recipe(path: str, overrides: list[str] | None) -> Recipe:
@@ -206,10 +214,8 @@ def generate_command(
     ] = None,
 ) -> None:
     """Generate outputs for --input texts or a --file of JSON lines, batched by length."""
-    import json
-
     from flantune.config import GenerationConfig
-    from flantune.generate import generate_texts, load_for_generation, read_inputs
+    from flantune.generate import generate, read_inputs
 
     if bool(input) == bool(file):
         raise ConfigError(["give either --input TEXT (repeatable) or --file FILE.jsonl"])
@@ -222,18 +228,7 @@ def generate_command(
     if problems:
         raise ConfigError(problems)
     sources = list(input) if input else read_inputs(file, field)
-    loaded, tokenizer = load_for_generation(model, adapter)
-    outputs = generate_texts(loaded, tokenizer, sources, cfg, batch_size=batch_size, labels=labels)
-    lines = "".join(
-        json.dumps({"source": s, "output": o}, ensure_ascii=False) + "\n"
-        for s, o in zip(sources, outputs, strict=True)
-    )
-    if out:
-        from pathlib import Path
-
-        Path(out).write_text(lines, encoding="utf-8")
-    else:
-        sys.stdout.write(lines)
+    generate(model, adapter, sources, cfg, batch_size=batch_size, labels=labels, out=out)
 
 
 @app.command("merge")
@@ -355,9 +350,14 @@ def serve_command(
         max_input_tokens=max_input_tokens, max_new_tokens=max_new_tokens, max_inputs=max_inputs,
         max_body_bytes=max_body_bytes, timeout_s=timeout, max_batch=max_batch, batch_wait_ms=batch_wait_ms,
     )  # fmt: skip
-    served = build_app(
-        model, adapter or [], limits=limits, token=token, device=device, dtype=dtype, mixed=mixed_batches
-    )
+    from flantune.serve import ServeError
+
+    try:
+        served = build_app(
+            model, adapter or [], limits=limits, token=token, device=device, dtype=dtype, mixed=mixed_batches
+        )
+    except ServeError as e:
+        fail(str(e))
     console.print(f"serving on http://{host}:{port}/ (API docs at /docs)", highlight=False)
     run(served, host, port)
 

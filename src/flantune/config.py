@@ -425,6 +425,14 @@ class RLConfig:
     """Checkpoints kept."""
     resume: bool = False
     """Continue the RL run in output_dir from its last checkpoint."""
+    seed: int = 42
+    """Seeds the run: the prompt order, each completion's sampling stream, a fresh adapter's init."""
+    precision: Literal["auto", "bf16", "fp32", "fp16"] = "auto"
+    """auto: bf16 on a GPU that supports it, else fp32 (fp16 is refused for the T5 family)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass (less memory, more time)."""
+    tensorboard: bool = False
+    """Mirror rl/metrics.jsonl to TensorBoard (rl/tensorboard/)."""
 
     def check(self, path: str) -> list[str]:
         problems = []

@@ -17,34 +17,8 @@ from pathlib import Path
 from flantune import checkpoint as ckpt
 from flantune.config import ConfigError, Recipe
 from flantune.data import load_split
-from flantune.generate import generate_texts, load_for_generation
-from flantune.metrics import compute_metrics, row_scores
-
-
-def _score_model(model, tokenizer, split, recipe: Recipe) -> tuple[list[str], dict[str, float], list[dict]]:
-    dataset = split.dataset
-    sources = list(dataset["source"])
-    task_names = list(dataset["task"])
-    labels = None
-    if recipe.generation.restrict_to_labels and len(split.tasks) == 1:
-        labels = list(next(iter(split.tasks.values())).labels or []) or None
-    predictions = generate_texts(model, tokenizer, sources, recipe.generation, batch_size=recipe.eval.batch_size,
-                                 max_source_tokens=recipe.data.max_source_tokens, labels=labels)  # fmt: skip
-    metrics: dict[str, float] = {}
-    per_row: list[dict] = [{} for _ in sources]
-    for name, task in split.tasks.items():
-        rows = [i for i, t in enumerate(task_names) if t == name]
-        names = recipe.eval.metrics or task.metrics
-        kwargs = {"choices": [dataset[i]["choices"] for i in rows] if name.startswith("sciq") else None,
-                  "answer_prefix": task.answer_prefix}  # fmt: skip
-        preds, refs = [predictions[i] for i in rows], [dataset[i]["references"] for i in rows]
-        scores = compute_metrics(names, preds, refs, labels=task.labels, **kwargs)
-        prefix = f"{name}/" if len(split.tasks) > 1 else ""
-        metrics.update({prefix + k: v for k, v in scores.items()})
-        for i, row in zip(rows, row_scores(names, preds, refs, **kwargs), strict=True):
-            per_row[i] = row
-    return predictions, metrics, per_row
-
+from flantune.final import load_final
+from flantune.scoring import first_rows, score_split
 
 SPLIT_ROLES = {"test": "test", "eval": "eval", "validation": "eval", "train": "train"}
 
@@ -69,24 +43,31 @@ def run_eval(
     if split_name not in SPLIT_ROLES:
         raise ConfigError([f"--split: expected one of {', '.join(SPLIT_ROLES)}, got {split_name!r}"])
     role = SPLIT_ROLES[split_name]
-    tuned, tokenizer = load_for_generation(model, adapter)
-    split = load_split(recipe.data, role, tokenizer, seed=recipe.train.seed)
+    if adapter:
+        tuned = load_final({"default": adapter}, base=model, what="--adapter")
+    else:
+        tuned = load_final(model, what="--model")
+    split = load_split(recipe.data, role, tuned.tokenizer, seed=recipe.train.seed)
     if split is None:
         raise ConfigError([f"data.{role}: the recipe names no {split_name} split to evaluate on"])
-    if recipe.eval.max_rows is not None:
-        split.dataset = split.dataset.select(range(min(recipe.eval.max_rows, len(split.dataset))))
+    split = first_rows(split, recipe.eval.max_rows)
     out = Path(out or Path(recipe.output_dir) / f"eval-{split_name}")
     _check_out(out)
     others = compare_models(compare)
     results = {"model": model, "adapter": adapter, "compare": dict(others), "split": split_name,
                "rows": len(split.dataset), "generation": asdict(recipe.generation), "models": {}}  # fmt: skip
-    runs = {"fine-tuned": _score_model(tuned, tokenizer, split, recipe)}
+
+    def score(loaded) -> tuple:
+        scores = score_split(loaded.model, loaded.tokenizer, split, recipe.generation, recipe.eval,
+                             max_source_tokens=recipe.data.max_source_tokens)  # fmt: skip
+        return scores.predictions, scores.metrics, scores.per_row
+
+    runs = {"fine-tuned": score(tuned)}
     del tuned
     scored = {}
     for label, path in others:
-        other, other_tokenizer = load_for_generation(path, None, recorded_by=adapter or model)
-        scored[label] = _score_model(other, other_tokenizer, split, recipe)
-        del other
+        # A comparison that names the base of a random-init adapter is rebuilt from its record.
+        scored[label] = score(load_final(path, recorded_by=adapter or model, what="--compare"))
     runs = {**scored, **runs}
     for label, (_, metrics, _) in runs.items():
         results["models"][label] = metrics

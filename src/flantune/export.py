@@ -1,4 +1,4 @@
-"""flantune merge: fold a LoRA or IA3 adapter into its base and save a plain transformers model.
+"""flantune merge and push: a LoRA/IA3 adapter folded into its base; a model folder sent to the Hub.
 
 The result loads with `AutoModelForSeq2SeqLM.from_pretrained` alone, and its logits equal those of
 the base with the adapter (up to float rounding).
@@ -6,10 +6,10 @@ the base with the adapter (up to float rounding).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from flantune import checkpoint as ckpt
+from flantune.final import load_final, read_final
 
 
 class ExportError(ValueError):
@@ -18,43 +18,24 @@ class ExportError(ValueError):
 
 def merge(adapter: str, out: str, base: str | None = None) -> Path:
     """Merge `adapter` into its base (or `base`) and write the full model and tokenizer to `out`."""
-    from peft import PeftConfig, PeftModel
-
-    from flantune.models import fit_embeddings, load_model, load_tokenizer, recorded_base
-
-    folder = Path(adapter)
-    config_file = folder / "adapter_config.json"
-    if not config_file.is_file():
+    info = read_final(adapter)
+    if info is None or not info.is_adapter:
         raise ExportError(
             f"{adapter}: no adapter_config.json; merge takes an adapter folder (e.g. a run's final/)"
         )
-    if json.loads(config_file.read_text()).get("kind") == "bottleneck":
+    if info.kind == "bottleneck":
         raise ExportError(
             f"{adapter}: bottleneck adapters are non-linear and cannot be folded into the weights"
         )
-    peft_config = PeftConfig.from_pretrained(adapter)
-    if str(getattr(peft_config.peft_type, "value", peft_config.peft_type)) not in ("LORA", "IA3"):
-        raise ExportError(
-            f"{adapter}: a {peft_config.peft_type} adapter cannot be merged (only LoRA and IA3 can)"
-        )
+    if info.method not in ("lora", "qlora", "ia3"):
+        raise ExportError(f"{adapter}: a {info.method} adapter cannot be merged (only LoRA and IA3 can)")
     if Path(out).exists() and any(Path(out).iterdir()):
         raise ExportError(f"--out {out} exists and is not empty; choose another folder")
-
-    recorded = recorded_base(adapter)
-    path = base or recorded["path"]
-    init = "pretrained" if base else recorded["init"]
-    model = load_model(path, init=init, seed=recorded["seed"], revision=recorded["revision"])
-    has_tokenizer = (folder / "tokenizer_config.json").is_file()
-    tokenizer = load_tokenizer(adapter if has_tokenizer else path)
-    fit_embeddings(model, tokenizer)
-    try:
-        model = PeftModel.from_pretrained(model, adapter)
-    except (RuntimeError, ValueError, KeyError) as e:
-        raise ExportError(f"{adapter} does not fit the base {path}: {str(e).splitlines()[0]}") from None
-    merged = model.merge_and_unload()
+    loaded = load_final({"default": adapter}, base=base, device="cpu", what="merge")
+    merged = loaded.model.merge_and_unload()
     with ckpt.atomic_dir(Path(out)) as tmp:
         merged.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        loaded.tokenizer.save_pretrained(tmp)
     return Path(out)
 
 

@@ -14,7 +14,6 @@ lm_head.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -258,28 +257,3 @@ def trainable_line(model) -> str:
     else:
         trainable, total = count_parameters(model)
     return f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
-
-
-def is_peft(model) -> bool:
-    from peft import PeftModel
-
-    return isinstance(model, PeftModel)
-
-
-def save_final(model, tokenizer, directory: Path, method: MethodConfig, base: dict | None = None) -> None:
-    """The result in standard Hugging Face form: a PEFT adapter folder, a bottleneck adapter folder,
-    or a full model folder, each with the tokenizer beside it."""
-    directory.mkdir(parents=True, exist_ok=True)
-    if is_peft(model):
-        model.save_pretrained(directory)
-    elif method.kind == "adapter":
-        from flantune import adapters
-
-        adapters.save_adapters(model, directory)
-    else:
-        model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    # How to rebuild the base this adapter was trained on (a random-init base needs its seed).
-    (directory / "flantune.json").write_text(
-        json.dumps({"method": method.kind, "base": base or {}}, indent=2)
-    )

@@ -183,26 +183,6 @@ def fit_embeddings(model: torch.nn.Module, tokenizer, new_ids: list[int] = ()) -
             table[ids] = table[:base_vocab].float().mean(dim=0).to(table.dtype)
 
 
-def recorded_base(adapter: str) -> dict:
-    """How to rebuild the base an adapter folder was trained on: {path, init, seed, revision}.
-
-    flantune writes this to `flantune.json` beside every result, since a random-init base (tests,
-    benchmarks) cannot be loaded back from its folder; PEFT's own `base_model_name_or_path` is the
-    fallback for adapters made elsewhere.
-    """
-    import json
-
-    folder = Path(adapter)
-    recorded = {}
-    if (folder / "flantune.json").is_file():
-        recorded = json.loads((folder / "flantune.json").read_text()).get("base", {}) or {}
-    if not recorded.get("path") and (folder / "adapter_config.json").is_file():
-        peft_base = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
-        recorded = {"path": peft_base, "init": "pretrained"} if peft_base else {}
-    return {"path": recorded.get("path"), "init": recorded.get("init", "pretrained"),
-            "seed": recorded.get("seed", 0), "revision": recorded.get("revision")}  # fmt: skip
-
-
 def load_model_and_tokenizer(model_cfg, *, seed: int = 0, quantization_config=None) -> LoadedModel:
     """Build both from a recipe's `model` section."""
     tokenizer = load_tokenizer(model_cfg.path, model_cfg.revision)

@@ -8,7 +8,10 @@ positions. A pair is never split across rows; labels of padding are -100, so the
 token is the unpacked one.
 
     PackedCollator     a list of tokenized examples -> one packed micro-batch (dict of tensors)
-    TokenBudgetBatches a batch sampler: micro-batches filled to a token budget, not a row count
+    ShapeBatches       a batch sampler: micro-batches that fill one fixed packed shape (CUDA graphs)
+    packed_loader      the training loader of packed micro-batches
+    packing_setup      whether a recipe can take the packed path, and which attention it runs
+    PackedLoss         the model as the module a packed step calls (DDP wraps this one)
 """
 
 from __future__ import annotations
@@ -16,9 +19,10 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.utils.data import Sampler
 
 from flantune.fast_t5 import BLOCK, PAD_PAIR, Pattern, block_mask_tensors
+from flantune.run import TrainingError
+from flantune.samplers import EpochBatches, EpochSampler, TokenBudgetBatches
 
 ROW_TOKENS = 2048
 """Encoder tokens per packed row. Any length works; 2048 keeps rows few (one kernel launch covers
@@ -212,60 +216,6 @@ class PackedCollator:
         return PackedBatch(batch)
 
 
-def epoch_generator(seed: int, epoch: int) -> torch.Generator:
-    """The random source of one epoch's order: from (seed, epoch) alone, so a resumed run that
-    starts mid-epoch sees the same order as the uninterrupted one."""
-    return torch.Generator().manual_seed(seed * 100_003 + epoch)
-
-
-class EpochBatches(Sampler):
-    """A batch sampler whose batches come from the epoch's permutation (`epoch_generator`), made
-    once per epoch (len() is asked at every logged step). Subclasses say how in `_make`."""
-
-    def __init__(self, n: int, seed: int):
-        self.n, self.seed, self.epoch = n, seed, 0
-        self._made: tuple[int, list[list[int]]] | None = None  # (epoch, its batches)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def batches(self) -> list[list[int]]:
-        if self._made is None or self._made[0] != self.epoch:
-            g = epoch_generator(self.seed, self.epoch)
-            self._made = (self.epoch, self._make(torch.randperm(self.n, generator=g).tolist(), g))
-        return self._made[1]
-
-    def _make(self, order: list[int], g: torch.Generator) -> list[list[int]]:
-        raise NotImplementedError
-
-    def __iter__(self):
-        return iter(self.batches())
-
-    def __len__(self) -> int:
-        return len(self.batches())
-
-
-class TokenBudgetBatches(EpochBatches):
-    """Micro-batches of example indices whose source + target tokens stay within `budget`, in the
-    epoch's order; an example longer than the budget forms a batch alone."""
-
-    def __init__(self, lengths: list[int], budget: int, seed: int):
-        super().__init__(len(lengths), seed)
-        self.lengths, self.budget = lengths, budget
-
-    def _make(self, order: list[int], g: torch.Generator) -> list[list[int]]:
-        out, current, used = [], [], 0
-        for i in order:
-            if current and used + self.lengths[i] > self.budget:
-                out.append(current)
-                current, used = [], 0
-            current.append(i)
-            used += self.lengths[i]
-        if current:
-            out.append(current)
-        return out
-
-
 class ShapeBatches(EpochBatches):
     """Micro-batches that fill one fixed packed shape (rows, source length, target length).
 
@@ -376,8 +326,6 @@ def packed_loader(dataset, *, batch_size: int, token_budget: int | None, seed: i
     """
     from torch.utils.data import DataLoader
 
-    from flantune.train import EpochSampler
-
     shape = None
     if fixed_shape or token_budget is not None:
         sources = [len(s) for s in dataset["input_ids"]]
@@ -405,3 +353,88 @@ def packed_loader(dataset, *, batch_size: int, token_budget: int | None, seed: i
         sampler = ShapeBatches(sources, targets, shape, seed)
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collator, generator=generator, **extra)
     return loader, sampler, shape
+
+
+def packing_setup(cfg, model_type: str, method_kind: str, base, model, accelerator) -> str:
+    """Check train.packing/attention against the model; returns the attention path to run.
+
+    Unpacked runs keep transformers' forward (train.attention eager/sdpa picks its backend).
+    Packed flex runs freeze T5's relative bias tables (see flantune.fast_t5: their gradient through
+    FlexAttention is 29x slower; they are 2 x 32 x heads pretrained numbers).
+    """
+    from accelerate import DistributedType
+
+    from flantune import fast_t5
+
+    if not cfg.packing:
+        if cfg.attention != "auto":
+            base.set_attn_implementation(cfg.attention)
+        return cfg.attention
+    fsdp = accelerator.distributed_type == DistributedType.FSDP
+    problem = packing_problem(model_type, method_kind, fsdp)
+    if problem:
+        raise TrainingError(problem)
+    try:
+        attention = resolve_attention(cfg.attention, torch.cuda.is_available())
+    except ValueError as e:
+        raise TrainingError(str(e)) from None
+    if cfg.cuda_graph:
+        if attention != "flex":
+            raise TrainingError(
+                "train.cuda_graph: replays the packed FlexAttention step on a GPU; this run takes the "
+                f"{attention} path (no CUDA device, or train.attention={cfg.attention}): set it false"
+            )
+        if accelerator.num_processes > 1:
+            raise TrainingError(
+                "train.cuda_graph: one process only (DDP's gradient all-reduce runs in hooks that a "
+                "captured graph does not replay); set it false for multi-GPU runs"
+            )
+        if method_kind == "qlora":
+            raise TrainingError(
+                "train.cuda_graph: not with method.kind=qlora (bitsandbytes' quantized layers are not "
+                "verified under CUDA-graph capture); set it false"
+            )
+    if attention == "flex":
+        fast_t5.freeze_relative_bias(model)
+    return attention
+
+
+class PackedLoss(torch.nn.Module):
+    """The model as a module whose forward is the summed target-token loss of a packed micro-batch.
+
+    The packed path calls the model's submodules itself (flantune.fast_t5). DDP arms its gradient
+    all-reduce in its own forward, so the module it wraps must be this one: were the model wrapped
+    and its submodules called directly, backward would run without synchronizing gradients.
+    Accelerate's autocast around forward applies here too.
+    """
+
+    def __init__(self, model, attention: str, compile: bool, compile_options: dict | None = None):
+        """compile: compile the T5 block (`torch.compile` with `compile_options`, e.g. a mode)."""
+        super().__init__()
+        from flantune import fast_t5
+
+        self.model, self.attention, self.block_fn = model, attention, None
+        # Accelerate reads these to leave a quantized or device-mapped model where it was loaded.
+        for name in ("hf_device_map", "is_loaded_in_4bit", "is_loaded_in_8bit"):
+            if getattr(model, name, None) is not None:
+                setattr(self, name, getattr(model, name))
+        if compile:
+            # One graph per block kind (encoder, decoder); a few shapes, then dynamic: allow recompiles.
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+            self.block_fn = torch.compile(fast_t5.t5_block, **(compile_options or {}))
+
+    def forward(self, batch: dict, labels: torch.Tensor) -> torch.Tensor:
+        from flantune import fast_t5
+
+        return fast_t5.packed_loss_sum(
+            self.model, {**batch, "labels": labels}, self.attention, block_fn=self.block_fn
+        )
+
+    def fixed_shape_loss(self, batch: dict) -> torch.Tensor:
+        """The summed loss of a fixed-shape micro-batch (labels included) without a host sync:
+        what `flantune.graphs.CapturedStep` records."""
+        from flantune import fast_t5
+
+        return fast_t5.packed_loss_sum(
+            self.model, batch, self.attention, block_fn=self.block_fn, select_targets=False
+        )

@@ -85,10 +85,12 @@ def quickstart(
     from rich.console import Console
     from rich.table import Table
 
-    from flantune.generate import generate_texts
+    from flantune.decoding import generate_texts
+    from flantune.final import load_final
     from flantune.metrics import compute_metrics
     from flantune.models import load_model, load_tokenizer
-    from flantune.train import TrainingError, train
+    from flantune.run import TrainingError
+    from flantune.train import train
 
     console = console or Console()
     if out.exists() and any(out.iterdir()):
@@ -132,14 +134,7 @@ def quickstart(
     )
     result = train(recipe, console=console)
 
-    from transformers import AutoModelForSeq2SeqLM
-
-    if method == "full":
-        tuned = AutoModelForSeq2SeqLM.from_pretrained(result.final_dir)
-    else:
-        from peft import PeftModel
-
-        tuned = PeftModel.from_pretrained(load_model(str(base_dir), init=init, seed=seed), result.final_dir)
+    tuned = load_final(str(result.final_dir), device="cpu").model
     after = score(tuned)
     table = Table(title="quickstart: sort letters, exact match on 200 held-out rows")
     for column in ("model", "exact match"):

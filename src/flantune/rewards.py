@@ -40,9 +40,9 @@ class Reward:
     """(prompts, completions, rows) → one float per completion."""
 
 
-def _correct(spec: RewardSpec, task_name: str, answer_prefix: str | None):
+def _correct(spec: RewardSpec, multiple_choice: bool, answer_prefix: str | None):
     def score(prompts, completions, rows):
-        if task_name.startswith("sciq"):
+        if multiple_choice:
             refs = [row["references"] for row in rows]
             return [v / 100 for v in [s["mc_accuracy"] for s in row_scores(
                 ["mc_accuracy"], completions, refs, choices=[row["choices"] for row in rows],
@@ -119,7 +119,7 @@ def build_rewards(specs: Sequence[RewardSpec], task, tokenizer, max_new_tokens: 
     rewards = []
     for spec in specs:
         if spec.name == "correct":
-            score = _correct(spec, task.name, task.answer_prefix)
+            score = _correct(spec, task.multiple_choice, task.answer_prefix)
         elif spec.name == "format":
             score = _format
         elif spec.name == "rouge":

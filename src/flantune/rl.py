@@ -4,18 +4,21 @@ TRL's GRPO, RLOO and PPO trainers support causal LMs only: they concatenate prom
 into one sequence. An encoder-decoder model reads the prompt with its encoder and writes the
 completion with its decoder, so this loop is our own. One step:
 
-1. Take `prompts_per_step` prompts (B) from data.train, in a resumable per-epoch order.
-2. Sample G = `group_size` completions per prompt with `generate(num_return_sequences=G)`, which
-   runs the encoder once per prompt and expands its output G times.
+1. Take `prompts_per_step` prompts (B) from data.train, in a resumable per-epoch order. Under
+   several processes (`accelerate launch`) each process takes its own contiguous share of them.
+2. Sample G = `group_size` completions per prompt (`flantune.decoding.sample_groups`: the encoder
+   runs once per prompt; completion j of prompt p draws from its own random stream, so the
+   completions are the same however the prompts are split between processes).
 3. Score each completion with the recipe's rewards (a weighted sum); normalize the rewards within
-   each group: A = (r - mean_group) / (std_group + 1e-4).
+   each group: A = (r - mean_group) / (std_group + 1e-4). A group never spans two processes.
 4. Per completion token, log-probabilities under the sampling policy (old), the reference policy
    (the model RL starts from), and, with gradients, the current policy (new). The encoder runs once
    per prompt and its states are repeated for the group.
 5. `inner_steps` optimizer steps on the clipped objective
        loss = mean over completion tokens of  -min(ρ A, clip(ρ, 1-ε, 1+ε) A) + β KL
    with ρ = exp(new - old) and the k3 estimator KL = exp(ref - new) - (ref - new) - 1, averaged
-   over all completion tokens of the batch (not per sequence first).
+   over all completion tokens of the step, on every process together (not per sequence first):
+   one all-reduced update, equal to one process taking all the prompts.
 
 The reference is the policy at the start of RL. With adapters (LoRA, QLoRA, IA3, prefix,
 bottleneck) it is the same model with the starting adapter weights swapped in for the reference
@@ -33,7 +36,8 @@ import contextlib
 import copy
 import json
 import time
-from dataclasses import dataclass, field, replace
+from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -41,20 +45,22 @@ import torch
 from flantune import checkpoint as ckpt
 from flantune.config import Recipe, dump_recipe
 from flantune.data import load_splits, make_collator
-from flantune.generate import decode
-from flantune.methods import apply_method, quantization_config, save_final, trainable_line
-from flantune.models import fit_embeddings, load_model, load_tokenizer, recorded_base
+from flantune.decoding import decode, sample_groups
+from flantune.final import BaseRecord, load_final, write_final
+from flantune.methods import apply_method, quantization_config, trainable_line
+from flantune.models import is_local, load_model_and_tokenizer
 from flantune.rewards import build_rewards, score_all
-from flantune.train import (
-    EpochSampler,
+from flantune.run import (
     MetricsLog,
     TrainingError,
     build_optimizer,
-    default_best_metric,
-    evaluate,
-    prepare_run_dir,
-    resolve_precision,
+    build_scheduler,
+    model_type_of,
+    progress_bar,
+    start_run,
 )
+from flantune.samplers import EpochSampler
+from flantune.scoring import best_metric_name, evaluate_in_run
 
 # ---- the math (unit-tested against hand-computed values) -----------------------------------------
 
@@ -145,7 +151,7 @@ def completion_mask(decoder_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
     return (~after_eos).float()
 
 
-# ---- the policy, its reference, the run ----------------------------------------------------------
+# ---- the policy, its reference, the step ---------------------------------------------------------
 
 
 class Reference:
@@ -194,8 +200,6 @@ class RLResult:
 def resolve_start(recipe: Recipe) -> str | None:
     """rl.start, else the SFT run's final/ when there is one, else None (the base, fresh method)."""
     if recipe.rl.start:
-        from flantune.models import is_local
-
         if is_local(recipe.rl.start) and not Path(recipe.rl.start).exists():
             raise TrainingError(
                 f"rl.start: {recipe.rl.start} does not exist (give an SFT run's final/, a model folder or a hub id)"
@@ -205,90 +209,47 @@ def resolve_start(recipe: Recipe) -> str | None:
     return str(final) if final.is_dir() else None
 
 
-def _method_of(start: Path, recipe: Recipe) -> str:
-    """The method an adapter folder was trained with (flantune.json, else its PEFT type)."""
-    if (start / "flantune.json").is_file():
-        kind = json.loads((start / "flantune.json").read_text()).get("method")
-        if kind:
-            return kind
-    config = json.loads((start / "adapter_config.json").read_text())
-    if config.get("kind") == "bottleneck":
-        return "adapter"
-    peft_type = config.get("peft_type", "LORA")
-    by_type = {
-        "LORA": "qlora" if recipe.method.kind == "qlora" else "lora",
-        "IA3": "ia3",
-        "PREFIX_TUNING": "prefix",
-    }
-    return by_type.get(peft_type, "lora")
+def load_policy(recipe: Recipe):
+    """(model, tokenizer, method kind, base record) of the policy: RL's starting point, trainable.
 
-
-def load_policy(recipe: Recipe, seed: int):
-    """(model, tokenizer, method, base record) for the policy: RL's starting point made trainable."""
+    A final/ folder continues with the method it was trained with (flantune.final); without one,
+    the recipe's model gets a fresh recipe method.
+    """
+    cfg = recipe.rl
     start = resolve_start(recipe)
-    if start is not None and (Path(start) / "adapter_config.json").is_file():
-        record = recorded_base(start)
-        if not record["path"]:
-            raise TrainingError(
-                f"rl.start: {start} does not say its base model (no flantune.json or base path)"
-            )
-        method = replace(recipe.method, kind=_method_of(Path(start), recipe))
-        tokenizer = load_tokenizer(start)
-        model = load_model(record["path"], init=record["init"], seed=record["seed"], revision=record["revision"],
-                           quantization_config=quantization_config(method))  # fmt: skip
-        fit_embeddings(model, tokenizer)
-        model = apply_method(model, method, gradient_checkpointing=recipe.train.gradient_checkpointing,
-                             adapter_path=start)  # fmt: skip
-        return model, tokenizer, method, record
-    if start is not None:  # a full model folder: it all trains
-        method = replace(recipe.method, kind="full")
-        tokenizer = load_tokenizer(start)
-        model = load_model(start, dtype=recipe.model.dtype)
-        fit_embeddings(model, tokenizer)
-        model = apply_method(model, method, gradient_checkpointing=recipe.train.gradient_checkpointing)
-        return model, tokenizer, method, {"path": start, "init": "pretrained", "seed": seed, "revision": None}
-    from flantune.models import load_model_and_tokenizer
-
+    if start is not None:
+        loaded = load_final(start, trainable=True, method=recipe.method, dtype=recipe.model.dtype,
+                            gradient_checkpointing=cfg.gradient_checkpointing, what="rl.start")  # fmt: skip
+        return loaded.model, loaded.tokenizer, loaded.method, loaded.base
     loaded = load_model_and_tokenizer(
-        recipe.model, seed=seed, quantization_config=quantization_config(recipe.method)
+        recipe.model, seed=cfg.seed, quantization_config=quantization_config(recipe.method)
     )
     model = apply_method(loaded.model, recipe.method, added_token_ids=loaded.added_token_ids,
-                         gradient_checkpointing=recipe.train.gradient_checkpointing)  # fmt: skip
-    record = {
-        "path": recipe.model.path,
-        "init": recipe.model.init,
-        "seed": seed,
-        "revision": recipe.model.revision,
-    }
-    return model, loaded.tokenizer, recipe.method, record
+                         gradient_checkpointing=cfg.gradient_checkpointing)  # fmt: skip
+    return model, loaded.tokenizer, recipe.method.kind, BaseRecord.of(recipe.model, cfg.seed)
 
 
 def run_rl(recipe: Recipe, console=None) -> RLResult:
     """GRPO from the recipe's starting model; writes rl.output_dir like a training run."""
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
     from rich.console import Console
-    from transformers import AutoConfig, get_scheduler
 
     console = console or Console()
-    cfg, seed = recipe.rl, recipe.train.seed
+    cfg = recipe.rl
     out = Path(cfg.output_dir or Path(recipe.output_dir) / "rl")
-    model_type = AutoConfig.from_pretrained(recipe.model.path, revision=recipe.model.revision).model_type
-    accelerator = Accelerator(
-        mixed_precision=resolve_precision(recipe.train.precision, model_type),
-        cpu=not torch.cuda.is_available(),
-    )
-    main = accelerator.is_main_process
-    if main:
-        prepare_run_dir(out, cfg.resume, section="rl", key="rl.output_dir")
-        (out / "recipe.yaml").write_text(dump_recipe(recipe))
-    accelerator.wait_for_everyone()
-    set_seed(seed)
+    run = start_run(out, resume=cfg.resume, recipe_text=dump_recipe(recipe), precision=cfg.precision,
+                    model_type=model_type_of(recipe.model.path, recipe.model.revision), seed=cfg.seed,
+                    section="rl", key="rl.output_dir")  # fmt: skip
+    accelerator, main = run.accelerator, run.main
+    if cfg.prompts_per_step < accelerator.num_processes:
+        raise TrainingError(
+            f"rl.prompts_per_step={cfg.prompts_per_step}: each of the {accelerator.num_processes} processes "
+            "needs at least one prompt a step; raise it or start fewer processes"
+        )
 
-    model, tokenizer, method, base_record = load_policy(recipe, seed)
+    model, tokenizer, method_kind, base_record = load_policy(recipe)
     if main:
         console.print(trainable_line(model), highlight=False)
-    splits = load_splits(recipe.data, tokenizer, roles=("train", "eval"), seed=seed)
+    splits = load_splits(recipe.data, tokenizer, roles=("train", "eval"), seed=cfg.seed)
     if "train" not in splits:
         raise TrainingError("data.train: flantune rl needs prompts (data.train)")
     train_split, eval_split = splits["train"], splits.get("eval")
@@ -301,43 +262,22 @@ def run_rl(recipe: Recipe, console=None) -> RLResult:
 
     model = accelerator.prepare(model)
     # After prepare: the reference lives on the same device as the policy.
-    reference = (
-        Reference(accelerator.unwrap_model(model), full=method.kind == "full") if cfg.beta > 0 else None
-    )
+    unwrapped = accelerator.unwrap_model(model)
+    reference = Reference(unwrapped, full=method_kind == "full") if cfg.beta > 0 else None
     optimizer = accelerator.prepare(build_optimizer(model, cfg.lr, cfg.weight_decay))
-    total_updates = cfg.max_steps * cfg.inner_steps
-    scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=cfg.warmup_steps,
-                              num_training_steps=total_updates)  # fmt: skip
+    scheduler = build_scheduler("constant", optimizer, cfg.warmup_steps, cfg.max_steps * cfg.inner_steps)
     checkpoints = out / "checkpoints"
     state, path = ckpt.start_state(checkpoints, cfg.resume, model, optimizer, scheduler, accelerator)
     if path and main:
         console.print(f"resumed from {path} (step {state.step})", highlight=False)
-    log = MetricsLog(
-        out / "metrics.jsonl", main, recipe.train.tensorboard, state.step if cfg.resume else None
-    )
-    sampler = EpochSampler(len(train_split.dataset), seed)
-    rows = train_split.dataset
-    unwrapped = accelerator.unwrap_model(model)
+    log = MetricsLog(out / "metrics.jsonl", main, cfg.tensorboard, state.step if cfg.resume else None)
+    sampler = EpochSampler(len(train_split.dataset), cfg.seed)
     unwrapped.eval()  # no dropout anywhere in RL: see the module docstring
     params = [p for p in model.parameters() if p.requires_grad]
-    eval_recipe = replace(recipe, eval=replace(recipe.eval))
-    best_name = default_best_metric(recipe, eval_split) if eval_split is not None else None
-
-    def next_prompts() -> list[int]:
-        """The next B row indices, continuing across epochs; the position is part of `state`."""
-        chosen = []
-        while len(chosen) < cfg.prompts_per_step:
-            sampler.set_epoch(state.epoch)
-            order = list(iter(sampler))
-            take = order[state.batches_in_epoch : state.batches_in_epoch + cfg.prompts_per_step - len(chosen)]
-            chosen += take
-            state.batches_in_epoch += len(take)
-            if state.batches_in_epoch >= len(order):
-                state.epoch, state.batches_in_epoch = state.epoch + 1, 0
-        return chosen
+    best_name = best_metric_name(None, recipe, eval_split) if eval_split is not None else None
 
     def run_eval() -> dict[str, float]:
-        metrics = evaluate(model, tokenizer, eval_split, eval_recipe, collator, accelerator)
+        metrics = evaluate_in_run(model, tokenizer, eval_split, recipe, collator, accelerator)
         unwrapped.eval()
         log.write({"step": state.step, "epoch": state.epoch, **metrics})
         return metrics
@@ -347,93 +287,35 @@ def run_rl(recipe: Recipe, console=None) -> RLResult:
         if main:
             ckpt.prune(checkpoints, cfg.keep_last, set())
 
-    from flantune.train import _progress
-
-    progress = _progress(console, disable=not main)
-    task_id = progress.add_task(
-        "rl", total=cfg.max_steps, completed=state.step, loss=float("nan"), lr=0.0, tps=0.0
-    )
-    device = accelerator.device
-    G = cfg.group_size
+    progress = progress_bar(
+        console, "rl", "reward {task.fields[reward]:.3f}  kl {task.fields[kl]:.4f}  "
+        "{task.fields[cps]:,.1f} completions/s", disable=not main,
+    )  # fmt: skip
+    task_id = progress.add_task("rl", total=cfg.max_steps, completed=state.step, reward=float("nan"),
+                                kl=0.0, cps=0.0)  # fmt: skip
     last_eval: dict[str, float] = {}
     started = time.perf_counter()
     with progress:
         while state.step < cfg.max_steps:
             step_start = time.perf_counter()
-            index = next_prompts()
-            batch_rows = [rows[i] for i in index]
-            prompts = [row["source"] for row in batch_rows]
-            enc = tokenizer.pad(
-                {"input_ids": [row["input_ids"] for row in batch_rows]}, return_tensors="pt"
-            ).to(device)
-
-            # -- sample G completions per prompt (the encoder runs once per prompt inside generate)
-            with torch.no_grad(), accelerator.autocast():
-                sequences = unwrapped.generate(
-                    input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], do_sample=True,
-                    num_return_sequences=G, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0,
-                    max_new_tokens=max_new_tokens,
-                )  # (B*G, 1 + T): decoder start token, then the completion  # fmt: skip
-            generate_seconds = time.perf_counter() - step_start
-            completions = [decode(tokenizer, ids) for ids in sequences.tolist()]
-            group_rows = [row for row in batch_rows for _ in range(G)]
-            totals, components = score_all(
-                rewards, [p for p in prompts for _ in range(G)], completions, group_rows
-            )
-            reward_t = torch.tensor(totals, device=device, dtype=torch.float32)
-            advantages = group_advantages(reward_t, G)  # (B*G,)
-            mask = completion_mask(sequences, tokenizer.eos_token_id)  # (B*G, T)
-            n_tokens = mask.sum().clamp(min=1)
-
-            # -- old (sampling) and reference log-probabilities, no gradients
-            chunks = _chunks(len(prompts), max(1, cfg.micro_batch_size // G))
-            with torch.no_grad(), accelerator.autocast():
-                old_lp = torch.cat([_logprobs(unwrapped, enc, sequences, lo, hi, G) for lo, hi in chunks])
-                ref_lp = None
-                if reference is not None:
-                    with reference.weights(unwrapped) as ref_model:
-                        ref_lp = torch.cat(
-                            [_logprobs(ref_model, enc, sequences, lo, hi, G) for lo, hi in chunks]
-                        )
-
-            # -- inner optimizer steps on the clipped objective
-            stats = {"clip_sum": 0.0, "kl_sum": 0.0}
-            loss_value = 0.0
-            for inner in range(cfg.inner_steps):
-                for lo, hi in chunks:
-                    rows_slice = slice(lo * G, hi * G)
-                    with accelerator.autocast():
-                        new_lp = _logprobs(model, enc, sequences, lo, hi, G)
-                    loss_sum, part = grpo_loss_sum(
-                        new_lp, old_lp[rows_slice], None if ref_lp is None else ref_lp[rows_slice],
-                        advantages[rows_slice], mask[rows_slice], cfg.clip_eps, cfg.beta,
-                    )  # fmt: skip
-                    accelerator.backward(loss_sum / n_tokens)
-                    loss_value += float(loss_sum.detach()) / float(n_tokens) / cfg.inner_steps
-                    if inner == cfg.inner_steps - 1:  # the statistics of the last pass
-                        for key, value in part.items():
-                            stats[key] += value
-                if cfg.max_grad_norm:
-                    accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+            index = next_prompts(sampler, state, cfg.prompts_per_step)  # the step's prompts, every process
+            with accelerator.split_between_processes(list(range(len(index)))) as mine:
+                first, count = mine[0], len(mine)  # this process's contiguous share
+            rows = [train_split.dataset[index[i]] for i in range(first, first + count)]
+            stats = grpo_step(
+                model, unwrapped, reference, rows, tokenizer, rewards, optimizer, scheduler, accelerator,
+                params, cfg, seed=cfg.seed * 1_000_003 + state.step, first_prompt=first,
+                max_new_tokens=max_new_tokens,
+            )  # fmt: skip
             state.step += 1
             seconds = time.perf_counter() - step_start
-
             if state.step % cfg.log_every == 0 or state.step == cfg.max_steps:
-                record = {
-                    "step": state.step, "epoch": state.epoch, "loss": loss_value,
-                    "reward": reward_t.mean().item(), "reward_std": reward_t.std().item(),
-                    **{f"reward_{name}": sum(v) / len(v) for name, v in components.items()},
-                    "kl": stats["kl_sum"] / float(n_tokens), "clip_fraction": stats["clip_sum"] / float(n_tokens),
-                    "completion_tokens": float(n_tokens) / len(completions), "lr": scheduler.get_last_lr()[0],
-                    "prompts_per_s": len(prompts) / seconds, "completions_per_s": len(completions) / seconds,
-                    "generate_seconds": generate_seconds, "step_seconds": seconds,
-                }  # fmt: skip
+                record = {"step": state.step, "epoch": state.epoch, **stats, "lr": scheduler.get_last_lr()[0],
+                          "prompts_per_s": len(index) / seconds,
+                          "completions_per_s": len(index) * cfg.group_size / seconds, "step_seconds": seconds}  # fmt: skip
                 log.write(record)
                 progress.update(
-                    task_id, loss=record["reward"], lr=record["lr"], tps=record["completions_per_s"]
+                    task_id, reward=record["reward"], kl=record["kl"], cps=record["completions_per_s"]
                 )
             progress.update(task_id, completed=state.step)
             if eval_split is not None and cfg.eval_every and state.step % cfg.eval_every == 0:
@@ -446,10 +328,10 @@ def run_rl(recipe: Recipe, console=None) -> RLResult:
     save()
     final_dir = out / "final"
     if main:
-        with ckpt.atomic_dir(final_dir) as tmp:
-            save_final(unwrapped, tokenizer, tmp, method, base_record)
+        write_final(unwrapped, tokenizer, final_dir, method_kind, base_record)
         result = {"steps": state.step, "seconds": time.perf_counter() - started, "eval": last_eval,
-                  "best_metric": best_name, "final_dir": str(final_dir)}  # fmt: skip
+                  "best_metric": best_name, "final_dir": str(final_dir),
+                  "processes": accelerator.num_processes}  # fmt: skip
         (out / "result.json").write_text(json.dumps(result, indent=2))
         console.print(f"RL done: {state.step} steps; final/ written to {final_dir}", highlight=False)
     accelerator.wait_for_everyone()
@@ -457,14 +339,98 @@ def run_rl(recipe: Recipe, console=None) -> RLResult:
     return RLResult(out, final_dir, state.step, time.perf_counter() - started, last_eval, unwrapped)
 
 
-def _progress(console, disable: bool):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+def next_prompts(sampler: EpochSampler, state: ckpt.TrainState, count: int) -> list[int]:
+    """The next `count` row indices, continuing across epochs; the position is part of `state`."""
+    chosen = []
+    while len(chosen) < count:
+        sampler.set_epoch(state.epoch)
+        order = list(iter(sampler))
+        take = order[state.batches_in_epoch : state.batches_in_epoch + count - len(chosen)]
+        chosen += take
+        state.batches_in_epoch += len(take)
+        if state.batches_in_epoch >= len(order):
+            state.epoch, state.batches_in_epoch = state.epoch + 1, 0
+    return chosen
 
-    return Progress(
-        TextColumn("[bold]rl"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("reward {task.fields[reward]:.3f}  kl {task.fields[kl]:.4f}  {task.fields[cps]:,.1f} completions/s"),
-        TimeElapsedColumn(), console=console, disable=disable,
-    )  # fmt: skip
+
+def grpo_step(model, unwrapped, reference, rows, tokenizer, rewards, optimizer, scheduler, accelerator,
+              params, cfg, *, seed: int, first_prompt: int, max_new_tokens: int) -> dict[str, float]:  # fmt: skip
+    """Sample, score and update on this process's prompts `rows` (numbered from `first_prompt`
+    among the step's prompts); returns the step's statistics over every process."""
+    device, G = accelerator.device, cfg.group_size
+    prompts = [row["source"] for row in rows]
+    enc = tokenizer.pad({"input_ids": [row["input_ids"] for row in rows]}, return_tensors="pt").to(device)
+
+    # -- sample G completions per prompt (the encoder runs once per prompt inside generate)
+    sample_start = time.perf_counter()
+    with torch.no_grad(), accelerator.autocast():
+        sequences = sample_groups(
+            unwrapped, enc["input_ids"], enc["attention_mask"], group_size=G, first_row=first_prompt, seed=seed,
+            max_new_tokens=max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+        )  # (b*G, 1 + T): decoder start token, then the completion  # fmt: skip
+    sample_seconds = time.perf_counter() - sample_start
+    completions = [decode(tokenizer, ids) for ids in sequences.tolist()]
+    group_rows = [row for row in rows for _ in range(G)]
+    totals, components = score_all(rewards, [p for p in prompts for _ in range(G)], completions, group_rows)
+    reward_t = torch.tensor(totals, device=device, dtype=torch.float32)
+    advantages = group_advantages(reward_t, G)  # (b*G,)
+    mask = completion_mask(sequences, tokenizer.eos_token_id)  # (b*G, T)
+    # Every process divides by the completion tokens of the whole step.
+    n_tokens = accelerator.reduce(mask.sum(), "sum").clamp(min=1)
+
+    # -- old (sampling) and reference log-probabilities, no gradients
+    chunks = _chunks(len(prompts), max(1, cfg.micro_batch_size // G))
+    with torch.no_grad(), accelerator.autocast():
+        old_lp = torch.cat([_logprobs(unwrapped, enc, sequences, lo, hi, G) for lo, hi in chunks])
+        ref_lp = None
+        if reference is not None:
+            with reference.weights(unwrapped) as ref_model:
+                ref_lp = torch.cat([_logprobs(ref_model, enc, sequences, lo, hi, G) for lo, hi in chunks])
+
+    # -- inner optimizer steps on the clipped objective
+    sums = torch.zeros(3, device=device)  # loss, clipped tokens, KL (summed over tokens)
+    first_norm = None
+    for inner in range(cfg.inner_steps):
+        for c, (lo, hi) in enumerate(chunks):
+            part = slice(lo * G, hi * G)
+            # Gradients are all-reduced once per optimizer step, in the last chunk's backward.
+            with nullcontext() if c == len(chunks) - 1 else accelerator.no_sync(model):
+                with accelerator.autocast():
+                    new_lp = _logprobs(model, enc, sequences, lo, hi, G)
+                loss_sum, stats = grpo_loss_sum(
+                    new_lp, old_lp[part], None if ref_lp is None else ref_lp[part], advantages[part],
+                    mask[part], cfg.clip_eps, cfg.beta,
+                )  # fmt: skip
+                # DDP averages gradients over processes; scale so the result is the token mean.
+                accelerator.backward(loss_sum * accelerator.num_processes / n_tokens)
+            sums[0] += loss_sum.detach() / cfg.inner_steps
+            if inner == cfg.inner_steps - 1:  # the statistics of the last pass
+                sums[1] += stats["clip_sum"]
+                sums[2] += stats.get("kl_sum", 0.0)
+        if cfg.max_grad_norm:
+            norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+            if inner == 0:  # before any update of this step: the gradient of the sampled batch
+                first_norm = float(norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    # -- the step's statistics over every process (shares may differ in size: sums, not gathers)
+    sums = accelerator.reduce(sums, "sum") / n_tokens
+    names = list(components)
+    totals_t = torch.tensor([len(totals), sum(totals), sum(t * t for t in totals),
+                             *(sum(components[k]) for k in names)], device=device, dtype=torch.float64)  # fmt: skip
+    count, total, squares, *parts = accelerator.reduce(totals_t, "sum").tolist()
+    mean = total / count
+    std = (max(squares - count * mean * mean, 0.0) / max(count - 1, 1)) ** 0.5  # unbiased, as torch.std
+    shares = accelerator.gather(torch.tensor([len(rows)], device=device)).tolist()
+    return {
+        "loss": sums[0].item(), "reward": mean, "reward_std": std,
+        **{f"reward_{name}": value / count for name, value in zip(names, parts, strict=True)},
+        "kl": sums[2].item(), "clip_fraction": sums[1].item(), "completion_tokens": float(n_tokens) / count,
+        "generate_seconds": sample_seconds, "prompts_per_process": shares,
+        **({"grad_norm": first_norm} if first_norm is not None else {}),
+    }  # fmt: skip
 
 
 def _chunks(n: int, size: int) -> list[tuple[int, int]]:

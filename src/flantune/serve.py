@@ -17,7 +17,6 @@ import base64
 import copy
 import dataclasses
 import hmac
-import json
 import re
 import threading
 import time
@@ -37,14 +36,14 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
 
 from flantune.config import GenerationConfig
-from flantune.generate import GenerateError, generate_texts
+from flantune.decoding import generate_texts
 
 STATIC = Path(str(resources.files("flantune") / "static"))
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 TOKEN_ENV = "FLANTUNE_SERVE_TOKEN"
 
 
-class ServeError(GenerateError):
+class ServeError(ValueError):
     """The server cannot start as asked (a bad adapter, a mismatched base); the message says why."""
 
 
@@ -98,107 +97,36 @@ def parse_adapters(specs: list[str]) -> dict[str, str]:
     return adapters
 
 
-def _adapter_kind(name: str, path: str) -> str:
-    config = Path(path) / "adapter_config.json"
-    if not config.is_file():
-        raise ServeError(f"--adapter {name}={path}: no adapter_config.json there")
-    raw = json.loads(config.read_text())
-    if raw.get("kind") == "bottleneck":
-        raise ServeError(
-            f"--adapter {name}={path}: bottleneck adapters are layers inserted into the model and cannot "
-            "share one base with other adapters; use `flantune generate BASE --adapter PATH` for it, "
-            "or serve a LoRA adapter"
-        )
-    return str(raw.get("peft_type", "unknown")).lower()
-
-
-def _base_recipe(model: str | None, adapters: dict[str, str]) -> tuple[str, str, int, str | None]:
-    """(path, init, seed, revision) of the base, checked against what each adapter was trained on.
-
-    Adapters trained on a random-init base (tests, benchmarks) need that exact base rebuilt: its folder
-    holds no weights, only the seed recorded in flantune.json beside the adapter.
-    """
-    from flantune.generate import _same_path
-    from flantune.models import recorded_base
-
-    if model and (Path(model) / "adapter_config.json").is_file():
-        raise ServeError(f"--model: {model} is an adapter folder; give it as --adapter NAME={model}")
-    recorded = {name: recorded_base(path) for name, path in adapters.items()}
-    if model is None:
-        paths = {r["path"] for r in recorded.values()}
-        if not adapters or None in paths:
-            raise ServeError("--model: give the base model (a folder or hub id)")
-        if len(paths) > 1:
-            raise ServeError(
-                f"--model: the adapters were trained on different bases ({sorted(paths)}); give one"
-            )
-        model = paths.pop()
-    same = {name: r for name, r in recorded.items() if r["path"] and _same_path(r["path"], model)}
-    builds = {(r["init"], r["seed"], r["revision"]) for r in same.values()}
-    if len(builds) > 1:
-        raise ServeError(
-            f"--adapter: {', '.join(same)} were trained on differently initialised copies of {model} "
-            "(init/seed differ in their flantune.json) and cannot share one base"
-        )
-    init, seed, revision = builds.pop() if builds else ("pretrained", 0, None)
-    return model, init, seed, revision
-
-
-def _tokenizer(model: str, adapters: dict[str, str], revision: str | None):
-    """The tokenizer saved beside the adapters (it may hold added tokens), else the base's.
-
-    All adapters must agree on it: one base model has one embedding table for all of them.
-    """
-    from flantune.models import load_tokenizer
-
-    chosen, chosen_from = None, model
-    for name, path in adapters.items():
-        if not (Path(path) / "tokenizer_config.json").is_file():
-            continue
-        tokenizer = load_tokenizer(path)
-        if chosen is None:
-            chosen, chosen_from = tokenizer, name
-        elif tokenizer.get_vocab() != chosen.get_vocab():
-            raise ServeError(
-                f"--adapter {name}: its tokenizer differs from {chosen_from}'s (added tokens?); "
-                "adapters served together must share one vocabulary"
-            )
-    return chosen or load_tokenizer(model, revision)
-
-
 def load_service_model(
     model: str | None, adapters: dict[str, str], *, device: str | None = None, dtype: str = "float32"
 ):
-    """(model, tokenizer, base path, adapter kinds): the base with every adapter loaded under its name."""
-    from flantune.models import ModelLoadError, fit_embeddings, load_model
+    """(model, tokenizer, base path, adapter kinds): the base with every adapter loaded under its name
+    (`flantune.final.load_final`, which checks that they share one base and one tokenizer)."""
+    from flantune.final import load_final, read_final
 
-    kinds = {name: _adapter_kind(name, path) for name, path in adapters.items()}
+    if model and (info := read_final(model)) is not None and info.is_adapter:
+        raise ServeError(f"--model: {model} is an adapter folder; give it as --adapter NAME={model}")
+    kinds = {}
+    for name, path in adapters.items():
+        info = read_final(path)
+        if info is None or not info.is_adapter:
+            raise ServeError(f"--adapter {name}={path}: no adapter_config.json there")
+        if info.kind == "bottleneck":
+            raise ServeError(
+                f"--adapter {name}={path}: bottleneck adapters are layers inserted into the model and cannot "
+                "share one base with other adapters; use `flantune generate BASE --adapter PATH` for it, "
+                "or serve a LoRA adapter"
+            )
+        kinds[name] = info.method
     if len(set(kinds.values())) > 1:
         raise ServeError(
             f"--adapter: adapters of one PEFT type can share a base; got {kinds}. Serve each type separately"
         )
-    path, init, seed, revision = _base_recipe(model, adapters)
-    try:
-        tokenizer = _tokenizer(path, adapters, revision)
-        loaded = load_model(path, init=init, seed=seed, revision=revision, dtype=dtype)
-    except ModelLoadError as e:
-        raise ServeError(str(e)) from None
-    fit_embeddings(loaded, tokenizer)
-    if adapters:
-        from peft import PeftModel
-
-        for name, adapter_path in adapters.items():
-            try:
-                if isinstance(loaded, PeftModel):
-                    loaded.load_adapter(adapter_path, adapter_name=name)
-                else:
-                    loaded = PeftModel.from_pretrained(loaded, adapter_path, adapter_name=name)
-            except (RuntimeError, ValueError, KeyError, TypeError) as e:
-                raise ServeError(
-                    f"--adapter {name}={adapter_path} does not fit {path}: {str(e).splitlines()[0]}"
-                ) from None
-    loaded.to(device or ("cuda" if torch.cuda.is_available() else "cpu")).eval()
-    return loaded, tokenizer, path, kinds
+    if not adapters and not model:
+        raise ServeError("--model: give the base model (a folder or hub id)")
+    what = "--adapter" if adapters else "--model"
+    loaded = load_final(adapters or model, base=model, dtype=dtype, device=device, what=what)
+    return loaded.model, loaded.tokenizer, loaded.base.path, kinds
 
 
 def mixable(model) -> bool:

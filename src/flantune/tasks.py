@@ -86,6 +86,8 @@ class Task:
     """A prefix every target starts with (e.g. "german: "), stripped before scoring; else None."""
     options: Mapping[str, Any]
     """The resolved options: the task's defaults overridden by the recipe."""
+    multiple_choice: bool = False
+    """The source shows options and a prediction is scored by the option it names (`Example.choices`)."""
 
     def format(self, row: Mapping[str, Any]) -> Example | None:
         """The example for one raw row; None when the task leaves the row out by design."""
@@ -355,6 +357,7 @@ class _Spec(NamedTuple):
     defaults: Mapping[str, Any] = MappingProxyType({})
     labels: tuple[str, ...] | None = None
     answer_prefix: str | None = None
+    multiple_choice: bool = False
 
 
 _SCIQ_COLUMNS = ("question", "distractor1", "distractor2", "distractor3", "correct_answer", "support")
@@ -364,11 +367,12 @@ _PAWS_COLUMNS = ("sentence1", "sentence2", "label")
 TASKS: dict[str, _Spec] = {
     "sciq": _Spec(
         _sciq, "SciQ science multiple choice: 4 shuffled options (+ support paragraph) → answer text",
-        _SCIQ_COLUMNS, ("mc_accuracy",), {"include_support": True, "seed": 0},
+        _SCIQ_COLUMNS, ("mc_accuracy",), {"include_support": True, "seed": 0}, multiple_choice=True,
     ),
     "sciq_think": _Spec(
         _sciq_think, "SciQ with reasoning (for RL): options → <think> support sentence </think> <answer> … </answer>",
         _SCIQ_COLUMNS, ("mc_accuracy", "format_rate"), {"include_support": False, "seed": 0},
+        multiple_choice=True,
     ),
     "squad_qa": _Spec(
         _squad_qa, "SQuAD extractive QA: question + context → answer span",
@@ -455,7 +459,7 @@ def build_task(name: str, options: Mapping[str, Any] | None = None) -> Task:
                 f"data.task_options.{key}", f"expected {_TYPE_NAMES[expected]}, got {_describe(value)}"
             )
     return Task(name, spec.description, spec.columns, spec.metrics, spec.labels, spec.answer_prefix,
-                MappingProxyType(resolved))  # fmt: skip
+                MappingProxyType(resolved), spec.multiple_choice)  # fmt: skip
 
 
 _TYPE_NAMES = {bool: "a boolean (true or false)", int: "an integer", str: "a string"}

@@ -1,0 +1,235 @@
+"""Decoding: sources in, texts out, for every command that generates.
+
+eval, in-training evaluation, RL sampling, generate and serve all decode through this module.
+
+Batches are formed by source length so a batch holds similar lengths and little padding. The
+output cap always comes from the caller (the recipe or a flag): transformers' own default of 20
+new tokens would cut answers silently.
+
+    generate_texts   batched generation with the recipe's options, label restriction, stop hooks
+    sample_groups    G sampled completions per prompt, each row's randomness keyed by its own id
+    decode           generated ids → text, keeping added task tokens such as <think>
+    LabelTrie        decoding restricted to a task's label strings
+"""
+
+from __future__ import annotations
+
+import torch
+
+from flantune.config import GenerationConfig
+
+
+def generation_kwargs(cfg: GenerationConfig) -> dict:
+    kwargs = {
+        "max_new_tokens": cfg.max_new_tokens,
+        "num_beams": cfg.num_beams,
+        "do_sample": cfg.do_sample,
+        "repetition_penalty": cfg.repetition_penalty,
+        "no_repeat_ngram_size": cfg.no_repeat_ngram_size,
+    }
+    if cfg.num_beams > 1:
+        kwargs["early_stopping"] = cfg.early_stopping
+    if cfg.do_sample:
+        kwargs.update(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)
+    return kwargs
+
+
+def decode(tokenizer, ids: list[int]) -> str:
+    """Text of generated ids without pad/EOS/BOS, but keeping added task tokens like <think>.
+
+    `skip_special_tokens=True` would also drop <think>/<answer> (they are added as special tokens so
+    they are never split), which the reasoning tasks need in their output.
+    """
+    drop = {tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id}
+    return tokenizer.decode([i for i in ids if i not in drop], skip_special_tokens=False).strip()
+
+
+class LabelTrie:
+    """Restricts decoding to a fixed set of label strings (classification).
+
+    transformers calls `allowed(batch_id, decoder_ids)` at every step; the answer is the set of
+    tokens that continue some label from the prefix decoded so far, and EOS once a label is complete.
+    """
+
+    def __init__(self, tokenizer, labels: list[str], decoder_start_id: int):
+        self.start = decoder_start_id
+        self.eos = tokenizer.eos_token_id
+        self.children: dict[tuple[int, ...], set[int]] = {}
+        for label in labels:
+            # Exactly the ids a target of this label trains on (BART's keep their leading <s>).
+            ids = tokenizer(text_target=label)["input_ids"]
+            if ids and ids[-1] == self.eos:
+                ids = ids[:-1]
+            ids = [*ids, self.eos]
+            for k in range(len(ids)):
+                self.children.setdefault(tuple(ids[:k]), set()).add(ids[k])
+
+    def allowed(self, batch_id: int, decoder_ids: torch.Tensor) -> list[int]:
+        prefix = [int(i) for i in decoder_ids.tolist()]
+        if prefix and prefix[0] == self.start:
+            prefix = prefix[1:]
+        return sorted(self.children.get(tuple(prefix), {self.eos}))
+
+
+@torch.no_grad()
+def generate_texts(
+    model,
+    tokenizer,
+    sources: list[str],
+    cfg: GenerationConfig,
+    *,
+    batch_size: int = 32,
+    max_source_tokens: int | None = None,
+    device: torch.device | str | None = None,
+    labels: list[str] | None = None,
+    adapter_names: list[str] | None = None,
+    stop=None,
+) -> list[str]:
+    """Generate one output per source; the result is in the order of `sources`.
+
+    With `labels`, decoding can only produce one of those strings (classification tasks).
+    `adapter_names` (one per source) picks the LoRA adapter that answers each row, "__base__" for
+    the base model: PEFT's mixed-adapter batches, so rows of several adapters share a batch.
+    `stop` (a function of no arguments) is asked after every decoding step: True ends the
+    generation there (the server stops work nobody waits for any more).
+    """
+    sources = list(sources)
+    if not sources:
+        return []
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    encoded = tokenizer(sources, truncation=max_source_tokens is not None, max_length=max_source_tokens)[
+        "input_ids"
+    ]
+    order = sorted(range(len(sources)), key=lambda i: len(encoded[i]), reverse=True)
+    outputs: list[str] = [""] * len(sources)
+    kwargs = generation_kwargs(cfg)
+    if labels:
+        config = getattr(model, "config", None)
+        trie = LabelTrie(tokenizer, labels, config.decoder_start_token_id)
+        kwargs["prefix_allowed_tokens_fn"] = trie.allowed
+    if stop is not None:
+        from transformers import StoppingCriteriaList
+
+        kwargs["stopping_criteria"] = StoppingCriteriaList([_Stop(stop)])
+    for start in range(0, len(order), batch_size):
+        index = order[start : start + batch_size]
+        batch = tokenizer.pad({"input_ids": [encoded[i] for i in index]}, return_tensors="pt").to(device)
+        if adapter_names is not None:
+            kwargs["adapter_names"] = [adapter_names[i] for i in index]
+        generated = model.generate(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs
+        )
+        for i, ids in zip(index, generated.tolist(), strict=True):  # (B, T_out)
+            outputs[i] = decode(tokenizer, ids)
+    model.train(was_training)
+    return outputs
+
+
+class _Stop:
+    """A transformers stopping criterion from a function of no arguments: True stops every row."""
+
+    def __init__(self, stop):
+        self.stop = stop
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), bool(self.stop()), dtype=torch.bool, device=input_ids.device)
+
+
+# ---- sampling whose randomness belongs to each row ---------------------------------------------
+# transformers' sampling draws from the global RNG, so what a row samples depends on which other
+# rows share its batch and process. RL needs every completion to be the same whether its prompt
+# was sampled on one process or another (a two-process step must equal the one-process step), so
+# each row here draws from its own counter-based stream: Gumbel noise keyed by (seed, row id,
+# decoding position, token id), added to the filtered logits, and the argmax taken (the Gumbel-max
+# trick: argmax(logits + Gumbel) is an exact sample of softmax(logits)). transformers has no
+# per-row random streams, hence our own.
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (int64 tensors holding values below 2**32): every product stays below
+    2**63, so it is exact on every device."""
+    x = x ^ (x >> 16)
+    x = (x * 0x45D9F3B) & _MASK32
+    x = x ^ (x >> 16)
+    x = (x * 0x45D9F3B) & _MASK32
+    return x ^ (x >> 16)
+
+
+def row_keys(seed: int, rows: torch.Tensor) -> torch.Tensor:
+    """(N,) int64 keys of the random streams of rows with global ids `rows` under `seed`."""
+    return _mix32(_mix32(torch.full_like(rows, seed & _MASK32)) ^ (rows & _MASK32))
+
+
+def gumbel_noise(keys: torch.Tensor, position: int, vocab: int) -> torch.Tensor:
+    """(N, vocab) float32 standard Gumbel noise, a pure function of (key, position, token id)."""
+    at = _mix32((keys + position * 0x9E3779B9) & _MASK32)  # (N,)
+    tokens = torch.arange(vocab, device=keys.device, dtype=torch.int64)
+    bits = _mix32(_mix32(at[:, None] ^ tokens[None, :]) ^ at[:, None])  # (N, V)
+    uniform = ((bits >> 8).float() + 0.5) * 2.0**-24  # in (0, 1), 24 exact bits
+    return -torch.log(-torch.log(uniform))
+
+
+class KeyedSampling:
+    """A transformers logits processor that samples each row from its own stream: temperature, top-k
+    and top-p (nucleus) filtering, Gumbel noise by row key, and the argmax made the only token left.
+
+    transformers' sampling mode (which expands the encoder output for `num_return_sequences`, where
+    greedy mode refuses several sequences) then draws that one token whatever its own RNG says.
+    """
+
+    def __init__(self, keys: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0):
+        from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+        self.keys, self.warpers = keys, []
+        if temperature != 1.0:
+            self.warpers.append(TemperatureLogitsWarper(temperature))
+        if top_k:
+            self.warpers.append(TopKLogitsWarper(top_k))
+        if top_p < 1.0:
+            self.warpers.append(TopPLogitsWarper(top_p))
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        # input_ids (N, t): the decoder ids so far (start token first); scores (N, V) float.
+        for warper in self.warpers:
+            scores = warper(input_ids, scores)
+        noise = gumbel_noise(self.keys.to(scores.device), input_ids.shape[1], scores.shape[-1])
+        choice = (scores.float() + noise).argmax(dim=-1, keepdim=True)  # (N, 1); filtered -inf stays out
+        return torch.full_like(scores, float("-inf")).scatter_(1, choice, 0.0)  # probability 1 on the choice
+
+
+@torch.no_grad()
+def sample_groups(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    group_size: int,
+    first_row: int,
+    seed: int,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+) -> torch.Tensor:
+    """`group_size` sampled completions of each prompt: (B*G, 1 + T) decoder ids, start token first,
+    grouped by prompt. The encoder runs once per prompt (generate expands its output G times).
+
+    Completion j of the prompt numbered p (`first_row` numbers this batch's first prompt) draws from
+    the stream of row p * G + j under `seed`: the same completions however prompts are split
+    between processes or batches.
+    """
+    from transformers import LogitsProcessorList
+
+    batch = input_ids.shape[0]
+    rows = torch.arange(first_row * group_size, (first_row + batch) * group_size, device=input_ids.device)
+    sampling = KeyedSampling(row_keys(seed, rows), temperature=temperature, top_p=top_p, top_k=top_k)
+    # top_k=0, top_p=1, temperature=1: transformers adds no filters of its own; KeyedSampling filters.
+    return model.generate(
+        input_ids=input_ids, attention_mask=attention_mask, do_sample=True, num_beams=1, top_k=0, top_p=1.0,
+        temperature=1.0, num_return_sequences=group_size, max_new_tokens=max_new_tokens,
+        logits_processor=LogitsProcessorList([sampling]),
+    )  # fmt: skip
