@@ -1,16 +1,25 @@
 """Recipes: every shipped one parses; bad ones fail at once with the dotted key and what is expected."""
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from flantune.config import ConfigError, DataSource, load_recipe, parse_yaml, recipe_from_dict
+from flantune.config import (
+    ConfigError,
+    DataSource,
+    load_recipe,
+    merge_recipes,
+    parse_yaml,
+    recipe_from_dict,
+)
 
 from .conftest import ROOT
 
 RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
+OFFLINE = sorted((ROOT / "recipes" / "offline").glob("*.yaml"))
 MINIMAL = {"model": {"path": "google/flan-t5-small"}, "data": {"task": "sciq", "train": "allenai/sciq:train"}}
 
 
@@ -29,8 +38,8 @@ def with_(section: str, **values):
 def test_there_are_recipes_for_every_seed_task():
     tasks = set()
     for path in RECIPES:
-        data = parse_yaml(path.read_text())["data"]
-        tasks.update([data["task"]] if "task" in data else [m["task"] for m in data["mixture"]])
+        data = load_recipe(path).data
+        tasks.update([data.task] if data.task else [m.task for m in data.mixture])
     expected = {"sciq", "squad_qa", "squad_qg", "samsum", "imdb_sentiment", "emotion", "paws_paraphrase",
                 "paws_similarity", "mlqa", "wmt16_en_de", "openorca", "hc3", "template"}  # fmt: skip
     assert expected <= tasks
@@ -192,3 +201,203 @@ def test_cli_check_prints_the_resolved_recipe(tmp_path):
 def test_profile_steps_need_a_first_and_last_step(steps):
     [problem] = problems_of(with_("train", profile_steps=steps))
     assert problem.startswith("train.profile_steps: expected [first, last] with 1 <= first <= last")
+
+
+# ----------------------------------------------------------------------------------------------
+# `extends`: a recipe laid over another one.
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+BASE = """\
+model: {path: google/flan-t5-small, dtype: bfloat16}
+method: {kind: lora, r: 8, target_modules: [q, k, v, o]}
+data:
+  task: sciq
+  task_options: {include_support: false}
+  train: {path: allenai/sciq, split: train, rows: '0:800'}
+  eval: allenai/sciq:validation
+  test: allenai/sciq:test
+train: {lr: 1e-4, batch_size: 16, eval_every: 500}
+output_dir: runs/base
+"""
+
+
+def test_merge_recipes_merges_mappings_and_replaces_everything_else():
+    base = {"a": {"b": 1, "c": {"d": 2, "e": 3}}, "l": [1, 2, 3], "s": "x", "n": {"k": 1}, "m": "short"}
+    overlay = {"a": {"c": {"e": 30, "f": 4}}, "l": [9], "s": None, "n": None, "m": {"path": "p"}, "new": 5}
+    merged = merge_recipes(base, overlay)
+    assert merged == {"a": {"b": 1, "c": {"d": 2, "e": 30, "f": 4}}, "l": [9], "s": None, "n": None,
+                      "m": {"path": "p"}, "new": 5}  # fmt: skip
+    assert base["a"]["c"] == {"d": 2, "e": 3}  # the base is left as it was
+
+
+def test_an_overlay_is_merged_onto_the_recipe_it_extends(tmp_path):
+    write(tmp_path / "base.yaml", BASE)
+    overlay = write(
+        tmp_path / "variants" / "small.yaml",
+        "extends: ../base.yaml\n"
+        "model: {path: ../shared/assets/flan-t5-small, init: random}\n"  # nested: dtype stays
+        "method: {target_modules: [q]}\n"  # a list is replaced, not extended
+        "data: {train: {rows: '0:10'}, eval: local/eval.jsonl, test: null}\n"
+        "train: {eval_every: null}\n",
+    )
+    recipe = load_recipe(overlay)
+    assert recipe.model.path == "../shared/assets/flan-t5-small" and recipe.model.init == "random"
+    assert recipe.model.dtype == "bfloat16"
+    assert recipe.method.target_modules == ["q"] and recipe.method.r == 8
+    assert recipe.data.task_options == {"include_support": False}
+    assert recipe.data.train == DataSource(path="allenai/sciq", split="train", rows="0:10")
+    assert recipe.data.eval == DataSource(path="local/eval.jsonl")  # the shorthand replaces a source
+    assert recipe.data.test is None and recipe.train.eval_every is None
+    assert (recipe.train.lr, recipe.train.batch_size, recipe.output_dir) == (1e-4, 16, "runs/base")
+
+
+def test_extends_is_relative_to_the_file_and_other_paths_to_the_working_directory(tmp_path, monkeypatch):
+    write(tmp_path / "recipes" / "base.yaml", BASE.replace("allenai/sciq:validation", "data/eval.jsonl"))
+    overlay = write(tmp_path / "recipes" / "offline" / "o.yaml", "extends: ../base.yaml\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    for cwd, path in ((tmp_path, "recipes/offline/o.yaml"), (elsewhere, overlay)):
+        monkeypatch.chdir(cwd)
+        recipe = load_recipe(path)
+        assert recipe.data.eval.path == "data/eval.jsonl"  # not rewritten relative to either file
+        assert recipe.model.path == "google/flan-t5-small"
+
+
+def test_an_overlay_of_an_overlay(tmp_path):
+    write(tmp_path / "base.yaml", BASE)
+    write(tmp_path / "a" / "mid.yaml", "extends: ../base.yaml\ntrain: {lr: 2e-4, batch_size: 4}\n")
+    top = write(tmp_path / "b" / "top.yaml", "extends: ../a/mid.yaml\ntrain: {batch_size: 2}\n")
+    recipe = load_recipe(top)
+    assert (recipe.train.lr, recipe.train.batch_size, recipe.method.r) == (2e-4, 2, 8)
+
+
+def test_a_cycle_names_the_files(tmp_path):
+    write(tmp_path / "a.yaml", "extends: b.yaml\n" + BASE)
+    write(tmp_path / "b.yaml", "extends: sub/../a.yaml\n")
+    (tmp_path / "sub").mkdir()
+    with pytest.raises(ConfigError, match="cycle") as info:
+        load_recipe(tmp_path / "a.yaml")
+    [problem] = info.value.problems
+    assert problem == f"extends: the recipes extend each other in a cycle: {tmp_path / 'a.yaml'} -> " \
+        f"{tmp_path / 'b.yaml'} -> {tmp_path / 'a.yaml'}"  # fmt: skip
+    write(tmp_path / "self.yaml", "extends: ./self.yaml\n")
+    with pytest.raises(ConfigError, match=r"cycle: .*self\.yaml -> .*self\.yaml"):
+        load_recipe(tmp_path / "self.yaml")
+
+
+def test_a_missing_or_broken_base_names_the_overlay_and_the_key(tmp_path):
+    overlay = write(tmp_path / "o.yaml", "extends: ../nope.yaml\ntrain: {lr: 1e-4}\n")
+    with pytest.raises(ConfigError) as info:
+        load_recipe(overlay)
+    missing = tmp_path.parent / "nope.yaml"
+    assert str(info.value).startswith(f"recipe {overlay}: extends: file not found: {missing}")
+    write(tmp_path / "list.yaml", "- a\n- b\n")
+    write(tmp_path / "broken.yaml", "model: [unclosed\n")
+    bases = {"list.yaml": "the top level must be a mapping", "broken.yaml": "not valid YAML"}
+    for base, expected in bases.items():
+        overlay.write_text(f"extends: {base}\n")
+        with pytest.raises(ConfigError) as info:
+            load_recipe(overlay)
+        assert info.value.source == str(overlay)
+        [problem] = info.value.problems
+        assert problem.startswith(f"extends: {tmp_path / base}: {expected}"), problem
+    overlay.write_text("extends: [a.yaml]\n")
+    with pytest.raises(ConfigError, match="extends: expected the path of a recipe file"):
+        load_recipe(overlay)
+
+
+def test_problems_of_the_merged_recipe_name_their_key_and_every_file(tmp_path):
+    base = write(tmp_path / "base.yaml", BASE)
+    overlay = write(tmp_path / "o" / "o.yaml", "extends: ../base.yaml\ntrain: {lrr: 1}\nmethod: {r: x}\n")
+    with pytest.raises(ConfigError) as info:
+        load_recipe(overlay)
+    assert info.value.source == f"{overlay} (extends {base})"
+    assert any(p.startswith("train.lrr: unknown key (did you mean lr?)") for p in info.value.problems)
+    assert "method.r: expected an integer, got string 'x'" in info.value.problems
+    # The key is read from files only; a misspelling of it is hinted.
+    with pytest.raises(ConfigError, match="extends: only a recipe file can extend another"):
+        load_recipe(base, ["extends=other.yaml"])
+    write(tmp_path / "typo.yaml", "extend: base.yaml\n" + BASE)
+    with pytest.raises(ConfigError, match=r"extend: unknown key \(did you mean extends\?\)"):
+        load_recipe(tmp_path / "typo.yaml")
+
+
+def test_check_prints_the_merged_recipe_without_extends(tmp_path):
+    write(tmp_path / "base.yaml", BASE)
+    overlay = write(tmp_path / "o" / "o.yaml", "extends: ../base.yaml\ntrain: {batch_size: 2}\n")
+    result = subprocess.run([sys.executable, "-m", "flantune.cli", "check", str(overlay), "train.lr=0.01"],
+                            capture_output=True, text=True)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    resolved = parse_yaml(result.stdout)
+    assert "extends" not in resolved
+    assert resolved["train"]["batch_size"] == 2 and resolved["train"]["lr"] == 0.01
+    assert resolved["method"]["target_modules"] == ["q", "k", "v", "o"]
+    # What a run folder keeps (dump_recipe) stands alone and loads to the same recipe.
+    dumped = write(tmp_path / "run" / "recipe.yaml", result.stdout)
+    assert load_recipe(dumped) == load_recipe(overlay, ["train.lr=0.01"])
+
+
+# ----------------------------------------------------------------------------------------------
+# recipes/offline/: overlays of recipes/ that hold only what an offline smoke run changes.
+
+# Where the model and rows come from, how long the run is and where it writes, and what keeps
+# decoding cheap: a random model rarely stops before max_new_tokens, so the caps, beam width, rows
+# evaluated and RL completions per step set a smoke run's time.
+OFFLINE_KEYS = {
+    "model.path", "model.init", "data.train", "data.eval", "data.test", "data.mixture",
+    "train.max_steps", "train.batch_size", "train.eval_every", "train.save_every", "output_dir",
+    "eval.max_rows", "generation.max_new_tokens", "generation.num_beams",
+    "rl.max_steps", "rl.prompts_per_step", "rl.group_size", "rl.max_new_tokens", "rl.eval_every",
+    "rl.save_every",
+}  # fmt: skip
+# The template task's options name the columns of its file, and the local file has SQuAD's columns
+# and answers longer than the hub recipe's yes / no.
+OFFLINE_KEYS_OF = {"template-lora.yaml": {"data.task_options", "data.max_target_tokens"}}
+
+
+def leaves(raw: dict, prefix: str = "") -> dict[str, object]:
+    """Dotted path -> value for every non-mapping value (a list is one value)."""
+    out = {}
+    for key, value in raw.items():
+        path = f"{prefix}{key}"
+        out.update(leaves(value, path + ".") if isinstance(value, dict) else {path: value})
+    return out
+
+
+@pytest.mark.parametrize("path", OFFLINE, ids=[p.name for p in OFFLINE])
+def test_offline_recipes_override_only_what_an_offline_run_changes(path):
+    text = path.read_text()
+    assert text.startswith("# "), "say in one comment line what the variant is"
+    overlay = parse_yaml(text)
+    assert overlay.pop("extends") == f"../{path.name}"
+    hub_path = ROOT / "recipes" / path.name
+    hub = leaves(parse_yaml(hub_path.read_text()))
+    allowed = OFFLINE_KEYS | OFFLINE_KEYS_OF.get(path.name, set())
+    for key, value in leaves(overlay).items():
+        assert any(key == a or key.startswith(a + ".") for a in allowed), (
+            f"{path.name}: {key} is not a key an offline variant changes; set it in recipes/{path.name}"
+        )
+        assert key not in hub or hub[key] != value, f"{path.name}: {key} restates the hub recipe's value"
+
+    recipe, hub_recipe = load_recipe(path), load_recipe(hub_path)
+    # Every data source comes whole from the overlay: no hub name, split or rows merged into a file.
+    for role in ("train", "eval", "test"):
+        source, written = getattr(recipe.data, role), overlay.get("data", {}).get(role)
+        if source is not None:
+            assert written is not None, f"{path.name}: data.{role} is the hub recipe's"
+            keys = {k for k, v in dataclasses.asdict(source).items() if v is not None}
+            assert keys == (set(written) if isinstance(written, dict) else {"path"}), (
+                f"{path.name}: data.{role} has {sorted(keys)}, sets {written}: the rest is the hub source's"
+            )
+    # A mixture is restated whole (a list): only each item's rows may differ.
+    assert len(recipe.data.mixture) == len(hub_recipe.data.mixture)
+    for item, hub_item in zip(recipe.data.mixture, hub_recipe.data.mixture, strict=True):
+        assert item.task == hub_item.task and item.weight == hub_item.weight
+        assert item.task_options == hub_item.task_options
+        assert all(s is None or not (s.name or s.split) for s in (item.train, item.eval))

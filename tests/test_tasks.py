@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from flantune.config import load_recipe
 from flantune.tasks import (
     METRIC_NAMES,
     TASK_NAMES,
@@ -539,9 +540,7 @@ def test_mlqa_sample_has_hindi_context_and_english_question():
 
 
 def test_offline_template_recipe_options_format_the_squad_sample():
-    import yaml
-
-    recipe = yaml.safe_load((ROOT / "recipes" / "offline" / "template-lora.yaml").read_text())
-    task = build_task("template", recipe["data"]["task_options"])
+    recipe = load_recipe(ROOT / "recipes" / "offline" / "template-lora.yaml")
+    task = build_task("template", recipe.data.task_options)
     for row in read_jsonl("squad.jsonl"):
         assert task.format(row).target == row["answers"]["text"][0]

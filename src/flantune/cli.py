@@ -106,7 +106,7 @@ def tasks_command() -> None:
 @app.command("check")
 @user_errors
 def check_command(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
-    """Validate a recipe and print it resolved, with every default filled in."""
+    """Validate a recipe and print it resolved: what it extends merged in, every default filled in."""
     from flantune.config import dump_recipe
 
     console.print(dump_recipe(_recipe(recipe, overrides)), highlight=False, markup=False)

@@ -5,12 +5,20 @@ A recipe has the sections `model`, `method`, `data`, `train`, `eval`, `generatio
 the YAML, applies `section.key=value` overrides from the command line, and checks the whole thing
 at once: an unknown key, a wrong type or a missing required value is reported with its dotted
 path and what was expected, before any model or data is touched.
+
+A recipe file may start from another one: the top-level key `extends: ../sciq-lora.yaml` (a path
+relative to the file that holds it) reads that recipe first and lays this file's keys over it
+(`merge_recipes`). The result is checked as one recipe, and a resolved recipe (`dump_recipe`, a run
+folder's recipe.yaml) holds every key and no `extends`. Paths inside a recipe (model.path, data
+files, output_dir) are not rewritten: they are relative to the working directory, whichever file
+set them.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import re
 import types
 import typing
@@ -544,27 +552,91 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
+EXTENDS_KEY = "extends"
+"""The top-level key naming the recipe file a recipe is laid over."""
+
+
+def merge_recipes(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
+    """`overlay` laid over `base`: where both hold a mapping the two merge key by key, recursively;
+    any other value in `overlay` (a scalar, a list, null, or a mapping over a non-mapping) replaces
+    the base's. Lists are replaced whole, so an overlay that changes one item of `data.mixture`
+    restates the list; a data source written as a mapping over a base mapping keeps the base's
+    other keys (name, split, rows) unless it sets them, while the string shorthand replaces it all.
+    """
+    merged = dict(base)
+    for key, value in overlay.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge_recipes(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _read_mapping(path: Path) -> dict[str, Any]:
+    """A recipe file's top-level mapping, as written; ConfigError (without a source) if it is none."""
+    try:
+        raw = parse_yaml(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError([f"not valid YAML: {e}"]) from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError([f"the top level must be a mapping of sections, got {type(raw).__name__}"])
+    return raw
+
+
+def _read_recipe_file(path: Path, chain: tuple[Path, ...] = ()) -> tuple[dict[str, Any], list[Path]]:
+    """The mapping of the recipe at `path` with the recipes it extends merged in (the base first),
+    and the files read, `path` first.
+
+    `chain` holds the files that extend this one, to refuse a cycle. A problem with this file's
+    own text is raised without a source; the file that extends it adds itself and its key.
+    """
+    raw = _read_mapping(path)
+    if EXTENDS_KEY not in raw:
+        return raw, [path]
+    target = raw.pop(EXTENDS_KEY)
+    if not isinstance(target, str) or not target.strip():
+        expected = "the path of a recipe file, relative to this one"
+        raise ConfigError([f"{EXTENDS_KEY}: expected {expected}, got {_describe(target)}"], str(path))
+    base_path = Path(os.path.normpath(path.parent / target))
+    chain = (*chain, path)
+    seen = [f.resolve() for f in chain]
+    if base_path.resolve() in seen:
+        cycle = " -> ".join(str(f) for f in (*chain[seen.index(base_path.resolve()) :], base_path))
+        raise ConfigError([f"{EXTENDS_KEY}: the recipes extend each other in a cycle: {cycle}"], str(path))
+    if not base_path.is_file():
+        raise ConfigError(
+            [f"{EXTENDS_KEY}: file not found: {base_path} ({target!r}, relative to this file's folder)"],
+            str(path),
+        )
+    try:
+        base, files = _read_recipe_file(base_path, chain)
+    except ConfigError as e:
+        if e.source is not None:  # further up the chain; that file is named already
+            raise
+        raise ConfigError([f"{EXTENDS_KEY}: {base_path}: {p}" for p in e.problems], str(path)) from None
+    return merge_recipes(base, raw), [path, *files]
+
+
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """Read, override and validate a recipe. Raises ConfigError naming every problem found."""
+    """Read a recipe file (with the recipes it `extends`, merged), apply the overrides and
+    validate the result. Raises ConfigError naming every problem found."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(
             [f"file not found: {path} (give the path to a recipe YAML, e.g. recipes/sciq-lora.yaml)"]
         )
     try:
-        raw = parse_yaml(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise ConfigError([f"not valid YAML: {e}"], source=str(path)) from None
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(
-            [f"the top level must be a mapping of sections, got {type(raw).__name__}"], str(path)
-        )
+        raw, files = _read_recipe_file(path)
+    except ConfigError as e:
+        raise ConfigError(e.problems, source=e.source or str(path)) from None
     try:
         return recipe_from_dict(apply_overrides(raw, list(overrides or [])))
     except ConfigError as e:
-        raise ConfigError(e.problems, source=str(path)) from None
+        # A key may come from any file of the chain: name them all.
+        source = str(path) + "".join(f" (extends {f})" for f in files[1:])
+        raise ConfigError(e.problems, source=source) from None
 
 
 def recipe_from_dict(raw: dict[str, Any]) -> Recipe:
@@ -595,10 +667,15 @@ def _build(cls: type, raw: Any, path: str, problems: list[str]) -> Any:
         return None
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    # load_recipe takes `extends` out of a file; here it can only come from an override. It is
+    # listed among the top-level names so that a misspelling of it gets its hint.
+    names = [*fields, EXTENDS_KEY] if cls is Recipe else list(fields)
     for key in raw:
-        if key not in fields:
-            known = ", ".join(fields)
-            close = difflib.get_close_matches(str(key), fields, n=1)
+        if cls is Recipe and key == EXTENDS_KEY:
+            problems.append(f"{EXTENDS_KEY}: only a recipe file can extend another (not an override)")
+        elif key not in fields:
+            known = ", ".join(names)
+            close = difflib.get_close_matches(str(key), names, n=1)
             hint = f" (did you mean {close[0]}?)" if close else ""
             problems.append(f"{_join(path, key)}: unknown key{hint}; expected one of: {known}")
     values = {}
