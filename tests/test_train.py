@@ -431,20 +431,58 @@ def test_gradient_checkpointing(kind, pretrained, tmp_path):
     assert result.steps == 3 and all(math.isfinite(x) for x in losses(tmp_path / "run"))
 
 
-def test_eval_best_checkpoint_and_early_stopping(pretrained, tmp_path):
-    data = write_copy_task(tmp_path, n=32, kind="copy")
-    recipe = make_recipe(pretrained["t5"], data, tmp_path / "run", METHODS["full"], max_steps=40, lr=3e-3,
-                         eval_every=5, early_stopping_patience=2, best_metric="eval_loss")  # fmt: skip
-    recipe.model.init = "pretrained"
+# Scripted evaluations (steps 1..6, eval every step, patience 2): best at 1, 2, then 4 (the count of
+# evaluations without improvement goes back to 0); 5 equals the best, which is no improvement; 6 is
+# the second evaluation in a row without improvement: the run stops there, and keeps step 4.
+EARLY_STOP_SCRIPTS = {
+    "eval_loss": ([3.0, 2.0, 2.5, 1.5, 1.5, 1.7], 1.6),  # lower is better
+    "eval_exact_match": ([10.0, 30.0, 20.0, 50.0, 50.0, 40.0], 45.0),  # higher is better
+}
+
+
+@pytest.mark.parametrize("best_metric", list(EARLY_STOP_SCRIPTS))
+def test_eval_best_checkpoint_and_early_stopping(best_metric, tiny_t5, tmp_path, monkeypatch):
+    import io
+
+    from rich.console import Console
+    from safetensors.torch import load_file
+
+    script, stalled = EARLY_STOP_SCRIPTS[best_metric]
+    real_evaluate, values = train_module.evaluate, iter(script)
+
+    def scripted(*args, **kwargs):  # a real evaluation, with the metric that decides replaced
+        return {**real_evaluate(*args, **kwargs), best_metric: next(values, stalled)}
+
+    monkeypatch.setattr(train_module, "evaluate", scripted)
+    data = write_copy_task(tmp_path, n=16, kind="copy")
+    recipe = make_recipe(tiny_t5, data, tmp_path / "run", METHODS["full"], max_steps=12, lr=3e-3, eval_every=1,
+                         early_stopping_patience=2, best_metric=best_metric.removeprefix("eval_"))  # fmt: skip
     recipe.data.eval = recipe.data.train
-    result = train(recipe)
+    console = Console(file=io.StringIO(), width=200)
+    result = train(recipe, console=console)
+
+    assert (result.steps, result.best_step, result.best_value) == (6, 4, script[3])
+    assert (
+        f"early stopping at step 6: {best_metric} did not improve for 2 evaluations"
+        in console.file.getvalue()
+    )
     records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if "eval_loss" in r]
-    assert evals and all("eval_exact_match" in r for r in evals)
-    assert result.best_value == min(r["eval_loss"] for r in evals)
-    assert (tmp_path / "run" / "checkpoints" / f"step-{result.best_step:06d}").is_dir()
-    if result.steps < 40:  # stopped early: the last `patience` evaluations did not improve
-        assert all(r["eval_loss"] >= result.best_value for r in evals[-2:])
+    assert [r["step"] for r in evals] == [1, 2, 3, 4, 5, 6] and all("eval_exact_match" in r for r in evals)
+    assert [r[best_metric] for r in evals] == script
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5, 6]  # nothing after step 6
+    saved = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert {k: saved[k] for k in ("steps", "best_metric", "best_step", "best_value")} == {
+        "steps": 6, "best_metric": best_metric, "best_step": 4, "best_value": script[3]
+    }  # fmt: skip
+    # final/ holds the weights of step 4 (the best checkpoint), not those of step 6 where it stopped.
+    checkpoints = tmp_path / "run" / "checkpoints"
+    best, last = (load_file(checkpoints / f"step-{s:06d}" / "trainable.safetensors") for s in (4, 6))
+    final = load_file(tmp_path / "run" / "final" / "model.safetensors")
+    assert "lm_head.weight" in best and set(best) <= set(final)
+    for name, tensor in best.items():
+        assert torch.equal(final[name], tensor), name
+    assert not all(torch.equal(last[n], t) for n, t in best.items())  # steps 5 and 6 did change weights
 
 
 def test_quickstart_improves_the_score(tmp_path):
