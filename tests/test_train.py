@@ -131,10 +131,80 @@ METHODS = {
 }
 BART_TARGETS = {"ia3": ["k_proj", "v_proj", "fc2"], "dora": ["q_proj", "v_proj"]}
 
+# How many parameters each method trains on the tiny bases, counted by hand from their shapes: d_model
+# 32, feed-forward 64, 2 encoder + 2 decoder layers, 2 heads of 16 (attention projections are 32 -> 32).
+# T5 layers hold q, k, v, o (decoder: twice, self and cross attention) and a gated feed-forward
+# wi_0, wi_1 (32 -> 64), wo (64 -> 32); BART layers q/k/v/out_proj (with biases) and fc1, fc2.
+TRAINABLE_COUNTS = {
+    # LoRA r=4 on every linear layer of the layers ("all-linear" leaves the output head out): r*(in+out)
+    # = 256 per attention projection, 384 per feed-forward one.
+    # T5: encoder layer 4*256 + 3*384 = 2176, decoder layer 8*256 + 3*384 = 3200.
+    ("t5", "lora"): 2 * 2176 + 2 * 3200,  # 10,752
+    # BART: encoder layer 4*256 + 2*384 = 1792, decoder layer 8*256 + 2*384 = 2816.
+    ("bart", "lora"): 2 * 1792 + 2 * 2816,  # 9,216
+    # IA3 on k, v and the feed-forward output (wo / fc2): one vector per layer, out_features long (32), or
+    # in_features for a feed-forward layer (64). Encoder layer 32+32+64, decoder layer 4*32+64.
+    ("t5", "ia3"): 2 * 128 + 2 * 192,  # 640
+    ("bart", "ia3"): 2 * 128 + 2 * 192,
+    # Prefix tuning, 4 virtual tokens: one embedding of 4 x (2 layers * 2 (key, value) * 32).
+    ("t5", "prefix"): 4 * 2 * 2 * 32,  # 512
+    ("bart", "prefix"): 4 * 2 * 2 * 32,
+    # Bottleneck adapters, reduction factor 4 (bottleneck 8): down 32*8+8, up 8*32+32 = 552 each.
+    # Houlsby: after self-attention and feed-forward in all 4 layers and cross-attention in the 2
+    # decoder layers (10); Pfeiffer: after the feed-forward only (4).
+    ("t5", "adapter"): 10 * 552,  # 5,520
+    ("bart", "adapter"): 10 * 552,
+    ("t5", "pfeiffer"): 4 * 552,  # 2,208
+    ("bart", "pfeiffer"): 4 * 552,
+    # DoRA r=4 on q and v: 256 (LoRA) + a magnitude of 32 each, in 2 encoder + 4 decoder attentions.
+    ("t5", "dora"): 12 * (256 + 32),  # 3,456
+    ("bart", "dora"): 12 * (256 + 32),
+    # Full: every parameter. T5: embeddings 32128 x 32 = 1,028,096 and FLAN-T5's untied head as many;
+    # encoder 2 x (4*1024 + 3*2048 + 2 norms of 32) + relative bias 32 buckets x 2 heads + final norm;
+    # decoder 2 x (8*1024 + 3*2048 + 3*32) + 64 + 32.
+    ("t5", "full"): 2 * 1_028_096 + (2 * 10_304 + 64 + 32) + (2 * 14_432 + 64 + 32),  # 2,105,856
+    # BART: embeddings 50265 x 32 = 1,608,480 (the head is tied to them), learned positions 2 x 1026 x 32,
+    # 2 embedding norms (64 each); encoder layer 4*(1024+32) + fc1 2112 + fc2 2080 + 2 norms = 8,544;
+    # decoder layer 8*(1024+32) + 2112 + 2080 + 3 norms = 12,832.
+    ("bart", "full"): 1_608_480 + 2 * 1026 * 32 + 2 * 64 + 2 * 8_544 + 2 * 12_832,  # 1,717,024
+}
+# Where bottleneck adapters go: the modules they wrap (T5, BART), for each placement.
+ADAPTER_SITES = {
+    "houlsby": ("SelfAttention", "EncDecAttention", "DenseReluDense", "self_attn", "encoder_attn", "fc2"),
+    "pfeiffer": ("DenseReluDense", "fc2"),
+}
+
+
+def expected_trainable(base, kind: str, method: dict) -> set[str]:
+    """The names of the parameters `method` trains, from the plain base model's modules and the naming
+    of PEFT (base_model.model.<module>.lora_A.default.weight, ...) and of flantune's adapter folders."""
+    if kind == "full":
+        return {n for n, _ in base.named_parameters()}
+    if kind == "prefix":
+        return {"prompt_encoder.default.embedding.weight"}
+    modules = [n for n, _ in base.named_modules() if n]
+    if method["kind"] == "adapter":
+        sites = [n for n in modules if n.rsplit(".", 1)[-1] in ADAPTER_SITES[method["placement"]]]
+        return {
+            f"{site}.adapter.{part}.{p}"
+            for site in sites
+            for part in ("down", "up")
+            for p in ("weight", "bias")
+        }
+    linear = [n for n, m in base.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    targets = method["target_modules"]
+    targeted = [n for n in linear if targets == "all-linear" or n.rsplit(".", 1)[-1] in targets]
+    if kind == "ia3":
+        return {f"base_model.model.{n}.ia3_l.default" for n in targeted}
+    parts = ["lora_A", "lora_B"] + (["lora_magnitude_vector"] if method.get("use_dora") else [])
+    return {f"base_model.model.{n}.{part}.default.weight" for n in targeted for part in parts}
+
 
 @pytest.mark.parametrize("arch", ["t5", "bart"])
 @pytest.mark.parametrize("kind", list(METHODS))
 def test_method_learns_and_trains_exactly_its_weights(kind, arch, pretrained, tmp_path):
+    from safetensors.torch import load_file
+
     method = dict(METHODS[kind])
     if arch == "bart" and kind in BART_TARGETS:
         method["target_modules"] = BART_TARGETS[kind]
@@ -143,6 +213,7 @@ def test_method_learns_and_trains_exactly_its_weights(kind, arch, pretrained, tm
         pretrained[arch], data, tmp_path / "run", method, lr=3e-2 if kind != "full" else 3e-3
     )
     recipe.model.init = "pretrained"
+    expected = expected_trainable(AutoModelForSeq2SeqLM.from_pretrained(pretrained[arch]), kind, method)
 
     # Watch the weights: compare the model before and after training, parameter by parameter.
     from flantune.methods import apply_method
@@ -151,8 +222,9 @@ def test_method_learns_and_trains_exactly_its_weights(kind, arch, pretrained, tm
     loaded = load_model_and_tokenizer(recipe.model, seed=0)
     reference = apply_method(loaded.model, recipe.method)
     before = {n: p.detach().clone() for n, p in reference.named_parameters()}
-    should_train = {n for n, p in reference.named_parameters() if p.requires_grad}
-    assert should_train
+    should_train = {n: p for n, p in reference.named_parameters() if p.requires_grad}
+    assert set(should_train) == expected, set(should_train) ^ expected
+    assert sum(p.numel() for p in should_train.values()) == TRAINABLE_COUNTS[arch, kind]
 
     result = train(recipe)
     curve = losses(tmp_path / "run")
@@ -161,11 +233,27 @@ def test_method_learns_and_trains_exactly_its_weights(kind, arch, pretrained, tm
     assert sum(curve[-5:]) / 5 < sum(curve[:5]) / 5 - 0.01, curve
 
     trained = dict(result.model.named_parameters())
+    assert {n for n, p in trained.items() if p.requires_grad} == expected
     changed = {n for n, p in trained.items() if not torch.equal(p.detach(), before[n])}
-    assert changed == should_train, changed ^ should_train
-    assert (
-        result.final_dir / ("model.safetensors" if kind == "full" else "adapter_config.json")
-    ).exists() or kind == "adapter"
+    assert changed == expected, changed ^ expected
+    # final/ is a full model folder, or an adapter folder of the method's own kind holding what trained.
+    final = result.final_dir
+    assert json.loads((final / "flantune.json").read_text())["method"] == method["kind"]
+    if kind == "full":
+        assert (final / "model.safetensors").is_file() and not (final / "adapter_config.json").exists()
+        assert AutoModelForSeq2SeqLM.from_pretrained(final).num_parameters() == TRAINABLE_COUNTS[arch, kind]
+        return
+    assert not (final / "model.safetensors").exists()
+    config = json.loads((final / "adapter_config.json").read_text())
+    if method["kind"] == "adapter":
+        assert (config["kind"], config["placement"]) == ("bottleneck", method["placement"])
+    else:
+        assert (
+            config["peft_type"] == {"lora": "LORA", "ia3": "IA3", "prefix": "PREFIX_TUNING"}[method["kind"]]
+        )
+        assert config.get("use_dora", False) == method.get("use_dora", False)
+    saved = load_file(final / "adapter_model.safetensors")
+    assert sum(t.numel() for t in saved.values()) == TRAINABLE_COUNTS[arch, kind]
 
 
 def test_lora_trainable_line_for_flan_t5_small(in_repo, capsys):
