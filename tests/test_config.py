@@ -8,7 +8,7 @@ import pytest
 
 from flantune.config import ConfigError, DataSource, load_recipe, parse_yaml, recipe_from_dict
 
-from .conftest import ROOT
+from .conftest import ROOT, need
 
 RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
 MINIMAL = {"model": {"path": "google/flan-t5-small"}, "data": {"task": "sciq", "train": "allenai/sciq:train"}}
@@ -47,7 +47,10 @@ def test_every_shipped_recipe_parses(path):
         sources = [recipe.data.train, recipe.data.eval, recipe.data.test]
         sources += [s for m in recipe.data.mixture for s in (m.train, m.eval)]
         for source in filter(None, sources):
-            assert (ROOT / source.path).is_file(), source.path
+            if Path(source.path).parts[:2] == ("..", "shared"):
+                need(ROOT / source.path)
+            else:
+                assert (ROOT / source.path).is_file(), source.path
 
 
 def test_unknown_key_names_its_path_and_suggests():

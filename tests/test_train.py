@@ -256,13 +256,13 @@ def test_method_learns_and_trains_exactly_its_weights(kind, arch, pretrained, tm
     assert sum(t.numel() for t in saved.values()) == TRAINABLE_COUNTS[arch, kind]
 
 
-def test_lora_trainable_line_for_flan_t5_small(in_repo, capsys):
+def test_lora_trainable_line_for_flan_t5_small(t5_small_path, capsys):
     from rich.console import Console
 
     from flantune.methods import apply_method, trainable_line
     from flantune.models import load_model
 
-    recipe = recipe_from_dict({"model": {"path": "../shared/assets/flan-t5-small", "init": "random"},
+    recipe = recipe_from_dict({"model": {"path": t5_small_path, "init": "random"},
                                "method": {"kind": "lora", "r": 2, "target_modules": ["q", "v"]},
                                "data": {"task": "sciq"}})  # fmt: skip
     model = apply_method(load_model(recipe.model.path, init="random"), recipe.method)
