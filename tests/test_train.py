@@ -115,9 +115,11 @@ def make_recipe(model_dir, data, out, method=None, **train_kw):
 
 
 def losses(out: Path) -> list[float]:
-    return [
-        r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r
-    ]
+    """The run's logged training losses; never empty (two runs that logged none would compare equal)."""
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    curve = [r["loss"] for r in records if "loss" in r]
+    assert curve, f"{out / 'metrics.jsonl'} holds no training loss"
+    return curve
 
 
 METHODS = {
@@ -267,6 +269,8 @@ def test_lora_trainable_line_for_flan_t5_small(t5_small_path, capsys):
                                "data": {"task": "sciq"}})  # fmt: skip
     model = apply_method(load_model(recipe.model.path, init="random"), recipe.method)
     Console().print(trainable_line(model))
+    # LoRA r=2 on q and v (512 -> 6 heads x 64 = 384): 2*(512+384) = 1,792 each, in 8 encoder self-attentions
+    # and 8 decoder self- and cross-attentions (48 layers): 86,016, beside FLAN-T5-small's 76,961,152.
     assert (
         "trainable params: 86,016 || all params: 77,047,168 || trainable%: 0.1116" in capsys.readouterr().out
     )
@@ -452,6 +456,8 @@ def test_continue_from_an_adapter_trains_it_further(pretrained, tmp_path):
     before = {n: p.detach().clone() for n, p in first_result.model.named_parameters() if "lora_" in n}
     result = train(again)
     after = {n: p for n, p in result.model.named_parameters() if "lora_" in n}
+    # A and B of every linear layer of the tiny T5: 2 x (7 per encoder layer + 11 per decoder layer).
+    assert len(before) == 2 * (2 * 7 + 2 * 11)
     assert set(after) == set(before) and all(p.requires_grad for p in after.values())  # loaded trainable
     assert all(not torch.equal(after[n], before[n]) for n in before)  # and trained further
     # ... starting where the first run ended (its first loss is the first run's last state's loss).
