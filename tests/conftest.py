@@ -1,4 +1,9 @@
-"""Shared fixtures. Tests never reach a hub: models come from ../shared/assets, data from files."""
+"""Shared fixtures. Tests never reach a hub: models come from ../shared/assets, data from files.
+
+Tests that need ../shared (the FLAN-T5 and BART configs and tokenizers, the SciQ rows) skip, saying
+what is missing, where it is absent. With FLANTUNE_REQUIRE_SHARED=1 (CI sets it in .ci/run) they fail
+instead: a green run has run them all.
+"""
 
 import os
 
@@ -15,12 +20,21 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 ASSETS = SHARED / "assets"
 SCIQ = SHARED / "data" / "sciq" / "valid.json"
+REQUIRE_SHARED = os.environ.get("FLANTUNE_REQUIRE_SHARED", "") not in ("", "0")
 
 
 def need(path: Path) -> Path:
-    if not path.exists():
-        pytest.skip(f"{path} is not present (shared assets live beside the repository)")
-    return path
+    """`path` under ../shared, or a skip (a failure under FLANTUNE_REQUIRE_SHARED=1) that names it."""
+    path = Path(path)
+    if path.exists():
+        return path
+    missing = (
+        f"{os.path.normpath(path)} is not present: the shared test assets (FLAN-T5 and BART configs and tokenizers, SciQ rows) "
+        f"belong in {SHARED}, beside the repository"
+    )
+    if REQUIRE_SHARED:
+        pytest.fail(f"FLANTUNE_REQUIRE_SHARED=1 and {missing}", pytrace=False)
+    pytest.skip(f"{missing} (FLANTUNE_REQUIRE_SHARED=1 makes this a failure)")
 
 
 @pytest.fixture

@@ -218,6 +218,7 @@ def test_mixture_samples_by_weight(tmp_path, t5_tokenizer):
 
 
 def test_every_offline_recipe_loads_its_data(in_repo, t5_tokenizer, bart_tokenizer):
+    need(SCIQ)
     for path in sorted((ROOT / "recipes" / "offline").glob("*.yaml")):
         recipe = load_recipe(path)
         tokenizer = bart_tokenizer if "bart" in recipe.model.path else t5_tokenizer
@@ -239,11 +240,11 @@ def test_preview_cli_on_real_sciq(in_repo):
         assert f"\n│ {split} " in out or f"┃ {split}" in out or f"│ {split}" in out
 
 
-def test_preview_cli_bad_row_message(tmp_path, in_repo):
+def test_preview_cli_bad_row_message(tmp_path, in_repo, t5_small_path):
     path = write_jsonl(tmp_path / "t.jsonl", [SQUAD_ROW, {**SQUAD_ROW, "context": None}])
     recipe = tmp_path / "r.yaml"
     recipe.write_text(
-        f"model: {{path: ../shared/assets/flan-t5-small, init: random}}\ndata: {{task: squad_qa, train: {path}}}\n"
+        f"model: {{path: {t5_small_path}, init: random}}\ndata: {{task: squad_qa, train: {path}}}\n"
     )
     result = subprocess.run([sys.executable, "-m", "flantune.cli", "data", "preview", str(recipe)],
                             capture_output=True, text=True, cwd=ROOT)  # fmt: skip

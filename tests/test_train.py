@@ -116,9 +116,11 @@ def make_recipe(model_dir, data, out, method=None, **train_kw):
 
 
 def losses(out: Path) -> list[float]:
-    return [
-        r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r
-    ]
+    """The run's logged training losses; never empty (two runs that logged none would compare equal)."""
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    curve = [r["loss"] for r in records if "loss" in r]
+    assert curve, f"{out / 'metrics.jsonl'} holds no training loss"
+    return curve
 
 
 METHODS = {
@@ -132,10 +134,80 @@ METHODS = {
 }
 BART_TARGETS = {"ia3": ["k_proj", "v_proj", "fc2"], "dora": ["q_proj", "v_proj"]}
 
+# How many parameters each method trains on the tiny bases, counted by hand from their shapes: d_model
+# 32, feed-forward 64, 2 encoder + 2 decoder layers, 2 heads of 16 (attention projections are 32 -> 32).
+# T5 layers hold q, k, v, o (decoder: twice, self and cross attention) and a gated feed-forward
+# wi_0, wi_1 (32 -> 64), wo (64 -> 32); BART layers q/k/v/out_proj (with biases) and fc1, fc2.
+TRAINABLE_COUNTS = {
+    # LoRA r=4 on every linear layer of the layers ("all-linear" leaves the output head out): r*(in+out)
+    # = 256 per attention projection, 384 per feed-forward one.
+    # T5: encoder layer 4*256 + 3*384 = 2176, decoder layer 8*256 + 3*384 = 3200.
+    ("t5", "lora"): 2 * 2176 + 2 * 3200,  # 10,752
+    # BART: encoder layer 4*256 + 2*384 = 1792, decoder layer 8*256 + 2*384 = 2816.
+    ("bart", "lora"): 2 * 1792 + 2 * 2816,  # 9,216
+    # IA3 on k, v and the feed-forward output (wo / fc2): one vector per layer, out_features long (32), or
+    # in_features for a feed-forward layer (64). Encoder layer 32+32+64, decoder layer 4*32+64.
+    ("t5", "ia3"): 2 * 128 + 2 * 192,  # 640
+    ("bart", "ia3"): 2 * 128 + 2 * 192,
+    # Prefix tuning, 4 virtual tokens: one embedding of 4 x (2 layers * 2 (key, value) * 32).
+    ("t5", "prefix"): 4 * 2 * 2 * 32,  # 512
+    ("bart", "prefix"): 4 * 2 * 2 * 32,
+    # Bottleneck adapters, reduction factor 4 (bottleneck 8): down 32*8+8, up 8*32+32 = 552 each.
+    # Houlsby: after self-attention and feed-forward in all 4 layers and cross-attention in the 2
+    # decoder layers (10); Pfeiffer: after the feed-forward only (4).
+    ("t5", "adapter"): 10 * 552,  # 5,520
+    ("bart", "adapter"): 10 * 552,
+    ("t5", "pfeiffer"): 4 * 552,  # 2,208
+    ("bart", "pfeiffer"): 4 * 552,
+    # DoRA r=4 on q and v: 256 (LoRA) + a magnitude of 32 each, in 2 encoder + 4 decoder attentions.
+    ("t5", "dora"): 12 * (256 + 32),  # 3,456
+    ("bart", "dora"): 12 * (256 + 32),
+    # Full: every parameter. T5: embeddings 32128 x 32 = 1,028,096 and FLAN-T5's untied head as many;
+    # encoder 2 x (4*1024 + 3*2048 + 2 norms of 32) + relative bias 32 buckets x 2 heads + final norm;
+    # decoder 2 x (8*1024 + 3*2048 + 3*32) + 64 + 32.
+    ("t5", "full"): 2 * 1_028_096 + (2 * 10_304 + 64 + 32) + (2 * 14_432 + 64 + 32),  # 2,105,856
+    # BART: embeddings 50265 x 32 = 1,608,480 (the head is tied to them), learned positions 2 x 1026 x 32,
+    # 2 embedding norms (64 each); encoder layer 4*(1024+32) + fc1 2112 + fc2 2080 + 2 norms = 8,544;
+    # decoder layer 8*(1024+32) + 2112 + 2080 + 3 norms = 12,832.
+    ("bart", "full"): 1_608_480 + 2 * 1026 * 32 + 2 * 64 + 2 * 8_544 + 2 * 12_832,  # 1,717,024
+}
+# Where bottleneck adapters go: the modules they wrap (T5, BART), for each placement.
+ADAPTER_SITES = {
+    "houlsby": ("SelfAttention", "EncDecAttention", "DenseReluDense", "self_attn", "encoder_attn", "fc2"),
+    "pfeiffer": ("DenseReluDense", "fc2"),
+}
+
+
+def expected_trainable(base, kind: str, method: dict) -> set[str]:
+    """The names of the parameters `method` trains, from the plain base model's modules and the naming
+    of PEFT (base_model.model.<module>.lora_A.default.weight, ...) and of flantune's adapter folders."""
+    if kind == "full":
+        return {n for n, _ in base.named_parameters()}
+    if kind == "prefix":
+        return {"prompt_encoder.default.embedding.weight"}
+    modules = [n for n, _ in base.named_modules() if n]
+    if method["kind"] == "adapter":
+        sites = [n for n in modules if n.rsplit(".", 1)[-1] in ADAPTER_SITES[method["placement"]]]
+        return {
+            f"{site}.adapter.{part}.{p}"
+            for site in sites
+            for part in ("down", "up")
+            for p in ("weight", "bias")
+        }
+    linear = [n for n, m in base.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    targets = method["target_modules"]
+    targeted = [n for n in linear if targets == "all-linear" or n.rsplit(".", 1)[-1] in targets]
+    if kind == "ia3":
+        return {f"base_model.model.{n}.ia3_l.default" for n in targeted}
+    parts = ["lora_A", "lora_B"] + (["lora_magnitude_vector"] if method.get("use_dora") else [])
+    return {f"base_model.model.{n}.{part}.default.weight" for n in targeted for part in parts}
+
 
 @pytest.mark.parametrize("arch", ["t5", "bart"])
 @pytest.mark.parametrize("kind", list(METHODS))
 def test_method_learns_and_trains_exactly_its_weights(kind, arch, pretrained, tmp_path):
+    from safetensors.torch import load_file
+
     method = dict(METHODS[kind])
     if arch == "bart" and kind in BART_TARGETS:
         method["target_modules"] = BART_TARGETS[kind]
@@ -144,6 +216,7 @@ def test_method_learns_and_trains_exactly_its_weights(kind, arch, pretrained, tm
         pretrained[arch], data, tmp_path / "run", method, lr=3e-2 if kind != "full" else 3e-3
     )
     recipe.model.init = "pretrained"
+    expected = expected_trainable(AutoModelForSeq2SeqLM.from_pretrained(pretrained[arch]), kind, method)
 
     # Watch the weights: compare the model before and after training, parameter by parameter.
     from flantune.methods import apply_method
@@ -152,8 +225,9 @@ def test_method_learns_and_trains_exactly_its_weights(kind, arch, pretrained, tm
     loaded = load_model_and_tokenizer(recipe.model, seed=0)
     reference = apply_method(loaded.model, recipe.method)
     before = {n: p.detach().clone() for n, p in reference.named_parameters()}
-    should_train = {n for n, p in reference.named_parameters() if p.requires_grad}
-    assert should_train
+    should_train = {n: p for n, p in reference.named_parameters() if p.requires_grad}
+    assert set(should_train) == expected, set(should_train) ^ expected
+    assert sum(p.numel() for p in should_train.values()) == TRAINABLE_COUNTS[arch, kind]
 
     result = train(recipe)
     curve = losses(tmp_path / "run")
@@ -162,24 +236,42 @@ def test_method_learns_and_trains_exactly_its_weights(kind, arch, pretrained, tm
     assert sum(curve[-5:]) / 5 < sum(curve[:5]) / 5 - 0.01, curve
 
     trained = dict(result.model.named_parameters())
+    assert {n for n, p in trained.items() if p.requires_grad} == expected
     changed = {n for n, p in trained.items() if not torch.equal(p.detach(), before[n])}
-    assert changed == should_train, changed ^ should_train
-    assert (
-        result.final_dir / ("model.safetensors" if kind == "full" else "adapter_config.json")
-    ).exists() or kind == "adapter"
+    assert changed == expected, changed ^ expected
+    # final/ is a full model folder, or an adapter folder of the method's own kind holding what trained.
+    final = result.final_dir
+    assert json.loads((final / "flantune.json").read_text())["method"] == method["kind"]
+    if kind == "full":
+        assert (final / "model.safetensors").is_file() and not (final / "adapter_config.json").exists()
+        assert AutoModelForSeq2SeqLM.from_pretrained(final).num_parameters() == TRAINABLE_COUNTS[arch, kind]
+        return
+    assert not (final / "model.safetensors").exists()
+    config = json.loads((final / "adapter_config.json").read_text())
+    if method["kind"] == "adapter":
+        assert (config["kind"], config["placement"]) == ("bottleneck", method["placement"])
+    else:
+        assert (
+            config["peft_type"] == {"lora": "LORA", "ia3": "IA3", "prefix": "PREFIX_TUNING"}[method["kind"]]
+        )
+        assert config.get("use_dora", False) == method.get("use_dora", False)
+    saved = load_file(final / "adapter_model.safetensors")
+    assert sum(t.numel() for t in saved.values()) == TRAINABLE_COUNTS[arch, kind]
 
 
-def test_lora_trainable_line_for_flan_t5_small(in_repo, capsys):
+def test_lora_trainable_line_for_flan_t5_small(t5_small_path, capsys):
     from rich.console import Console
 
     from flantune.methods import apply_method, trainable_line
     from flantune.models import load_model
 
-    recipe = recipe_from_dict({"model": {"path": "../shared/assets/flan-t5-small", "init": "random"},
+    recipe = recipe_from_dict({"model": {"path": t5_small_path, "init": "random"},
                                "method": {"kind": "lora", "r": 2, "target_modules": ["q", "v"]},
                                "data": {"task": "sciq"}})  # fmt: skip
     model = apply_method(load_model(recipe.model.path, init="random"), recipe.method)
     Console().print(trainable_line(model))
+    # LoRA r=2 on q and v (512 -> 6 heads x 64 = 384): 2*(512+384) = 1,792 each, in 8 encoder self-attentions
+    # and 8 decoder self- and cross-attentions (48 layers): 86,016, beside FLAN-T5-small's 76,961,152.
     assert (
         "trainable params: 86,016 || all params: 77,047,168 || trainable%: 0.1116" in capsys.readouterr().out
     )
@@ -365,6 +457,8 @@ def test_continue_from_an_adapter_trains_it_further(pretrained, tmp_path):
     before = {n: p.detach().clone() for n, p in first_result.model.named_parameters() if "lora_" in n}
     result = train(again)
     after = {n: p for n, p in result.model.named_parameters() if "lora_" in n}
+    # A and B of every linear layer of the tiny T5: 2 x (7 per encoder layer + 11 per decoder layer).
+    assert len(before) == 2 * (2 * 7 + 2 * 11)
     assert set(after) == set(before) and all(p.requires_grad for p in after.values())  # loaded trainable
     assert all(not torch.equal(after[n], before[n]) for n in before)  # and trained further
     # ... starting where the first run ended (its first loss is the first run's last state's loss).
@@ -422,30 +516,112 @@ def test_added_tokens_train_under_lora(tiny_t5, tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["lora", "adapter", "full"])
-def test_gradient_checkpointing(kind, pretrained, tmp_path):
+def test_gradient_checkpointing(kind, tiny_t5, tmp_path, monkeypatch):
+    """train.gradient_checkpointing=true runs every block again in the backward pass and takes the same
+    steps as without it: the same losses and trained weights. Dropout stays on (FLAN-T5's 0.1; LoRA's
+    0.05), so this also checks that the recomputation replays the forward's dropout masks (torch's
+    checkpoint restores the RNG state); both runs start from the same seed (train.seed)."""
+    from transformers.models.t5.modeling_t5 import T5LayerFF
+
+    from flantune.methods import apply_method
+    from flantune.models import load_model_and_tokenizer
+
+    assert json.loads((tiny_t5 / "config.json").read_text())["dropout_rate"] == 0.1
+    # Counted in each block's feed-forward sublayer: the checkpointed unit is the whole block, whose
+    # forward transformers wraps (patching the block itself would turn its checkpointing off).
+    block_calls = []
+    real_forward = T5LayerFF.forward
+
+    def counted(self, *args, **kwargs):
+        block_calls.append(1)
+        return real_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(T5LayerFF, "forward", counted)
     data = write_copy_task(tmp_path, n=16, kind="copy")
-    recipe = make_recipe(
-        pretrained["t5"], data, tmp_path / "run", METHODS[kind], max_steps=3, gradient_checkpointing=True
-    )
-    recipe.model.init = "pretrained"
-    result = train(recipe)
-    assert result.steps == 3 and all(math.isfinite(x) for x in losses(tmp_path / "run"))
+    runs = {}
+    for checkpointing in (False, True):
+        block_calls.clear()
+        out = tmp_path / f"checkpointing-{checkpointing}"
+        recipe = make_recipe(
+            tiny_t5, data, out, METHODS[kind], max_steps=3, gradient_checkpointing=checkpointing
+        )
+        model = train(recipe).model
+        weights = {n: p.detach() for n, p in model.named_parameters()}
+        runs[checkpointing] = (len(block_calls), losses(out), weights)
+    (plain_calls, plain_losses, plain), (ckpt_calls, ckpt_losses, checkpointed) = runs[False], runs[True]
+    # 3 steps x 4 blocks (2 encoder, 2 decoder) forward; checkpointing runs each once more in backward.
+    assert (plain_calls, ckpt_calls) == (12, 24)
+    assert len(plain_losses) == 3
+    assert ckpt_losses == pytest.approx(plain_losses, rel=1e-5, abs=0)
+    # The same trained weights. Float rounding differs between the two backward passes (the recomputed
+    # graph sums some gradients in another order) and AdamW's normalisation magnifies it in elements
+    # whose gradients are near zero: compare each tensor's difference with how far it moved
+    # (measured: at most 1e-4 of it; a lost gradient or another dropout mask gives about 1).
+    reference = apply_method(load_model_and_tokenizer(recipe.model, seed=0).model, recipe.method)
+    start = {n: p.detach() for n, p in reference.named_parameters()}
+    trainable = {n for n, p in reference.named_parameters() if p.requires_grad}
+    assert trainable and checkpointed.keys() == plain.keys() == start.keys()
+    for name, tensor in checkpointed.items():
+        if name not in trainable:
+            assert torch.equal(tensor, start[name]) and torch.equal(plain[name], start[name]), name
+            continue
+        moved = float((plain[name] - start[name]).norm())
+        assert moved > 0, f"{name} did not train"
+        assert float((tensor - plain[name]).norm()) <= 1e-3 * moved, name
 
 
-def test_eval_best_checkpoint_and_early_stopping(pretrained, tmp_path):
-    data = write_copy_task(tmp_path, n=32, kind="copy")
-    recipe = make_recipe(pretrained["t5"], data, tmp_path / "run", METHODS["full"], max_steps=40, lr=3e-3,
-                         eval_every=5, early_stopping_patience=2, best_metric="eval_loss")  # fmt: skip
-    recipe.model.init = "pretrained"
+# Scripted evaluations (steps 1..6, eval every step, patience 2): best at 1, 2, then 4 (the count of
+# evaluations without improvement goes back to 0); 5 equals the best, which is no improvement; 6 is
+# the second evaluation in a row without improvement: the run stops there, and keeps step 4.
+EARLY_STOP_SCRIPTS = {
+    "eval_loss": ([3.0, 2.0, 2.5, 1.5, 1.5, 1.7], 1.6),  # lower is better
+    "eval_exact_match": ([10.0, 30.0, 20.0, 50.0, 50.0, 40.0], 45.0),  # higher is better
+}
+
+
+@pytest.mark.parametrize("best_metric", list(EARLY_STOP_SCRIPTS))
+def test_eval_best_checkpoint_and_early_stopping(best_metric, tiny_t5, tmp_path, monkeypatch):
+    import io
+
+    from rich.console import Console
+    from safetensors.torch import load_file
+
+    script, stalled = EARLY_STOP_SCRIPTS[best_metric]
+    real_evaluate, values = train_module.evaluate, iter(script)
+
+    def scripted(*args, **kwargs):  # a real evaluation, with the metric that decides replaced
+        return {**real_evaluate(*args, **kwargs), best_metric: next(values, stalled)}
+
+    monkeypatch.setattr(train_module, "evaluate", scripted)
+    data = write_copy_task(tmp_path, n=16, kind="copy")
+    recipe = make_recipe(tiny_t5, data, tmp_path / "run", METHODS["full"], max_steps=12, lr=3e-3, eval_every=1,
+                         early_stopping_patience=2, best_metric=best_metric.removeprefix("eval_"))  # fmt: skip
     recipe.data.eval = recipe.data.train
-    result = train(recipe)
+    console = Console(file=io.StringIO(), width=200)
+    result = train(recipe, console=console)
+
+    assert (result.steps, result.best_step, result.best_value) == (6, 4, script[3])
+    assert (
+        f"early stopping at step 6: {best_metric} did not improve for 2 evaluations"
+        in console.file.getvalue()
+    )
     records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if "eval_loss" in r]
-    assert evals and all("eval_exact_match" in r for r in evals)
-    assert result.best_value == min(r["eval_loss"] for r in evals)
-    assert (tmp_path / "run" / "checkpoints" / f"step-{result.best_step:06d}").is_dir()
-    if result.steps < 40:  # stopped early: the last `patience` evaluations did not improve
-        assert all(r["eval_loss"] >= result.best_value for r in evals[-2:])
+    assert [r["step"] for r in evals] == [1, 2, 3, 4, 5, 6] and all("eval_exact_match" in r for r in evals)
+    assert [r[best_metric] for r in evals] == script
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5, 6]  # nothing after step 6
+    saved = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert {k: saved[k] for k in ("steps", "best_metric", "best_step", "best_value")} == {
+        "steps": 6, "best_metric": best_metric, "best_step": 4, "best_value": script[3]
+    }  # fmt: skip
+    # final/ holds the weights of step 4 (the best checkpoint), not those of step 6 where it stopped.
+    checkpoints = tmp_path / "run" / "checkpoints"
+    best, last = (load_file(checkpoints / f"step-{s:06d}" / "trainable.safetensors") for s in (4, 6))
+    final = load_file(tmp_path / "run" / "final" / "model.safetensors")
+    assert "lm_head.weight" in best and set(best) <= set(final)
+    for name, tensor in best.items():
+        assert torch.equal(final[name], tensor), name
+    assert not all(torch.equal(last[n], t) for n, t in best.items())  # steps 5 and 6 did change weights
 
 
 def test_quickstart_improves_the_score(tmp_path):
