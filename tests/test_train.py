@@ -587,12 +587,12 @@ def test_eval_best_checkpoint_and_early_stopping(best_metric, tiny_t5, tmp_path,
     from safetensors.torch import load_file
 
     script, stalled = EARLY_STOP_SCRIPTS[best_metric]
-    real_evaluate, values = train_module.evaluate, iter(script)
+    real_evaluate, values = train_module.evaluate_in_run, iter(script)
 
     def scripted(*args, **kwargs):  # a real evaluation, with the metric that decides replaced
         return {**real_evaluate(*args, **kwargs), best_metric: next(values, stalled)}
 
-    monkeypatch.setattr(train_module, "evaluate", scripted)
+    monkeypatch.setattr(train_module, "evaluate_in_run", scripted)
     data = write_copy_task(tmp_path, n=16, kind="copy")
     recipe = make_recipe(tiny_t5, data, tmp_path / "run", METHODS["full"], max_steps=12, lr=3e-3, eval_every=1,
                          early_stopping_patience=2, best_metric=best_metric.removeprefix("eval_"))  # fmt: skip
