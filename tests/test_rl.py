@@ -207,7 +207,7 @@ def test_rl_beats_the_supervised_model_it_starts_from(sort_data, sft_run):
     sft_em = sft_run.eval_metrics["eval_exact_match"]
     result = run_rl(sort_recipe(sort_data, sort_data / "run", "rl"))
     rl_em = result.eval_metrics["eval_exact_match"]
-    assert rl_em >= sft_em + 20, (sft_em, rl_em)  # measured: 16 → 53
+    assert rl_em >= sft_em + 20, (sft_em, rl_em)  # measured: 9 → 44
     log = [json.loads(line) for line in (sort_data / "run" / "rl" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in log if "reward" in r]
     for key in ("reward", "reward_std", "reward_correct", "kl", "clip_fraction", "completion_tokens",
