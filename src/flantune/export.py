@@ -51,9 +51,7 @@ def push(folder: str, repo_id: str, *, private: bool = False, token: str | None 
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
     path = Path(folder)
-    if not path.is_dir() or not any(
-        (path / name).is_file() for name in ("config.json", "adapter_config.json")
-    ):
+    if read_final(path) is None:
         raise ExportError(f"{folder}: not a model or adapter folder (no config.json or adapter_config.json)")
     token = token or get_token()
     if not token:
