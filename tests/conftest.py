@@ -1,5 +1,11 @@
 """Shared fixtures. Tests never reach a hub: models come from ../shared/assets, data from files.
 
+Every test says which device it is about. Unmarked tests are about the CPU, CI's device: on a
+machine with a GPU they still run on the CPU (CUDA is hidden from them and from the processes they
+start), so they check the same numbers everywhere. Tests marked `cuda` run on the GPU (and skip
+without one): `pytest -m cuda` runs them alone. Every test starts from a fresh Accelerate state, so
+that no test depends on what ran before it.
+
 Tests that need ../shared (the FLAN-T5 and BART configs and tokenizers, the SciQ rows) skip, saying
 what is missing, where it is absent. With FLANTUNE_REQUIRE_SHARED=1 (CI sets it in .ci/run) they fail
 instead: a green run has run them all.
@@ -35,6 +41,26 @@ def need(path: Path) -> Path:
     if REQUIRE_SHARED:
         pytest.fail(f"FLANTUNE_REQUIRE_SHARED=1 and {missing}", pytrace=False)
     pytest.skip(f"{missing} (FLANTUNE_REQUIRE_SHARED=1 makes this a failure)")
+
+
+@pytest.fixture(autouse=True)
+def pinned_device(request, monkeypatch):
+    """The test's device: CUDA for tests marked `cuda`, else the CPU (CUDA hidden, here and in the
+    processes the test starts). Accelerate's process-wide state is reset around every test."""
+    import torch
+    from accelerate.state import AcceleratorState, GradientState
+
+    if request.node.get_closest_marker("cuda"):
+        if not torch.cuda.is_available():
+            pytest.skip("marked cuda: needs a CUDA device")
+    else:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
 
 
 @pytest.fixture

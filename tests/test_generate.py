@@ -237,3 +237,17 @@ def test_sampled_groups_do_not_depend_on_how_prompts_are_split(tmp_path, t5_smal
     assert together == apart
     assert len(set(together[:4])) > 1  # a group's completions differ: they are samples, not copies
     assert sample(SOURCES, 0, seed=4) != together
+
+
+@pytest.mark.cuda
+def test_gumbel_noise_is_the_same_on_the_gpu():
+    """The streams are integer hashes, equal bit for bit on the CPU and the GPU; the float transform
+    to Gumbel noise may round the last bit differently (each device's own log)."""
+    from flantune.decoding import _mix32, gumbel_noise, row_keys
+
+    keys = row_keys(11, torch.arange(0, 4096, 7))
+    assert torch.equal(row_keys(11, torch.arange(0, 4096, 7).cuda()).cpu(), keys)
+    assert torch.equal(_mix32(keys.cuda()).cpu(), _mix32(keys))
+    for position in (1, 17):
+        torch.testing.assert_close(gumbel_noise(keys.cuda(), position, 32128).cpu(), gumbel_noise(keys, position, 32128),
+                                   rtol=1e-6, atol=1e-6)  # fmt: skip

@@ -223,12 +223,20 @@ def tiny_no_dropout(tmp_path_factory, t5_small_path):
     return folder
 
 
+PACKED_TOLERANCE = {"cpu": 2e-4, "cuda": 2e-3}
+"""Relative difference allowed between the packed and the unpacked loss curves. CPU: float32
+throughout (the two paths differ in summation order only). CUDA: bf16 autocast, and FlexAttention
+against transformers' attention, each rounding differently (measured on an H200: see
+docs/benchmarks.md, "The test suite on a GPU")."""
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 @pytest.mark.parametrize(
     "method",
     [{"kind": "full"}, {"kind": "lora", "r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q", "v"]}],
     ids=["full", "lora"],
 )
-def test_packed_training_follows_unpacked(method, tiny_no_dropout, tmp_path):
+def test_packed_training_follows_unpacked(method, device, tiny_no_dropout, tmp_path):
     data = write_copy_task(tmp_path, n=48)
     curves = {}
     for packed in (False, True):
@@ -237,8 +245,9 @@ def test_packed_training_follows_unpacked(method, tiny_no_dropout, tmp_path):
         curves[packed] = losses(out)
     assert len(curves[True]) == 8
     assert curves[True][-1] < curves[True][0]
-    for a, b in zip(curves[False], curves[True], strict=True):
-        assert math.isclose(a, b, rel_tol=2e-4), (curves[False], curves[True])
+    worst = max(abs(a - b) / abs(a) for a, b in zip(curves[False], curves[True], strict=True))
+    print(f"packed vs unpacked, {device}: largest relative difference {worst:.2e}")
+    assert worst <= PACKED_TOLERANCE[device], (curves[False], curves[True])
 
 
 def test_token_budget_run_and_config_errors(tiny_no_dropout, bart_path, tmp_path):
@@ -337,19 +346,11 @@ def test_cuda_graph_config_errors(tiny_no_dropout, tmp_path):
             recipe_from_dict(
                 {"model": {"path": str(tiny_no_dropout)}, "data": {"task": "sciq"}, "train": train_cfg}
             )
-    if not torch.cuda.is_available():
-        with pytest.raises(
-            TrainingError, match="train.cuda_graph: replays the packed FlexAttention step on a GPU"
-        ):
-            train(
-                make_recipe(tiny_no_dropout, data, tmp_path / "g", max_steps=1, packing=True, cuda_graph=True)
-            )
+    with pytest.raises(TrainingError, match="train.cuda_graph: replays the packed FlexAttention step on a GPU"):
+        train(make_recipe(tiny_no_dropout, data, tmp_path / "g", max_steps=1, packing=True, cuda_graph=True))
 
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
-
-
-@needs_cuda
+@pytest.mark.cuda
 def test_captured_step_equals_the_plain_step(tiny, pairs):
     """The replayed graph gives the plain packed step's loss and gradients (float32, flex), on its
     first replay, after another batch, and again; a replaced .grad and another shape are errors."""
@@ -395,7 +396,7 @@ def test_captured_step_equals_the_plain_step(tiny, pairs):
         step(batch_a, 1.0)
 
 
-@needs_cuda
+@pytest.mark.cuda
 def test_cuda_graph_training_follows_the_plain_packed_run(tiny_no_dropout, tmp_path, monkeypatch):
     """flantune train with train.cuda_graph against the same fixed-shape batches without it."""
     data = write_copy_task(tmp_path, n=96)

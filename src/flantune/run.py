@@ -60,6 +60,19 @@ def prepare_run_dir(out: Path, resume: bool, section: str = "train", key: str = 
     ckpt.clean_partial(out)
 
 
+def fresh_accelerate_state() -> None:
+    """Accelerate keeps one precision and device per process and refuses an Accelerator that asks
+    for others. A run in a process that already ran one (quickstart's two trainings, a notebook,
+    `train` then `rl` with another precision) starts from Accelerate's defaults, as a new process
+    would; the process group of a multi-process launch stays. (Accelerate's own test cases reset
+    the same state between tests.)"""
+    from accelerate.state import AcceleratorState, GradientState
+
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    AcceleratorState._reset_state(reset_partial_state=not distributed)
+    GradientState._reset_state()
+
+
 @dataclass
 class Run:
     """What every training command starts with."""
@@ -90,6 +103,7 @@ def start_run(
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, set_seed
 
+    fresh_accelerate_state()
     # cpu=True without CUDA: Accelerate only sets up several CPU processes (gloo) when told so.
     accelerator = Accelerator(
         mixed_precision=resolve_precision(precision, model_type, f"{section}.precision"),

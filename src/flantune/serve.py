@@ -117,7 +117,7 @@ def load_service_model(
                 "share one base with other adapters; use `flantune generate BASE --adapter PATH` for it, "
                 "or serve a LoRA adapter"
             )
-        kinds[name] = info.method
+        kinds[name] = "lora" if info.method == "qlora" else info.method  # served on an unquantized base
     if len(set(kinds.values())) > 1:
         raise ServeError(
             f"--adapter: adapters of one PEFT type can share a base; got {kinds}. Serve each type separately"
