@@ -346,7 +346,9 @@ def test_cuda_graph_config_errors(tiny_no_dropout, tmp_path):
             recipe_from_dict(
                 {"model": {"path": str(tiny_no_dropout)}, "data": {"task": "sciq"}, "train": train_cfg}
             )
-    with pytest.raises(TrainingError, match="train.cuda_graph: replays the packed FlexAttention step on a GPU"):
+    with pytest.raises(
+        TrainingError, match="train.cuda_graph: replays the packed FlexAttention step on a GPU"
+    ):
         train(make_recipe(tiny_no_dropout, data, tmp_path / "g", max_steps=1, packing=True, cuda_graph=True))
 
 
