@@ -223,11 +223,12 @@ def tiny_no_dropout(tmp_path_factory, t5_small_path):
     return folder
 
 
-PACKED_TOLERANCE = {"cpu": 2e-4, "cuda": 2e-3}
-"""Relative difference allowed between the packed and the unpacked loss curves. CPU: float32
-throughout (the two paths differ in summation order only). CUDA: bf16 autocast, and FlexAttention
-against transformers' attention, each rounding differently (measured on an H200: see
-docs/benchmarks.md, "The test suite on a GPU")."""
+PACKED_TOLERANCE = {"cpu": 2e-4, "cuda": 5e-3}
+"""Relative difference allowed between the packed and the unpacked loss curves (8 steps). CPU:
+float32 throughout (the two paths differ in summation order only). CUDA: bf16 autocast, and
+FlexAttention against transformers' attention, each rounding differently; measured on an H200
+(2026-12-02): at most 2.42e-3 (full fine-tuning, growing over the steps from 5.4e-4 at step 2) and
+5.65e-4 (LoRA)."""
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
