@@ -1,6 +1,7 @@
 """Training end to end on tiny T5 and BART: each method learns, trains the right weights, saves
 standard folders, resumes exactly, survives SIGKILL, and refuses NaN."""
 
+import io
 import json
 import math
 import os
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from rich.console import Console
 from transformers import AutoModelForSeq2SeqLM
 
 from flantune import checkpoint as ckpt
@@ -366,13 +368,78 @@ def test_resume_after_the_first_epoch_equals_uninterrupted_run(tiny_t5, tmp_path
     assert losses(tmp_path / "b") == pytest.approx(losses(tmp_path / "a"), rel=RESUME_REL)
 
 
-def test_refuses_to_overwrite_a_run(tiny_t5, tmp_path):
+def hashes(folder: Path) -> dict[str, str]:
+    """Every file under `folder` by relative path, with the hash of its bytes."""
+    import hashlib
+
+    return {str(f.relative_to(folder)): hashlib.sha256(f.read_bytes()).hexdigest()
+            for f in sorted(folder.rglob("*")) if f.is_file()}  # fmt: skip
+
+
+def test_a_run_folder_is_never_overwritten(tiny_t5, tmp_path):
+    """A second run into a run's folder is refused and changes nothing; --restart starts it again;
+    --resume with no checkpoint says to restart; a folder holding the user's own files (a recipe,
+    data) and a file given as the folder are refused, byte for byte untouched."""
+    from flantune.config import ConfigError
+
     data = write_copy_task(tmp_path)
-    train(make_recipe(tiny_t5, data, tmp_path / "run", max_steps=2))
-    with pytest.raises(TrainingError, match="already holds a run; set train.resume=true"):
-        train(make_recipe(tiny_t5, data, tmp_path / "run", max_steps=2))
-    with pytest.raises(TrainingError, match="holds no complete checkpoint"):
+    run = tmp_path / "run"
+    train(make_recipe(tiny_t5, data, run, max_steps=2))
+    before = hashes(run)
+    with pytest.raises(
+        TrainingError, match=r"already holds a run: --resume .* --restart \(train.restart=true\)"
+    ):
+        train(make_recipe(tiny_t5, data, run, max_steps=2))
+    assert hashes(run) == before
+    assert not (run / ".lock").exists()  # released by the run that finished and by the refused one
+    train(make_recipe(tiny_t5, data, run, max_steps=3, restart=True))
+    assert [r["step"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())] == [1, 2, 3]
+    with pytest.raises(ConfigError, match="resume and train.restart"):
+        make_recipe(tiny_t5, data, run, resume=True, restart=True)
+    with pytest.raises(TrainingError, match="holds no complete checkpoint to resume from: --restart"):
         train(make_recipe(tiny_t5, data, tmp_path / "other", max_steps=2, resume=True))
+
+    mine = tmp_path / "mine"  # output_dir=. in a folder of the user's: their recipe and data
+    mine.mkdir()
+    (mine / "recipe.yaml").write_text("model: {path: x}\n")
+    (mine / "notes.txt").write_text("mine")
+    only_recipe = tmp_path / "only-recipe"
+    only_recipe.mkdir()
+    (only_recipe / "recipe.yaml").write_text("model: {path: x}\n")
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    for folder, message in ((mine, r"holds files a run did not write \(notes.txt, recipe.yaml\)"),
+                            (only_recipe, r"holds files a run did not write \(recipe.yaml\)"),
+                            (a_file, "is a file, not a folder")):  # fmt: skip
+        kept = hashes(folder) if folder.is_dir() else a_file.read_bytes()
+        for extra in ({}, {"restart": True}):
+            with pytest.raises(TrainingError, match=message):
+                train(make_recipe(tiny_t5, data, folder, max_steps=1, **extra))
+        assert (hashes(folder) if folder.is_dir() else a_file.read_bytes()) == kept
+
+
+def test_a_run_folder_in_use_is_refused_and_a_stale_lock_taken_over(tiny_t5, tmp_path):
+    import socket
+
+    data = write_copy_task(tmp_path)
+    run = tmp_path / "run"
+    run.mkdir()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock = {"pid": live.pid, "host": socket.gethostname(), "since": "2026-12-02 10:00:00"}
+        (run / ".lock").write_text(json.dumps(lock))
+        with pytest.raises(TrainingError, match=f"is in use by process {live.pid} on {socket.gethostname()}"):
+            train(make_recipe(tiny_t5, data, run, max_steps=1))
+        assert json.loads((run / ".lock").read_text()) == lock  # the live run keeps its lock
+    finally:
+        live.kill()
+        live.wait()
+    # The process is gone: its lock is stale, and a restart takes the folder over with a notice.
+    console = Console(file=io.StringIO(), width=200)
+    train(make_recipe(tiny_t5, data, run, max_steps=1, restart=True), console=console)
+    assert f"took over the lock of process {live.pid}, which no longer runs" in console.file.getvalue()
+    assert not (run / ".lock").exists() and (run / "final").is_dir()
+    assert os.getpid() != live.pid
 
 
 def test_nan_loss_stops_without_a_poisoned_checkpoint(tiny_t5, tmp_path, monkeypatch):
@@ -408,6 +475,64 @@ def test_fp16_is_refused_for_t5(tiny_t5, tmp_path):
     data = write_copy_task(tmp_path)
     with pytest.raises(TrainingError, match="T5-family activations overflow float16"):
         train(make_recipe(tiny_t5, data, tmp_path / "run", precision="fp16"))
+
+
+def test_signals_checkpoint_a_second_run_is_refused_and_a_killed_run_restarts(tiny_t5, tmp_path):
+    """No dead end, nothing overwritten: while a run trains, a second run into its folder is refused
+    naming the first's process; SIGTERM makes the run write a checkpoint and stop (exit 130), and
+    --resume continues it; a run killed (SIGKILL) before any checkpoint is refused with the way out
+    (--restart), which starts it again."""
+    data = write_copy_task(tmp_path, n=400)
+    recipe, out = tmp_path / "r.yaml", tmp_path / "run"
+    recipe.write_text(
+        f"model: {{path: {tiny_t5}, init: random}}\nmethod: {{kind: full}}\n"
+        f"data: {{task: template, task_options: {{source: '{{text}}', target: '{{answer}}'}}, train: {data}}}\n"
+        f"train: {{max_steps: 100000, batch_size: 4, log_every: 1}}\noutput_dir: {out}\n"
+    )
+    cli = [sys.executable, "-m", "flantune.cli", "train", str(recipe)]
+
+    def start() -> subprocess.Popen:
+        proc = subprocess.Popen(cli, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT)
+        deadline = time.time() + 120  # until it has taken three steps
+        while time.time() < deadline and (
+            not (out / "metrics.jsonl").exists() or len((out / "metrics.jsonl").read_text().splitlines()) < 3
+        ):
+            time.sleep(0.05)
+        return proc
+
+    proc = start()
+    second = subprocess.run(cli, capture_output=True, text=True, cwd=ROOT)
+    assert second.returncode == 2 and f"is in use by process {proc.pid}" in " ".join(second.stderr.split())
+    proc.send_signal(signal.SIGTERM)
+    stderr = proc.communicate(timeout=120)[1].decode()
+    assert proc.returncode == 130, stderr[-2000:]
+    assert "stopped: SIGTERM after step" in stderr and "--resume" in stderr and "Traceback" not in stderr
+    (step, _), *_ = ckpt.list_checkpoints(out / "checkpoints")
+    assert step >= 3 and not (out / "final").exists() and not (out / ".lock").exists()
+    resumed = subprocess.run(
+        [*cli, "--resume", f"train.max_steps={step + 2}"], capture_output=True, text=True, cwd=ROOT
+    )
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert json.loads((out / "result.json").read_text())["steps"] == step + 2
+
+    killed = tmp_path / "killed"
+    recipe.write_text(recipe.read_text().replace(str(out), str(killed)))
+    out = killed
+    proc = start()
+    proc.kill()
+    proc.wait()
+    assert not ckpt.list_checkpoints(out / "checkpoints")  # killed before its first checkpoint
+    again = subprocess.run(cli, capture_output=True, text=True, cwd=ROOT)
+    message = " ".join(again.stderr.split())
+    assert again.returncode == 2 and "already holds a run: --restart (train.restart=true)" in message
+    restarted = subprocess.run(
+        [*cli, "--restart", "train.max_steps=2"], capture_output=True, text=True, cwd=ROOT
+    )
+    assert restarted.returncode == 0, restarted.stderr[-2000:]
+    assert f"took over the lock of process {proc.pid}" in " ".join(restarted.stdout.split())
+    assert [
+        r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r
+    ] == [1, 2]
 
 
 def test_sigkill_leaves_loadable_checkpoints(tiny_t5, tmp_path):

@@ -51,13 +51,18 @@ def user_errors(fn):
     from flantune.methods import MethodError
     from flantune.models import ModelLoadError
     from flantune.rewards import RewardError
-    from flantune.run import TrainingError
+    from flantune.run import RunInterrupted, TrainingError
     from flantune.tasks import TaskError
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
+        except RunInterrupted as e:  # not an error: stopped on request, after a checkpoint
+            from rich.markup import escape
+
+            err_console.print(f"[bold]stopped:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+            sys.exit(130)
         except (
             ConfigError,
             DataError,
@@ -151,11 +156,18 @@ def train_command(
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue from the last checkpoint (train.resume=true).")
     ] = False,
+    restart: Annotated[
+        bool,
+        typer.Option(
+            "--restart", help="Start again from scratch in a folder holding a run (train.restart=true)."
+        ),
+    ] = False,
 ) -> None:
     """Fine-tune a model as a recipe says; writes output_dir/ with metrics, checkpoints and final/."""
     from flantune.train import train
 
-    cfg = _recipe(recipe, [*(overrides or []), *(["train.resume=true"] if resume else [])])
+    flags = [*(["train.resume=true"] if resume else []), *(["train.restart=true"] if restart else [])]
+    cfg = _recipe(recipe, [*(overrides or []), *flags])
     train(cfg, console=console)
 
 
@@ -165,11 +177,15 @@ def rl_command(
     recipe: RecipeArg,
     overrides: OverridesArg = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the last RL checkpoint.")] = False,
+    restart: Annotated[
+        bool, typer.Option("--restart", help="Start the RL run again from scratch (rl.restart=true).")
+    ] = False,
 ) -> None:
     """Reinforcement learning after SFT: GRPO with the recipe's rewards; writes rl.output_dir."""
     from flantune.rl import run_rl
 
-    cfg = _recipe(recipe, [*(overrides or []), *(["rl.resume=true"] if resume else [])])
+    flags = [*(["rl.resume=true"] if resume else []), *(["rl.restart=true"] if restart else [])]
+    cfg = _recipe(recipe, [*(overrides or []), *flags])
     run_rl(cfg, console=console)
 
 

@@ -236,7 +236,10 @@ class TrainConfig:
     eval_every: int | None = None
     """Optimizer steps between evaluations (null: only at the end)."""
     save_every: int | None = None
-    """Optimizer steps between checkpoints (null: only at the end)."""
+    """Optimizer steps between checkpoints (null: only at the end and save_every_minutes)."""
+    save_every_minutes: float | None = 30.0
+    """Also write a checkpoint when this many minutes passed since the last one, so that a kill loses
+    bounded work (null: only save_every). SIGINT/SIGTERM always write one before the run stops."""
     keep_last: int = 2
     """Checkpoints kept besides the best one."""
     best_metric: str | None = None
@@ -245,6 +248,9 @@ class TrainConfig:
     """Stop after this many evaluations without improvement of best_metric."""
     resume: bool = False
     """Continue from the last checkpoint in output_dir."""
+    restart: bool = False
+    """Start again from scratch in an output_dir that holds an earlier run (its checkpoints,
+    metrics, final/ and result are deleted; other commands' folders such as rl/ or eval-*/ stay)."""
     on_nan: Literal["stop", "skip"] = "stop"
     """A NaN/inf loss stops the run, or skips that optimizer step."""
     tensorboard: bool = False
@@ -305,6 +311,7 @@ class TrainConfig:
             value = getattr(self, key)
             if value is not None and value < 1:
                 problems.append(f"{path}.{key}: must be at least 1 or null, got {value}")
+        problems += run_folder_problems(path, self.resume, self.restart, self.save_every_minutes)
         if self.profile_steps is not None and (
             len(self.profile_steps) != 2 or not 1 <= self.profile_steps[0] <= self.profile_steps[1]
         ):
@@ -329,6 +336,15 @@ class EvalConfig:
     """Evaluate on at most this many rows (the first ones, so runs compare on the same rows)."""
     batch_size: int = 32
     """Generation batch size during evaluation."""
+
+
+def run_folder_problems(path: str, resume: bool, restart: bool, save_every_minutes: float | None) -> list[str]:
+    problems = []
+    if resume and restart:
+        problems.append(f"{path}.resume and {path}.restart: continue the run or start it again, not both")
+    if save_every_minutes is not None and not save_every_minutes > 0:
+        problems.append(f"{path}.save_every_minutes: must be > 0 or null, got {save_every_minutes}")
+    return problems
 
 
 def sampling_problems(path: str, temperature: float, top_p: float) -> list[str]:
@@ -429,10 +445,15 @@ class RLConfig:
     """Evaluate (greedy, the task's metrics) on data.eval every this many steps; null: only at the end."""
     save_every: int | None = 50
     """Write a checkpoint every this many steps."""
+    save_every_minutes: float | None = 30.0
+    """Also write a checkpoint when this many minutes passed since the last one (null: only
+    save_every). SIGINT/SIGTERM always write one before the run stops."""
     keep_last: int = 2
     """Checkpoints kept."""
     resume: bool = False
     """Continue the RL run in output_dir from its last checkpoint."""
+    restart: bool = False
+    """Start the RL run again from scratch in an output_dir that holds an earlier one."""
     seed: int = 42
     """Seeds the run: the prompt order, each completion's sampling stream, a fresh adapter's init."""
     precision: Literal["auto", "bf16", "fp32", "fp16"] = "auto"
@@ -464,6 +485,7 @@ class RLConfig:
             problems.append(f"{path}.clip_eps: must be in (0, 1), got {self.clip_eps}")
         if self.beta < 0:
             problems.append(f"{path}.beta: must be >= 0, got {self.beta}")
+        problems += run_folder_problems(path, self.resume, self.restart, self.save_every_minutes)
         problems += sampling_problems(path, self.temperature, self.top_p)
         if not self.rewards:
             problems.append(f"{path}.rewards: name at least one reward (e.g. [{{name: correct}}])")

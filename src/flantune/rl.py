@@ -52,6 +52,8 @@ from flantune.models import is_local, load_model_and_tokenizer
 from flantune.rewards import build_rewards, score_all
 from flantune.run import (
     MetricsLog,
+    RunInterrupted,
+    StopSignals,
     TrainingError,
     build_optimizer,
     build_scheduler,
@@ -236,9 +238,18 @@ def run_rl(recipe: Recipe, console=None) -> RLResult:
     console = console or Console()
     cfg = recipe.rl
     out = Path(cfg.output_dir or Path(recipe.output_dir) / "rl")
-    run = start_run(out, resume=cfg.resume, recipe_text=dump_recipe(recipe), precision=cfg.precision,
-                    model_type=model_type_of(recipe.model.path, recipe.model.revision), seed=cfg.seed,
-                    section="rl", key="rl.output_dir")  # fmt: skip
+    run = start_run(out, resume=cfg.resume, restart=cfg.restart, recipe_text=dump_recipe(recipe),
+                    precision=cfg.precision, model_type=model_type_of(recipe.model.path, recipe.model.revision),
+                    seed=cfg.seed, section="rl", key="rl.output_dir", console=console)  # fmt: skip
+    try:
+        return grpo_run(recipe, run, console)
+    finally:
+        run.release()
+
+
+def grpo_run(recipe: Recipe, run, console) -> RLResult:
+    """The RL run in its claimed folder: policy, data, rewards, the GRPO steps, final/."""
+    cfg, out = recipe.rl, run.out
     accelerator, main = run.accelerator, run.main
     if cfg.prompts_per_step < accelerator.num_processes:
         raise TrainingError(
@@ -282,7 +293,11 @@ def run_rl(recipe: Recipe, console=None) -> RLResult:
         log.write({"step": state.step, "epoch": state.epoch, **metrics})
         return metrics
 
+    saved_step = -1
+
     def save() -> None:
+        nonlocal saved_step
+        saved_step = state.step
         ckpt.save_checkpoint(checkpoints, model, optimizer, scheduler, state, accelerator)
         if main:
             ckpt.prune(checkpoints, cfg.keep_last, set())
@@ -295,7 +310,7 @@ def run_rl(recipe: Recipe, console=None) -> RLResult:
                                 kl=0.0, cps=0.0)  # fmt: skip
     last_eval: dict[str, float] = {}
     started = time.perf_counter()
-    with progress:
+    with progress, StopSignals(accelerator, cfg.save_every_minutes) as signals:
         while state.step < cfg.max_steps:
             step_start = time.perf_counter()
             index = next_prompts(sampler, state, cfg.prompts_per_step)  # the step's prompts, every process
@@ -322,6 +337,18 @@ def run_rl(recipe: Recipe, console=None) -> RLResult:
                 last_eval = run_eval()
             if cfg.save_every and state.step % cfg.save_every == 0:
                 save()
+            # A checkpoint due by time (rl.save_every_minutes), or SIGINT/SIGTERM: checkpoint, then stop.
+            if saved_step == state.step:
+                signals.saved()
+            stop, due = signals.poll()
+            if (stop or due) and saved_step != state.step:
+                save()
+                signals.saved()
+            if stop:
+                raise RunInterrupted(
+                    f"{signals.signal} after step {state.step}: checkpoint written to {checkpoints}; continue "
+                    "the run with `flantune rl RECIPE --resume` (rl.resume=true)"
+                )
 
     if eval_split is not None and (not cfg.eval_every or state.step % cfg.eval_every):
         last_eval = run_eval()

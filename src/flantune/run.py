@@ -3,7 +3,9 @@
 Each piece has one owner here, and the commands call it rather than keep copies:
 
     TrainingError     the error a run stops with: the message says why and what to do
-    start_run         accelerator and precision, the run folder (never overwriting a run), seeds
+    start_run         accelerator and precision, the run folder (locked, never overwriting what the
+                      user made), the recipe it ran with, seeds
+    StopSignals       SIGINT/SIGTERM and time-interval checkpoints
     build_optimizer   AdamW with decay on weight matrices only; build_scheduler, its schedule
     MetricsLog        metrics.jsonl (and a TensorBoard mirror), cut back to the checkpoint on resume
     StepProfiler      torch.profiler over a window of optimizer steps
@@ -12,7 +14,13 @@ Each piece has one owner here, and the commands call it rather than keep copies:
 
 from __future__ import annotations
 
+import atexit
 import json
+import os
+import shutil
+import signal
+import socket
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,20 +52,155 @@ def resolve_precision(precision: str, model_type: str, key: str = "train.precisi
     return {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}[precision]
 
 
-def prepare_run_dir(out: Path, resume: bool, section: str = "train", key: str = "output_dir") -> None:
-    """Refuse to overwrite an earlier run: what the user made is never lost."""
-    has_run = (out / "metrics.jsonl").exists() or ckpt.list_checkpoints(out / "checkpoints")
-    if has_run and not resume:
+# ---- the run folder -----------------------------------------------------------------------------
+
+RUN_FILES = {"recipe.yaml", "metrics.jsonl", "checkpoints", "final", "result.json", "profile", "tensorboard"}
+"""What a run writes into its folder (`--restart` deletes exactly these)."""
+OTHER_COMMANDS = {"rl"}
+"""Folders other commands write into a run's folder by default (RL's run; `eval-*` reports)."""
+LOCK = ".lock"
+
+
+def _is_run_entry(name: str) -> bool:
+    return (
+        name in RUN_FILES
+        or name in OTHER_COMMANDS
+        or name == LOCK
+        or name.startswith(("eval-", ".tmp-", ".trash-"))
+        or (name.startswith("recipe.resume-") and name.endswith(".yaml"))
+    )
+
+
+def prepare_run_dir(
+    out: Path, resume: bool, restart: bool = False, section: str = "train", key: str = "output_dir"
+) -> str | None:
+    """Check and claim the run folder; returns a notice to print (a stale lock taken over), or None.
+
+    What the user made is never lost: a folder holding files a run did not write is refused; a
+    folder holding a run is refused unless the run is resumed or restarted; a folder another live
+    process runs in is refused (its lock names the process).
+    """
+    flags = f"--resume ({section}.resume=true)", f"--restart ({section}.restart=true)"
+    if out.exists() and not out.is_dir():
+        raise TrainingError(f"{key} {out} is a file, not a folder: give a folder for the run")
+    if out.is_dir():
+        foreign = sorted(p.name for p in out.iterdir() if not _is_run_entry(p.name))
+        if (out / "recipe.yaml").is_file() and not any(
+            (out / n).exists() for n in (*RUN_FILES - {"recipe.yaml"}, LOCK)
+        ):
+            foreign = sorted(["recipe.yaml", *foreign])  # a recipe beside nothing a run writes: the user's
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+            raise TrainingError(
+                f"{key} {out} holds files a run did not write ({shown}); a run never writes into such a "
+                f"folder: give an empty or new {key}"
+            )
+    holder = _read_lock(out / LOCK)
+    if holder and _alive(holder):
+        raise _in_use(out, holder, key)
+    checkpoints = ckpt.list_checkpoints(out / "checkpoints")
+    has_run = any((out / name).exists() for name in (*RUN_FILES, LOCK))
+    if has_run and not (resume or restart):
+        continue_hint = f"{flags[0]} continues it from its last checkpoint, " if checkpoints else ""
         raise TrainingError(
-            f"{key} {out} already holds a run; set {section}.resume=true to continue it, or choose another {key}"
+            f"{key} {out} already holds a run: {continue_hint}{flags[1]} starts it again from scratch "
+            f"(deleting its checkpoints, metrics and final/), or choose another {key}"
         )
-    if resume and not ckpt.list_checkpoints(out / "checkpoints"):
+    if resume and not checkpoints:
         raise TrainingError(
-            f"{section}.resume=true but {out / 'checkpoints'} holds no complete checkpoint to resume from"
+            f"{section}.resume=true but {out / 'checkpoints'} holds no complete checkpoint to resume from: "
+            f"{flags[1]} starts the run again from scratch"
         )
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        notice = acquire_lock(out, key)
+    except PermissionError:
+        raise TrainingError(f"{key} {out}: permission denied; give a folder you can write to") from None
+    except OSError as e:
+        raise TrainingError(f"{key} {out}: cannot write there ({e.strerror}); give another folder") from None
+    if restart:
+        for name in sorted(RUN_FILES):
+            _remove(out / name)
     ckpt.clean_partial(out / "checkpoints")
     ckpt.clean_partial(out)
+    return notice
+
+
+def _remove(path: Path) -> None:
+    """Delete a file or folder of a run: renamed aside first, so that a kill leaves no half folder."""
+    if not path.exists():
+        return
+    trash = path.parent / f".trash-{path.name}"
+    shutil.rmtree(trash, ignore_errors=True)
+    os.rename(path, trash)
+    if trash.is_dir():
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        trash.unlink(missing_ok=True)
+
+
+def acquire_lock(out: Path, key: str = "output_dir") -> str | None:
+    """Own `out` for this process: `out/.lock` names the process and host holding it. A lock of a
+    process that no longer runs (on this host) is taken over; returns the notice saying so."""
+    path = out / LOCK
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+    notice = None
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = _read_lock(path)
+            if holder and _alive(holder):
+                raise _in_use(out, holder, key) from None
+            if holder and holder["pid"] != os.getpid():
+                notice = f"{out}: took over the lock of process {holder['pid']}, which no longer runs"
+            path.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(me))
+        atexit.register(release_lock, out)
+        return notice
+    raise TrainingError(f"{key} {out}: could not take {path}; another run is starting there")
+
+
+def _in_use(out: Path, holder: dict, key: str) -> TrainingError:
+    return TrainingError(
+        f"{key} {out} is in use by process {holder['pid']} on {holder['host']} (since "
+        f"{holder.get('since', '?')}); wait for that run to end, or choose another {key}. If that "
+        f"process is gone, delete {out / LOCK}"
+    )
+
+
+def release_lock(out: Path) -> None:
+    """Give the run folder up (only this process's own lock)."""
+    path = out / LOCK
+    holder = _read_lock(path)
+    if holder and holder["pid"] == os.getpid() and holder["host"] == socket.gethostname():
+        path.unlink(missing_ok=True)
+
+
+def _read_lock(path: Path) -> dict | None:
+    try:
+        holder = json.loads(path.read_text())
+        return holder if isinstance(holder.get("pid"), int) and "host" in holder else None
+    except (OSError, ValueError, AttributeError):
+        return None  # gone, empty or torn: nobody holds it
+
+
+def _alive(holder: dict) -> bool:
+    """Whether the lock's process runs: another host's is assumed to; this process's own earlier
+    run (a failed one, in a notebook or the tests) is not."""
+    if holder["host"] != socket.gethostname():
+        return True
+    if holder["pid"] == os.getpid():
+        return False
+    try:
+        os.kill(holder["pid"], 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, under another user
+    return True
 
 
 def fresh_accelerate_state() -> None:
@@ -82,6 +225,11 @@ class Run:
     main: bool
     """This is the main process: the one that writes files and prints."""
 
+    def release(self) -> None:
+        """Give the run folder up (the end of the run, or its failure)."""
+        if self.main:
+            release_lock(self.out)
+
 
 def start_run(
     out: Path,
@@ -91,11 +239,13 @@ def start_run(
     precision: str,
     model_type: str,
     seed: int,
+    restart: bool = False,
     section: str = "train",
     key: str = "output_dir",
     pin_memory: bool = False,
+    console=None,
 ) -> Run:
-    """The accelerator, the run folder (checked, with the resolved recipe written) and the seeds.
+    """The accelerator, the run folder (checked, locked, with the resolved recipe written) and the seeds.
 
     One process or several (`accelerate launch`): every process calls this; only the main one
     touches the folder, and the others wait until it is ready.
@@ -113,11 +263,74 @@ def start_run(
     )
     main = accelerator.is_main_process
     if main:
-        prepare_run_dir(out, resume, section=section, key=key)
-        (out / "recipe.yaml").write_text(recipe_text)
+        notice = prepare_run_dir(out, resume, restart, section=section, key=key)
+        if notice and console is not None:
+            console.print(notice, highlight=False, markup=False)
+        write_recipe(out, recipe_text, resume)
     accelerator.wait_for_everyone()
     set_seed(seed)
     return Run(accelerator=accelerator, out=out, main=main)
+
+
+def write_recipe(out: Path, text: str, resume: bool) -> None:
+    """recipe.yaml is the recipe the run started with, never rewritten: a resume under another
+    recipe writes it beside, as recipe.resume-N.yaml (N counting the resumes that changed it)."""
+    first = out / "recipe.yaml"
+    if not (resume and first.exists()):
+        first.write_text(text)
+        return
+    earlier = sorted(out.glob("recipe.resume-*.yaml"), key=lambda p: int(p.stem.rsplit("-", 1)[1]))
+    latest = earlier[-1] if earlier else first
+    if latest.read_text() != text:
+        (out / f"recipe.resume-{len(earlier) + 1}.yaml").write_text(text)
+
+
+class RunInterrupted(TrainingError):
+    """SIGINT or SIGTERM stopped the run after a checkpoint; the message says how to continue."""
+
+
+class StopSignals:
+    """SIGINT/SIGTERM during a run ask it to stop: the step in progress finishes, a checkpoint is
+    written, then the run ends (`RunInterrupted`). A second signal stops at once. Also says when a
+    checkpoint is due by time (`save_every_minutes`), so that a kill loses bounded work.
+
+    Under several processes every process must stop or save at the same step: `poll` agrees across
+    them (one small all-reduce per step).
+    """
+
+    def __init__(self, accelerator, save_every_minutes: float | None):
+        self.accelerator, self.interval = accelerator, save_every_minutes
+        self.signal: str | None = None
+        self.last_save = time.monotonic()
+        self.previous: dict = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():  # handlers install there only
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame) -> None:
+        if self.signal is not None:  # asked twice: stop now
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum).name
+
+    def saved(self) -> None:
+        self.last_save = time.monotonic()
+
+    def poll(self) -> tuple[bool, bool]:
+        """(stop, save due by time), the same answer on every process."""
+        due = self.interval is not None and time.monotonic() - self.last_save >= 60 * self.interval
+        stop = self.signal is not None
+        if self.accelerator.num_processes > 1:
+            flags = torch.tensor([float(stop), float(due)], device=self.accelerator.device)
+            stop, due = (bool(v) for v in self.accelerator.reduce(flags, "max").tolist())
+            self.signal = self.signal or ("SIGINT" if stop else None)
+        return stop, due
 
 
 def build_optimizer(model, lr: float, weight_decay: float) -> torch.optim.Optimizer:

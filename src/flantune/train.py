@@ -33,7 +33,10 @@ from flantune.models import load_model_and_tokenizer
 from flantune.packing import PackedLoss, packed_loader, packing_setup
 from flantune.run import (
     MetricsLog,
+    Run,
+    RunInterrupted,
     StepProfiler,
+    StopSignals,
     TrainingError,
     build_optimizer,
     build_scheduler,
@@ -65,8 +68,11 @@ def train(recipe: Recipe, console=None) -> TrainResult:
     from rich.console import Console
 
     session = setup(recipe, console or Console())
-    fit(session)
-    return finish(session)
+    try:
+        fit(session)
+        return finish(session)
+    finally:
+        session.run.release()
 
 
 # ---- the optimizer step ------------------------------------------------------------------------
@@ -155,6 +161,7 @@ class Session:
 
     recipe: Recipe
     console: object
+    run: Run
     accelerator: object
     out: Path
     main: bool
@@ -177,6 +184,7 @@ class Session:
     best_name: str
     last_eval: dict[str, float] = field(default_factory=dict)
     last_eval_step: int = -1
+    saved_step: int = -1
     train_loss: float | None = None
     started: float = field(default_factory=time.perf_counter)
 
@@ -194,8 +202,8 @@ def setup(recipe: Recipe, console) -> Session:
     cfg = recipe.train
     model_type = model_type_of(recipe.model.path, recipe.model.revision)
     pin = cfg.pin_memory and torch.cuda.is_available()
-    run = start_run(Path(recipe.output_dir), resume=cfg.resume, recipe_text=dump_recipe(recipe),
-                    precision=cfg.precision, model_type=model_type, seed=cfg.seed, pin_memory=pin)  # fmt: skip
+    run = start_run(Path(recipe.output_dir), resume=cfg.resume, restart=cfg.restart, recipe_text=dump_recipe(recipe),
+                    precision=cfg.precision, model_type=model_type, seed=cfg.seed, pin_memory=pin, console=console)  # fmt: skip
     accelerator, main = run.accelerator, run.main
 
     loaded = load_model_and_tokenizer(
@@ -250,7 +258,7 @@ def setup(recipe: Recipe, console) -> Session:
     log = MetricsLog(run.out / "metrics.jsonl", main, cfg.tensorboard, state.step if cfg.resume else None)
     eval_split = splits.get("eval")
     return Session(
-        recipe=recipe, console=console, accelerator=accelerator, out=run.out, main=main, model=model,
+        recipe=recipe, console=console, run=run, accelerator=accelerator, out=run.out, main=main, model=model,
         tokenizer=tokenizer, collator=collator, eval_split=eval_split, loader=loader, sampler=sampler,
         stepped=stepped, micro_step=micro_step, optimizer=optimizer, scheduler=scheduler,
         graphed=graphed is not None, total_steps=total_steps, state=state, log=log,
@@ -322,7 +330,7 @@ def fit(session: Session) -> None:
     task = progress.add_task("train", total=session.total_steps, completed=state.step, loss=float("nan"),
                              lr=0.0, tps=0.0)  # fmt: skip
     profiler = StepProfiler(cfg.profile_steps, session.out / "profile", session.main, session.console)
-    with progress:
+    with progress, StopSignals(session.accelerator, cfg.save_every_minutes) as signals:
         while state.step < session.total_steps:
             profiler.after_step(state.step)
             profiler.before_step(state.step + 1)
@@ -350,6 +358,7 @@ def fit(session: Session) -> None:
             progress.update(task, completed=state.step)
             if after_step(session):
                 break
+            stop_or_save(session, signals)
     profiler.after_step(state.step, final=True)
 
 
@@ -438,8 +447,25 @@ def evaluate(session: Session) -> None:
     session.last_eval, session.last_eval_step = metrics, state.step
 
 
+def stop_or_save(session: Session, signals: StopSignals) -> None:
+    """A checkpoint due by time (train.save_every_minutes), or SIGINT/SIGTERM: checkpoint, then stop."""
+    if session.saved_step == session.state.step:
+        signals.saved()
+    stop, due = signals.poll()
+    if (stop or due) and session.saved_step != session.state.step:
+        save(session)
+        signals.saved()
+    if stop:
+        raise RunInterrupted(
+            f"{signals.signal} after step {session.state.step}: checkpoint written to "
+            f"{session.checkpoints / f'step-{session.state.step:06d}'}; continue the run with "
+            "`flantune train RECIPE --resume` (train.resume=true)"
+        )
+
+
 def save(session: Session) -> None:
     state = session.state
+    session.saved_step = state.step
     ckpt.save_checkpoint(session.checkpoints, session.model, session.optimizer, session.scheduler, state,
                          session.accelerator)  # fmt: skip
     if session.main:
