@@ -153,9 +153,11 @@ def train_command(
     ] = False,
 ) -> None:
     """Fine-tune a model as a recipe says; writes output_dir/ with metrics, checkpoints and final/."""
+    from flantune.models import model_type
     from flantune.train import train
 
     cfg = _recipe(recipe, [*(overrides or []), *(["train.resume=true"] if resume else [])])
+    model_type(cfg.model.path, cfg.model.revision)  # a wrong model.path stops here, before the run starts
     train(cfg, console=console)
 
 
@@ -167,9 +169,11 @@ def rl_command(
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the last RL checkpoint.")] = False,
 ) -> None:
     """Reinforcement learning after SFT: GRPO with the recipe's rewards; writes rl.output_dir."""
+    from flantune.models import model_type
     from flantune.rl import run_rl
 
     cfg = _recipe(recipe, [*(overrides or []), *(["rl.resume=true"] if resume else [])])
+    model_type(cfg.model.path, cfg.model.revision)  # a wrong model.path stops here, before the run starts
     run_rl(cfg, console=console)
 
 

@@ -58,7 +58,7 @@ def generate(
 
     # MODEL may itself be a run's final/: an adapter then goes on the base recorded beside it.
     if adapter:
-        loaded = load_final({"default": adapter}, base=model, what="--adapter")
+        loaded = load_final({"default": adapter}, base=model, what="--adapter", base_what="MODEL")
     else:
         loaded = load_final(model, what="MODEL")
     outputs = generate_texts(

@@ -125,7 +125,9 @@ def load_service_model(
     if not adapters and not model:
         raise ServeError("--model: give the base model (a folder or hub id)")
     what = "--adapter" if adapters else "--model"
-    loaded = load_final(adapters or model, base=model, dtype=dtype, device=device, what=what)
+    loaded = load_final(
+        adapters or model, base=model, dtype=dtype, device=device, what=what, base_what="--model"
+    )
     return loaded.model, loaded.tokenizer, loaded.base.path, kinds
 
 
