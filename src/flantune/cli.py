@@ -20,6 +20,7 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from flantune.config import ConfigError, Recipe, load_recipe
 
@@ -76,11 +77,15 @@ def user_errors(fn):
 
 def fail(message: str) -> None:
     """Print a user-fixable error as one message on stderr and exit with status 2."""
-    from rich.markup import escape
-
-    # The message may hold user text such as `[/INST]` or `sciq[train]`: never read it as markup.
-    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    # The message may hold user text such as `[/INST]`, `sciq[train]` or a path ending in a
+    # backslash: it is printed as plain text, never read as markup.
+    err_console.print(Text.assemble(("error:", "bold red"), " ", message), highlight=False, soft_wrap=True)
     sys.exit(2)
+
+
+def plain(*values: object) -> list[Text]:
+    """Table cells or headers that print verbatim: user text (paths, labels, model names) is no markup."""
+    return [Text(str(v)) for v in values]
 
 
 def _recipe(path: str, overrides: list[str] | None) -> Recipe:
@@ -99,7 +104,7 @@ def tasks_command() -> None:
         options = {"source": "{text}", "target": "{label}"} if name == "template" else None
         task = build_task(name, options)
         labels = ", ".join(task.labels) if task.labels else ""
-        table.add_row(name, ", ".join(task.metrics), labels, task.description)
+        table.add_row(*plain(name, ", ".join(task.metrics), labels, task.description))
     console.print(table)
 
 
@@ -120,7 +125,7 @@ def data_preview_command(
     n: Annotated[int, typer.Option("--n", "-n", help="Examples to print per split.")] = 3,
 ) -> None:
     """Print formatted examples and a length report for every split of a recipe."""
-    from flantune.data import load_splits
+    from flantune.data import load_splits, split_summary
     from flantune.models import add_special_tokens, load_tokenizer
 
     cfg = _recipe(recipe, overrides)
@@ -132,15 +137,17 @@ def data_preview_command(
             ["data: the recipe names no split (set data.train, data.eval or data.test)"], recipe
         )
     for split in splits.values():
-        console.rule(f"[bold]{split.name}[/] · {split.report.origin}")
+        console.rule(Text.assemble((split.name, "bold"), f" · {split.report.origin}"))
         for i in range(min(n, len(split.dataset))):
             row = split.dataset[i]
-            console.print(
-                f"[cyan]source[/] ({len(row['input_ids'])} tokens): {row['source']}", highlight=False
-            )
-            console.print(f"[green]target[/] ({len(row['labels'])} tokens): {row['target']}", highlight=False)
+            for name, style, ids in (("source", "cyan", "input_ids"), ("target", "green", "labels")):
+                console.print(
+                    Text.assemble((name, style), f" ({len(row[ids])} tokens): ", row[name]), highlight=False
+                )
             console.print()
     console.print(length_table([s.report for s in splits.values()], splits_cfg=cfg))
+    for split in splits.values():
+        console.print(split_summary(split.report), highlight=False, markup=False)
 
 
 @app.command("train")
@@ -249,7 +256,7 @@ def merge_command(
     """Fold an adapter into its base: a plain transformers model folder."""
     from flantune.export import merge
 
-    console.print(f"merged model written to {merge(adapter, out, base)}", highlight=False)
+    console.print(f"merged model written to {merge(adapter, out, base)}", highlight=False, markup=False)
 
 
 @app.command("eval")
@@ -276,17 +283,17 @@ def eval_command(
         raise ConfigError(["--model: give the model to evaluate (a folder, hub id, or a run's final/)"])
     results = run_eval(cfg, model, adapter, compare, split, out)
     models = list(results["models"])
-    table = Table(title=f"{results['rows']} rows of the {split} split")
+    table = Table(title=Text(f"{results['rows']} rows of the {split} split"))
     from flantune.evaluate import difference_label
 
     for column in ["metric", *models] + ([difference_label(models)] if len(models) >= 2 else []):
-        table.add_column(column, justify="left" if column == "metric" else "right")
+        table.add_column(Text(column), justify="left" if column == "metric" else "right")
     from flantune.evaluate import metric_rows
 
     for key, values in metric_rows(results):
-        table.add_row(key, *values)
+        table.add_row(*plain(key, *values))
     console.print(table)
-    console.print(f"report written to {results['out']}", highlight=False)
+    console.print(f"report written to {results['out']}", highlight=False, markup=False)
 
 
 @app.command("push")
@@ -305,7 +312,9 @@ def push_command(
     from flantune.export import push
 
     console.print(
-        f"pushed {folder} to {push(folder, repo_id, private=private, token=token)}", highlight=False
+        f"pushed {folder} to {push(folder, repo_id, private=private, token=token)}",
+        highlight=False,
+        markup=False,
     )
 
 
@@ -362,7 +371,7 @@ def serve_command(
         )
     except ServeError as e:
         fail(str(e))
-    console.print(f"serving on http://{host}:{port}/ (API docs at /docs)", highlight=False)
+    console.print(f"serving on http://{host}:{port}/ (API docs at /docs)", highlight=False, markup=False)
     run(served, host, port)
 
 
@@ -378,16 +387,18 @@ def length_table(reports, splits_cfg: Recipe) -> Table:
     for r in reports:
         src, tgt = r.percentiles("source"), r.percentiles("target")
         table.add_row(
-            r.split,
-            str(r.rows_read),
-            str(r.bad_rows),
-            str(r.left_out_by_task),
-            "/".join(str(v) for v in src.values()),
-            "/".join(str(v) for v in tgt.values()),
-            f"{r.overlong_source}/{r.overlong_target}",
-            str(r.dropped),
-            str(r.truncated),
-            str(r.kept),
+            *plain(
+                r.split,
+                str(r.rows_read),
+                str(r.bad_rows),
+                str(r.left_out_by_task),
+                "/".join(str(v) for v in src.values()),
+                "/".join(str(v) for v in tgt.values()),
+                f"{r.overlong_source}/{r.overlong_target}",
+                str(r.dropped),
+                str(r.truncated),
+                str(r.kept),
+            )
         )
     return table
 

@@ -69,6 +69,20 @@ class SplitReport:
         return {"p50": int(values[0]), "p90": int(values[1]), "p99": int(values[2]), "max": max(lengths)}
 
 
+def split_summary(report: SplitReport) -> str:
+    """One line on what loading did to a split, for the console of every command that loads data:
+    `train: 800 rows, 3 bad rows skipped, 12 truncated, 0 dropped` (plus the rows the task left out
+    and the over-long rows, when there are any)."""
+    parts = [f"{report.rows_read} rows", f"{report.bad_rows} bad rows skipped"]
+    if report.left_out_by_task:
+        parts.append(f"{report.left_out_by_task} left out by the task")
+    parts += [f"{report.truncated} truncated", f"{report.dropped} dropped"]
+    line = f"{report.split}: " + ", ".join(parts)
+    if report.bad_examples:
+        line += f" (first bad row: {report.bad_examples[0]})"
+    return line
+
+
 # ----------------------------------------------------------------------------------------------
 # Reading
 
