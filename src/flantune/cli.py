@@ -44,6 +44,19 @@ OverridesArg = Annotated[
 ]
 
 
+class UsageError(ValueError):
+    """A command-line flag or argument is wrong; the message names it as the user typed it."""
+
+
+def flag_problems(problems: list[str], section: str) -> list[str]:
+    """Config problems (`generation.max_new_tokens: ...`) named by their flags (`--max-new-tokens: ...`)."""
+    prefix = section + "."
+    return [
+        "--" + p[len(prefix) :].replace("_", "-", p[len(prefix) :].index(":")) if p.startswith(prefix) else p
+        for p in problems
+    ]
+
+
 def user_errors(fn):
     """Print user-fixable errors as one line on stderr and exit 2; let real bugs raise."""
     from flantune.data import DataError
@@ -60,6 +73,7 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except (
+            UsageError,
             ConfigError,
             DataError,
             ExportError,
@@ -197,7 +211,7 @@ def quickstart_command(
     from flantune.quickstart import quickstart
 
     if method not in ("full", "lora"):
-        raise ConfigError([f"--method: expected full or lora, got {method!r}"])
+        raise UsageError(f"--method: expected full or lora, got {method!r}")
     quickstart(Path(out), method=method, steps=steps, console=console)
 
 
@@ -226,18 +240,28 @@ def generate_command(
 ) -> None:
     """Generate outputs for --input texts or a --file of JSON lines, batched by length."""
     from flantune.config import GenerationConfig
-    from flantune.generate import generate, read_inputs
+    from flantune.generate import check_out, generate, read_inputs
 
     if bool(input) == bool(file):
-        raise ConfigError(["give either --input TEXT (repeatable) or --file FILE.jsonl"])
+        raise UsageError("give either --input TEXT (repeatable) or --file FILE.jsonl")
     cfg = GenerationConfig(
         max_new_tokens=max_new_tokens, num_beams=num_beams, early_stopping=early_stopping, do_sample=do_sample,
         temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
         no_repeat_ngram_size=no_repeat_ngram_size,
     )  # fmt: skip
-    problems = cfg.check("generation")
+    problems = flag_problems(cfg.check("generation"), "generation")
+    if batch_size < 1:
+        problems.append(f"--batch-size: must be at least 1, got {batch_size}")
+    if top_k < 0:
+        problems.append(f"--top-k: must be 0 (off) or more, got {top_k}")
+    if no_repeat_ngram_size < 0:
+        problems.append(f"--no-repeat-ngram-size: must be 0 (off) or more, got {no_repeat_ngram_size}")
+    if repetition_penalty <= 0:
+        problems.append(f"--repetition-penalty: must be > 0, got {repetition_penalty}")
     if problems:
-        raise ConfigError(problems)
+        raise UsageError("; ".join(problems))
+    if out:
+        check_out(out, [file] if file else [])
     sources = list(input) if input else read_inputs(file, field)
     generate(model, adapter, sources, cfg, batch_size=batch_size, labels=labels, out=out)
 
@@ -280,7 +304,7 @@ def eval_command(
 
     cfg = _recipe(recipe, overrides)
     if not model:
-        raise ConfigError(["--model: give the model to evaluate (a folder, hub id, or a run's final/)"])
+        raise UsageError("--model: give the model to evaluate (a folder, hub id, or a run's final/)")
     results = run_eval(cfg, model, adapter, compare, split, out)
     models = list(results["models"])
     table = Table(title=Text(f"{results['rows']} rows of the {split} split"))
@@ -351,6 +375,10 @@ def serve_command(
     """Serve a base model and its adapters: an HTTP API (/v1/generate, /docs) and a playground at /."""
     from flantune.generate import GenerateError
 
+    if not 1 <= port <= 65535:
+        raise UsageError(f"--port: must be in 1-65535, got {port}")
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise UsageError(f"--dtype: expected float32, bfloat16 or float16, got {dtype!r}")
     try:
         from flantune.serve import Limits, build_app, run
     except ImportError as e:

@@ -70,9 +70,10 @@ class Limits:
         problems = []
         for key, value in dataclasses.asdict(self).items():
             smallest = 0 if key == "batch_wait_ms" else 1e-9
-            if value < smallest:
+            flag = "--timeout" if key == "timeout_s" else f"--{key.replace('_', '-')}"  # the serve flags
+            if not value >= smallest:  # NaN too
                 problems.append(
-                    f"--{key.replace('_', '-')}: must be {'0 or more' if smallest == 0 else 'positive'}, got {value}"
+                    f"{flag}: must be {'0 or more' if smallest == 0 else 'positive'}, got {value}"
                 )
         return problems
 
