@@ -240,6 +240,9 @@ class DataConfig:
     """What happens to a row longer than a limit: dropped, truncated, or an error naming it."""
     bad_rows: Literal["error", "skip"] = "error"
     """A row that does not fit the task's schema stops loading with its file/row/column, or is skipped."""
+    max_bad_fraction: float = 0.1
+    """With bad_rows: skip, the largest share of a split's rows that may be bad; more stops loading
+    with the counts (a file in the wrong format is not silently skipped whole)."""
 
     def check(self, path: str) -> list[str]:
         problems = []
@@ -248,6 +251,8 @@ class DataConfig:
         if not self.mixture and not self.task:
             problems.append(f"{path}.task: missing required value (a task name, or a data.mixture list)")
         problems += task_problems(path, self.task, self.task_options)
+        if not 0.0 <= self.max_bad_fraction <= 1.0:
+            problems.append(f"{path}.max_bad_fraction: must be in [0, 1], got {self.max_bad_fraction}")
         for key in ("max_source_tokens", "max_target_tokens"):
             if getattr(self, key) < 2:
                 problems.append(f"{path}.{key}: must be at least 2 (room for one token and EOS)")
