@@ -681,6 +681,10 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Read a recipe file (with the recipes it `extends`, merged), apply the overrides and
     validate the result. Raises ConfigError naming every problem found."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(
+            [f"{path} is a directory; give the path to a recipe YAML, e.g. recipes/sciq-lora.yaml"]
+        )
     if not path.is_file():
         raise ConfigError(
             [f"file not found: {path} (give the path to a recipe YAML, e.g. recipes/sciq-lora.yaml)"]

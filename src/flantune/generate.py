@@ -69,6 +69,8 @@ def check_out(out: str, inputs: list[str] = ()) -> None:
                 f"--out: {out} is the input file --file {given}; an output never overwrites its input"
             )
     parent = resolved.parent
+    if parent.exists() and not parent.is_dir():
+        raise GenerateError(f"--out: {parent} is a file, not a folder; choose another path")
     if not parent.is_dir():
         raise GenerateError(f"--out: the folder {parent} does not exist; create it or choose another path")
     if not os.access(parent, os.W_OK | os.X_OK) or (target.exists() and not os.access(target, os.W_OK)):
