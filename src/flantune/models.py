@@ -79,7 +79,10 @@ def model_type(path: str, revision: str | None = None, what: str = "model.path")
 
 
 def load_tokenizer(path: str, revision: str | None = None, what: str = "model.path"):
-    _check_path(path, "random", what)
+    folder = Path(path).expanduser()
+    if is_local(path) and not folder.is_dir():  # an adapter folder has a tokenizer but no config.json
+        kind = "is a file, not a folder" if folder.exists() else "does not exist"
+        raise ModelLoadError(f"{what}: folder {path} {kind} (give a local model folder or a hub id)")
     try:
         return AutoTokenizer.from_pretrained(path, revision=revision)
     except (OSError, ValueError) as e:
