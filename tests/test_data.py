@@ -8,7 +8,16 @@ import pytest
 import torch
 
 from flantune.config import DataConfig, DataSource, load_recipe
-from flantune.data import DataError, SplitReport, load_split, load_splits, make_collator, read_rows, tokenize
+from flantune.data import (
+    DataError,
+    SplitReport,
+    load_split,
+    load_splits,
+    make_collator,
+    read_rows,
+    split_summary,
+    tokenize,
+)
 from flantune.tasks import Example
 
 from .conftest import ROOT, SCIQ, need
@@ -80,7 +89,8 @@ def test_overlong_policy_is_applied_and_reported(policy, t5_tokenizer):
     kwargs = dict(max_source_tokens=16, max_target_tokens=8, overlong=policy, report=report)
     if policy == "error":
         with pytest.raises(
-            DataError, match=r"example 1 of split train: source has \d+ tokens \(data.max_source_tokens=16\)"
+            DataError,
+            match=r"memory: example 2 \(split train\): source has \d+ tokens \(data.max_source_tokens=16\)",
         ):
             tokenize(examples, t5_tokenizer, **kwargs)
         return
@@ -122,9 +132,10 @@ def test_bad_row_is_named(kind, tmp_path, t5_tokenizer):
     message = str(info.value)
     assert f"{path} line 3" in message and expected in message
     assert "data.bad_rows=skip" in message
-    split = load_split(squad_cfg(path, bad_rows="skip"), "train", t5_tokenizer)
+    split = load_split(squad_cfg(path, bad_rows="skip", max_bad_fraction=0.25), "train", t5_tokenizer)
     assert len(split.dataset) == 3 and split.report.bad_rows == 1 and split.report.rows_read == 4
     assert split.report.bad_examples[0].startswith(f"{path} line 3")
+    assert split_summary(split.report).startswith("train: 4 rows, 1 bad rows skipped, 0 truncated, 0 dropped")
 
 
 def test_undecodable_bytes(tmp_path, t5_tokenizer):
@@ -135,7 +146,7 @@ def test_undecodable_bytes(tmp_path, t5_tokenizer):
     )
     with pytest.raises(DataError, match=rf"{path} line 2: bytes that are not UTF-8"):
         load_split(squad_cfg(path), "train", t5_tokenizer)
-    split = load_split(squad_cfg(path, bad_rows="skip"), "train", t5_tokenizer)
+    split = load_split(squad_cfg(path, bad_rows="skip", max_bad_fraction=0.5), "train", t5_tokenizer)
     assert len(split.dataset) == 2 and split.report.bad_rows == 1
     array = tmp_path / "train.json"
     array.write_bytes(b'[\n{"a": "\xff"}\n]')
@@ -146,7 +157,7 @@ def test_undecodable_bytes(tmp_path, t5_tokenizer):
 def test_json_array_and_row_not_an_object(tmp_path, t5_tokenizer):
     path = tmp_path / "train.json"
     path.write_text(json.dumps([SQUAD_ROW, ["not", "an", "object"], SQUAD_ROW]))
-    with pytest.raises(DataError, match=rf"{path} item 1: expected a JSON object, got list"):
+    with pytest.raises(DataError, match=rf"{path} item 2: expected a JSON object, got list"):
         load_split(squad_cfg(path), "train", t5_tokenizer)
     path.write_text('[{"a": 1},\n {"a": ]')
     with pytest.raises(DataError, match=rf"{path}: line 2 column \d+: malformed JSON"):
@@ -250,3 +261,33 @@ def test_preview_cli_bad_row_message(tmp_path, in_repo, t5_small_path):
                             capture_output=True, text=True, cwd=ROOT)  # fmt: skip
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "line 2: column 'context'" in result.stderr.replace("\n", "")
+
+
+def test_too_many_bad_rows_stop_a_skipping_load(tmp_path, t5_tokenizer):
+    path = write_jsonl(tmp_path / "train.jsonl", [SQUAD_ROW, {"x": 1}, {"x": 2}, SQUAD_ROW])
+    with pytest.raises(DataError) as info:
+        load_split(squad_cfg(path, bad_rows="skip"), "train", t5_tokenizer)
+    message = str(info.value)
+    assert "split train: 2 of 4 rows are bad" in message and "data.max_bad_fraction=0.1" in message
+    assert f"{path} line 2" in message
+    split = load_split(squad_cfg(path, bad_rows="skip", max_bad_fraction=0.5), "train", t5_tokenizer)
+    assert split.report.bad_rows == 2 and len(split.dataset) == 2
+
+
+def test_max_bad_fraction_is_checked():
+    problems = DataConfig(task="sciq", max_bad_fraction=1.5).check("data")
+    assert problems == ["data.max_bad_fraction: must be in [0, 1], got 1.5"]
+
+
+def test_a_directory_is_not_a_data_file(tmp_path, t5_tokenizer):
+    (tmp_path / "train.jsonl").mkdir()
+    with pytest.raises(DataError, match=r"data.train: .*train.jsonl is a directory"):
+        load_split(squad_cfg(tmp_path / "train.jsonl"), "train", t5_tokenizer)
+
+
+def test_overlong_error_names_the_file_line(tmp_path, t5_tokenizer):
+    long_row = {**SQUAD_ROW, "question": "word " * 80}
+    path = write_jsonl(tmp_path / "train.jsonl", [SQUAD_ROW, {"x": 1}, long_row])
+    cfg = squad_cfg(path, bad_rows="skip", max_bad_fraction=0.5, overlong="error", max_source_tokens=64)
+    with pytest.raises(DataError, match=rf"{path} line 3 \(split train\): source has \d+ tokens"):
+        load_split(cfg, "train", t5_tokenizer)

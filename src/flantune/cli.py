@@ -20,6 +20,7 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from flantune.config import ConfigError, Recipe, load_recipe
 
@@ -43,6 +44,19 @@ OverridesArg = Annotated[
 ]
 
 
+class UsageError(ValueError):
+    """A command-line flag or argument is wrong; the message names it as the user typed it."""
+
+
+def flag_problems(problems: list[str], section: str) -> list[str]:
+    """Config problems (`generation.max_new_tokens: ...`) named by their flags (`--max-new-tokens: ...`)."""
+    prefix = section + "."
+    return [
+        "--" + p[len(prefix) :].replace("_", "-", p[len(prefix) :].index(":")) if p.startswith(prefix) else p
+        for p in problems
+    ]
+
+
 def user_errors(fn):
     """Print user-fixable errors as one line on stderr and exit 2; let real bugs raise."""
     from flantune.data import DataError
@@ -59,11 +73,10 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except RunInterrupted as e:  # not an error: stopped on request, after a checkpoint
-            from rich.markup import escape
-
-            err_console.print(f"[bold]stopped:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+            err_console.print(Text.assemble(("stopped:", "bold"), " ", str(e)), highlight=False, soft_wrap=True)
             sys.exit(130)
         except (
+            UsageError,
             ConfigError,
             DataError,
             ExportError,
@@ -81,11 +94,15 @@ def user_errors(fn):
 
 def fail(message: str) -> None:
     """Print a user-fixable error as one message on stderr and exit with status 2."""
-    from rich.markup import escape
-
-    # The message may hold user text such as `[/INST]` or `sciq[train]`: never read it as markup.
-    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    # The message may hold user text such as `[/INST]`, `sciq[train]` or a path ending in a
+    # backslash: it is printed as plain text, never read as markup.
+    err_console.print(Text.assemble(("error:", "bold red"), " ", message), highlight=False, soft_wrap=True)
     sys.exit(2)
+
+
+def plain(*values: object) -> list[Text]:
+    """Table cells or headers that print verbatim: user text (paths, labels, model names) is no markup."""
+    return [Text(str(v)) for v in values]
 
 
 def _recipe(path: str, overrides: list[str] | None) -> Recipe:
@@ -104,7 +121,7 @@ def tasks_command() -> None:
         options = {"source": "{text}", "target": "{label}"} if name == "template" else None
         task = build_task(name, options)
         labels = ", ".join(task.labels) if task.labels else ""
-        table.add_row(name, ", ".join(task.metrics), labels, task.description)
+        table.add_row(*plain(name, ", ".join(task.metrics), labels, task.description))
     console.print(table)
 
 
@@ -125,7 +142,7 @@ def data_preview_command(
     n: Annotated[int, typer.Option("--n", "-n", help="Examples to print per split.")] = 3,
 ) -> None:
     """Print formatted examples and a length report for every split of a recipe."""
-    from flantune.data import load_splits
+    from flantune.data import load_splits, split_summary
     from flantune.models import add_special_tokens, load_tokenizer
 
     cfg = _recipe(recipe, overrides)
@@ -137,15 +154,17 @@ def data_preview_command(
             ["data: the recipe names no split (set data.train, data.eval or data.test)"], recipe
         )
     for split in splits.values():
-        console.rule(f"[bold]{split.name}[/] · {split.report.origin}")
+        console.rule(Text.assemble((split.name, "bold"), f" · {split.report.origin}"))
         for i in range(min(n, len(split.dataset))):
             row = split.dataset[i]
-            console.print(
-                f"[cyan]source[/] ({len(row['input_ids'])} tokens): {row['source']}", highlight=False
-            )
-            console.print(f"[green]target[/] ({len(row['labels'])} tokens): {row['target']}", highlight=False)
+            for name, style, ids in (("source", "cyan", "input_ids"), ("target", "green", "labels")):
+                console.print(
+                    Text.assemble((name, style), f" ({len(row[ids])} tokens): ", row[name]), highlight=False
+                )
             console.print()
     console.print(length_table([s.report for s in splits.values()], splits_cfg=cfg))
+    for split in splits.values():
+        console.print(split_summary(split.report), highlight=False, markup=False)
 
 
 @app.command("train")
@@ -202,7 +221,7 @@ def quickstart_command(
     from flantune.quickstart import quickstart
 
     if method not in ("full", "lora"):
-        raise ConfigError([f"--method: expected full or lora, got {method!r}"])
+        raise UsageError(f"--method: expected full or lora, got {method!r}")
     quickstart(Path(out), method=method, steps=steps, console=console)
 
 
@@ -231,18 +250,28 @@ def generate_command(
 ) -> None:
     """Generate outputs for --input texts or a --file of JSON lines, batched by length."""
     from flantune.config import GenerationConfig
-    from flantune.generate import generate, read_inputs
+    from flantune.generate import check_out, generate, read_inputs
 
     if bool(input) == bool(file):
-        raise ConfigError(["give either --input TEXT (repeatable) or --file FILE.jsonl"])
+        raise UsageError("give either --input TEXT (repeatable) or --file FILE.jsonl")
     cfg = GenerationConfig(
         max_new_tokens=max_new_tokens, num_beams=num_beams, early_stopping=early_stopping, do_sample=do_sample,
         temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
         no_repeat_ngram_size=no_repeat_ngram_size,
     )  # fmt: skip
-    problems = cfg.check("generation")
+    problems = flag_problems(cfg.check("generation"), "generation")
+    if batch_size < 1:
+        problems.append(f"--batch-size: must be at least 1, got {batch_size}")
+    if top_k < 0:
+        problems.append(f"--top-k: must be 0 (off) or more, got {top_k}")
+    if no_repeat_ngram_size < 0:
+        problems.append(f"--no-repeat-ngram-size: must be 0 (off) or more, got {no_repeat_ngram_size}")
+    if repetition_penalty <= 0:
+        problems.append(f"--repetition-penalty: must be > 0, got {repetition_penalty}")
     if problems:
-        raise ConfigError(problems)
+        raise UsageError("; ".join(problems))
+    if out:
+        check_out(out, [file] if file else [])
     sources = list(input) if input else read_inputs(file, field)
     generate(model, adapter, sources, cfg, batch_size=batch_size, labels=labels, out=out)
 
@@ -261,7 +290,7 @@ def merge_command(
     """Fold an adapter into its base: a plain transformers model folder."""
     from flantune.export import merge
 
-    console.print(f"merged model written to {merge(adapter, out, base)}", highlight=False)
+    console.print(f"merged model written to {merge(adapter, out, base)}", highlight=False, markup=False)
 
 
 @app.command("eval")
@@ -285,20 +314,20 @@ def eval_command(
 
     cfg = _recipe(recipe, overrides)
     if not model:
-        raise ConfigError(["--model: give the model to evaluate (a folder, hub id, or a run's final/)"])
+        raise UsageError("--model: give the model to evaluate (a folder, hub id, or a run's final/)")
     results = run_eval(cfg, model, adapter, compare, split, out)
     models = list(results["models"])
-    table = Table(title=f"{results['rows']} rows of the {split} split")
+    table = Table(title=Text(f"{results['rows']} rows of the {split} split"))
     from flantune.evaluate import difference_label
 
     for column in ["metric", *models] + ([difference_label(models)] if len(models) >= 2 else []):
-        table.add_column(column, justify="left" if column == "metric" else "right")
+        table.add_column(Text(column), justify="left" if column == "metric" else "right")
     from flantune.evaluate import metric_rows
 
     for key, values in metric_rows(results):
-        table.add_row(key, *values)
+        table.add_row(*plain(key, *values))
     console.print(table)
-    console.print(f"report written to {results['out']}", highlight=False)
+    console.print(f"report written to {results['out']}", highlight=False, markup=False)
 
 
 @app.command("push")
@@ -317,7 +346,9 @@ def push_command(
     from flantune.export import push
 
     console.print(
-        f"pushed {folder} to {push(folder, repo_id, private=private, token=token)}", highlight=False
+        f"pushed {folder} to {push(folder, repo_id, private=private, token=token)}",
+        highlight=False,
+        markup=False,
     )
 
 
@@ -354,6 +385,10 @@ def serve_command(
     """Serve a base model and its adapters: an HTTP API (/v1/generate, /docs) and a playground at /."""
     from flantune.generate import GenerateError
 
+    if not 1 <= port <= 65535:
+        raise UsageError(f"--port: must be in 1-65535, got {port}")
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise UsageError(f"--dtype: expected float32, bfloat16 or float16, got {dtype!r}")
     try:
         from flantune.serve import Limits, build_app, run
     except ImportError as e:
@@ -374,7 +409,7 @@ def serve_command(
         )
     except ServeError as e:
         fail(str(e))
-    console.print(f"serving on http://{host}:{port}/ (API docs at /docs)", highlight=False)
+    console.print(f"serving on http://{host}:{port}/ (API docs at /docs)", highlight=False, markup=False)
     run(served, host, port)
 
 
@@ -390,16 +425,18 @@ def length_table(reports, splits_cfg: Recipe) -> Table:
     for r in reports:
         src, tgt = r.percentiles("source"), r.percentiles("target")
         table.add_row(
-            r.split,
-            str(r.rows_read),
-            str(r.bad_rows),
-            str(r.left_out_by_task),
-            "/".join(str(v) for v in src.values()),
-            "/".join(str(v) for v in tgt.values()),
-            f"{r.overlong_source}/{r.overlong_target}",
-            str(r.dropped),
-            str(r.truncated),
-            str(r.kept),
+            *plain(
+                r.split,
+                str(r.rows_read),
+                str(r.bad_rows),
+                str(r.left_out_by_task),
+                "/".join(str(v) for v in src.values()),
+                "/".join(str(v) for v in tgt.values()),
+                f"{r.overlong_source}/{r.overlong_target}",
+                str(r.dropped),
+                str(r.truncated),
+                str(r.kept),
+            )
         )
     return table
 

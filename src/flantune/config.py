@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import re
 import types
@@ -29,9 +30,36 @@ from typing import Any, Literal
 import yaml
 
 
+class DuplicateKeyError(yaml.YAMLError):
+    """One YAML mapping holds the same key twice."""
+
+    def __init__(self, key: Any, first, second):
+        self.key = key
+        where = f" of {second.name}" if not second.name.startswith("<") else ""
+        super().__init__(
+            f"{key}: given twice in one mapping (lines {first.line + 1} and {second.line + 1}{where}); keep one"
+        )
+
+
 class _Loader(yaml.SafeLoader):
-    """YAML with two YAML 1.1 surprises removed: `1e-4` (no dot) read as a string, and `1:30`
-    read as a base-60 integer. Learning rates and row slices are written exactly that way."""
+    """YAML with three YAML 1.1 surprises removed: `1e-4` (no dot) read as a string, `1:30` read
+    as a base-60 integer, and a key given twice in one mapping silently taking the last value.
+    Learning rates and row slices are written exactly that way; a repeated key is an error."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, Any] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` may be overridden
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    if key in seen:
+                        raise DuplicateKeyError(key, seen[key], key_node.start_mark)
+                except TypeError:  # an unhashable key; the base constructor reports it
+                    continue
+                seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
 
 
 _Loader.yaml_implicit_resolvers = {
@@ -59,8 +87,15 @@ _Loader.add_implicit_resolver(
 )
 
 
-def parse_yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_Loader)
+def parse_yaml(text: str, name: str | None = None) -> Any:
+    """`text` as YAML; `name` (the file) is what error messages call it."""
+    loader = _Loader(text)
+    if name:
+        loader.name = name
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
 
 
 class ConfigError(ValueError):
@@ -165,7 +200,22 @@ class MixtureItem:
     """Options of this task."""
 
     def check(self, path: str) -> list[str]:
-        return [f"{path}.weight: must be > 0, got {self.weight}"] if self.weight <= 0 else []
+        problems = [f"{path}.weight: must be > 0, got {self.weight}"] if self.weight <= 0 else []
+        return problems + task_problems(path, self.task, self.task_options)
+
+
+def task_problems(path: str, task: str | None, options: dict[str, Any]) -> list[str]:
+    """The problem with a section's task name or options (unknown task, with a did-you-mean; an
+    unknown or mistyped option), as loading the data would report it, named under `path`."""
+    from flantune.tasks import TaskError, build_task
+
+    if task is None:
+        return []
+    try:
+        build_task(task, options)
+    except TaskError as e:
+        return [f"{path}.{e.key.removeprefix('data.')}: {e.message}"]
+    return []
 
 
 @dataclass
@@ -190,6 +240,9 @@ class DataConfig:
     """What happens to a row longer than a limit: dropped, truncated, or an error naming it."""
     bad_rows: Literal["error", "skip"] = "error"
     """A row that does not fit the task's schema stops loading with its file/row/column, or is skipped."""
+    max_bad_fraction: float = 0.1
+    """With bad_rows: skip, the largest share of a split's rows that may be bad; more stops loading
+    with the counts (a file in the wrong format is not silently skipped whole)."""
 
     def check(self, path: str) -> list[str]:
         problems = []
@@ -197,6 +250,9 @@ class DataConfig:
             problems.append(f"{path}.mixture: use either data.mixture or data.task/train/eval, not both")
         if not self.mixture and not self.task:
             problems.append(f"{path}.task: missing required value (a task name, or a data.mixture list)")
+        problems += task_problems(path, self.task, self.task_options)
+        if not 0.0 <= self.max_bad_fraction <= 1.0:
+            problems.append(f"{path}.max_bad_fraction: must be in [0, 1], got {self.max_bad_fraction}")
         for key in ("max_source_tokens", "max_target_tokens"):
             if getattr(self, key) < 2:
                 problems.append(f"{path}.{key}: must be at least 2 (room for one token and EOS)")
@@ -597,7 +653,9 @@ def merge_recipes(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, An
 def _read_mapping(path: Path) -> dict[str, Any]:
     """A recipe file's top-level mapping, as written; ConfigError (without a source) if it is none."""
     try:
-        raw = parse_yaml(path.read_text(encoding="utf-8"))
+        raw = parse_yaml(path.read_text(encoding="utf-8"), str(path))
+    except DuplicateKeyError as e:
+        raise ConfigError([str(e)]) from None
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ConfigError([f"not valid YAML: {e}"]) from None
     if raw is None:
@@ -645,6 +703,10 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Read a recipe file (with the recipes it `extends`, merged), apply the overrides and
     validate the result. Raises ConfigError naming every problem found."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(
+            [f"{path} is a directory; give the path to a recipe YAML, e.g. recipes/sciq-lora.yaml"]
+        )
     if not path.is_file():
         raise ConfigError(
             [f"file not found: {path} (give the path to a recipe YAML, e.g. recipes/sciq-lora.yaml)"]
@@ -776,6 +838,8 @@ def _convert(value: Any, tp: Any, path: str, problems: list[str]) -> Any:
         raise _Invalid("an integer")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise _Invalid("a finite number (not NaN or infinity)")
             return float(value)
         raise _Invalid("a number")
     if tp is str:

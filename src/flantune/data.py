@@ -37,7 +37,8 @@ class DataError(ValueError):
 @dataclass
 class RawRow:
     where: str
-    """Human-readable place of the row: 'data/train.jsonl line 12' or 'allenai/sciq[train] row 7'."""
+    """Human-readable place of the row, counted from 1: 'data/train.jsonl line 12' (JSON lines, CSV),
+    'data/train.json item 3' (a JSON array), 'data/train.parquet row 5' or 'allenai/sciq[train] row 7'."""
     row: dict[str, Any] | None
     problem: str | None = None
     """Set when the row could not even be parsed (malformed JSON, undecodable bytes)."""
@@ -69,6 +70,20 @@ class SplitReport:
         return {"p50": int(values[0]), "p90": int(values[1]), "p99": int(values[2]), "max": max(lengths)}
 
 
+def split_summary(report: SplitReport) -> str:
+    """One line on what loading did to a split, for the console of every command that loads data:
+    `train: 800 rows, 3 bad rows skipped, 12 truncated, 0 dropped` (plus the rows the task left out
+    and the over-long rows, when there are any)."""
+    parts = [f"{report.rows_read} rows", f"{report.bad_rows} bad rows skipped"]
+    if report.left_out_by_task:
+        parts.append(f"{report.left_out_by_task} left out by the task")
+    parts += [f"{report.truncated} truncated", f"{report.dropped} dropped"]
+    line = f"{report.split}: " + ", ".join(parts)
+    if report.bad_examples:
+        line += f" (first bad row: {report.bad_examples[0]})"
+    return line
+
+
 # ----------------------------------------------------------------------------------------------
 # Reading
 
@@ -77,6 +92,10 @@ def read_rows(source: DataSource, role: str, key: str) -> Iterator[RawRow]:
     """Raw rows of one data source. `role` is train/eval/test; `key` the recipe key, for messages."""
     path = Path(source.path).expanduser()
     if path.suffix.lower() in LOCAL_SUFFIXES or path.exists():
+        if path.is_dir():
+            raise DataError(
+                f"{key}: {source.path} is a directory; give a data file ({', '.join(LOCAL_SUFFIXES)})"
+            )
         if not path.is_file():
             raise DataError(f"{key}: file not found: {source.path}")
         rows = _read_local(path, key)
@@ -145,8 +164,10 @@ def _read_json_array(path: Path, text: str) -> list[RawRow]:
         # One broken array spoils the whole file: there is no row to skip.
         raise DataError(f"{path}: line {e.lineno} column {e.colno}: malformed JSON ({e.msg})") from None
     rows = []
-    for index, item in enumerate(items):
-        where = f"{path} item {index}"
+    if not isinstance(items, list):
+        raise DataError(f"{path}: expected a JSON array of row objects, or one JSON object per line")
+    for number, item in enumerate(items, start=1):
+        where = f"{path} item {number}"
         if isinstance(item, dict):
             rows.append(RawRow(where, item))
         else:
@@ -195,7 +216,7 @@ def _read_parquet(path: Path, key: str) -> list[RawRow]:
         table = datasets.Dataset.from_parquet(str(path))
     except Exception as e:  # pyarrow raises several unrelated types for a broken file
         raise DataError(f"{key}: {path}: cannot read as Parquet: {e}") from None
-    return [RawRow(f"{path} row index {i}", row) for i, row in enumerate(table)]
+    return [RawRow(f"{path} row {i}", row) for i, row in enumerate(table, start=1)]
 
 
 def _read_hub(source: DataSource, role: str, key: str) -> list[RawRow]:
@@ -212,15 +233,18 @@ def _read_hub(source: DataSource, role: str, key: str) -> list[RawRow]:
         ) from None
     except (ValueError, ConnectionError, OSError) as e:
         raise DataError(f"{key}: cannot load hub dataset {name}: {e}") from None
-    return [RawRow(f"{name} row index {i}", row) for i, row in enumerate(table)]
+    return [RawRow(f"{name} row {i}", row) for i, row in enumerate(table, start=1)]
 
 
 # ----------------------------------------------------------------------------------------------
 # Formatting
 
 
-def format_rows(task: Task, rows: Iterator[RawRow], report: SplitReport, bad_rows: str) -> list[Example]:
-    """Map raw rows through the task; a bad row raises DataError, or is skipped and counted."""
+def format_rows(
+    task: Task, rows: Iterator[RawRow], report: SplitReport, bad_rows: str, wheres: list[str] | None = None
+) -> list[Example]:
+    """Map raw rows through the task; a bad row raises DataError, or is skipped and counted.
+    `wheres`, when given, receives each example's row place (RawRow.where), in order."""
     examples = []
     for raw in rows:
         report.rows_read += 1
@@ -235,6 +259,8 @@ def format_rows(task: Task, rows: Iterator[RawRow], report: SplitReport, bad_row
                     report.left_out_by_task += 1
                 else:
                     examples.append(example)
+                    if wheres is not None:
+                        wheres.append(raw.where)
                 continue
         if bad_rows == "error":
             raise DataError(
@@ -266,8 +292,11 @@ def tokenize(
     overlong: str,
     report: SplitReport,
     task_names: list[str] | None = None,
+    wheres: list[str] | None = None,
 ):
     """A `datasets.Dataset` with input_ids, attention_mask and labels, plus the text columns.
+
+    `wheres` gives each example's row place for messages (default: its number in `examples`, from 1).
 
     labels are not padded here: the collator pads them with -100 (ignored by the loss), never with
     the pad id, so padding never counts as a target token.
@@ -296,8 +325,9 @@ def tokenize(
                     if long_src
                     else f"target has {len(tgt)} tokens (data.max_target_tokens={max_target_tokens})"
                 )
+                where = wheres[i] if wheres else f"{report.origin}: example {i + 1}"
                 raise DataError(
-                    f"{report.origin}: example {i} of split {report.split}: {what}; raise the limit, or set "
+                    f"{where} (split {report.split}): {what}; raise the limit, or set "
                     "data.overlong=truncate or data.overlong=drop"
                 )
             if overlong == "drop":
@@ -382,9 +412,12 @@ def load_split(cfg: DataConfig, role: str, tokenizer, seed: int = 0) -> Split | 
         return None
     report = SplitReport(split=role, origin=" + ".join(_origin(p[1]) for p in parts))
     per_task: list[list[Example]] = []
+    per_where: list[list[str]] = []
     for task, source, key, _ in parts:
-        per_task.append(format_rows(task, read_rows(source, role, key), report, cfg.bad_rows))
-    examples, names = _mix(parts, per_task, role, seed)
+        per_where.append([])
+        per_task.append(format_rows(task, read_rows(source, role, key), report, cfg.bad_rows, per_where[-1]))
+    check_bad_share(report, cfg)
+    examples, names, wheres = _mix(parts, per_task, per_where, role, seed)
     if not examples:
         raise DataError(
             f"{report.origin}: split {role} has no usable rows ({report.rows_read} read, {report.bad_rows} bad)"
@@ -397,11 +430,28 @@ def load_split(cfg: DataConfig, role: str, tokenizer, seed: int = 0) -> Split | 
         overlong=cfg.overlong,
         report=report,
         task_names=names,
+        wheres=wheres,
     )
     return Split(role, dataset, report, {task.name: task for task, *_ in parts})
 
 
-def _mix(parts, per_task: list[list[Example]], role: str, seed: int) -> tuple[list[Example], list[str]]:
+def check_bad_share(report: SplitReport, cfg: DataConfig) -> None:
+    """With data.bad_rows=skip, refuse a split with more than data.max_bad_fraction bad rows."""
+    if cfg.bad_rows != "skip" or not report.rows_read:
+        return
+    share = report.bad_rows / report.rows_read
+    if share > cfg.max_bad_fraction:
+        first = f"; the first: {report.bad_examples[0]}" if report.bad_examples else ""
+        raise DataError(
+            f"{report.origin}: split {report.split}: {report.bad_rows} of {report.rows_read} rows are bad "
+            f"({share:.0%}, more than data.max_bad_fraction={cfg.max_bad_fraction:g}){first}; fix the data, "
+            "or raise data.max_bad_fraction"
+        )
+
+
+def _mix(
+    parts, per_task: list[list[Example]], per_where: list[list[str]], role: str, seed: int
+) -> tuple[list[Example], list[str], list[str]]:
     """Concatenate (eval/test) or sample by weight (train) the examples of several tasks.
 
     FLAN-style mixing: the training set keeps its total size (the sum of the parts) and draws from
@@ -411,20 +461,21 @@ def _mix(parts, per_task: list[list[Example]], role: str, seed: int) -> tuple[li
     if len(parts) == 1 or role != "train":
         examples = [e for group in per_task for e in group]
         names = [task.name for (task, *_), group in zip(parts, per_task, strict=True) for _ in group]
-        return examples, names
+        return examples, names, [w for group in per_where for w in group]
     rng = np.random.default_rng(seed)
     weights = np.array([w for *_, w in parts], dtype=float)
     total = sum(len(g) for g in per_task)
     counts = np.floor(weights / weights.sum() * total).astype(int)
-    examples, names = [], []
-    for (task, *_), group, count in zip(parts, per_task, counts, strict=True):
+    examples, names, wheres = [], [], []
+    for (task, *_), group, places, count in zip(parts, per_task, per_where, counts, strict=True):
         if not group:
             continue
         picks = np.concatenate([rng.permutation(len(group)) for _ in range(-(-count // len(group)))])[:count]
         examples.extend(group[i] for i in picks)
+        wheres.extend(places[i] for i in picks)
         names.extend([task.name] * int(count))
     order = rng.permutation(len(examples))
-    return [examples[i] for i in order], [names[i] for i in order]
+    return [examples[i] for i in order], [names[i] for i in order], [wheres[i] for i in order]
 
 
 def load_splits(

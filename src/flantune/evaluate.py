@@ -44,7 +44,7 @@ def run_eval(
         raise ConfigError([f"--split: expected one of {', '.join(SPLIT_ROLES)}, got {split_name!r}"])
     role = SPLIT_ROLES[split_name]
     if adapter:
-        tuned = load_final({"default": adapter}, base=model, what="--adapter")
+        tuned = load_final({"default": adapter}, base=model, what="--adapter", base_what="--model")
     else:
         tuned = load_final(model, what="--model")
     split = load_split(recipe.data, role, tuned.tokenizer, seed=recipe.train.seed)

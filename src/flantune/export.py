@@ -31,7 +31,7 @@ def merge(adapter: str, out: str, base: str | None = None) -> Path:
         raise ExportError(f"{adapter}: a {info.method} adapter cannot be merged (only LoRA and IA3 can)")
     if Path(out).exists() and any(Path(out).iterdir()):
         raise ExportError(f"--out {out} exists and is not empty; choose another folder")
-    loaded = load_final({"default": adapter}, base=base, device="cpu", what="merge")
+    loaded = load_final({"default": adapter}, base=base, device="cpu", what="ADAPTER", base_what="--base")
     merged = loaded.model.merge_and_unload()
     with ckpt.atomic_dir(Path(out)) as tmp:
         merged.save_pretrained(tmp)

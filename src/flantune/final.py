@@ -155,6 +155,7 @@ def load_final(
     dtype: str = "float32",
     device: str | None = None,
     what: str = "--model",
+    base_what: str | None = None,
 ) -> Loaded:
     """Model and tokenizer from a run's final/, a model folder or a hub id.
 
@@ -169,6 +170,7 @@ def load_final(
         model stays on the CPU for Accelerate to place. Otherwise it goes to `device` (default CUDA
         when available) in eval mode.
     what: the flag or key the user gave `source` with, for messages.
+    base_what: the flag the user gave `base` with (default: the base recorded beside `what`).
     """
     from dataclasses import replace
 
@@ -196,9 +198,15 @@ def load_final(
         kind = next(iter(infos.values())).method if infos else "full"
         method = replace(method or MethodConfig(), kind=kind)
         quantization = quantization_config(method)
-    tokenizer = _tokenizer(infos, record)
+    if not infos:
+        model_what = what
+    elif base is not None and base_what:
+        model_what = base_what
+    else:
+        model_what = f"{what} (the base recorded with the adapter)"
+    tokenizer = _tokenizer(infos, record, model_what)
     model = load_model(record.path, init=record.init, seed=record.seed, revision=record.revision,
-                       dtype=dtype, quantization_config=quantization)  # fmt: skip
+                       dtype=dtype, quantization_config=quantization, what=model_what)  # fmt: skip
     fit_embeddings(model, tokenizer)  # the result's tokenizer may hold added tokens
     if trainable:
         model = _trainable(model, infos, method, gradient_checkpointing)
@@ -244,14 +252,14 @@ def _base_of(infos: dict[str, FinalInfo], base: str | None, what: str) -> BaseRe
     return records.pop()
 
 
-def _tokenizer(infos: dict[str, FinalInfo], record: BaseRecord):
+def _tokenizer(infos: dict[str, FinalInfo], record: BaseRecord, what: str):
     """The tokenizer saved with the adapters (it may hold added tokens), else the base's. Adapters
     on one base must agree on it: one embedding table serves them all."""
     chosen, chosen_from = None, None
     for info in infos.values():
         if not info.has_tokenizer:
             continue
-        tokenizer = load_tokenizer(str(info.folder))
+        tokenizer = load_tokenizer(str(info.folder), what=str(info.folder))
         if chosen is None:
             chosen, chosen_from = tokenizer, info.folder
         elif tokenizer.get_vocab() != chosen.get_vocab():
@@ -259,7 +267,7 @@ def _tokenizer(infos: dict[str, FinalInfo], record: BaseRecord):
                 f"{info.folder}: its tokenizer differs from {chosen_from}'s (added tokens?); adapters "
                 "loaded on one base must share one vocabulary"
             )
-    return chosen or load_tokenizer(record.path, record.revision)
+    return chosen or load_tokenizer(record.path, record.revision, what=what)
 
 
 def _attach(model, info: FinalInfo, name: str, record: BaseRecord, what: str):

@@ -19,27 +19,62 @@ class GenerateError(ValueError):
 
 def read_inputs(path: str, field: str = "source") -> list[str]:
     """Sources from a JSON-lines file: one object per line with a `field` string."""
-    file = Path(path)
+    file = Path(path).expanduser()
+    if file.is_dir():
+        raise GenerateError(f"--file: {path} is a directory; give a JSON lines file")
     if not file.is_file():
         raise GenerateError(f"--file: {path} not found")
     sources = []
-    for number, line in enumerate(file.read_text(encoding="utf-8", errors="strict").splitlines(), start=1):
+    for number, raw in enumerate(file.read_bytes().splitlines(), start=1):
+        try:
+            line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+        except UnicodeDecodeError as e:
+            raise GenerateError(
+                f"--file: {path} line {number}: bytes that are not UTF-8 (at column {e.start + 1}); "
+                "re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+            ) from None
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise GenerateError(
-                f"{path} line {number}: malformed JSON ({e.msg} at column {e.colno})"
+                f"--file: {path} line {number}: malformed JSON ({e.msg} at column {e.colno})"
             ) from None
         if not isinstance(row, dict) or not isinstance(row.get(field), str):
             raise GenerateError(
-                f"{path} line {number}: expected an object with a string {field!r} (set --field)"
+                f"--file: {path} line {number}: expected an object with a string {field!r} (set --field)"
             )
         sources.append(row[field])
     if not sources:
-        raise GenerateError(f"{path}: the file holds no input rows")
+        raise GenerateError(f"--file: {path}: the file holds no input rows")
     return sources
+
+
+def check_out(out: str, inputs: list[str] = ()) -> None:
+    """Refuse an --out that cannot take the outputs, before anything is generated: a directory, one
+    of the input files (an output never overwrites an input), or a file whose folder is missing
+    or not writable."""
+    import os
+
+    target = Path(out).expanduser()
+    if target.is_dir():
+        raise GenerateError(
+            f"--out: {out} is a directory; give a file path, e.g. {Path(out) / 'outputs.jsonl'}"
+        )
+    resolved = target.resolve()
+    for given in inputs:
+        if Path(given).expanduser().resolve() == resolved:
+            raise GenerateError(
+                f"--out: {out} is the input file --file {given}; an output never overwrites its input"
+            )
+    parent = resolved.parent
+    if parent.exists() and not parent.is_dir():
+        raise GenerateError(f"--out: {parent} is a file, not a folder; choose another path")
+    if not parent.is_dir():
+        raise GenerateError(f"--out: the folder {parent} does not exist; create it or choose another path")
+    if not os.access(parent, os.W_OK | os.X_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        raise GenerateError(f"--out: {out} cannot be written (permission denied); choose another path")
 
 
 def generate(
@@ -58,7 +93,7 @@ def generate(
 
     # MODEL may itself be a run's final/: an adapter then goes on the base recorded beside it.
     if adapter:
-        loaded = load_final({"default": adapter}, base=model, what="--adapter")
+        loaded = load_final({"default": adapter}, base=model, what="--adapter", base_what="MODEL")
     else:
         loaded = load_final(model, what="MODEL")
     outputs = generate_texts(

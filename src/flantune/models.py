@@ -41,32 +41,52 @@ def is_local(path: str) -> bool:
     return Path(path).exists() or path.startswith((".", "/", "~")) or path.count("/") > 1
 
 
-def _check_path(path: str, init: str) -> None:
+def _check_path(path: str, init: str, what: str = "model.path") -> None:
+    """Refuse a local-looking `path` that is not a model folder; `what` names the key or flag it came from."""
     if not is_local(path):
         return
     folder = Path(path).expanduser()
     if not folder.is_dir():
-        raise ModelLoadError(
-            f"model.path: folder {path} does not exist (give a local model folder or a hub id)"
-        )
+        kind = "is a file, not a folder" if folder.exists() else "does not exist"
+        raise ModelLoadError(f"{what}: folder {path} {kind} (give a local model folder or a hub id)")
     if not (folder / "config.json").is_file():
-        raise ModelLoadError(f"model.path: {path} has no config.json; is it a Hugging Face model folder?")
+        raise ModelLoadError(f"{what}: {path} has no config.json; is it a Hugging Face model folder?")
     if init == "pretrained" and not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
         raise ModelLoadError(
-            f"model.path: {path} has a config.json but no weights (*.safetensors or *.bin). "
+            f"{what}: {path} has a config.json but no weights (*.safetensors or *.bin). "
             "Use model.init=random to build a randomly initialised model of this shape."
         )
 
 
-def load_tokenizer(path: str, revision: str | None = None):
-    if is_local(path) and not Path(path).expanduser().is_dir():
+def _hub_hint(path: str) -> str:
+    return (
+        "" if is_local(path) else " (offline? the hub is unreachable and the model is not in the local cache)"
+    )
+
+
+def model_type(path: str, revision: str | None = None, what: str = "model.path") -> str:
+    """The `model_type` of a folder's or hub id's config (t5, bart, ...), checked: a path that is no
+    model folder, a malformed hub id or an unreachable one raises ModelLoadError naming `what`.
+
+    Cheap (one config file), so commands call it before building anything."""
+    _check_path(path, "random", what)
+    try:
+        return AutoConfig.from_pretrained(path, revision=revision).model_type
+    except (OSError, ValueError) as e:  # a malformed hub id is a ValueError
         raise ModelLoadError(
-            f"model.path: folder {path} does not exist (give a local model folder or a hub id)"
-        )
+            f"{what}: cannot read the model config of {path!r}{_hub_hint(path)}: {e}"
+        ) from None
+
+
+def load_tokenizer(path: str, revision: str | None = None, what: str = "model.path"):
+    folder = Path(path).expanduser()
+    if is_local(path) and not folder.is_dir():  # an adapter folder has a tokenizer but no config.json
+        kind = "is a file, not a folder" if folder.exists() else "does not exist"
+        raise ModelLoadError(f"{what}: folder {path} {kind} (give a local model folder or a hub id)")
     try:
         return AutoTokenizer.from_pretrained(path, revision=revision)
     except (OSError, ValueError) as e:
-        raise ModelLoadError(f"model.path: cannot load a tokenizer from {path!r}: {e}") from None
+        raise ModelLoadError(f"{what}: cannot load a tokenizer from {path!r}{_hub_hint(path)}: {e}") from None
 
 
 def add_special_tokens(tokenizer, tokens: list[str]) -> list[int]:
@@ -112,13 +132,14 @@ def load_model(
     revision: str | None = None,
     seed: int = 0,
     quantization_config=None,
+    what: str = "model.path",
 ) -> torch.nn.Module:
     """An encoder-decoder model from a hub id or folder, pretrained or randomly initialized.
 
     When `tokenizer` holds more tokens than the embedding matrix has rows, the embeddings (and an
-    untied head) grow to fit.
+    untied head) grow to fit. `what` names the key or flag `path` came from, for messages.
     """
-    _check_path(path, init)
+    _check_path(path, init, what)
     try:
         if init == "random" and quantization_config is not None:
             model = _random_quantized(path, dtype, revision, seed, quantization_config)
@@ -134,15 +155,10 @@ def load_model(
                 kwargs["quantization_config"] = quantization_config
             model = AutoModelForSeq2SeqLM.from_pretrained(path, **kwargs)
     except OSError as e:
-        hint = (
-            ""
-            if is_local(path)
-            else " (offline? the hub is unreachable and the model is not in the local cache)"
-        )
-        raise ModelLoadError(f"model.path: cannot load {path!r}{hint}: {e}") from None
+        raise ModelLoadError(f"{what}: cannot load {path!r}{_hub_hint(path)}: {e}") from None
     except ValueError as e:
         raise ModelLoadError(
-            f"model.path: {path!r} is not an encoder-decoder model AutoModelForSeq2SeqLM loads: {e}"
+            f"{what}: {path!r} is not an encoder-decoder model AutoModelForSeq2SeqLM loads: {e}"
         ) from None
     if tokenizer is not None:
         fit_embeddings(model, tokenizer)

@@ -35,10 +35,11 @@ class TrainingError(RuntimeError):
 
 
 def model_type_of(path: str, revision: str | None = None) -> str:
-    """The config's model_type (t5, mt5, bart, ...) without loading weights."""
-    from transformers import AutoConfig
+    """The config's model_type (t5, mt5, bart, ...) without loading weights; a wrong model.path
+    stops here, before the run folder is touched."""
+    from flantune.models import model_type
 
-    return AutoConfig.from_pretrained(path, revision=revision).model_type
+    return model_type(path, revision, what="model.path")
 
 
 def resolve_precision(precision: str, model_type: str, key: str = "train.precision") -> str:

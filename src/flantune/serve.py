@@ -70,9 +70,10 @@ class Limits:
         problems = []
         for key, value in dataclasses.asdict(self).items():
             smallest = 0 if key == "batch_wait_ms" else 1e-9
-            if value < smallest:
+            flag = "--timeout" if key == "timeout_s" else f"--{key.replace('_', '-')}"  # the serve flags
+            if not value >= smallest:  # NaN too
                 problems.append(
-                    f"--{key.replace('_', '-')}: must be {'0 or more' if smallest == 0 else 'positive'}, got {value}"
+                    f"{flag}: must be {'0 or more' if smallest == 0 else 'positive'}, got {value}"
                 )
         return problems
 
@@ -125,7 +126,9 @@ def load_service_model(
     if not adapters and not model:
         raise ServeError("--model: give the base model (a folder or hub id)")
     what = "--adapter" if adapters else "--model"
-    loaded = load_final(adapters or model, base=model, dtype=dtype, device=device, what=what)
+    loaded = load_final(
+        adapters or model, base=model, dtype=dtype, device=device, what=what, base_what="--model"
+    )
     return loaded.model, loaded.tokenizer, loaded.base.path, kinds
 
 
