@@ -297,3 +297,26 @@ def test_check_resume_fills_in_keys_added_since(tmp_path):
     del older["train"]["pin_memory"], older["method"]["use_dora"]
     (path / "recipe.yaml").write_text(json.dumps(older))
     assert ckpt.check_resume(path, current, "train") == []
+
+
+def test_start_state_checks_the_recipe_before_loading(run_copy, tiny_t5):
+    """The recipe's refused change is named before the checkpoint's tensors are compared."""
+    root = run_copy / "checkpoints"
+    written = parse_yaml((run_copy / "recipe.yaml").read_text())
+    for _, path in ckpt.list_checkpoints(root):
+        (path / "recipe.yaml").write_text(json.dumps(written))
+    model, optimizer, scheduler, accelerator = fresh_training(tiny_t5, d_ff=128)
+    changed = json.loads(json.dumps(written))
+    changed["train"]["lr"] = 0.1
+    with pytest.raises(
+        TrainingError, match=r"^--resume: the recipe differs .*: train\.lr: 0\.003 -> 0\.1\. Undo"
+    ):
+        ckpt.start_state(root, True, model, optimizer, scheduler, accelerator, recipe=changed)
+    model, optimizer, scheduler, accelerator = fresh_training(tiny_t5)
+    longer = {**written, "train": {**written["train"], "max_steps": 8, "resume": True}}
+    notices = []
+    state, path = ckpt.start_state(
+        root, True, model, optimizer, scheduler, accelerator, notice=notices.append, recipe=longer
+    )
+    assert (state.step, path.name) == (4, "step-000004")
+    assert notices == ["resume: recipe changed since the checkpoint: train.max_steps: 4 -> 8"]

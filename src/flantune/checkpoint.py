@@ -329,12 +329,19 @@ def start_state(
     scheduler,
     accelerator,
     notice: Callable[[str], None] | None = None,
+    recipe: dict | None = None,
+    section: str = "train",
 ) -> tuple[TrainState, Path | None]:
     """A fresh state, or, when resuming, the one of the newest intact checkpoint under `root`.
 
     Checkpoints are read newest first; one with a missing or unreadable file is skipped and set aside
     as broken-step-NNNNNN, with a notice (through `notice`, e.g. console.print on the main process)
     naming the file. TrainingError when none is intact, naming every broken file.
+
+    `recipe` (flantune.config.recipe_to_dict of the current recipe) and `section` (`train`, `rl`):
+    before anything is loaded, the recipe is checked against the chosen checkpoint's (`check_resume`:
+    TrainingError on a refused change); each allowed change goes through `notice` as
+    "resume: recipe changed since the checkpoint: <line>".
     """
     if not resume:
         return TrainState(), None
@@ -368,6 +375,11 @@ def start_state(
             f"resume: no intact checkpoint under {root}: {reasons}. Start the run again from scratch with "
             "--restart, or put back intact copies of these files"
         )
+    if recipe is not None:
+        allowed = check_resume(files.path, recipe, section)
+        if notice is not None and accelerator.is_main_process:
+            for line in allowed:
+                notice(f"resume: recipe changed since the checkpoint: {line}")
     return load_checkpoint(files.path, model, optimizer, scheduler, accelerator, files), files.path
 
 
