@@ -312,8 +312,8 @@ def crash_and_resume(recipe_of, monkeypatch, crash_after: int) -> None:
     there (as if the machine went away), then resume it to the end."""
     real_save = ckpt.save_checkpoint
 
-    def save_then_crash(root, model, optimizer, scheduler, state, accelerator):
-        path = real_save(root, model, optimizer, scheduler, state, accelerator)
+    def save_then_crash(root, model, optimizer, scheduler, state, accelerator, **kw):
+        path = real_save(root, model, optimizer, scheduler, state, accelerator, **kw)
         if state.step == crash_after:
             raise KeyboardInterrupt
         return path
