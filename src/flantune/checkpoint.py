@@ -451,25 +451,23 @@ class _AtomicDir:
 #   eval.*, generation.*     allowed   how evaluation scores (except generation.max_new_tokens
 #                                      in `rl` while rl.max_new_tokens is null: the rollouts' length)
 #   other sections           ignored   (e.g. rl.* for a `train` resume)
-#   <section>.resume         ignored   always differs on a resume
+#   <section>.resume, .restart  ignored   how the run was started, not what it is
 #
 # train:
 #   refused  batch_size, grad_accum, seed, packing, token_budget, group_by_length   data position
 #            lr, weight_decay, schedule, warmup_steps, warmup_ratio                  optimizer, schedule
 #            precision, gradient_checkpointing, attention, compile, cuda_graph       numerics of the steps
 #            best_metric                                                             state's best value
-#            max_steps, epochs    when the schedule depends on the total steps (linear, cosine, or
-#                                 warmup_ratio > 0 without warmup_steps); epochs also not when
-#                                 max_steps is set (then epochs is ignored)
-#   allowed  max_steps, epochs (otherwise), eval_every, save_every, log_every, keep_last,
+#   allowed  max_steps, epochs (a linear or cosine schedule then spans the new total: said in the
+#            notice), eval_every, save_every, save_every_minutes, log_every, keep_last,
 #            early_stopping_patience, max_grad_norm, on_nan, tensorboard, pin_memory, profile_steps
 #
 # rl (the schedule is constant after warmup_steps, so max_steps does not change it):
 #   refused  start, seed, prompts_per_step, group_size, inner_steps, micro_batch_size, lr,
 #            warmup_steps, weight_decay, clip_eps, beta, temperature, top_p, max_new_tokens, rewards,
 #            precision, gradient_checkpointing
-#   allowed  max_steps, eval_every, save_every, log_every, keep_last, max_grad_norm, tensorboard,
-#            output_dir
+#   allowed  max_steps, eval_every, save_every, save_every_minutes, log_every, keep_last,
+#            max_grad_norm, tensorboard, output_dir
 #
 # A key in neither list (a key added later and not yet classified) is refused. A list-valued or
 # nested key (method.target_modules, rl.rewards, data.train) compares as a whole.
@@ -478,11 +476,11 @@ SHARED_SECTIONS = ("model", "method", "data")
 ALLOWED_SECTIONS = ("eval", "generation")
 ALLOWED_KEYS = {
     "train": {
-        "max_steps", "epochs", "eval_every", "save_every", "log_every", "keep_last",
+        "max_steps", "epochs", "eval_every", "save_every", "save_every_minutes", "log_every", "keep_last",
         "early_stopping_patience", "max_grad_norm", "on_nan", "tensorboard", "pin_memory", "profile_steps",
     },
-    "rl": {"max_steps", "eval_every", "save_every", "log_every", "keep_last", "max_grad_norm", "tensorboard",
-           "output_dir"},
+    "rl": {"max_steps", "eval_every", "save_every", "save_every_minutes", "log_every", "keep_last",
+           "max_grad_norm", "tensorboard", "output_dir"},
 }  # fmt: skip
 REFUSED_KEYS = {
     "train": {
@@ -496,7 +494,7 @@ REFUSED_KEYS = {
         "precision", "gradient_checkpointing",
     },
 }  # fmt: skip
-IGNORED_KEYS = {"resume"}
+IGNORED_KEYS = {"resume", "restart"}
 _ABSENT = object()
 
 
@@ -545,14 +543,11 @@ def recipe_changes(saved: dict, current: dict, section: str) -> tuple[list[str],
         short = key.split(".", 1)[1]
         if short in IGNORED_KEYS:
             continue
-        if section == "train" and short in ("max_steps", "epochs"):
-            uses_total = _schedule_uses_total(own_saved) or _schedule_uses_total(own_current)
-            ignored = short == "epochs" and own_saved.get("max_steps") and own_current.get("max_steps")
-            if uses_total and not ignored:
-                refused.append(f"{line} (the {own_current.get('schedule', 'linear')} schedule spans the run's "
-                               "total steps)")  # fmt: skip
-            else:
-                allowed.append(line)
+        if section == "train" and short in ("max_steps", "epochs") and _schedule_uses_total(own_current):
+            # Lengthening or shortening a run is what a resume is often for: allowed, and said.
+            allowed.append(
+                f"{line} (the {own_current.get('schedule', 'linear')} schedule now spans the new total)"
+            )
         elif short in ALLOWED_KEYS.get(section, ()):
             allowed.append(line)
         else:

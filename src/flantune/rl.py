@@ -43,8 +43,8 @@ from pathlib import Path
 import torch
 
 from flantune import checkpoint as ckpt
-from flantune.config import Recipe, dump_recipe
-from flantune.data import load_splits, make_collator
+from flantune.config import Recipe, dump_recipe, recipe_to_dict
+from flantune.data import load_splits, make_collator, split_summary
 from flantune.decoding import decode, sample_groups
 from flantune.final import BaseRecord, load_final, write_final
 from flantune.methods import apply_method, quantization_config, trainable_line
@@ -261,6 +261,9 @@ def grpo_run(recipe: Recipe, run, console) -> RLResult:
     if main:
         console.print(trainable_line(model), highlight=False)
     splits = load_splits(recipe.data, tokenizer, roles=("train", "eval"), seed=cfg.seed)
+    if main:  # rows read, bad rows skipped, rows dropped or truncated for length
+        for split in splits.values():
+            console.print(split_summary(split.report), highlight=False, markup=False)
     if "train" not in splits:
         raise TrainingError("data.train: flantune rl needs prompts (data.train)")
     train_split, eval_split = splits["train"], splits.get("eval")
@@ -278,9 +281,12 @@ def grpo_run(recipe: Recipe, run, console) -> RLResult:
     optimizer = accelerator.prepare(build_optimizer(model, cfg.lr, cfg.weight_decay))
     scheduler = build_scheduler("constant", optimizer, cfg.warmup_steps, cfg.max_steps * cfg.inner_steps)
     checkpoints = out / "checkpoints"
-    state, path = ckpt.start_state(checkpoints, cfg.resume, model, optimizer, scheduler, accelerator)
+    notices: list[str] = []  # checkpoints skipped as broken, recipe changes allowed on resume
+    state, path = ckpt.start_state(checkpoints, cfg.resume, model, optimizer, scheduler, accelerator,
+                                   notice=notices.append, recipe=recipe_to_dict(recipe), section="rl")  # fmt: skip
     if path and main:
-        console.print(f"resumed from {path} (step {state.step})", highlight=False)
+        for line in [*notices, f"resumed from {path} (step {state.step})"]:
+            console.print(line, highlight=False, markup=False)
     log = MetricsLog(out / "metrics.jsonl", main, cfg.tensorboard, state.step if cfg.resume else None)
     sampler = EpochSampler(len(train_split.dataset), cfg.seed)
     unwrapped.eval()  # no dropout anywhere in RL: see the module docstring
@@ -298,7 +304,8 @@ def grpo_run(recipe: Recipe, run, console) -> RLResult:
     def save() -> None:
         nonlocal saved_step
         saved_step = state.step
-        ckpt.save_checkpoint(checkpoints, model, optimizer, scheduler, state, accelerator)
+        ckpt.save_checkpoint(checkpoints, model, optimizer, scheduler, state, accelerator,
+                             recipe_text=dump_recipe(recipe))  # fmt: skip
         if main:
             ckpt.prune(checkpoints, cfg.keep_last, set())
 
@@ -360,7 +367,9 @@ def grpo_run(recipe: Recipe, run, console) -> RLResult:
                   "best_metric": best_name, "final_dir": str(final_dir),
                   "processes": accelerator.num_processes}  # fmt: skip
         (out / "result.json").write_text(json.dumps(result, indent=2))
-        console.print(f"RL done: {state.step} steps; final/ written to {final_dir}", highlight=False)
+        console.print(
+            f"RL done: {state.step} steps; final/ written to {final_dir}", highlight=False, markup=False
+        )
     accelerator.wait_for_everyone()
     log.close()
     return RLResult(out, final_dir, state.step, time.perf_counter() - started, last_eval, unwrapped)

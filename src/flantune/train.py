@@ -25,8 +25,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from flantune import checkpoint as ckpt
-from flantune.config import Recipe, dump_recipe
-from flantune.data import MODEL_COLUMNS, load_splits, make_collator
+from flantune.config import Recipe, dump_recipe, recipe_to_dict
+from flantune.data import MODEL_COLUMNS, load_splits, make_collator, split_summary
 from flantune.final import BaseRecord, write_final
 from flantune.methods import apply_method, quantization_config, trainable_line
 from flantune.models import load_model_and_tokenizer
@@ -217,6 +217,9 @@ def setup(recipe: Recipe, console) -> Session:
     if main:
         console.print(trainable_line(model), highlight=False)
     splits = load_splits(recipe.data, tokenizer, roles=("train", "eval"), seed=cfg.seed)
+    if main:  # rows read, bad rows skipped, rows dropped or truncated for length: counts, not silence
+        for split in splits.values():
+            console.print(split_summary(split.report), highlight=False, markup=False)
     if "train" not in splits:
         raise TrainingError("data.train: missing required value: flantune train needs training rows")
     train_set = splits["train"].dataset.select_columns(MODEL_COLUMNS)
@@ -250,12 +253,14 @@ def setup(recipe: Recipe, console) -> Session:
     warmup = cfg.warmup_steps or int(cfg.warmup_ratio * total_steps)
     scheduler = build_scheduler(cfg.schedule, optimizer, warmup, total_steps)
 
-    state, path = ckpt.start_state(
-        run.out / "checkpoints", cfg.resume, model, optimizer, scheduler, accelerator
-    )
-    if path and main:
-        console.print(f"resumed from {path} (step {state.step}, epoch {state.epoch})", highlight=False)
+    notices: list[str] = []  # checkpoints skipped as broken, recipe changes allowed on resume
+    state, path = ckpt.start_state(run.out / "checkpoints", cfg.resume, model, optimizer, scheduler, accelerator,
+                                   notice=notices.append, recipe=recipe_to_dict(recipe), section="train")  # fmt: skip
     log = MetricsLog(run.out / "metrics.jsonl", main, cfg.tensorboard, state.step if cfg.resume else None)
+    if path and main:
+        for line in [*notices, f"resumed from {path} (step {state.step}, epoch {state.epoch})"]:
+            console.print(line, highlight=False, markup=False)
+        log.write({"step": state.step, "resumed_from": str(path), "notices": notices})
     eval_split = splits.get("eval")
     return Session(
         recipe=recipe, console=console, run=run, accelerator=accelerator, out=run.out, main=main, model=model,
@@ -467,7 +472,7 @@ def save(session: Session) -> None:
     state = session.state
     session.saved_step = state.step
     ckpt.save_checkpoint(session.checkpoints, session.model, session.optimizer, session.scheduler, state,
-                         session.accelerator)  # fmt: skip
+                         session.accelerator, recipe_text=dump_recipe(session.recipe))  # fmt: skip
     if session.main:
         keep = {state.best_step} if state.best_step is not None else set()
         ckpt.prune(session.checkpoints, session.recipe.train.keep_last, keep)
@@ -508,6 +513,7 @@ def finish(session: Session) -> TrainResult:
 
 def summary_table(result: TrainResult, state: ckpt.TrainState):
     from rich.table import Table
+    from rich.text import Text
 
     table = Table(title="training summary", show_header=False)
     skipped = f" ({state.skipped_steps} skipped: non-finite loss)" if state.skipped_steps else ""
@@ -519,5 +525,5 @@ def summary_table(result: TrainResult, state: ckpt.TrainState):
         table.add_row(key, f"{value:.4f}")
     if result.best_step is not None:
         table.add_row("best", f"{result.best_metric} = {result.best_value:.4f} at step {result.best_step}")
-    table.add_row("final/", str(result.final_dir))
+    table.add_row("final/", Text(str(result.final_dir)))  # a path prints verbatim, never as markup
     return table
