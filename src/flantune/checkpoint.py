@@ -40,6 +40,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from flantune.errors import TrainingError
+
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -248,7 +250,6 @@ def verify_checkpoint(path: Path) -> str | None:
 def check_fits(path: Path, weights: dict[str, torch.Tensor], model) -> None:
     """TrainingError unless the checkpoint's tensors are exactly the model's trainable parameters,
     by name and shape (what save_checkpoint wrote from a model built by the same recipe)."""
-    from flantune.run import TrainingError
 
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     advice = (
@@ -286,7 +287,6 @@ def load_checkpoint(
     """Restore weights, optimizer, scheduler, RNG and the train state saved in `path` (`files`: what
     read_checkpoint already read from it). BrokenCheckpoint when a file does not load, TrainingError
     when the checkpoint does not fit the model or optimizer."""
-    from flantune.run import TrainingError
 
     files = files or read_checkpoint(path, accelerator.process_index)
     unwrapped = accelerator.unwrap_model(model)
@@ -345,7 +345,6 @@ def start_state(
     """
     if not resume:
         return TrainState(), None
-    from flantune.run import TrainingError
 
     found = list_checkpoints(root)
     if not found:
@@ -580,7 +579,6 @@ def check_resume(checkpoint_path: Path, current_recipe: dict, section: str) -> l
     written under (its recipe.yaml) and `current_recipe` (flantune.config.recipe_to_dict); else the
     allowed differences, for the caller to print and record. A checkpoint without recipe.yaml
     (written before checkpoints kept it) passes unchecked."""
-    from flantune.run import TrainingError
 
     file = checkpoint_path / "recipe.yaml"
     if not file.is_file():

@@ -73,7 +73,9 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except RunInterrupted as e:  # not an error: stopped on request, after a checkpoint
-            err_console.print(Text.assemble(("stopped:", "bold"), " ", str(e)), highlight=False, soft_wrap=True)
+            err_console.print(
+                Text.assemble(("stopped:", "bold"), " ", str(e)), highlight=False, soft_wrap=True
+            )
             sys.exit(130)
         except (
             UsageError,

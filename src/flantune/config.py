@@ -394,7 +394,9 @@ class EvalConfig:
     """Generation batch size during evaluation."""
 
 
-def run_folder_problems(path: str, resume: bool, restart: bool, save_every_minutes: float | None) -> list[str]:
+def run_folder_problems(
+    path: str, resume: bool, restart: bool, save_every_minutes: float | None
+) -> list[str]:
     problems = []
     if resume and restart:
         problems.append(f"{path}.resume and {path}.restart: continue the run or start it again, not both")

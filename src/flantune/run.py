@@ -2,7 +2,7 @@
 
 Each piece has one owner here, and the commands call it rather than keep copies:
 
-    TrainingError     the error a run stops with: the message says why and what to do
+    TrainingError     the error a run stops with (flantune.errors): the message says why and what to do
     start_run         accelerator and precision, the run folder (locked, never overwriting what the
                       user made), the recipe it ran with, seeds
     StopSignals       SIGINT/SIGTERM and time-interval checkpoints
@@ -28,10 +28,7 @@ from pathlib import Path
 import torch
 
 from flantune import checkpoint as ckpt
-
-
-class TrainingError(RuntimeError):
-    """A run cannot start or go on; the message says why and what to do."""
+from flantune.errors import TrainingError
 
 
 def model_type_of(path: str, revision: str | None = None) -> str:
