@@ -111,12 +111,16 @@ def tiny_config(path: str, vocab_size: int | None = None):
     return cfg
 
 
-def load_for_generation(model: str, adapter: str | None = None, device: str = "cpu", recorded_by=None):
-    """(model, tokenizer) as `flantune generate MODEL [--adapter ADAPTER]` loads them."""
+def load_for_generation(
+    model: str, adapter: str | None = None, device: str = "cpu", recorded_by=None, other_base: bool = False
+):
+    """(model, tokenizer) as `flantune generate MODEL [--adapter ADAPTER] [--other-base]` loads them."""
     from flantune.final import load_final
 
     if adapter:
-        loaded = load_final({"default": adapter}, base=model, device=device, what="--adapter")
+        loaded = load_final(
+            {"default": adapter}, base=model, device=device, what="--adapter", other_base=other_base
+        )
     else:
         loaded = load_final(model, device=device, recorded_by=recorded_by, what="--model")
     return loaded.model, loaded.tokenizer

@@ -170,15 +170,48 @@ def test_cli_generate_input_and_file(tmp_path, model_dir):
 
 
 def test_adapter_for_another_base_is_refused(tmp_path, t5_small_path, bart_path):
-    """A LoRA adapter of a T5 base, loaded onto a BART model: a clear error naming both."""
+    """An adapter goes on the base recorded beside it: another base, even of the same shape (it
+    would answer wrongly without a word), is refused unless --other-base says so; a base it cannot
+    fit is then a clear error naming both."""
     from peft import LoraConfig, get_peft_model
 
     t5 = saved_model(tmp_path / "t5", t5_small_path)
     bart = saved_model(tmp_path / "bart", bart_path)
+    torch.manual_seed(1)
+    other_t5 = tmp_path / "other-t5"  # the same shape, other weights
+    AutoModelForSeq2SeqLM.from_config(tiny_config(t5_small_path)).save_pretrained(other_t5)
+    AutoTokenizer.from_pretrained(t5_small_path).save_pretrained(other_t5)
     base = AutoModelForSeq2SeqLM.from_pretrained(t5)
     get_peft_model(base, LoraConfig(r=2, target_modules=["q", "v"])).save_pretrained(tmp_path / "adapter")
+    adapter = str(tmp_path / "adapter")
+    for other in (other_t5, bart):
+        with pytest.raises(
+            ModelLoadError,
+            match=rf"--adapter: .*adapter was trained on .*t5, not .*{other.name}: .*--other-base",
+        ):
+            load_for_generation(str(other), adapter)
+    model, tokenizer = load_for_generation(str(other_t5), adapter, other_base=True)  # the user says so
+    assert generate_texts(model, tokenizer, ["a"], GenerationConfig(max_new_tokens=2))
+    load_for_generation(str(t5), adapter)  # the recorded base needs no flag
     with pytest.raises(ModelLoadError, match=r"--adapter: .*adapter does not fit .*bart"):
-        load_for_generation(str(bart), str(tmp_path / "adapter"))
+        load_for_generation(str(bart), adapter, other_base=True)
+    cli = [
+        sys.executable,
+        "-m",
+        "flantune.cli",
+        "generate",
+        str(other_t5),
+        "--adapter",
+        adapter,
+        "--input",
+        "a",
+    ]
+    refused = subprocess.run(cli, capture_output=True, text=True, cwd=ROOT)
+    assert refused.returncode == 2 and "--other-base" in refused.stderr and "Traceback" not in refused.stderr
+    allowed = subprocess.run(
+        [*cli, "--other-base", "--max-new-tokens", "2"], capture_output=True, text=True, cwd=ROOT
+    )
+    assert allowed.returncode == 0, allowed.stderr[-2000:]
 
 
 # ---- sampling from per-row streams (RL) -----------------------------------------------------------

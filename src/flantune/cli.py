@@ -38,6 +38,13 @@ console = Console()
 err_console = Console(stderr=True)
 
 RecipeArg = Annotated[str, typer.Argument(help="Recipe YAML file.", show_default=False)]
+OtherBaseOpt = Annotated[
+    bool,
+    typer.Option(
+        "--other-base",
+        help="Load the adapter on another base than the one recorded beside it (same shape and weights).",
+    ),
+]
 OverridesArg = Annotated[
     list[str] | None,
     typer.Argument(help="Overrides as section.key=value, e.g. train.lr=1e-4.", show_default=False),
@@ -232,6 +239,7 @@ def quickstart_command(
 def generate_command(
     model: Annotated[str, typer.Argument(help="Base or full model: a folder or hub id.", show_default=False)],
     adapter: Annotated[str | None, typer.Option(help="A PEFT or bottleneck adapter folder.")] = None,
+    other_base: OtherBaseOpt = False,
     input: Annotated[list[str] | None, typer.Option("--input", help="Input text (repeatable).")] = None,
     file: Annotated[str | None, typer.Option("--file", help="JSON lines with a 'source' field.")] = None,
     field: Annotated[str, typer.Option(help="The input field of --file rows.")] = "source",
@@ -275,7 +283,9 @@ def generate_command(
     if out:
         check_out(out, [file] if file else [])
     sources = list(input) if input else read_inputs(file, field)
-    generate(model, adapter, sources, cfg, batch_size=batch_size, labels=labels, out=out)
+    generate(
+        model, adapter, sources, cfg, batch_size=batch_size, labels=labels, out=out, other_base=other_base
+    )
 
 
 @app.command("merge")
@@ -288,11 +298,14 @@ def merge_command(
     base: Annotated[
         str | None, typer.Option(help="Base model; default: the one the adapter was trained on.")
     ] = None,
+    other_base: OtherBaseOpt = False,
 ) -> None:
     """Fold an adapter into its base: a plain transformers model folder."""
     from flantune.export import merge
 
-    console.print(f"merged model written to {merge(adapter, out, base)}", highlight=False, markup=False)
+    console.print(
+        f"merged model written to {merge(adapter, out, base, other_base)}", highlight=False, markup=False
+    )
 
 
 @app.command("eval")
@@ -309,6 +322,7 @@ def eval_command(
         typer.Option(help="A model to evaluate on the same rows, as PATH or NAME=PATH (repeatable)."),
     ] = None,
     split: Annotated[str, typer.Option(help="test, eval (validation) or train.")] = "test",
+    other_base: OtherBaseOpt = False,
     out: Annotated[str | None, typer.Option(help="Report folder; default output_dir/eval-SPLIT.")] = None,
 ) -> None:
     """Generate on a split, score, and write predictions, metrics and a report (md + html)."""
@@ -317,7 +331,7 @@ def eval_command(
     cfg = _recipe(recipe, overrides)
     if not model:
         raise UsageError("--model: give the model to evaluate (a folder, hub id, or a run's final/)")
-    results = run_eval(cfg, model, adapter, compare, split, out)
+    results = run_eval(cfg, model, adapter, compare, split, out, other_base=other_base)
     models = list(results["models"])
     table = Table(title=Text(f"{results['rows']} rows of the {split} split"))
     from flantune.evaluate import difference_label
@@ -383,6 +397,7 @@ def serve_command(
     mixed_batches: Annotated[
         bool, typer.Option(help="Let rows of different LoRA adapters (and the base) share one batch.")
     ] = True,
+    other_base: OtherBaseOpt = False,
 ) -> None:
     """Serve a base model and its adapters: an HTTP API (/v1/generate, /docs) and a playground at /."""
     from flantune.generate import GenerateError
@@ -407,7 +422,14 @@ def serve_command(
 
     try:
         served = build_app(
-            model, adapter or [], limits=limits, token=token, device=device, dtype=dtype, mixed=mixed_batches
+            model,
+            adapter or [],
+            limits=limits,
+            token=token,
+            device=device,
+            dtype=dtype,
+            mixed=mixed_batches,
+            other_base=other_base,
         )
     except ServeError as e:
         fail(str(e))

@@ -30,6 +30,7 @@ def run_eval(
     compare: str | list[str] | None = None,
     split_name: str = "test",
     out: Path | str | None = None,
+    other_base: bool = False,
 ) -> dict:
     """Evaluate `model` (+ `adapter`), and each `compare` model, on the same rows; write the report.
 
@@ -44,7 +45,9 @@ def run_eval(
         raise ConfigError([f"--split: expected one of {', '.join(SPLIT_ROLES)}, got {split_name!r}"])
     role = SPLIT_ROLES[split_name]
     if adapter:
-        tuned = load_final({"default": adapter}, base=model, what="--adapter", base_what="--model")
+        tuned = load_final(
+            {"default": adapter}, base=model, what="--adapter", base_what="--model", other_base=other_base
+        )
     else:
         tuned = load_final(model, what="--model")
     split = load_split(recipe.data, role, tuned.tokenizer, seed=recipe.train.seed)

@@ -16,8 +16,9 @@ class ExportError(ValueError):
     """The adapter cannot be merged; the message says why."""
 
 
-def merge(adapter: str, out: str, base: str | None = None) -> Path:
-    """Merge `adapter` into its base (or `base`) and write the full model and tokenizer to `out`."""
+def merge(adapter: str, out: str, base: str | None = None, other_base: bool = False) -> Path:
+    """Merge `adapter` into its base (or `base`: another than the recorded one needs `other_base`)
+    and write the full model and tokenizer to `out`."""
     info = read_final(adapter)
     if info is None or not info.is_adapter:
         raise ExportError(
@@ -31,7 +32,8 @@ def merge(adapter: str, out: str, base: str | None = None) -> Path:
         raise ExportError(f"{adapter}: a {info.method} adapter cannot be merged (only LoRA and IA3 can)")
     if Path(out).exists() and any(Path(out).iterdir()):
         raise ExportError(f"--out {out} exists and is not empty; choose another folder")
-    loaded = load_final({"default": adapter}, base=base, device="cpu", what="ADAPTER", base_what="--base")
+    loaded = load_final({"default": adapter}, base=base, device="cpu", what="ADAPTER", base_what="--base",
+                        other_base=other_base)  # fmt: skip
     merged = loaded.model.merge_and_unload()
     with ckpt.atomic_dir(Path(out)) as tmp:
         merged.save_pretrained(tmp)

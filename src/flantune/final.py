@@ -156,6 +156,7 @@ def load_final(
     device: str | None = None,
     what: str = "--model",
     base_what: str | None = None,
+    other_base: bool = False,
 ) -> Loaded:
     """Model and tokenizer from a run's final/, a model folder or a hub id.
 
@@ -171,6 +172,9 @@ def load_final(
         when available) in eval mode.
     what: the flag or key the user gave `source` with, for messages.
     base_what: the flag the user gave `base` with (default: the base recorded beside `what`).
+    other_base: let an adapter go on another `base` than the one recorded beside it (the user's
+        --other-base). Without it such a base is refused: an adapter on another base of the same
+        shape would load without a word and answer wrongly.
     """
     from dataclasses import replace
 
@@ -184,7 +188,7 @@ def load_final(
             raise ModelLoadError(
                 f"{what}: {source} does not exist (give a model folder, a run's final/ or a hub id)"
             )
-    record = _base_of(infos, base, what)
+    record = _base_of(infos, base, what, other_base)
     if not infos:
         path = str(source)
         record = BaseRecord(path=path)
@@ -226,13 +230,22 @@ def _adapter_info(path: str, what: str) -> FinalInfo:
     return info
 
 
-def _base_of(infos: dict[str, FinalInfo], base: str | None, what: str) -> BaseRecord | None:
+def _base_of(
+    infos: dict[str, FinalInfo], base: str | None, what: str, other_base: bool = False
+) -> BaseRecord | None:
     """The one base every adapter goes on: `base` (with a matching record's init and seed), else
-    the recorded one."""
+    the recorded one. Another base than the recorded one only with `other_base`."""
     if not infos:
         return None
     if base is not None and read_final(base) is not None and read_final(base).is_adapter:
         raise ModelLoadError(f"{what}: {base} is an adapter folder; give the base model there")
+    if base is not None and not other_base:
+        for info in infos.values():
+            if info.base.path is not None and not info.base.is_model(base):
+                raise ModelLoadError(
+                    f"{what}: {info.folder} was trained on {info.base.path}, not {base}: give that base, "
+                    "or confirm that this one has the same weights with --other-base"
+                )
     if base is None:
         paths = {info.base.path for info in infos.values()}
         if None in paths:

@@ -86,14 +86,18 @@ def generate(
     batch_size: int = 32,
     labels: list[str] | None = None,
     out: str | None = None,
+    other_base: bool = False,
 ) -> list[str]:
-    """Generate one output per source and write {source, output} JSON lines to `out` (or stdout)."""
+    """Generate one output per source and write {source, output} JSON lines to `out` (or stdout).
+    other_base: the adapter may go on another MODEL than the base recorded beside it."""
     from flantune.decoding import generate_texts
     from flantune.final import load_final
 
     # MODEL may itself be a run's final/: an adapter then goes on the base recorded beside it.
     if adapter:
-        loaded = load_final({"default": adapter}, base=model, what="--adapter", base_what="MODEL")
+        loaded = load_final(
+            {"default": adapter}, base=model, what="--adapter", base_what="MODEL", other_base=other_base
+        )
     else:
         loaded = load_final(model, what="MODEL")
     outputs = generate_texts(

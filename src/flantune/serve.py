@@ -99,7 +99,12 @@ def parse_adapters(specs: list[str]) -> dict[str, str]:
 
 
 def load_service_model(
-    model: str | None, adapters: dict[str, str], *, device: str | None = None, dtype: str = "float32"
+    model: str | None,
+    adapters: dict[str, str],
+    *,
+    device: str | None = None,
+    dtype: str = "float32",
+    other_base: bool = False,
 ):
     """(model, tokenizer, base path, adapter kinds): the base with every adapter loaded under its name
     (`flantune.final.load_final`, which checks that they share one base and one tokenizer)."""
@@ -127,8 +132,9 @@ def load_service_model(
         raise ServeError("--model: give the base model (a folder or hub id)")
     what = "--adapter" if adapters else "--model"
     loaded = load_final(
-        adapters or model, base=model, dtype=dtype, device=device, what=what, base_what="--model"
-    )
+        adapters or model, base=model, dtype=dtype, device=device, what=what, base_what="--model",
+        other_base=other_base,
+    )  # fmt: skip
     return loaded.model, loaded.tokenizer, loaded.base.path, kinds
 
 
@@ -539,6 +545,7 @@ def build_app(
     device: str | None = None,
     dtype: str = "float32",
     mixed: bool = True,
+    other_base: bool = False,
 ) -> FastAPI:
     """The app for `flantune serve`: load the base and adapters, check the limits, wire the routes.
 
@@ -549,7 +556,9 @@ def build_app(
     if problems:
         raise ServeError("; ".join(problems))
     adapters = parse_adapters(adapter_specs)
-    loaded, tokenizer, base, kinds = load_service_model(model, adapters, device=device, dtype=dtype)
+    loaded, tokenizer, base, kinds = load_service_model(
+        model, adapters, device=device, dtype=dtype, other_base=other_base
+    )
     service = Service(
         loaded, tokenizer, base=base, kinds=kinds, limits=limits, mixed=mixed and mixable(loaded)
     )
