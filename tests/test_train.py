@@ -418,6 +418,27 @@ def test_a_run_folder_is_never_overwritten(tiny_t5, tmp_path):
         assert (hashes(folder) if folder.is_dir() else a_file.read_bytes()) == kept
 
 
+def test_a_run_killed_while_writing_final_resumes_to_a_whole_final(tiny_t5, tmp_path):
+    """What a kill during the final/ write leaves on disk (the last checkpoint, a half-written
+    .tmp-final, the dead process's lock, no final/): --resume takes the lock over, cleans the half
+    folder and writes final/ whole, with the same weights as the uninterrupted run."""
+    import shutil
+    import subprocess as sp
+
+    data = write_copy_task(tmp_path)
+    run = tmp_path / "run"
+    train(make_recipe(tiny_t5, data, run, max_steps=3))
+    whole = hashes(run / "final")
+    shutil.move(run / "final", run / ".tmp-final")
+    (run / ".tmp-final" / "model.safetensors").write_bytes(b"torn")
+    dead = sp.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (run / ".lock").write_text(json.dumps({"pid": dead.pid, "host": __import__("socket").gethostname()}))
+    train(make_recipe(tiny_t5, data, run, max_steps=3, resume=True))
+    assert not (run / ".tmp-final").exists() and not (run / ".lock").exists()
+    assert hashes(run / "final") == whole
+
+
 def test_a_run_folder_in_use_is_refused_and_a_stale_lock_taken_over(tiny_t5, tmp_path):
     import socket
 
