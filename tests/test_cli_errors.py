@@ -155,6 +155,24 @@ CASES: dict[str, Case] = {
     "eval without model": Case(["eval", R], ["--model: give the model"]),
     "eval model missing": Case(["eval", R, "--model", "{w}/no/model"], ["--model: {w}/no/model"]),
     "merge not an adapter": Case(["merge", "{w}/empty", "--out", "{w}/merged"], ["{w}/empty", "adapter"]),
+    # ---- run folders ----------------------------------------------------------------------------
+    "output_dir is a file": Case(["train", R, "output_dir={w}/recipe.yaml"], ["{w}/recipe.yaml is a file"]),
+    "output_dir holds the user's files": Case(
+        ["train", R, "output_dir={w}"], ["output_dir {w} holds files a run did not write", "data.jsonl"]
+    ),
+    "resume without a checkpoint": Case(
+        ["train", R, "--resume", "output_dir={w}/fresh"], ["holds no complete checkpoint", "--restart"]
+    ),
+    "resume and restart together": Case(
+        ["train", R, "--resume", "--restart"], ["train.resume and train.restart"]
+    ),
+    "rl output_dir is a file": Case(
+        ["rl", R, "rl.output_dir={w}/data.jsonl", "rl.start={w}/empty"],
+        ["rl.output_dir {w}/data.jsonl is a file"],
+    ),
+    "save_every_minutes zero": Case(
+        ["check", R, "train.save_every_minutes=0"], ["train.save_every_minutes: must be > 0 or null"]
+    ),
 }
 
 DRIVER = """
