@@ -460,7 +460,6 @@ def test_a_run_folder_in_use_is_refused_and_a_stale_lock_taken_over(tiny_t5, tmp
     train(make_recipe(tiny_t5, data, run, max_steps=1, restart=True), console=console)
     assert f"took over the lock of process {live.pid}, which no longer runs" in console.file.getvalue()
     assert not (run / ".lock").exists() and (run / "final").is_dir()
-    assert os.getpid() != live.pid
 
 
 def test_nan_loss_stops_without_a_poisoned_checkpoint(tiny_t5, tmp_path, monkeypatch):

@@ -237,7 +237,7 @@ def _base_of(
     the recorded one. Another base than the recorded one only with `other_base`."""
     if not infos:
         return None
-    if base is not None and read_final(base) is not None and read_final(base).is_adapter:
+    if base is not None and (given := read_final(base)) is not None and given.is_adapter:
         raise ModelLoadError(f"{what}: {base} is an adapter folder; give the base model there")
     if base is not None and not other_base:
         for info in infos.values():
