@@ -242,13 +242,33 @@ def test_packed_training_follows_unpacked(method, device, tiny_no_dropout, tmp_p
     curves = {}
     for packed in (False, True):
         out = tmp_path / f"packing-{packed}"
-        train(make_recipe(tiny_no_dropout, data, out, method, max_steps=8, packing=packed))
+        # The same examples per step on both sides: random order, one shape per batch on the packed
+        # side (CUDA graphs would fill fixed shapes in another order); compiled blocks on CUDA.
+        same_order = {"cuda_graph": False} if packed else {"group_by_length": False}
+        train(make_recipe(tiny_no_dropout, data, out, method, max_steps=8, packing=packed, **same_order))
         curves[packed] = losses(out)
     assert len(curves[True]) == 8
     assert curves[True][-1] < curves[True][0]
     worst = max(abs(a - b) / abs(a) for a, b in zip(curves[False], curves[True], strict=True))
     print(f"packed vs unpacked, {device}: largest relative difference {worst:.2e}")
     assert worst <= PACKED_TOLERANCE[device], (curves[False], curves[True])
+
+
+@pytest.mark.cuda
+def test_a_default_run_on_a_gpu_takes_the_fast_path(tiny_no_dropout, tmp_path):
+    """No flag: a T5 LoRA run on one GPU packs, runs FlexAttention in compiled blocks and replays CUDA
+    graphs, says so, and learns; its result records the time to the first step and the memory peak."""
+    data = write_copy_task(tmp_path, n=96)
+    lora = {"kind": "lora", "r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q", "v"]}
+    recipe = make_recipe(tiny_no_dropout, data, tmp_path / "run", lora, max_steps=8, lr=1e-2, eval_every=4)
+    recipe.data.eval, recipe.eval.max_rows = recipe.data.train, 16  # evaluation between graph replays
+    result = train(recipe)
+    assert result.speed["line"] == "speed: packed rows, FlexAttention, compiled blocks, CUDA graphs"
+    assert result.first_step_s > 0 and result.peak_memory_gib > 0
+    curve = losses(tmp_path / "run")
+    assert len(curve) == 8 and curve[-1] < curve[0]
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "exact_match" in r] == [4, 8]
 
 
 def test_token_budget_run_and_config_errors(tiny_no_dropout, bart_path, tmp_path):
@@ -258,15 +278,19 @@ def test_token_budget_run_and_config_errors(tiny_no_dropout, bart_path, tmp_path
     )
     assert result.steps == 3 and math.isfinite(result.train_loss)
     bart = tiny_model_dir(tmp_path / "bart", bart_path)
-    with pytest.raises(TrainingError, match="packing=false"):
+    with pytest.raises(
+        TrainingError, match="packed path cannot run here: bart is not T5-family .*set train.packing=false"
+    ):
         train(make_recipe(bart, data, tmp_path / "bart-run", max_steps=1, packing=True))
     with pytest.raises(TrainingError, match="no CPU backward"):
         train(
             make_recipe(tiny_no_dropout, data, tmp_path / "flex", max_steps=1, packing=True, attention="flex")
         )
-    with pytest.raises(ValueError, match="train.attention=flex: needs train.packing=true"):
+    with pytest.raises(
+        ValueError, match="train.attention=flex: runs on packed rows; set train.packing=true or auto"
+    ):
         recipe_from_dict({"model": {"path": str(tiny_no_dropout)}, "data": {"task": "sciq"},
-                          "train": {"attention": "flex"}})  # fmt: skip
+                          "train": {"attention": "flex", "packing": False}})  # fmt: skip
 
 
 def test_block_mask_from_pairs_matches_create_block_mask(tiny, pairs):
@@ -340,16 +364,14 @@ def test_shape_batches_fill_one_shape():
 def test_cuda_graph_config_errors(tiny_no_dropout, tmp_path):
     data = write_copy_task(tmp_path, n=16)
     for train_cfg, message in (
-        ({"cuda_graph": True}, "train.cuda_graph: replays the packed step; set train.packing=true"),
+        ({"cuda_graph": True, "packing": False}, "train.cuda_graph=true: runs on packed rows; set train.packing=true"),
         ({"cuda_graph": True, "packing": True, "gradient_checkpointing": True}, "not with train.gradient_checkpointing"),
     ):  # fmt: skip
         with pytest.raises(ValueError, match=message):
             recipe_from_dict(
                 {"model": {"path": str(tiny_no_dropout)}, "data": {"task": "sciq"}, "train": train_cfg}
             )
-    with pytest.raises(
-        TrainingError, match="train.cuda_graph: replays the packed FlexAttention step on a GPU"
-    ):
+    with pytest.raises(TrainingError, match="train.cuda_graph=true: cannot run with no CUDA device"):
         train(make_recipe(tiny_no_dropout, data, tmp_path / "g", max_steps=1, packing=True, cuda_graph=True))
 
 
@@ -441,11 +463,14 @@ def test_cuda_graph_branch_of_the_train_loop_on_cpu(tiny_no_dropout, tmp_path, m
             Uncaptured.calls += 1
             return self._run()
 
-    real_setup, loader = train_module.packing_setup, packing.packed_loader
+    real_resolve, loader = train_module.resolve_speed, packing.packed_loader
     monkeypatch.setattr(graphs, "CapturedStep", Uncaptured)
-    # The flex-on-CUDA requirement is what the CPU cannot meet: checked with the option off.
-    monkeypatch.setattr(train_module, "packing_setup",
-                        lambda cfg, *a: real_setup(dataclasses.replace(cfg, cuda_graph=False), *a))  # fmt: skip
+
+    def resolve(cfg, facts):  # the flex-on-CUDA requirement is what the CPU cannot meet: resolved without it
+        plan = real_resolve(dataclasses.replace(cfg, cuda_graph=False), facts)
+        return dataclasses.replace(plan, cuda_graph=True, compile=True) if cfg.cuda_graph is True else plan
+
+    monkeypatch.setattr(train_module, "resolve_speed", resolve)
     monkeypatch.setattr(
         train_module, "packed_loader", lambda *a, **k: loader(*a, **{**k, "fixed_shape": True})
     )

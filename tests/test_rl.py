@@ -186,7 +186,7 @@ def sort_recipe(root, out, stage, method=None, **rl):
                  "train": str(root / ("sft.jsonl" if stage == "sft" else "rl.jsonl")), "eval": str(root / "test.jsonl"),
                  "max_source_tokens": 16, "max_target_tokens": 16},
         "train": {"max_steps": 300, "batch_size": 32, "lr": 3e-3, "schedule": "cosine", "warmup_steps": 30,
-                  "log_every": 50, "precision": "fp32"},
+                  "log_every": 50, "precision": "fp32", "group_by_length": False},  # the order the figures below were measured in
         "generation": {"max_new_tokens": 8},
         "rl": {"max_steps": 40, "prompts_per_step": 8, "group_size": 8, "inner_steps": 2, "lr": 2e-4,
                "beta": 0.04, "eval_every": 20, "save_every": None, **rl},
@@ -355,3 +355,98 @@ def test_two_process_rl_equals_one_process(sort_data, sft_run, tmp_path):
     assert moved > total / 2, (moved, total)
     assert differ < total / 1000, (differ, total)
     assert max(float((one[k] - two[k]).abs().max()) for k in one) < 1e-4
+
+
+def test_rl_signals_checkpoint_a_second_run_is_refused_and_a_killed_run_restarts(
+    sort_data, tmp_path, request
+):
+    """`flantune rl` as `flantune train`: while a run takes steps, a second run into its folder is
+    refused naming the first's process; SIGTERM makes the run write a checkpoint and stop (exit 130),
+    and --resume continues it; a run killed (SIGKILL) before any checkpoint is refused with the way
+    out (--restart), which starts it again and takes over the dead process's lock."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from flantune import checkpoint as ckpt
+    from flantune.config import dump_recipe
+
+    from .conftest import ROOT
+
+    # A fresh policy from the tiny model (no SFT run: output_dir has no final/), small steps. A tiny lr:
+    # Adam's first steps move every weight of a random policy by lr, which at the fixture's 2e-4 sends
+    # its KL to the reference to ~1e13 (finite here, but nothing in this test is about learning).
+    recipe = sort_recipe(sort_data, tmp_path / "sft", "rl", max_steps=100000, prompts_per_step=2, group_size=2,
+                         lr=1e-6, eval_every=None, save_every=None)  # fmt: skip
+    out = tmp_path / "run"
+    recipe.rl.output_dir = str(out)
+    path = tmp_path / "r.yaml"
+    path.write_text(dump_recipe(recipe))
+    cli = [sys.executable, "-m", "flantune.cli", "rl", str(path)]
+    # One thread each: the run going on leaves a core to the run started beside it.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def steps_logged(folder: Path, running: bool = False) -> list[int]:
+        if not (folder / "metrics.jsonl").exists():
+            return []
+        lines = (folder / "metrics.jsonl").read_text().splitlines()
+        if running:  # the last line may be in the middle of its write
+            lines = lines[:-1]
+        return [r["step"] for r in map(json.loads, lines) if "reward" in r]
+
+    def start(folder: Path, *args: str) -> subprocess.Popen:
+        proc = subprocess.Popen(
+            [*cli, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT, env=env
+        )
+        request.addfinalizer(proc.kill)  # a failed assertion leaves no run going on
+        deadline = time.time() + 120  # until it has logged two steps (and goes on)
+        while time.time() < deadline and len(steps_logged(folder, running=True)) < 2 and proc.poll() is None:
+            time.sleep(0.05)
+        if proc.poll() is not None or len(steps_logged(folder, running=True)) < 2:
+            proc.kill()
+            pytest.fail(f"no run taking steps in {folder}: {proc.communicate()[1].decode()[-2000:]}")
+        return proc
+
+    proc = start(out)
+    second = subprocess.run(cli, capture_output=True, text=True, cwd=ROOT, env=env)
+    assert second.returncode == 2, second.stderr[-2000:]
+    assert f"is in use by process {proc.pid}" in " ".join(second.stderr.split())
+    assert "Traceback" not in second.stderr
+    proc.send_signal(signal.SIGTERM)
+    stderr = proc.communicate(timeout=120)[1].decode()
+    assert proc.returncode == 130, stderr[-2000:]
+    message = " ".join(stderr.split())
+    assert "Traceback" not in stderr
+    *_, (step, checkpoint) = ckpt.list_checkpoints(out / "checkpoints")
+    assert f"stopped: SIGTERM after step {step}: checkpoint written" in message
+    assert "flantune rl RECIPE --resume` (rl.resume=true)" in message
+    assert step >= 2 and not (out / "final").exists() and not (out / ".lock").exists()
+    resumed = subprocess.run([*cli, "--resume", f"rl.max_steps={step + 1}"], capture_output=True, text=True,
+                             cwd=ROOT, env=env)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    # (rich folds a long path anywhere: compared without white space)
+    assert "".join(f"resumed from {checkpoint} (step {step})".split()) in "".join(resumed.stdout.split())
+    assert json.loads((out / "result.json").read_text())["steps"] == step + 1
+    # Every step logged once: the first run's up to its checkpoint, then the resumed run's.
+    assert steps_logged(out) == list(range(1, step + 2))
+    assert (out / "final" / "config.json").is_file() and not (out / ".lock").exists()
+
+    killed = tmp_path / "killed"
+    proc = start(killed, f"rl.output_dir={killed}")
+    proc.kill()
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not ckpt.list_checkpoints(killed / "checkpoints")  # killed before its first checkpoint
+    again = subprocess.run(
+        [*cli, f"rl.output_dir={killed}"], capture_output=True, text=True, cwd=ROOT, env=env
+    )
+    message = " ".join(again.stderr.split())
+    assert again.returncode == 2 and "already holds a run: --restart (rl.restart=true)" in message, message
+    assert "Traceback" not in again.stderr
+    restarted = subprocess.run([*cli, f"rl.output_dir={killed}", "--restart", "rl.max_steps=2"],
+                               capture_output=True, text=True, cwd=ROOT, env=env)  # fmt: skip
+    assert restarted.returncode == 0, restarted.stderr[-2000:]
+    assert f"took over the lock of process {proc.pid}" in " ".join(restarted.stdout.split())
+    assert steps_logged(killed) == [1, 2]  # from scratch: the killed run's steps are gone
+    assert json.loads((killed / "result.json").read_text())["steps"] == 2

@@ -819,7 +819,7 @@ def test_two_process_ddp_matches_one_process(tiny_t5, tmp_path, packing):
             "method: {kind: lora, r: 4, dropout: 0.0, target_modules: all-linear}\n"
             f"data: {{task: template, task_options: {{source: '{{text}}', target: '{{answer}}'}}, train: {data}}}\n"
             f"train: {{max_steps: 6, batch_size: {batch_size}, save_every: 3, log_every: 1, lr: 0.01, "
-            f"packing: {str(packing).lower()}}}\n"
+            f"packing: {str(packing).lower()}, group_by_length: false}}\n"
             f"output_dir: {tmp_path / name}\n"
         )
         return path
@@ -854,12 +854,9 @@ def test_gradient_accumulation_averages_over_all_target_tokens(tiny_t5, tmp_path
     (model_dir / "config.json").write_text(json.dumps({**config, "dropout_rate": 0.0}))
     data = write_copy_task(tmp_path, n=64)
     method = {"kind": "lora", "r": 4, "dropout": 0.0, "target_modules": "all-linear"}
-    train(
-        make_recipe(
-            model_dir, data, tmp_path / "accum", method, max_steps=5, batch_size=4, grad_accum=2, lr=1e-2
-        )
-    )
-    train(make_recipe(model_dir, data, tmp_path / "whole", method, max_steps=5, batch_size=8, lr=1e-2))
+    same = dict(max_steps=5, lr=1e-2, group_by_length=False)  # the same examples per step on both sides
+    train(make_recipe(model_dir, data, tmp_path / "accum", method, batch_size=4, grad_accum=2, **same))
+    train(make_recipe(model_dir, data, tmp_path / "whole", method, batch_size=8, **same))
     assert losses(tmp_path / "accum") == pytest.approx(losses(tmp_path / "whole"), rel=1e-5)
 
 
@@ -885,7 +882,8 @@ def test_two_process_fsdp_matches_one_process_and_resumes(tiny_t5, tmp_path):
     recipe.write_text(
         f"model: {{path: {model_dir}, init: random}}\nmethod: {{kind: full}}\n"
         f"data: {{task: template, task_options: {{source: '{{text}}', target: '{{answer}}'}}, train: {data}}}\n"
-        "train: {max_steps: 4, batch_size: 4, save_every: 2, log_every: 1, lr: 0.001, schedule: constant}\n"
+        "train: {max_steps: 4, batch_size: 4, save_every: 2, log_every: 1, lr: 0.001, schedule: constant, "
+        "group_by_length: false}\n"
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     fsdp = [sys.executable, "-m", "accelerate.commands.launch", "--use_fsdp", "--fsdp_version", "2", "--num_processes", "2",
@@ -993,3 +991,29 @@ def test_profile_steps_record_the_window(tiny_t5, tmp_path):
     # A window past the end of the run records nothing (and says so).
     train(make_recipe(tiny_t5, data, tmp_path / "late", max_steps=2, profile_steps=[4, 5]))
     assert not (tmp_path / "late" / "profile").exists()
+
+
+def test_a_run_says_and_records_its_path_and_time_to_the_first_step(tiny_t5, tmp_path):
+    data = write_copy_task(tmp_path, n=32)
+    console = Console(file=io.StringIO(), width=300)
+    result = train(make_recipe(tiny_t5, data, tmp_path / "run", max_steps=2), console=console)
+    said = console.file.getvalue()
+    line = (
+        "speed: unpacked rows grouped by length, the model's own attention; no packing: no CUDA device "
+        "(eager packed attention is not faster than unpacked rows on a CPU)"
+    )
+    assert line in said and "first optimizer step after" in said
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2]  # one line per log step, the first saying more
+    assert records[0]["speed"]["line"] == line and "speed" not in records[1]
+    assert records[0]["speed"]["group_by_length"] is True and records[0]["speed"]["packing"] is False
+    first = [r["first_step_s"] for r in records if "first_step_s" in r]
+    assert len(first) == 1 and 0 < first[0] < result.seconds + 60
+    saved = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert saved["speed"]["line"] == line and saved["first_step_s"] == first[0]
+    assert saved["peak_memory_gib"] is None  # the CPU has no CUDA memory peak
+    # The run's recipe.yaml holds the resolved path, so that a resume that would take another is refused.
+    recipe_text = (tmp_path / "run" / "recipe.yaml").read_text()
+    assert "packing: false" in recipe_text and "group_by_length: true" in recipe_text
+    with pytest.raises(TrainingError, match=r"train.group_by_length: true -> false"):
+        train(make_recipe(tiny_t5, data, tmp_path / "run", max_steps=3, resume=True, group_by_length=False))

@@ -311,20 +311,25 @@ class TrainConfig:
     """A NaN/inf loss stops the run, or skips that optimizer step."""
     tensorboard: bool = False
     """Also log to TensorBoard under output_dir/tensorboard."""
-    packing: bool = False
-    """T5 family: pack several (source, target) pairs per row, padding-free, attention kept per pair."""
-    group_by_length: bool = False
-    """Unpacked runs: batches of examples of similar length (less padding), in random order."""
+    packing: bool | Literal["auto"] = "auto"
+    """Pack several (source, target) pairs per row, padding-free, attention kept per pair (T5 family).
+    auto: on a GPU for T5-family models with full/lora/qlora/ia3, not under FSDP (flantune.speed)."""
+    group_by_length: bool | Literal["auto"] = "auto"
+    """Unpacked runs: batches of examples of similar length (less padding), in random order.
+    auto: whenever the run is unpacked."""
     token_budget: int | None = None
     """With packing: source + target tokens per micro-batch (null: batch_size examples per micro-batch)."""
     attention: Literal["auto", "eager", "sdpa", "flex"] = "auto"
-    """auto: flex for packed T5 on CUDA, else eager (packed) or the model's default; flex needs packing."""
-    compile: bool = False
-    """torch.compile the packed model forward (CUDA; the first steps pay the compilation)."""
-    cuda_graph: bool = False
-    """Packed flex path on one GPU: replay each micro-batch's forward and backward as one CUDA graph;
-    every micro-batch then fills one fixed shape, one row sized from token_budget (or batch_size
-    examples); the blocks are compiled as with compile=true."""
+    """auto: flex for packed runs on a GPU, eager for packed runs on a CPU, else the model's own
+    (sdpa where transformers has it); flex needs packed rows."""
+    compile: bool | Literal["auto"] = "auto"
+    """torch.compile the packed T5 blocks. auto: on the FlexAttention path (the first steps pay the
+    compilation; inductor's cache makes a second run of the same recipe compile from cache)."""
+    cuda_graph: bool | Literal["auto"] = "auto"
+    """Packed flex path in one process: replay each micro-batch's forward and backward as one CUDA
+    graph; every micro-batch then fills one fixed shape, one row sized from token_budget (or
+    batch_size examples); the blocks are compiled. auto: in one process, not with qlora or
+    gradient_checkpointing. The path a run takes is printed at start (`speed: ...`)."""
     pin_memory: bool = True
     """On CUDA: micro-batches in page-locked memory (pinned by the DataLoader's pinning thread),
     copied to the GPU asynchronously, as transformers' dataloader_pin_memory. No effect on the CPU."""
@@ -335,31 +340,32 @@ class TrainConfig:
 
     def check(self, path: str) -> list[str]:
         problems = []
-        if self.group_by_length and self.packing:
-            problems.append(
-                f"{path}.group_by_length: packed runs have no padding to save; set one of them false"
-            )
-        if self.cuda_graph and not self.packing:
-            problems.append(f"{path}.cuda_graph: replays the packed step; set {path}.packing=true")
-        if self.cuda_graph and self.gradient_checkpointing:
+        # Explicit settings that contradict each other; `auto` is resolved at start (flantune.speed).
+        packed_only = [
+            (k, v) for k, v in (("cuda_graph", self.cuda_graph), ("compile", self.compile)) if v is True
+        ]
+        packed_only += [("attention", "flex")] if self.attention == "flex" else []
+        if self.packing is False:
+            budget = [("token_budget", self.token_budget)] if self.token_budget is not None else []
+            for key, value in packed_only + budget:
+                shown = "true" if value is True else value
+                problems.append(f"{path}.{key}={shown}: runs on packed rows; set {path}.packing=true or auto")
+        if self.packing is True or packed_only:
+            if self.group_by_length is True:
+                problems.append(
+                    f"{path}.group_by_length: packed runs have no padding to save; set one of them false"
+                )
+            if self.attention == "sdpa":
+                problems.append(
+                    f"{path}.attention=sdpa: the packed path runs flex or eager; use auto, flex or eager"
+                )
+        if self.cuda_graph is True and self.gradient_checkpointing:
             problems.append(
                 f"{path}.cuda_graph: not with {path}.gradient_checkpointing (its recomputation saves and "
                 "restores the random state, which capture does not allow); set one of them false"
             )
-        if self.token_budget is not None and not self.packing:
-            problems.append(f"{path}.token_budget: only used with {path}.packing=true")
         if self.token_budget is not None and self.token_budget < 1:
             problems.append(f"{path}.token_budget: must be at least 1 or null, got {self.token_budget}")
-        if self.attention == "flex" and not self.packing:
-            problems.append(
-                f"{path}.attention=flex: needs {path}.packing=true (the unpacked path is transformers')"
-            )
-        if self.attention == "sdpa" and self.packing:
-            problems.append(
-                f"{path}.attention=sdpa: the packed path runs flex or eager; use auto, flex or eager"
-            )
-        if self.compile and not self.packing:
-            problems.append(f"{path}.compile: compiles the packed forward; set {path}.packing=true")
         for key in ("batch_size", "grad_accum", "log_every", "keep_last"):
             if getattr(self, key) < 1:
                 problems.append(f"{path}.{key}: must be at least 1, got {getattr(self, key)}")

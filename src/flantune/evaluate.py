@@ -110,9 +110,13 @@ def _training_curves(model_dir: Path) -> dict[str, list[tuple[int, float]]]:
             for line in log.read_text().splitlines():
                 record = json.loads(line)
                 for key, value in record.items():
-                    if key not in ("step", "epoch", "tokens_per_s", "grad_norm") and isinstance(
-                        value, (int, float)
-                    ):
+                    if key not in (
+                        "step",
+                        "epoch",
+                        "tokens_per_s",
+                        "grad_norm",
+                        "first_step_s",
+                    ) and isinstance(value, (int, float)):
                         series.setdefault(key, []).append((record["step"], float(value)))
             return series
     return {}

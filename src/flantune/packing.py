@@ -10,7 +10,7 @@ token is the unpacked one.
     PackedCollator     a list of tokenized examples -> one packed micro-batch (dict of tensors)
     ShapeBatches       a batch sampler: micro-batches that fill one fixed packed shape (CUDA graphs)
     packed_loader      the training loader of packed micro-batches
-    packing_setup      whether a recipe can take the packed path, and which attention it runs
+    apply_plan         the model set up for the path flantune.speed chose
     PackedLoss         the model as the module a packed step calls (DDP wraps this one)
 """
 
@@ -21,7 +21,6 @@ import math
 import torch
 
 from flantune.fast_t5 import BLOCK, PAD_PAIR, Pattern, block_mask_tensors
-from flantune.run import TrainingError
 from flantune.samplers import EpochBatches, EpochSampler, TokenBudgetBatches
 
 ROW_TOKENS = 2048
@@ -274,43 +273,6 @@ def packed_shape(source_lengths: list[int], target_lengths: list[int], token_bud
 # ----------------------------------------------------------------------------------------------
 # The training engine's hooks
 
-PACKED_MODEL_TYPES = ("t5", "mt5", "umt5")
-PACKED_METHODS = ("full", "lora", "qlora", "ia3")
-
-
-def packing_problem(model_type: str, method_kind: str, fsdp: bool = False) -> str | None:
-    """Why train.packing cannot run this recipe, or None."""
-    if model_type not in PACKED_MODEL_TYPES:
-        return (
-            f"train.packing=true: packed training runs the T5 family ({', '.join(PACKED_MODEL_TYPES)}); "
-            f"{model_type} has no relative bias to restart per pair: set train.packing=false (its "
-            "attention runs through transformers' sdpa/flash path)"
-        )
-    if method_kind not in PACKED_METHODS:
-        return (
-            f"train.packing=true with method.kind={method_kind}: the packed forward runs "
-            f"{', '.join(PACKED_METHODS)} (methods that wrap linear layers); set train.packing=false"
-        )
-    if fsdp:
-        # FSDP gathers a block's sharded weights in that block's forward, which the packed path does
-        # not call (it runs the block's layers itself). DDP works: see train.PackedLoss.
-        return (
-            "train.packing=true does not run under FSDP; use DDP (accelerate launch --multi_gpu) or "
-            "set train.packing=false"
-        )
-    return None
-
-
-def resolve_attention(attention: str, cuda: bool) -> str:
-    """The attention path a packed run takes: flex or eager."""
-    if attention == "auto":
-        return "flex" if cuda else "eager"
-    if attention == "flex" and not cuda:
-        raise ValueError(
-            "train.attention=flex: FlexAttention has no CPU backward; use train.attention=eager on CPU"
-        )
-    return attention
-
 
 def packed_loader(dataset, *, batch_size: int, token_budget: int | None, seed: int, pad_id: int,
                   decoder_start_id: int, block_masks: bool = True, fixed_shape: bool = False,
@@ -355,48 +317,19 @@ def packed_loader(dataset, *, batch_size: int, token_budget: int | None, seed: i
     return loader, sampler, shape
 
 
-def packing_setup(cfg, model_type: str, method_kind: str, base, model, accelerator) -> str:
-    """Check train.packing/attention against the model; returns the attention path to run.
+def apply_plan(plan, base, model) -> None:
+    """Set the model up for the path a `flantune.speed.SpeedPlan` chose.
 
-    Unpacked runs keep transformers' forward (train.attention eager/sdpa picks its backend).
-    Packed flex runs freeze T5's relative bias tables (see flantune.fast_t5: their gradient through
-    FlexAttention is 29x slower; they are 2 x 32 x heads pretrained numbers).
+    Unpacked runs keep transformers' forward; an explicit train.attention (eager/sdpa) picks its
+    backend. Packed flex runs freeze T5's relative bias tables (see flantune.fast_t5: their gradient
+    through FlexAttention is 29x slower; they are 2 x 32 x heads pretrained numbers).
     """
-    from accelerate import DistributedType
-
     from flantune import fast_t5
 
-    if not cfg.packing:
-        if cfg.attention != "auto":
-            base.set_attn_implementation(cfg.attention)
-        return cfg.attention
-    fsdp = accelerator.distributed_type == DistributedType.FSDP
-    problem = packing_problem(model_type, method_kind, fsdp)
-    if problem:
-        raise TrainingError(problem)
-    try:
-        attention = resolve_attention(cfg.attention, torch.cuda.is_available())
-    except ValueError as e:
-        raise TrainingError(str(e)) from None
-    if cfg.cuda_graph:
-        if attention != "flex":
-            raise TrainingError(
-                "train.cuda_graph: replays the packed FlexAttention step on a GPU; this run takes the "
-                f"{attention} path (no CUDA device, or train.attention={cfg.attention}): set it false"
-            )
-        if accelerator.num_processes > 1:
-            raise TrainingError(
-                "train.cuda_graph: one process only (DDP's gradient all-reduce runs in hooks that a "
-                "captured graph does not replay); set it false for multi-GPU runs"
-            )
-        if method_kind == "qlora":
-            raise TrainingError(
-                "train.cuda_graph: not with method.kind=qlora (bitsandbytes' quantized layers are not "
-                "verified under CUDA-graph capture); set it false"
-            )
-    if attention == "flex":
+    if not plan.packing and plan.attention != "auto":
+        base.set_attn_implementation(plan.attention)
+    if plan.packing and plan.attention == "flex":
         fast_t5.freeze_relative_bias(model)
-    return attention
 
 
 class PackedLoss(torch.nn.Module):

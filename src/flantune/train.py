@@ -18,7 +18,7 @@ import math
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -30,7 +30,7 @@ from flantune.data import MODEL_COLUMNS, load_splits, make_collator, split_summa
 from flantune.final import BaseRecord, write_final
 from flantune.methods import apply_method, quantization_config, trainable_line
 from flantune.models import load_model_and_tokenizer
-from flantune.packing import PackedLoss, packed_loader, packing_setup
+from flantune.packing import PackedLoss, apply_plan, packed_loader
 from flantune.run import (
     MetricsLog,
     Run,
@@ -46,6 +46,7 @@ from flantune.run import (
 )
 from flantune.samplers import EpochSampler, LengthGroupedBatches
 from flantune.scoring import best_metric_name, evaluate_in_run, token_loss_sum
+from flantune.speed import SpeedPlan, resolve_speed, run_facts, use_compile_cache
 
 
 @dataclass
@@ -59,6 +60,13 @@ class TrainResult:
     best_metric: str | None = None
     best_value: float | None = None
     best_step: int | None = None
+    speed: dict = field(default_factory=dict)
+    """The path the run took (flantune.speed.SpeedPlan.as_dict: packed rows, attention, ...)."""
+    first_step_s: float | None = None
+    """Seconds from the start of the command's setup to the end of its first optimizer step:
+    start-up, data, model, compilation and graph capture."""
+    peak_memory_gib: float | None = None
+    """Peak GPU memory allocated by this process (torch.cuda.max_memory_allocated), in GiB."""
     model: object = field(default=None, repr=False)
     """The trained model in memory (unwrapped), for callers that go on using it."""
 
@@ -186,6 +194,12 @@ class Session:
     last_eval_step: int = -1
     saved_step: int = -1
     train_loss: float | None = None
+    plan: SpeedPlan | None = None
+    launched: float = field(default_factory=time.perf_counter)
+    """When setup began (time to the first optimizer step counts from here)."""
+    first_step_s: float | None = None
+    logged: bool = False
+    """Whether this process's run has written a log line yet."""
     started: float = field(default_factory=time.perf_counter)
 
     @property
@@ -199,8 +213,17 @@ class Session:
 def setup(recipe: Recipe, console) -> Session:
     """Run folder and accelerator, model and method, data and loader, optimizer and schedule, and
     the state to start from (a checkpoint's, with train.resume)."""
-    cfg = recipe.train
+    launched = time.perf_counter()
     model_type = model_type_of(recipe.model.path, recipe.model.revision)
+    # The path the run takes (packed rows, attention, compiled blocks, CUDA graphs), resolved before
+    # anything is written: an explicit setting that cannot be honoured is refused here. From here on
+    # the recipe holds the resolved values (recipe.yaml, checkpoints: a resume that would take
+    # another path is refused as a changed recipe).
+    plan = resolve_speed(recipe.train, run_facts(model_type, recipe.method.kind))
+    recipe = replace(recipe, train=replace(recipe.train, **plan.recipe_values()))
+    cfg = recipe.train
+    if plan.compile:
+        use_compile_cache()
     pin = cfg.pin_memory and torch.cuda.is_available()
     run = start_run(Path(recipe.output_dir), resume=cfg.resume, restart=cfg.restart, recipe_text=dump_recipe(recipe),
                     precision=cfg.precision, model_type=model_type, seed=cfg.seed, pin_memory=pin, console=console)  # fmt: skip
@@ -225,29 +248,29 @@ def setup(recipe: Recipe, console) -> Session:
     train_set = splits["train"].dataset.select_columns(MODEL_COLUMNS)
     # The collator builds decoder_input_ids from the labels with the base model's own shift rule.
     collator = make_collator(tokenizer, model=base)
-    attention = packing_setup(cfg, model_type, recipe.method.kind, base, model, accelerator)
-    loader, sampler = _loader(
-        cfg, train_set, collator, tokenizer, base, attention, pin, console if main else None
-    )
+    apply_plan(plan, base, model)
+    if main:
+        console.print(plan.line(), highlight=False, markup=False)
+    loader, sampler = _loader(cfg, plan, train_set, collator, tokenizer, base, pin, console if main else None)
 
-    if cfg.packing:
+    if plan.packing:
         # The loop calls `stepped` (DDP-wrapped under several processes); `model` stays the plain
         # model for evaluation and checkpoints. CUDA graphs record compiled blocks (FlexAttention
         # outside torch.compile is a slow reference path).
-        packed = PackedLoss(model, attention, cfg.compile or cfg.cuda_graph)
+        packed = PackedLoss(model, plan.attention, plan.compile)
         stepped, loader = accelerator.prepare(packed, loader)
     else:
         model, loader = accelerator.prepare(model, loader)
         stepped = model
     optimizer = accelerator.prepare(build_optimizer(model, cfg.lr, cfg.weight_decay))
     graphed = None
-    if cfg.cuda_graph:
+    if plan.cuda_graph:
         from flantune.graphs import CapturedStep
 
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision)
         trainable = [p for p in model.parameters() if p.requires_grad]
         graphed = CapturedStep(packed.fixed_shape_loss, trainable, dtype)
-    micro_step = make_micro_step(stepped, accelerator, packed=cfg.packing, graphed=graphed)
+    micro_step = make_micro_step(stepped, accelerator, packed=plan.packing, graphed=graphed)
     steps_per_epoch = max(1, math.ceil(len(loader) / cfg.grad_accum))
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
     warmup = cfg.warmup_steps or int(cfg.warmup_ratio * total_steps)
@@ -267,17 +290,17 @@ def setup(recipe: Recipe, console) -> Session:
         tokenizer=tokenizer, collator=collator, eval_split=eval_split, loader=loader, sampler=sampler,
         stepped=stepped, micro_step=micro_step, optimizer=optimizer, scheduler=scheduler,
         graphed=graphed is not None, total_steps=total_steps, state=state, log=log,
-        best_name=best_metric_name(cfg.best_metric, recipe, eval_split),
+        best_name=best_metric_name(cfg.best_metric, recipe, eval_split), plan=plan, launched=launched,
     )  # fmt: skip
 
 
-def _loader(cfg, train_set, collator, tokenizer, base, attention: str, pin: bool, console):
+def _loader(cfg, plan: SpeedPlan, train_set, collator, tokenizer, base, pin: bool, console):
     """(loader, sampler) of the training micro-batches: packed, length-grouped or plain."""
-    if cfg.packing:
+    if plan.packing:
         loader, sampler, shape = packed_loader(
             train_set, batch_size=cfg.batch_size, token_budget=cfg.token_budget, seed=cfg.seed,
             pad_id=tokenizer.pad_token_id, decoder_start_id=base.config.decoder_start_token_id,
-            block_masks=attention == "flex", fixed_shape=cfg.cuda_graph, pin_memory=pin,
+            block_masks=plan.attention == "flex", fixed_shape=plan.cuda_graph, pin_memory=pin,
         )  # fmt: skip
         if shape and console is not None:
             console.print(f"packed micro-batches of one shape: {shape[0]} rows of {shape[1]} source and "
@@ -286,7 +309,7 @@ def _loader(cfg, train_set, collator, tokenizer, base, attention: str, pin: bool
     # Its own generator: starting an epoch's iterator must not draw from the global RNG, or a
     # resumed run (which starts one mid-epoch) would shift every later dropout mask.
     generator = torch.Generator().manual_seed(cfg.seed)
-    if cfg.group_by_length:
+    if plan.group_by_length:
         lengths = [len(s) + len(t) for s, t in zip(train_set["input_ids"], train_set["labels"], strict=True)]
         sampler = LengthGroupedBatches(lengths, cfg.batch_size, cfg.seed)
         loader = DataLoader(train_set, batch_sampler=sampler, collate_fn=collator, pin_memory=pin,
@@ -349,6 +372,8 @@ def fit(session: Session) -> None:
             )  # fmt: skip
             state.step += 1
             window.real += outcome.real_tokens
+            if session.first_step_s is None:
+                first_step(session)
             if not outcome.finite:
                 skip_step(session, outcome)
                 continue
@@ -357,6 +382,9 @@ def fit(session: Session) -> None:
             session.train_loss = outcome.loss
             if state.step % cfg.log_every == 0 or state.step == session.total_steps:
                 record = window.record(session, outcome)
+                if not session.logged:  # the run's first line also says how it runs
+                    record.update(first_step_s=session.first_step_s, speed=session.plan.as_dict())
+                    session.logged = True
                 session.log.write(record)
                 progress.update(task, loss=record["loss"], lr=record["lr"], tps=record["tokens_per_s"])
                 window = Window()
@@ -393,6 +421,20 @@ class Window:
         if outcome.grad_norm is not None:
             record["grad_norm"] = outcome.grad_norm
         return record
+
+
+def first_step(session: Session) -> None:
+    """Time to the first optimizer step (start-up, data, compilation, graph capture): said and logged."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()  # note: a sync point, once
+    session.first_step_s = round(time.perf_counter() - session.launched, 3)
+    if session.main:
+        session.console.print(
+            f"first optimizer step after {session.first_step_s:.1f} s (start-up, data, model"
+            f"{', compilation' if session.plan.compile else ''}"
+            f"{', graph capture' if session.plan.cuda_graph else ''})",
+            highlight=False,
+        )
 
 
 def skip_step(session: Session, outcome: StepOutcome) -> None:
@@ -502,7 +544,9 @@ def finish(session: Session) -> TrainResult:
         seconds=time.perf_counter() - session.started, train_loss=session.train_loss,
         eval_metrics=dict(session.last_eval),
         best_metric=session.best_name if session.eval_split is not None else None,
-        best_value=state.best_metric, best_step=state.best_step, model=unwrapped,
+        best_value=state.best_metric, best_step=state.best_step, speed=session.plan.as_dict(),
+        first_step_s=session.first_step_s, model=unwrapped,
+        peak_memory_gib=round(torch.cuda.max_memory_allocated() / 2**30, 3) if torch.cuda.is_available() else None,
     )  # fmt: skip
     if session.main:
         session.console.print(summary_table(result, state))
