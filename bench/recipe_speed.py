@@ -252,6 +252,8 @@ def run_flantune(spec: dict, work: Path, name: str, cache: Path) -> SideResult:
         before = w["step"]
     tokens = steady_rate(rates, skip)
     shutil.rmtree(out)  # a large model's final/ and last checkpoint: gigabytes
+    print(f"    wall {wall:.1f} s, {number(tokens)} real tokens/s, first step {result.get('first_step_s')} s, "
+          f"peak {result.get('peak_memory_gib')} GiB; {(result.get('speed') or {}).get('line')}", flush=True)  # fmt: skip
     return SideResult(
         wall_s=wall, tokens_per_s=tokens, first_step_s=result.get("first_step_s"),
         peak_memory_gib=result.get("peak_memory_gib"),
@@ -272,6 +274,8 @@ def run_hf(spec: dict, work: Path, name: str) -> SideResult:
     wall = run_logged(cmd, child_env(), work, name)
     figures = json.loads(Path(spec["result"]).read_text())
     shutil.rmtree(work / name, ignore_errors=True)
+    print(f"    wall {wall:.1f} s, {number(figures['tokens_per_s'])} real tokens/s, first step "
+          f"{figures['first_step_s']} s, peak {figures['peak_memory_gib']} GiB", flush=True)  # fmt: skip
     return SideResult(wall_s=wall, tokens_per_s=figures.pop("tokens_per_s"), first_step_s=figures.pop("first_step_s"),
                       peak_memory_gib=figures.pop("peak_memory_gib"), details=figures)  # fmt: skip
 

@@ -268,7 +268,7 @@ def test_a_default_run_on_a_gpu_takes_the_fast_path(tiny_no_dropout, tmp_path):
     curve = losses(tmp_path / "run")
     assert len(curve) == 8 and curve[-1] < curve[0]
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records if "exact_match" in r] == [4, 8]
+    assert [r["step"] for r in records if "eval_exact_match" in r] == [4, 8]
 
 
 def test_token_budget_run_and_config_errors(tiny_no_dropout, bart_path, tmp_path):
