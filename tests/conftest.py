@@ -124,3 +124,13 @@ def load_for_generation(
     else:
         loaded = load_final(model, device=device, recorded_by=recorded_by, what="--model")
     return loaded.model, loaded.tokenizer
+
+
+def free_port() -> str:
+    """A TCP port free now, for `accelerate launch --main_process_port`: two multi-process tests
+    running at once (pytest -n) must not both wait on Accelerate's default port 29500."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return str(sock.getsockname()[1])

@@ -306,7 +306,7 @@ def test_two_process_rl_equals_one_process(sort_data, sft_run, tmp_path):
 
     from flantune.config import dump_recipe
 
-    from .conftest import ROOT
+    from .conftest import ROOT, free_port
 
     def write(name: str) -> Path:
         # micro_batch_size 8 = 2 prompts of 4 completions: several backward passes per update.
@@ -318,7 +318,7 @@ def test_two_process_rl_equals_one_process(sort_data, sft_run, tmp_path):
         return path
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", free_port(),
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "flantune.cli", "rl"]  # fmt: skip
     two = subprocess.run(
         [*launch, str(write("two"))], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600

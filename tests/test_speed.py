@@ -62,13 +62,13 @@ def plan_of(facts: RunFacts = T5_GPU, **train_kw) -> SpeedPlan:
         (
             RunFacts("t5", "full", cuda=True, processes=2, fsdp=True),
             {},
-            "speed: unpacked rows grouped by length, the model's own attention; no packing: FSDP is on (it "
+            "speed: unpacked rows grouped by length, eager attention; no packing: FSDP is on (it "
             "gathers a block's weights in the block's forward, which the packed path skips)",
         ),
         (
             RunFacts("t5", "prefix", cuda=True),
             {},
-            "speed: unpacked rows grouped by length, the model's own attention; no packing: method.kind=prefix "
+            "speed: unpacked rows grouped by length, eager attention; no packing: method.kind=prefix "
             "is not a method it runs (full, lora, qlora, ia3: methods that wrap linear layers)",
         ),
         # Explicit settings are obeyed, and said.
@@ -83,7 +83,7 @@ def plan_of(facts: RunFacts = T5_GPU, **train_kw) -> SpeedPlan:
             "speed: packed rows, FlexAttention; not compiled: train.compile=false; "
             "no CUDA graphs: train.compile=false",
         ),
-        (T5_GPU, {"packing": False}, "speed: unpacked rows grouped by length, the model's own attention"),
+        (T5_GPU, {"packing": False}, "speed: unpacked rows grouped by length, eager attention"),
         (
             T5_GPU,
             {"packing": False, "group_by_length": False, "attention": "sdpa"},
@@ -92,8 +92,7 @@ def plan_of(facts: RunFacts = T5_GPU, **train_kw) -> SpeedPlan:
         (
             T5_GPU,
             {"group_by_length": True},
-            "speed: unpacked rows grouped by length, the model's own "
-            "attention; no packing: train.group_by_length=true",
+            "speed: unpacked rows grouped by length, eager attention; no packing: train.group_by_length=true",
         ),
         (
             T5_GPU,

@@ -22,7 +22,7 @@ from flantune.config import recipe_from_dict
 from flantune.run import TrainingError
 from flantune.train import train
 
-from .conftest import ROOT, tiny_config
+from .conftest import ROOT, free_port, tiny_config
 
 WORDS = [
     "red",
@@ -826,7 +826,7 @@ def test_two_process_ddp_matches_one_process(tiny_t5, tmp_path, packing):
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     # `--multi_gpu` on a machine without GPUs starts torch.distributed processes on the CPU (gloo).
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", free_port(), "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "flantune.cli", "train", str(write_recipe("ddp", 4))]  # fmt: skip
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -886,7 +886,7 @@ def test_two_process_fsdp_matches_one_process_and_resumes(tiny_t5, tmp_path):
         "group_by_length: false}\n"
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    fsdp = [sys.executable, "-m", "accelerate.commands.launch", "--use_fsdp", "--fsdp_version", "2", "--num_processes", "2",
+    fsdp = [sys.executable, "-m", "accelerate.commands.launch", "--use_fsdp", "--fsdp_version", "2", "--num_processes", "2", "--main_process_port", free_port(),
             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "flantune.cli", "train", str(recipe)]  # fmt: skip
 
     def run(args):
