@@ -1,0 +1,238 @@
+"""The decoding engine (flantune.engine) against transformers' generate and a teacher-forced forward:
+greedy ids token for token, with LoRA, label restriction and the repetition processors; sampled
+log-probabilities and top-k filtering; the static cache never reallocated inside the loop.
+
+CPU, float32, eval mode. The tiny random models get a larger weight scale than their init default
+(initializer_factor / init_std): at the default scale they repeat one token or stop at once, which
+would leave the cache positions and the EOS/pad handling untested.
+"""
+
+import itertools
+
+import pytest
+import torch
+from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+from flantune import engine
+from flantune.decoding import LabelTrie
+
+from .conftest import tiny_config
+
+SOURCES = [
+    "question: is the sky blue?",
+    "a",
+    "sentiment analysis: a long and winding review of a film " * 3,
+    "b c",
+    "translate English to German: the house is small",
+]
+MAX_NEW = 10
+
+
+def tiny_model(path: str, t5_scale: float = 2.0):
+    cfg = tiny_config(path)
+    cfg.update({"initializer_factor": t5_scale} if cfg.model_type == "t5" else {"init_std": 0.3})
+    torch.manual_seed(0)
+    return AutoModelForSeq2SeqLM.from_config(cfg).eval()
+
+
+@pytest.fixture(scope="module", params=["t5", "bart"])
+def setup(request, t5_small_path, bart_path):
+    path = t5_small_path if request.param == "t5" else bart_path
+    model, tokenizer = tiny_model(path), AutoTokenizer.from_pretrained(path)
+    return model, tokenizer, tokenizer(SOURCES, return_tensors="pt", padding=True)
+
+
+@pytest.fixture(scope="module")
+def sampling_setup(setup, t5_small_path):
+    """`setup` with T5 at its default weight scale: the logits of the 2x scale reach ~100, where
+    float32 rounding alone moves log-probabilities by ~2e-5 (transformers' generate against a
+    teacher-forced forward differs by as much), above the 1e-5 the comparison asks."""
+    model, tokenizer, batch = setup
+    return (tiny_model(t5_small_path, 1.0) if model.config.model_type == "t5" else model), tokenizer, batch
+
+
+def reference(model, batch, **options) -> torch.Tensor:
+    return model.generate(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], do_sample=False, num_beams=1,
+        max_new_tokens=MAX_NEW, **options,
+    )  # fmt: skip
+
+
+def run(model, batch, **options) -> engine.Generation:
+    return engine.generate(
+        model, batch["input_ids"], batch["attention_mask"], max_new_tokens=MAX_NEW, **options
+    )
+
+
+def stops(ids: torch.Tensor, eos: int) -> list[int | None]:
+    """Each row's step of its first EOS (1-based), None for a row that never emitted one."""
+    return [row.index(eos) if eos in row else None for row in ids[:, 1:].tolist()]
+
+
+def test_greedy_equals_generate_and_the_cache_stays_put(setup, monkeypatch):
+    """Rows stop at different steps (EOS made likelier), so the pad-after-EOS rule is exercised; the
+    cache's key/value tensors are the same storage at every step (nothing reallocated in the loop)."""
+    model, tokenizer, batch = setup
+    eos, head = tokenizer.eos_token_id, model.get_output_embeddings()
+    # An EOS logit bias that makes EOS win at about a third of greedy's steps: some rows end early.
+    with torch.no_grad():
+        plain = run(model, batch).sequences
+        logits = model(**batch, decoder_input_ids=plain[:, :-1]).logits[:, : MAX_NEW - 2]  # (B, T, V)
+    head.bias = torch.nn.Parameter(torch.zeros(head.out_features))
+    with torch.no_grad():
+        head.bias[eos] = (logits.max(-1).values - logits[..., eos]).flatten().quantile(0.3)
+    try:
+        pointers = []
+        step = engine._Decoder.step
+
+        def recording_step(self):
+            logits = step(self)
+            pointers.append([t.data_ptr() for t in self.cache_tensors()])
+            return logits
+
+        monkeypatch.setattr(engine._Decoder, "step", recording_step)
+        ours = run(model, batch).sequences
+        expected = reference(model, batch)
+    finally:
+        head.bias = None
+    assert torch.equal(ours, expected), (ours, expected)
+    ends = stops(ours, eos)
+    assert any(e is not None and e < MAX_NEW - 1 for e in ends), ends  # some row ended early: pads follow
+    assert ours.shape[1] > 3 and len({e for e in ends}) > 1, ends  # and others ran on
+    for row, end in zip(ours.tolist(), ends, strict=True):
+        if end is not None:
+            assert set(row[end + 2 :]) <= {tokenizer.pad_token_id}, row
+    assert len(pointers) == ours.shape[1] - 1 and all(p == pointers[0] for p in pointers)
+    assert all(p != 0 for p in pointers[0])
+
+
+def test_greedy_with_a_lora_adapter(setup):
+    from peft import LoraConfig, get_peft_model
+
+    model, _, batch = setup
+    targets = ["q", "v"] if model.config.model_type == "t5" else ["q_proj", "v_proj"]
+    torch.manual_seed(1)
+    peft_model = get_peft_model(
+        _copy(model),
+        LoraConfig(
+            r=4, lora_alpha=32, target_modules=targets, init_lora_weights=False, task_type="SEQ_2_SEQ_LM"
+        ),
+    ).eval()
+    ours = run(peft_model, batch).sequences
+    assert torch.equal(ours, reference(peft_model, batch))
+    with peft_model.disable_adapter():
+        base = run(peft_model, batch).sequences
+    assert not torch.equal(ours, base)  # the adapter changed the output: it was applied
+
+
+def _copy(model):
+    clone = AutoModelForSeq2SeqLM.from_config(model.config).eval()
+    clone.load_state_dict(model.state_dict())
+    return clone
+
+
+def test_label_restricted_greedy(setup):
+    model, tokenizer, batch = setup
+    labels = ["yes", "no", "maybe not", "sentiment: True", "the house is small"]
+    trie = LabelTrie(tokenizer, labels, model.config.decoder_start_token_id)
+    ours = run(model, batch, prefix_allowed_tokens_fn=trie.allowed).sequences
+    assert torch.equal(ours, reference(model, batch, prefix_allowed_tokens_fn=trie.allowed))
+    texts = tokenizer.batch_decode(ours, skip_special_tokens=True)
+    assert all(t.strip() in labels for t in texts), texts
+    assert not torch.equal(ours[:, :3], run(model, batch).sequences[:, :3])  # the restriction acted
+
+
+def test_repetition_penalty_and_no_repeat_ngrams(setup):
+    model, tokenizer, batch = setup
+    options = {"repetition_penalty": 1.3, "no_repeat_ngram_size": 2}
+    ours = run(model, batch, **options).sequences
+    assert torch.equal(ours, reference(model, batch, **options))
+    assert not torch.equal(ours, run(model, batch).sequences)  # the processors acted
+    for row in ours[:, 1:].tolist():
+        row = [i for i in row if i not in (tokenizer.pad_token_id, tokenizer.eos_token_id)]
+        bigrams = list(itertools.pairwise(row))
+        assert len(bigrams) == len(set(bigrams)), row
+
+
+def teacher_forced_logits(model, batch, sequences: torch.Tensor, copies: int) -> torch.Tensor:
+    """(N, T, V) logits of one full forward over the generated sequences, sources repeated `copies` times."""
+    with torch.no_grad():
+        return model(
+            input_ids=batch["input_ids"].repeat_interleave(copies, 0),
+            attention_mask=batch["attention_mask"].repeat_interleave(copies, 0),
+            decoder_input_ids=sequences[:, :-1], use_cache=False,
+        ).logits.float()  # fmt: skip
+
+
+def live(sequences: torch.Tensor, pad: int, eos: int) -> torch.Tensor:
+    """(N, T) True where a row was still generating (up to and including its EOS)."""
+    generated = sequences[:, 1:]
+    done_before = torch.cumsum((generated == eos).long(), 1) - (generated == eos).long()
+    return done_before == 0
+
+
+def test_sampled_logprobs_equal_a_teacher_forced_forward(sampling_setup):
+    """num_return_sequences copies of each source from one encoder pass; the engine's per-token
+    log-probabilities are the raw model's, as one teacher-forced forward computes them."""
+    model, tokenizer, batch = sampling_setup
+    copies, calls = 3, []
+    hook = model.get_encoder().register_forward_hook(lambda m, a, kw, out: calls.append(1), with_kwargs=True)
+    try:
+        torch.manual_seed(0)
+        out = run(model, batch, do_sample=True, temperature=3.0, top_p=0.95, num_return_sequences=copies,
+                  return_logprobs=True)  # fmt: skip
+    finally:
+        hook.remove()
+    assert len(calls) == 1  # the encoder ran once for all copies
+    sequences, logprobs = out.sequences, out.logprobs
+    assert sequences.shape[0] == len(SOURCES) * copies
+    assert logprobs.shape == (sequences.shape[0], sequences.shape[1] - 1)
+    grouped = sequences.view(len(SOURCES), copies, -1)
+    assert any(not torch.equal(g[0], g[1]) for g in grouped)  # the copies are separate samples
+
+    logits = teacher_forced_logits(model, batch, sequences, copies)
+    expected = torch.log_softmax(logits, -1).gather(2, sequences[:, 1:, None]).squeeze(2)  # (N, T)
+    mask = live(sequences, tokenizer.pad_token_id, tokenizer.eos_token_id)
+    assert mask.sum() > sequences.shape[0]  # more than one token per row compared
+    torch.testing.assert_close(logprobs[mask], expected[mask], atol=1e-5, rtol=0)
+    assert (logprobs[~mask] == 0).all()
+    # Raw, not processed: the tempered distribution's log-probabilities are another thing.
+    tempered = torch.log_softmax(logits / 3.0, -1).gather(2, sequences[:, 1:, None]).squeeze(2)
+    assert (logprobs[mask] - tempered[mask]).abs().max() > 1e-2
+    torch.manual_seed(0)
+    again = run(model, batch, do_sample=True, temperature=3.0, top_p=0.95, num_return_sequences=copies)
+    assert torch.equal(again.sequences, sequences)  # a fixed seed gives the same samples
+
+
+def test_top_k_never_leaves_the_top_k(sampling_setup):
+    """At temperature 5 the distribution is flattened, so without top_k tokens outside that step's
+    top 5 are drawn (checked as the control); with top_k=5 none is."""
+    model, tokenizer, batch = sampling_setup
+    copies = 2
+
+    def outside_top5(sequences: torch.Tensor) -> int:
+        logits = teacher_forced_logits(model, batch, sequences, copies)  # (N, T, V)
+        top5 = logits.topk(5, dim=-1).indices  # (N, T, 5)
+        inside = (top5 == sequences[:, 1:, None]).any(-1)  # (N, T)
+        mask = live(sequences, tokenizer.pad_token_id, tokenizer.eos_token_id)
+        if model.config.model_type == "bart":  # the forced EOS at the cap is not a sample
+            mask[:, MAX_NEW - 1] = False
+        assert mask.sum() >= sequences.shape[0]
+        return int((~inside & mask).sum())
+
+    torch.manual_seed(0)
+    free = run(model, batch, do_sample=True, temperature=5.0, num_return_sequences=copies).sequences
+    torch.manual_seed(0)
+    filtered = run(
+        model, batch, do_sample=True, temperature=5.0, top_k=5, num_return_sequences=copies
+    ).sequences
+    assert outside_top5(free) > 0
+    assert outside_top5(filtered) == 0
+
+
+def test_bad_options_are_refused(setup):
+    model, _, batch = setup
+    with pytest.raises(ValueError, match="needs do_sample"):
+        run(model, batch, num_return_sequences=2)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        engine.generate(model, batch["input_ids"], batch["attention_mask"], max_new_tokens=0)
