@@ -37,9 +37,13 @@ What is timed, per side per cell (torch.cuda.synchronize before and after every 
 - wall_s: the median over --repeats (3) timed generate calls of the full --new-tokens.
 - ttft_s: time to first token: the median over --repeats timed calls with max_new_tokens=1 on the
   same batch (after one untimed such call); it holds the encoder and the first decoder step.
-- ms_per_step: (wall_s - ttft_s) / (new_tokens - 1) in milliseconds.
+  Under --static-recipe docs the prefill runs through the compiled forward too; under generate it
+  runs eager (transformers compiles only the decoding steps).
+- ms_per_step: (wall_s - ttft_s) / (new_tokens - 1) in milliseconds (a difference of two medians
+  of separate calls: on a busy CPU with a few new tokens it can even come out negative).
 - tokens_per_s: output sequences x new tokens / wall_s (sequences: batch rows, x8 when sampling).
-- peak_gib: CUDA peak allocated memory over the side's calls in the cell (None on the CPU).
+- peak_gib: CUDA peak allocated memory over the side's calls in the cell, the weights included
+  (None on the CPU).
 Ratios per cell (of tokens/s, > 1: the first side is faster): engine/hf-default,
 engine/hf-static, hf-static/hf-default.
 Correctness guard (greedy and beam cells): the fraction of output rows whose ids equal hf-default's
