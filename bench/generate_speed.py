@@ -65,6 +65,7 @@ import datetime
 import gc
 import importlib
 import importlib.metadata
+import inspect
 import json
 import platform
 import statistics
@@ -181,18 +182,34 @@ def undo_static(model) -> None:
 
 
 def engine_side(model, batch: dict, settings: dict) -> torch.Tensor:
-    """flantune's decoding engine. The one call this benchmark expects of it:
-    `flantune.engine.generate(model, input_ids, attention_mask, **settings)` with the settings of
-    model.generate (max_new_tokens, min_new_tokens, do_sample, num_beams, num_return_sequences,
-    temperature, top_p, top_k), returning ids in model.generate's layout (decoder start token first,
-    one row per returned sequence, rows of a prompt adjacent)."""
+    """flantune's decoding engine (`flantune.engine.generate`), given model.generate's settings:
+    min_new_tokens becomes transformers' MinNewTokensLengthLogitsProcessor (as generate builds it),
+    the ids come back in generate's layout (`Generation.sequences`). Beam search is not in the
+    engine yet: that cell records the side as not available."""
     try:
         engine = importlib.import_module("flantune.engine")
     except ModuleNotFoundError as e:
         if e.name in ("flantune.engine", "flantune"):
             raise NotAvailable("flantune.engine is not in this checkout") from None
         raise
-    return engine.generate(model, batch["input_ids"], batch["attention_mask"], **settings)
+    settings = dict(settings)
+    if settings.pop("num_beams", 1) > 1:
+        raise NotAvailable("the engine has no beam search yet")
+    extra = []
+    minimum = settings.pop("min_new_tokens", None)
+    if minimum:
+        from transformers import MinNewTokensLengthLogitsProcessor
+
+        eos = model.generation_config.eos_token_id
+        extra.append(MinNewTokensLengthLogitsProcessor(1, minimum, eos))  # the prompt: the start token
+    known = set(inspect.signature(engine.generate).parameters)
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise NotAvailable(f"the engine does not take {unknown}")
+    out = engine.generate(
+        model, batch["input_ids"], batch["attention_mask"], logits_processor=extra, **settings
+    )
+    return out.sequences
 
 
 # ---- timing -----------------------------------------------------------------------------------
