@@ -236,3 +236,93 @@ def test_bad_options_are_refused(setup):
         run(model, batch, num_return_sequences=2)
     with pytest.raises(ValueError, match="max_new_tokens"):
         engine.generate(model, batch["input_ids"], batch["attention_mask"], max_new_tokens=0)
+    with pytest.raises(ValueError, match="graphs=True"):
+        run(model, batch, graphs=True)
+
+
+def test_row_buckets():
+    assert [engine.row_bucket(n) for n in (1, 2, 3, 5, 8, 9, 100, 128, 129, 300)] == [
+        1, 2, 4, 8, 8, 16, 128, 128, 256, 384,
+    ]  # fmt: skip
+
+
+class EagerGraph:
+    """A stand-in for torch.cuda.CUDAGraph on the CPU: replay runs the recorded function again into
+    the same output tensor."""
+
+    def __init__(self, fn, output):
+        self.fn, self.output = fn, output
+
+    def replay(self):
+        self.output.copy_(self.fn())
+
+
+@pytest.fixture
+def graphs_on_cpu(monkeypatch):
+    """The graph branch with the capture swapped for eager calls (the CPU has no CUDA graphs): the
+    body of a capture runs (so the cache's positions must be restored after it, as after the
+    warm-up), a replay reruns the step into the captured output tensor."""
+    calls = {"warm_up": 0, "record": 0}
+
+    def warm_up(fn, times):
+        calls["warm_up"] += 1
+        for _ in range(times):
+            fn()
+
+    def record(fn):
+        calls["record"] += 1
+        output = fn().clone()
+        return EagerGraph(fn, output), output
+
+    monkeypatch.setattr(engine, "_can_capture", lambda device: True)
+    monkeypatch.setattr(engine, "_warm_up", warm_up)
+    monkeypatch.setattr(engine, "_record", record)
+    monkeypatch.setattr(engine, "_GRAPHS", type(engine._GRAPHS)())
+    return calls
+
+
+def test_graph_branch_on_cpu(setup, graphs_on_cpu):
+    """5 sources padded to a bucket of 8 rows and 64 positions: the ids and log-probabilities of the
+    5 real rows equal the eager loop's. A second batch (6 rows, label-restricted so that every row
+    stops early: the output is cut at the last live step although the stopping check runs every 8
+    steps) reuses the kept entry: one warm-up and one capture in all."""
+    model, tokenizer, batch = setup
+    eager = run(model, batch, graphs=False, return_logprobs=True)
+    graphed = run(model, batch, graphs=True, return_logprobs=True)
+    assert graphed.sequences.shape[0] == len(SOURCES)
+    assert torch.equal(graphed.sequences, eager.sequences), (graphed.sequences, eager.sequences)
+    # Padded shapes round differently, and this model's logits reach ~100 (sampling_setup): 1e-4.
+    torch.testing.assert_close(graphed.logprobs, eager.logprobs, atol=1e-4, rtol=0)
+    (entry,) = engine._GRAPHS.values()
+    assert entry.rows == 8 and entry.source_len == 64 and entry.decoder.model is None
+    assert graphs_on_cpu == {"warm_up": 1, "record": 1}
+
+    labels = ["yes", "no", "maybe not", "sentiment: True"]
+    trie = LabelTrie(tokenizer, labels, model.config.decoder_start_token_id)
+    other = tokenizer([*SOURCES[::-1], "c d e"], return_tensors="pt", padding=True)
+    eager = run(model, other, graphs=False, prefix_allowed_tokens_fn=trie.allowed).sequences
+    graphed = run(model, other, graphs=True, prefix_allowed_tokens_fn=trie.allowed).sequences
+    assert torch.equal(graphed, eager), (graphed, eager)
+    assert graphed.shape == (6, max(len(tokenizer(label).input_ids) for label in labels) + 1)
+    assert eager.shape[1] < 1 + 8  # every row stopped before the first check: the cut was needed
+    assert list(engine._GRAPHS.values()) == [entry]
+    assert graphs_on_cpu == {"warm_up": 1, "record": 1}
+
+
+def test_graph_branch_sampling_on_cpu(sampling_setup, graphs_on_cpu):
+    """Sampling from one seeded generator gives the same samples with and without the graph branch
+    (the padding rows draw nothing); a changed model (another mode) is recaptured, not replayed."""
+    model, _, batch = sampling_setup
+    options = dict(do_sample=True, temperature=2.0, top_k=20, num_return_sequences=2, return_logprobs=True)
+    outs = {}
+    for graphs in (False, True):
+        outs[graphs] = run(model, batch, graphs=graphs, generator=torch.Generator().manual_seed(3), **options)
+    assert torch.equal(outs[True].sequences, outs[False].sequences)
+    torch.testing.assert_close(outs[True].logprobs, outs[False].logprobs, atol=1e-5, rtol=0)
+    assert graphs_on_cpu["record"] == 1
+    model.train()
+    try:
+        run(model, batch, graphs=True, generator=torch.Generator().manual_seed(3), **options)
+    finally:
+        model.eval()
+    assert graphs_on_cpu["record"] == 2 and len(engine._GRAPHS) == 1

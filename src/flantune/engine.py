@@ -26,15 +26,24 @@ path targets compiling decoder-only models; vLLM, which had CUDA-graph decoding 
 models, dropped encoder-decoder support in its V1 engine. This module keeps the model and the cache
 classes of transformers and owns only the loop, so that the step is one fixed-shape call.
 
-Status. This is the CPU-correct first step: the loop is eager, greedy output equals
-`model.generate(do_sample=False, num_beams=1)` token for token. The step (`_Decoder.step`) reads and
-writes only tensors allocated before the loop, so it can be captured as a CUDA graph next. Beam
-search is not here: callers keep `model.generate` for beams until the engine has them.
+Status. The loop is CPU-correct: greedy output equals `model.generate(do_sample=False, num_beams=1)`
+token for token. On CUDA (`graphs`, on by default there) the one-token step is captured as a CUDA
+graph and replayed for steps 2..T: the first step runs eagerly (it fills the cross-attention cache),
+a couple of eager warm-up steps run on a side stream (their cache writes undone), then `step()` is
+recorded once with its logits as a static tensor; each later step copies the chosen tokens into the
+step's input and replays. Rows are padded up to a batch-size bucket (1, 2, 4, ..., 128, then
+multiples of 128) and sources up to a multiple of 64, and the captured step is kept per (model,
+bucket, source bucket, max_new_tokens, dtype) for the next call (`clear_graphs()` frees them). The
+logits processors and the sampling stay eager. Beam search is not here: callers keep
+`model.generate` for beams until the engine has them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import weakref
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -166,6 +175,10 @@ class _Decoder:
         self.encoder_outputs = BaseModelOutput(last_hidden_state=encoder_hidden)  # (N, S, d_model)
         self.encoder_mask = encoder_mask  # (N, S)
         self.tokens = torch.empty(rows, 1, dtype=torch.long, device=device)  # (N, 1) the step's input
+        # (N, max_new_tokens) ones, given explicitly: without it BART builds one as
+        # torch.ones(N, cache_length + 1), reading the cache's position tensor on the host (a sync, which
+        # a CUDA graph capture refuses). The causal mask hides the slots not written yet.
+        self.decoder_mask = torch.ones(rows, max_new_tokens, dtype=torch.long, device=device)
         self.cache_keyword = _cache_keyword(model)
 
     def step(self) -> torch.Tensor:
@@ -174,16 +187,221 @@ class _Decoder:
             encoder_outputs=self.encoder_outputs,
             attention_mask=self.encoder_mask,
             decoder_input_ids=self.tokens,
+            decoder_attention_mask=self.decoder_mask,
             use_cache=True,
             return_dict=True,
             **{self.cache_keyword: self.cache},
         )
         return out.logits[:, -1]  # (N, V)
 
+    def reset(self) -> None:
+        """Back to before the first step, in place (a captured graph keeps these tensors): positions
+        0 in both caches and the cross-attention marked not computed, so that the next first step
+        projects the new encoder output into the same cross-attention tensors. Self-attention slots
+        keep stale values: slot t is written at step t before anything reads it, and the causal mask
+        hides the slots after it."""
+        for layer in (*self.cache.self_attention_cache.layers, *self.cache.cross_attention_cache.layers):
+            layer.cumulative_length.zero_()
+        for layer_idx in self.cache.is_updated:
+            self.cache.is_updated[layer_idx] = False
+
+    def snapshot(self, position: int, steps: int) -> list[tuple]:
+        """What `steps` calls of `step()` from `position` change: each self-attention layer's position
+        and the key/value slots position..position+steps-1 (the cross-attention cache is only read
+        once it is filled)."""
+        end = position + steps
+        return [
+            (layer, layer.cumulative_length.clone(), layer.keys[:, :, position:end].clone(),
+             layer.values[:, :, position:end].clone(), position)
+            for layer in self.cache.self_attention_cache.layers
+        ]  # fmt: skip
+
+    @staticmethod
+    def restore(saved: list[tuple]) -> None:
+        for layer, length, keys, values, position in saved:
+            layer.cumulative_length.copy_(length)
+            layer.keys[:, :, position : position + keys.shape[2]].copy_(keys)
+            layer.values[:, :, position : position + values.shape[2]].copy_(values)
+
     def cache_tensors(self) -> list[torch.Tensor]:
         """Every key/value tensor of both caches (tests check that the loop never reallocates them)."""
         layers = [*self.cache.self_attention_cache.layers, *self.cache.cross_attention_cache.layers]
         return [t for layer in layers for t in (layer.keys, layer.values)]
+
+
+# --- The step as a CUDA graph -------------------------------------------------------------------------
+
+WARMUP_STEPS = 2  # eager calls of the step before capture, as torch's CUDA-graph docs do
+GRAPHS_KEPT = 4  # captured steps kept for later calls (each holds its caches and a memory pool)
+SOURCE_MULTIPLE = 64  # sources are padded up to a multiple of this in the graph's cache key
+_GRAPHS: OrderedDict[tuple, _GraphedDecoder] = OrderedDict()
+
+
+def clear_graphs() -> None:
+    """Drop every captured step kept for reuse (and the GPU memory their caches and pools hold)."""
+    _GRAPHS.clear()
+
+
+def row_bucket(rows: int) -> int:
+    """The batch size a captured step is recorded for: the next power of two up to 128, then the
+    next multiple of 128."""
+    return 1 << (rows - 1).bit_length() if rows <= 128 else -(-rows // 128) * 128
+
+
+def _can_capture(device: torch.device) -> bool:
+    return device.type == "cuda"
+
+
+def _use_graphs(graphs: bool | None, device: torch.device) -> bool:
+    if graphs is None:
+        return _can_capture(device)
+    if graphs and not _can_capture(device):
+        raise ValueError(
+            f"graphs=True needs the model on a CUDA device (it is on {device}): CUDA graphs are CUDA's; "
+            "leave graphs=None (on with CUDA only) or pass graphs=False"
+        )
+    return bool(graphs)
+
+
+def _capture_context():
+    """Autocast as the caller set it, without its weight-cast cache (whose copies would outlive the
+    capture: see flantune.graphs); nothing when autocast is off."""
+    if torch.is_autocast_enabled("cuda"):
+        return torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False)
+    return contextlib.nullcontext()
+
+
+def _warm_up(fn: Callable[[], torch.Tensor], times: int) -> None:
+    """`fn()` run `times` times on a side stream, as capture requires: lazily created CUDA state
+    (cuBLAS workspaces, kernels chosen at first use) exists before it is recorded."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), _capture_context():
+        for _ in range(times):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+
+
+def _record(fn: Callable[[], torch.Tensor]) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    """(graph, output): `fn()` recorded, not run; each `graph.replay()` reruns it into `output`."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), _capture_context():
+        output = fn()
+    return graph, output
+
+
+def _fingerprint(model) -> tuple:
+    """What a recorded step bakes in besides shapes: the parameters' memory (a graph reads those
+    addresses), the train/eval mode, and a PEFT model's adapter state (active adapters, disabled,
+    merged), which choose the Python path that was recorded. A step recorded under another
+    fingerprint is recaptured."""
+    tuner = next((m for m in model.modules() if hasattr(m, "_disable_adapters")), None)
+    adapters = (
+        None if tuner is None else (tuner._disable_adapters, tuple(tuner.active_adapters), tuner.merged)
+    )
+    return model.training, adapters, tuple(p.data_ptr() for p in model.parameters())
+
+
+class _GraphedDecoder:
+    """A `_Decoder` of `rows` x `source_len` (the buckets) over static encoder inputs, and its step
+    recorded as a CUDA graph at the first call that needs it, for this and later batches.
+
+    Per batch: `load` copies the encoder output and mask in (padding rows and source positions),
+    `first()` runs step 1 eagerly (filling the cross-attention cache), `next(tokens)` replays."""
+
+    def __init__(self, model, rows: int, source_len: int, width: int, max_new_tokens: int, dtype, device):
+        self.model_ref = weakref.ref(model)
+        self.fingerprint = _fingerprint(model)
+        self.rows, self.source_len, self.max_new_tokens = rows, source_len, max_new_tokens
+        self.encoder_hidden = torch.zeros(rows, source_len, width, dtype=dtype, device=device)  # (R, S', d)
+        self.encoder_mask = torch.zeros(rows, source_len, dtype=torch.long, device=device)  # (R, S')
+        self.decoder = _Decoder(model, self.encoder_hidden, self.encoder_mask, max_new_tokens)
+        self.decoder.model = None  # held only during a call: a kept entry must not keep the model alive
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits: torch.Tensor | None = None  # (R, V) the recorded step's output, rewritten by replay
+        self.real = 0  # the rows of the current batch
+
+    def load(self, model, encoder_hidden: torch.Tensor, encoder_mask: torch.Tensor, start_id: int) -> None:
+        """This batch's encoder output (N, S, d) and mask (N, S) into the static inputs, the caches reset.
+        Padding source positions are masked out; padding rows attend to their first position only
+        (an all-zero mask row would give a softmax over nothing: NaN), and their output is ignored."""
+        rows, source_len = encoder_hidden.shape[:2]
+        self.decoder.model, self.real = model, rows
+        self.encoder_hidden.zero_()
+        self.encoder_hidden[:rows, :source_len].copy_(encoder_hidden)
+        self.encoder_mask.zero_()
+        self.encoder_mask[:rows, :source_len].copy_(encoder_mask)
+        self.encoder_mask[rows:, 0] = 1
+        self.decoder.reset()
+        self.decoder.tokens.fill_(start_id)
+
+    def release(self) -> None:
+        self.decoder.model = None
+
+    def first(self) -> torch.Tensor:
+        """(N, V) logits of step 1, eager: writes the cross-attention keys/values into the cache
+        tensors the graph reads and marks them computed (EncoderDecoderCache.is_updated)."""
+        return self.decoder.step()[: self.real]
+
+    def next(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(N, V) logits after `tokens` (N,), by replaying the recorded step (recording it first if
+        this entry has none)."""
+        self.decoder.tokens[: self.real].copy_(tokens[:, None])
+        if self.graph is None:
+            self._capture()
+        self.graph.replay()
+        return self.logits[: self.real]
+
+    def _capture(self) -> None:
+        # Called after step 1 and with step 2's tokens in place, so the warm-up steps run on real
+        # inputs. Each warm-up call advances every self-attention layer's position (cumulative_length,
+        # a 0-dim tensor the step adds to in place) and writes its key/value slot: those positions and
+        # slots are saved before and copied back after, so the first replay is step 2 again. Capture
+        # itself only records (nothing runs), the copy after it is for certainty. Fewer warm-up steps
+        # when the cache has fewer slots left (a write past its end would be an index error).
+        warmup = min(WARMUP_STEPS, self.max_new_tokens - 1)
+        saved = self.decoder.snapshot(position=1, steps=warmup)
+        _warm_up(self.decoder.step, warmup)
+        _Decoder.restore(saved)
+        self.graph, self.logits = _record(self.decoder.step)
+        _Decoder.restore(saved)
+
+
+def _graphed_decoder(model, encoder_hidden: torch.Tensor, max_new_tokens: int) -> _GraphedDecoder:
+    """The kept `_GraphedDecoder` for this model and shape bucket, or a new one (kept, the oldest
+    dropped past GRAPHS_KEPT)."""
+    rows, source_len, width = encoder_hidden.shape
+    autocast = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
+    key = (
+        id(model), row_bucket(rows), -(-source_len // SOURCE_MULTIPLE) * SOURCE_MULTIPLE, max_new_tokens,
+        encoder_hidden.dtype, autocast, encoder_hidden.device,
+    )  # fmt: skip
+    entry = _GRAPHS.pop(key, None)
+    if entry is None or entry.model_ref() is not model or entry.fingerprint != _fingerprint(model):
+        entry = None  # dropped first: its caches and graph pool are freed before new ones are made
+        entry = _GraphedDecoder(model, key[1], key[2], width, max_new_tokens, encoder_hidden.dtype,
+                                encoder_hidden.device)  # fmt: skip
+    _GRAPHS[key] = entry
+    while len(_GRAPHS) > GRAPHS_KEPT:
+        _GRAPHS.popitem(last=False)
+    return entry
+
+
+class _EagerDecoder:
+    """The same interface over a plain `_Decoder` of the batch's own shape, every step eager."""
+
+    def __init__(self, model, encoder_hidden: torch.Tensor, encoder_mask: torch.Tensor, max_new_tokens: int):
+        self.decoder = _Decoder(model, encoder_hidden, encoder_mask, max_new_tokens)
+
+    def first(self) -> torch.Tensor:
+        return self.decoder.step()
+
+    def next(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.decoder.tokens.copy_(tokens[:, None])
+        return self.decoder.step()
+
+    def release(self) -> None:
+        pass
 
 
 @torch.no_grad()
@@ -204,6 +422,7 @@ def generate(
     logits_processor: LogitsProcessorList | list | None = None,
     return_logprobs: bool = False,
     generator: torch.Generator | None = None,
+    graphs: bool | None = None,
 ) -> Generation:
     """Decode `input_ids` (B, S) with `attention_mask` (B, S), padded sources, one token per step.
 
@@ -213,11 +432,16 @@ def generate(
     no filter (unlike generate's default top_k of 50). A row stops at the model's EOS and emits pad
     after it; the loop ends when every row has stopped or after `max_new_tokens` steps.
     Beam search is not here (use `model.generate`).
+
+    `graphs`: replay the decode step as a CUDA graph (module docstring). None: on when the model is
+    on CUDA; False: every step eager; True on another device is an error. The output is the eager
+    loop's (the same kernels; padding rows and source positions change no real row).
     """
     if num_return_sequences > 1 and not do_sample:
         raise ValueError("num_return_sequences > 1 needs do_sample=True (greedy copies would be identical)")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    use_graphs = _use_graphs(graphs, _base_model(model).device)
     config = _base_model(model).config
     gen = _base_model(model).generation_config
     start_id, pad_id, eos = (
@@ -241,33 +465,47 @@ def generate(
     device = encoder_hidden.device
 
     # Everything the loop writes, allocated before it.
-    decoder = _Decoder(model, encoder_hidden, encoder_mask, max_new_tokens)
+    if use_graphs:
+        decoder = _graphed_decoder(model, encoder_hidden, max_new_tokens)
+        decoder.load(model, encoder_hidden, encoder_mask, start_id)
+    else:
+        decoder = _EagerDecoder(model, encoder_hidden, encoder_mask, max_new_tokens)
+        decoder.decoder.tokens.fill_(start_id)
     sequences = torch.full((rows, 1 + max_new_tokens), pad_id, dtype=torch.long, device=device)  # (N, 1+T)
     sequences[:, 0] = start_id
     logprobs = torch.zeros(rows, max_new_tokens, dtype=torch.float32, device=device)  # (N, T)
     unfinished = torch.ones(rows, dtype=torch.bool, device=device)  # (N,)
-    decoder.tokens.copy_(sequences[:, :1])
+    steps = torch.zeros((), dtype=torch.long, device=device)  # the last step any row was generating at
+    # The stopping check reads `unfinished` on the host, a sync that stalls the queue of replays: with
+    # graphs it is made every 8 steps. Steps run after every row stopped change nothing: finished rows
+    # emit pad (log-probability 0), and the output is cut at `steps`, so it is the same as checking
+    # at every step.
+    check_every = 8 if use_graphs else 1
 
-    steps = 0
-    for t in range(max_new_tokens):
-        logits = decoder.step().float()  # (N, V), float32 as generate scores them
-        # The processors see the ids so far (N, 1+t), start token first, as in generate.
-        scores = processors(sequences[:, : 1 + t], logits)
-        if do_sample:
-            probs = torch.softmax(scores, dim=-1)
-            next_tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (N,)
-        else:
-            next_tokens = scores.argmax(dim=-1)  # (N,)
-        next_tokens = torch.where(unfinished, next_tokens, pad_id)
-        if return_logprobs:
-            raw = torch.log_softmax(logits, dim=-1).gather(1, next_tokens[:, None]).squeeze(1)  # (N,)
-            logprobs[:, t] = torch.where(unfinished, raw, 0.0)
-        sequences[:, 1 + t] = next_tokens
-        decoder.tokens.copy_(next_tokens[:, None])
-        unfinished &= ~torch.isin(next_tokens, eos_ids)
-        steps = t + 1
-        if not unfinished.any():  # one host sync per step: generate's own stopping rule
-            break
+    try:
+        next_tokens = None
+        for t in range(max_new_tokens):
+            # (N, V), float32 as generate scores them
+            logits = (decoder.first() if t == 0 else decoder.next(next_tokens)).float()
+            # The processors see the ids so far (N, 1+t), start token first, as in generate.
+            scores = processors(sequences[:, : 1 + t], logits)
+            if do_sample:
+                probs = torch.softmax(scores, dim=-1)
+                next_tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (N,)
+            else:
+                next_tokens = scores.argmax(dim=-1)  # (N,)
+            next_tokens = torch.where(unfinished, next_tokens, pad_id)
+            if return_logprobs:
+                raw = torch.log_softmax(logits, dim=-1).gather(1, next_tokens[:, None]).squeeze(1)  # (N,)
+                logprobs[:, t] = torch.where(unfinished, raw, 0.0)
+            sequences[:, 1 + t] = next_tokens
+            steps = torch.where(unfinished.any(), t + 1, steps)
+            unfinished &= ~torch.isin(next_tokens, eos_ids)
+            if (t + 1) % check_every == 0 and not unfinished.any():  # generate's own stopping rule
+                break
+    finally:
+        decoder.release()
+    steps = int(steps)
     return Generation(
         sequences=sequences[:, : 1 + steps],
         logprobs=logprobs[:, :steps] if return_logprobs else None,
