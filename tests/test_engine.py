@@ -269,7 +269,7 @@ def graphs_on_cpu(monkeypatch):
         for _ in range(times):
             fn()
 
-    def record(fn):
+    def record(fn, stream):
         calls["record"] += 1
         output = fn().clone()
         return EagerGraph(fn, output), output
@@ -326,3 +326,67 @@ def test_graph_branch_sampling_on_cpu(sampling_setup, graphs_on_cpu):
     finally:
         model.eval()
     assert graphs_on_cpu["record"] == 2 and len(engine._GRAPHS) == 1
+
+
+# --- On the GPU: the step captured as a real CUDA graph ----------------------------------------------
+
+
+def on_cuda(path: str, sources: list[str], t5_scale: float = 2.0):
+    """(model, tokenizer, batch) as `setup` gives them, on the GPU, in float32; no kept graphs."""
+    engine.clear_graphs()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    batch = tokenizer(sources, return_tensors="pt", padding=True).to("cuda")
+    return tiny_model(path, t5_scale).cuda(), tokenizer, batch
+
+
+@pytest.fixture(params=["t5", "bart"])
+def cuda_path(request, t5_small_path, bart_path):
+    yield t5_small_path if request.param == "t5" else bart_path
+    engine.clear_graphs()
+
+
+@pytest.mark.cuda
+def test_cuda_greedy_with_graphs_equals_generate(cuda_path):
+    """The captured step replayed gives generate's greedy ids; graphs=None picks it on CUDA (the
+    second call replays the kept graph)."""
+    model, _, batch = on_cuda(cuda_path, SOURCES)
+    ours = run(model, batch, graphs=True).sequences
+    expected = reference(model, batch)
+    assert torch.equal(ours, expected), (ours, expected)
+    (entry,) = engine._GRAPHS.values()
+    assert entry.graph is not None and entry.rows == 8
+    assert torch.equal(run(model, batch).sequences, expected)
+    assert list(engine._GRAPHS.values()) == [entry]
+    assert torch.equal(run(model, batch, graphs=False).sequences, expected)
+
+
+@pytest.mark.cuda
+def test_cuda_sampling_with_and_without_graphs(cuda_path):
+    """One seeded CUDA generator, the same samples and log-probabilities with and without graphs."""
+    model, _, batch = on_cuda(cuda_path, SOURCES, t5_scale=1.0)
+    options = dict(do_sample=True, temperature=2.0, top_p=0.9, num_return_sequences=3, return_logprobs=True)
+    outs = {}
+    for graphs in (False, True):
+        generator = torch.Generator("cuda").manual_seed(3)
+        outs[graphs] = run(model, batch, graphs=graphs, generator=generator, **options)
+    assert torch.equal(outs[True].sequences, outs[False].sequences)
+    torch.testing.assert_close(outs[True].logprobs, outs[False].logprobs, atol=1e-4, rtol=0)
+    assert (outs[True].sequences.shape[0], engine.row_bucket(15)) == (15, 16)
+
+
+@pytest.mark.cuda
+def test_cuda_another_batch_replays_the_kept_graph(cuda_path):
+    """A second batch of another size in the same bucket (and longer sources in the same 64) replays
+    the graph recorded for the first, with generate's output; the first batch again gives its own
+    output (the caches were reset: positions, the cross-attention keys/values)."""
+    model, tokenizer, batch = on_cuda(cuda_path, SOURCES)
+    first = run(model, batch, graphs=True).sequences
+    assert torch.equal(first, reference(model, batch))
+    (entry,) = engine._GRAPHS.values()
+    graph = entry.graph
+    other = tokenizer([*SOURCES[::-1], "c d e", "an answer: " * 8], return_tensors="pt", padding=True)
+    other = other.to("cuda")
+    second = run(model, other, graphs=True).sequences
+    assert torch.equal(second, reference(model, other)), (second, reference(model, other))
+    assert list(engine._GRAPHS.values()) == [entry] and entry.graph is graph
+    assert torch.equal(run(model, batch, graphs=True).sequences, first)

@@ -271,21 +271,25 @@ def _capture_context():
     return contextlib.nullcontext()
 
 
-def _warm_up(fn: Callable[[], torch.Tensor], times: int) -> None:
+def _warm_up(fn: Callable[[], torch.Tensor], times: int) -> torch.cuda.Stream:
     """`fn()` run `times` times on a side stream, as capture requires: lazily created CUDA state
-    (cuBLAS workspaces, kernels chosen at first use) exists before it is recorded."""
+    (cuBLAS/cuBLASLt handles and workspaces, which are per stream; kernels chosen at first use)
+    exists before it is recorded. Returns that stream: capture records on the same one, so that no
+    handle is first created mid-capture (torch's make_graphed_callables does the same)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side), _capture_context():
         for _ in range(times):
             fn()
     torch.cuda.current_stream().wait_stream(side)
+    return side
 
 
-def _record(fn: Callable[[], torch.Tensor]) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-    """(graph, output): `fn()` recorded, not run; each `graph.replay()` reruns it into `output`."""
+def _record(fn: Callable[[], torch.Tensor], stream) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    """(graph, output): `fn()` recorded on `stream`, not run; each `graph.replay()` reruns it into
+    `output`."""
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph), _capture_context():
+    with torch.cuda.graph(graph, stream=stream), _capture_context():
         output = fn()
     return graph, output
 
@@ -361,9 +365,9 @@ class _GraphedDecoder:
         # when the cache has fewer slots left (a write past its end would be an index error).
         warmup = min(WARMUP_STEPS, self.max_new_tokens - 1)
         saved = self.decoder.snapshot(position=1, steps=warmup)
-        _warm_up(self.decoder.step, warmup)
+        stream = _warm_up(self.decoder.step, warmup)
         _Decoder.restore(saved)
-        self.graph, self.logits = _record(self.decoder.step)
+        self.graph, self.logits = _record(self.decoder.step, stream)
         _Decoder.restore(saved)
 
 
