@@ -2,6 +2,8 @@
 section and the run's facts, tested case by case (what a run prints and records of it:
 tests/test_train.py, test_a_run_says_and_records_its_path_and_time_to_the_first_step)."""
 
+import re
+
 import pytest
 
 from flantune.config import TrainConfig
@@ -187,5 +189,5 @@ def test_auto_resolves_to_the_fastest_path_that_works(facts, train_kw, line):
     ],
 )
 def test_an_explicit_setting_that_cannot_be_honoured_is_an_error(facts, train_kw, message):
-    with pytest.raises(TrainingError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(TrainingError, match=re.escape(message)):
         plan_of(facts, **train_kw)

@@ -35,7 +35,9 @@ step's input and replays. Rows are padded up to a batch-size bucket (1, 2, 4, ..
 multiples of 128) and sources up to a multiple of 64, and the captured step is kept per (model,
 bucket, source bucket, max_new_tokens, dtype) for the next call (`clear_graphs()` frees them). The
 logits processors and the sampling stay eager. Beam search is not here: callers keep
-`model.generate` for beams until the engine has them.
+`model.generate` for beams until the engine has them. No command calls this module yet
+(flantune.decoding still calls `generate`); the CUDA path is checked by tests/test_engine.py's `cuda`
+tests, which run on a GPU machine only.
 """
 
 from __future__ import annotations
@@ -394,8 +396,10 @@ def _graphed_decoder(model, encoder_hidden: torch.Tensor, max_new_tokens: int) -
 class _EagerDecoder:
     """The same interface over a plain `_Decoder` of the batch's own shape, every step eager."""
 
-    def __init__(self, model, encoder_hidden: torch.Tensor, encoder_mask: torch.Tensor, max_new_tokens: int):
+    def __init__(self, model, encoder_hidden: torch.Tensor, encoder_mask: torch.Tensor, max_new_tokens: int,
+                 start_id: int):  # fmt: skip
         self.decoder = _Decoder(model, encoder_hidden, encoder_mask, max_new_tokens)
+        self.decoder.tokens.fill_(start_id)
 
     def first(self) -> torch.Tensor:
         return self.decoder.step()
@@ -473,8 +477,7 @@ def generate(
         decoder = _graphed_decoder(model, encoder_hidden, max_new_tokens)
         decoder.load(model, encoder_hidden, encoder_mask, start_id)
     else:
-        decoder = _EagerDecoder(model, encoder_hidden, encoder_mask, max_new_tokens)
-        decoder.decoder.tokens.fill_(start_id)
+        decoder = _EagerDecoder(model, encoder_hidden, encoder_mask, max_new_tokens, start_id)
     sequences = torch.full((rows, 1 + max_new_tokens), pad_id, dtype=torch.long, device=device)  # (N, 1+T)
     sequences[:, 0] = start_id
     logprobs = torch.zeros(rows, max_new_tokens, dtype=torch.float32, device=device)  # (N, T)
