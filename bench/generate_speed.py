@@ -201,7 +201,7 @@ def engine_side(model, batch: dict, settings: dict) -> torch.Tensor:
         from transformers import MinNewTokensLengthLogitsProcessor
 
         eos = model.generation_config.eos_token_id
-        extra.append(MinNewTokensLengthLogitsProcessor(1, minimum, eos))  # the prompt: the start token
+        extra.append(MinNewTokensLengthLogitsProcessor(1, minimum, eos, device=batch["input_ids"].device))  # the prompt: the start token
     known = set(inspect.signature(engine.generate).parameters)
     unknown = sorted(set(settings) - known)
     if unknown:

@@ -115,6 +115,7 @@ def logits_processors(
     no_repeat_ngram_size: int = 0,
     prefix_allowed_tokens_fn: Callable[[int, torch.Tensor], list[int]] | None = None,
     extra: LogitsProcessorList | list | None = None,
+    device: torch.device | str = "cpu",
 ) -> LogitsProcessorList:
     """transformers' processors for these options, in the order `generate` applies them.
 
@@ -135,7 +136,7 @@ def logits_processors(
         processors.append(ForcedBOSTokenLogitsProcessor(gen.forced_bos_token_id))
     if getattr(gen, "forced_eos_token_id", None) is not None:
         # max_length counts the decoder start token, as generate's does for encoder-decoder models.
-        processors.append(ForcedEOSTokenLogitsProcessor(1 + max_new_tokens, gen.forced_eos_token_id))
+        processors.append(ForcedEOSTokenLogitsProcessor(1 + max_new_tokens, gen.forced_eos_token_id, device=device))
     processors.extend(extra or [])
     if do_sample:
         if temperature != 1.0:
@@ -460,7 +461,7 @@ def generate(
     processors = logits_processors(
         model, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
         top_p=top_p, repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
-        prefix_allowed_tokens_fn=prefix_allowed_tokens_fn, extra=logits_processor,
+        prefix_allowed_tokens_fn=prefix_allowed_tokens_fn, extra=logits_processor, device=input_ids.device,
     )  # fmt: skip
 
     # The encoder, once per source: (B, S, d_model), then (N, S, d_model) with N = B * copies.
