@@ -43,19 +43,48 @@ def need(path: Path) -> Path:
     pytest.skip(f"{missing} (FLANTUNE_REQUIRE_SHARED=1 makes this a failure)")
 
 
+# Under pytest-xdist each worker gets its share of the cores: torch's default of one thread per core
+# in every worker oversubscribes the machine many times over (12 workers on 16 cores ran the CPU
+# training fixtures past 150 s each). Set before torch is imported, so it holds for its thread pools
+# and for the processes the tests start.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_var, str(max(1, (os.cpu_count() or 1) // _WORKERS)))
+
+_DEVICE_PIN = pytest.StashKey[pytest.MonkeyPatch]()
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_runtest_setup(item):
+    """The test's device, pinned before any of its fixtures is made (module- and session-scoped ones
+    too, which a function-scoped fixture would come after): CUDA for tests marked `cuda`, else the
+    CPU, with CUDA hidden here and in the processes the test starts. A fixture shared by a module is
+    made under the device of the first test that asks for it."""
+    import torch
+
+    pin = item.stash[_DEVICE_PIN] = pytest.MonkeyPatch()
+    if not item.get_closest_marker("cuda"):
+        pin.setattr(torch.cuda, "is_available", lambda: False)
+        pin.setenv("CUDA_VISIBLE_DEVICES", "")
+    yield
+
+
+@pytest.hookimpl(hookwrapper=True, trylast=True)
+def pytest_runtest_teardown(item):
+    yield
+    if _DEVICE_PIN in item.stash:
+        item.stash[_DEVICE_PIN].undo()
+
+
 @pytest.fixture(autouse=True)
-def pinned_device(request, monkeypatch):
-    """The test's device: CUDA for tests marked `cuda`, else the CPU (CUDA hidden, here and in the
-    processes the test starts). Accelerate's process-wide state is reset around every test."""
+def pinned_device(request):
+    """Skips a `cuda` test without a GPU; resets Accelerate's process-wide state around every test."""
     import torch
     from accelerate.state import AcceleratorState, GradientState
 
-    if request.node.get_closest_marker("cuda"):
-        if not torch.cuda.is_available():
-            pytest.skip("marked cuda: needs a CUDA device")
-    else:
-        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    if request.node.get_closest_marker("cuda") and not torch.cuda.is_available():
+        pytest.skip("marked cuda: needs a CUDA device")
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
     yield
