@@ -7,6 +7,7 @@ CPU, float32, eval mode. The tiny random models get a larger weight scale than t
 would leave the cache positions and the EOS/pad handling untested.
 """
 
+import contextlib
 import itertools
 
 import pytest
@@ -52,10 +53,10 @@ def sampling_setup(setup, t5_small_path):
 
 
 def reference(model, batch, **options) -> torch.Tensor:
+    options = {"do_sample": False, "num_beams": 1, **options}
     return model.generate(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], do_sample=False, num_beams=1,
-        max_new_tokens=MAX_NEW, **options,
-    )  # fmt: skip
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=MAX_NEW, **options
+    )
 
 
 def run(model, batch, **options) -> engine.Generation:
@@ -152,6 +153,124 @@ def test_repetition_penalty_and_no_repeat_ngrams(setup):
         row = [i for i in row if i not in (tokenizer.pad_token_id, tokenizer.eos_token_id)]
         bigrams = list(itertools.pairwise(row))
         assert len(bigrams) == len(set(bigrams)), row
+
+
+@contextlib.contextmanager
+def eos_made_likelier(model, batch, quantile: float):
+    """An EOS logit bias on the output layer, sized from greedy's own logits so that EOS wins at about
+    `quantile` of the steps: hypotheses end at different steps (beam search's finished set fills
+    while other beams run on)."""
+    eos, head = model.config.eos_token_id, model.get_output_embeddings()
+    with torch.no_grad():
+        plain = run(model, batch).sequences
+        logits = model(**batch, decoder_input_ids=plain[:, :-1]).logits[:, : MAX_NEW - 2]  # (B, T, V)
+    head.bias = torch.nn.Parameter(torch.zeros(head.out_features))
+    with torch.no_grad():
+        head.bias[eos] = (logits.max(-1).values - logits[..., eos]).flatten().quantile(quantile)
+    try:
+        yield
+    finally:
+        head.bias = None
+
+
+BEAMS = [  # num_beams, early_stopping, length_penalty, num_return_sequences
+    (4, False, 1.0, 1),
+    (3, True, 1.0, 2),
+    (4, "never", 2.0, 1),
+    (2, False, -0.5, 2),
+]
+
+
+@pytest.mark.parametrize(("beams", "early", "penalty", "returned"), BEAMS)
+def test_beam_search_equals_generate(setup, beams, early, penalty, returned):
+    """Token for token with generate(num_beams=...), with hypotheses finishing at different steps
+    (EOS made likelier), under each early-stopping rule and length penalty."""
+    model, tokenizer, batch = setup
+    options = {"num_beams": beams, "early_stopping": early, "length_penalty": penalty,
+               "num_return_sequences": returned}  # fmt: skip
+    with eos_made_likelier(model, batch, 0.5):
+        ours = run(model, batch, **options).sequences
+        expected = reference(model, batch, **options)
+    assert torch.equal(ours, expected), (ours, expected)
+    assert ours.shape[0] == len(SOURCES) * returned
+    ends = stops(ours, tokenizer.eos_token_id)
+    # Hypotheses of different lengths came back (BART under "never" with a positive length penalty keeps
+    # only full-length ones: its forced EOS at the cap ends them all at the same step).
+    assert len(set(ends)) > 1 or (model.config.model_type == "bart" and early == "never"), ends
+
+
+def test_beam_search_with_labels_and_processors(setup):
+    model, tokenizer, batch = setup
+    labels = ["yes", "no", "maybe not", "sentiment: True", "the house is small"]
+    trie = LabelTrie(tokenizer, labels, model.config.decoder_start_token_id)
+    for options in (
+        {"prefix_allowed_tokens_fn": trie.allowed},
+        {"repetition_penalty": 1.3, "no_repeat_ngram_size": 2},
+    ):
+        ours = run(model, batch, num_beams=3, **options).sequences
+        assert torch.equal(ours, reference(model, batch, num_beams=3, **options)), options
+    texts = tokenizer.batch_decode(run(model, batch, num_beams=3, prefix_allowed_tokens_fn=trie.allowed)
+                                   .sequences, skip_special_tokens=True)  # fmt: skip
+    assert all(t.strip() in labels for t in texts), texts
+
+
+def lora_pair(model):
+    """A PEFT model with two different random LoRA adapters, "a" and "b"."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = ["q", "v"] if model.config.model_type == "t5" else ["q_proj", "v_proj"]
+    config = LoraConfig(r=4, lora_alpha=32, target_modules=targets, init_lora_weights=False,
+                        task_type="SEQ_2_SEQ_LM")  # fmt: skip
+    torch.manual_seed(1)
+    peft_model = get_peft_model(_copy(model), config, adapter_name="a")
+    peft_model.add_adapter("b", config)
+    torch.manual_seed(2)
+    for name, param in peft_model.named_parameters():
+        if ".b." in name or name.endswith(".b.weight"):
+            param.data.normal_(0, 0.3)
+    return peft_model.eval()
+
+
+def test_mixed_adapter_rows_equal_each_adapter_alone(setup):
+    """Rows of adapters a, b and the base in one batch (PEFT's adapter_names): each row equals that
+    row decoded with its adapter alone, greedy and with beams."""
+    model, _, batch = setup
+    peft_model = lora_pair(model)
+    names = ["a", "b", "__base__", "b", "a"]
+    for options in ({}, {"num_beams": 2}):
+        mixed = run(peft_model, batch, adapter_names=names, **options).sequences
+        alone = {}
+        for name in ("a", "b"):
+            peft_model.set_adapter(name)
+            alone[name] = run(peft_model, batch, **options).sequences
+        with peft_model.disable_adapter():
+            alone["__base__"] = run(peft_model, batch, **options).sequences
+        peft_model.set_adapter("a")
+        assert len({tuple(alone[n][0].tolist()) for n in alone}) == 3  # the three really differ
+        for i, name in enumerate(names):
+            row, expected = mixed[i].tolist(), alone[name][i].tolist()
+            width = min(len(row), len(expected))
+            assert row[:width] == expected[:width], (name, options)
+            pad = model.config.pad_token_id
+            assert set(row[width:]) <= {pad, model.config.eos_token_id} and set(expected[width:]) <= {
+                pad, model.config.eos_token_id}  # fmt: skip
+        with pytest.raises(ValueError, match="adapter_names: 2 names for 5 sources"):
+            run(peft_model, batch, adapter_names=["a", "b"])
+
+
+def test_stop_ends_the_generation(setup):
+    model, _, batch = setup
+    asked = []
+
+    def stop() -> bool:
+        asked.append(1)
+        return len(asked) >= 3
+
+    out = run(model, batch, stop=stop).sequences
+    assert out.shape[1] == 1 + 3 and len(asked) == 3
+    assert torch.equal(out, run(model, batch).sequences[:, :4])
+    asked.clear()
+    assert run(model, batch, num_beams=2, stop=stop).sequences.shape[1] <= 1 + 3
 
 
 def teacher_forced_logits(model, batch, sequences: torch.Tensor, copies: int) -> torch.Tensor:
@@ -311,6 +430,20 @@ def test_graph_branch_on_cpu(setup, graphs_on_cpu):
     assert graphs_on_cpu == {"warm_up": 1, "record": 1}
 
 
+def test_graph_branch_beam_search_on_cpu(setup, graphs_on_cpu):
+    """Beam search through the graph branch (5 sources x 3 beams padded to 16 rows; the cache
+    reordered in place between replays; the stopping check every 8 steps) equals generate's."""
+    model, _, batch = setup
+    options = {"num_beams": 3, "num_return_sequences": 2, "early_stopping": True}
+    with eos_made_likelier(model, batch, 0.5):
+        graphed = run(model, batch, graphs=True, **options).sequences
+        expected = reference(model, batch, **options)
+    assert torch.equal(graphed, expected), (graphed, expected)
+    # The bias's own greedy run (8 rows) and the beams' step (16 rows): one capture each.
+    assert sorted(entry.rows for entry in engine._GRAPHS.values()) == [8, 16]
+    assert graphs_on_cpu == {"warm_up": 2, "record": 2}
+
+
 def test_graph_branch_sampling_on_cpu(sampling_setup, graphs_on_cpu):
     """Sampling from one seeded generator gives the same samples with and without the graph branch
     (the padding rows draw nothing); a changed model (another mode) is recaptured, not replayed."""
@@ -392,3 +525,15 @@ def test_cuda_another_batch_replays_the_kept_graph(cuda_path):
     assert torch.equal(second, reference(model, other)), (second, reference(model, other))
     assert list(engine._GRAPHS.values()) == [entry] and entry.graph is graph
     assert torch.equal(run(model, batch, graphs=True).sequences, first)
+
+
+@pytest.mark.cuda
+def test_cuda_beam_search_with_graphs_equals_generate(cuda_path):
+    """float32 on the GPU, the step replayed and the cache reordered between replays: the beams
+    equal transformers' beam search on the same device."""
+    model, _, batch = on_cuda(cuda_path, SOURCES)
+    options = {"num_beams": 4, "num_return_sequences": 2, "early_stopping": True}
+    with eos_made_likelier(model, batch, 0.5):
+        graphed = run(model, batch, graphs=True, **options).sequences
+        expected = reference(model, batch, **options)
+    assert torch.equal(graphed, expected), (graphed, expected)

@@ -115,6 +115,7 @@ def logits_processors(
     no_repeat_ngram_size: int = 0,
     prefix_allowed_tokens_fn: Callable[[int, torch.Tensor], list[int]] | None = None,
     extra: LogitsProcessorList | list | None = None,
+    num_beams: int = 1,
     device: torch.device | str = "cpu",
 ) -> LogitsProcessorList:
     """transformers' processors for these options, in the order `generate` applies them.
@@ -131,7 +132,7 @@ def logits_processors(
     if no_repeat_ngram_size:
         processors.append(NoRepeatNGramLogitsProcessor(no_repeat_ngram_size))
     if prefix_allowed_tokens_fn is not None:
-        processors.append(PrefixConstrainedLogitsProcessor(prefix_allowed_tokens_fn, num_beams=1))
+        processors.append(PrefixConstrainedLogitsProcessor(prefix_allowed_tokens_fn, num_beams=num_beams))
     if getattr(gen, "forced_bos_token_id", None) is not None:
         processors.append(ForcedBOSTokenLogitsProcessor(gen.forced_bos_token_id))
     if getattr(gen, "forced_eos_token_id", None) is not None:
@@ -225,6 +226,15 @@ class _Decoder:
             layer.cumulative_length.copy_(length)
             layer.keys[:, :, position : position + keys.shape[2]].copy_(keys)
             layer.values[:, :, position : position + values.shape[2]].copy_(values)
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Beam search: row i of the self-attention cache becomes row rows[i] (N,), in place (a
+        captured graph keeps these tensors). Rows past len(rows) (a graph's padding) stay. The
+        cross-attention cache needs no reorder: every beam of a source holds that source's keys."""
+        n = rows.shape[0]
+        for layer in self.cache.self_attention_cache.layers:
+            layer.keys[:n].copy_(layer.keys[:n].index_select(0, rows))
+            layer.values[:n].copy_(layer.values[:n].index_select(0, rows))
 
     def cache_tensors(self) -> list[torch.Tensor]:
         """Every key/value tensor of both caches (tests check that the loop never reallocates them)."""
@@ -345,6 +355,9 @@ class _GraphedDecoder:
     def release(self) -> None:
         self.decoder.model = None
 
+    def reorder(self, rows: torch.Tensor) -> None:
+        self.decoder.reorder(rows)
+
     def first(self) -> torch.Tensor:
         """(N, V) logits of step 1, eager: writes the cross-attention keys/values into the cache
         tensors the graph reads and marks them computed (EncoderDecoderCache.is_updated)."""
@@ -409,8 +422,30 @@ class _EagerDecoder:
         self.decoder.tokens.copy_(tokens[:, None])
         return self.decoder.step()
 
+    def reorder(self, rows: torch.Tensor) -> None:
+        self.decoder.reorder(rows)
+
     def release(self) -> None:
         pass
+
+
+def _length_penalty(gen, given: float | None) -> float:
+    """The caller's, else the checkpoint's generation config's, else generate's default of 1.0."""
+    if given is not None:
+        return given
+    return gen.length_penalty if getattr(gen, "length_penalty", None) is not None else 1.0
+
+
+def _adapter_rows(model, adapter_names: list[str] | None, copies: int):
+    """PEFT's context for batches that mix LoRA adapters (the one PeftModel.generate enters):
+    pre-forward hooks hand every LoRA layer its rows' adapter names ("__base__": no adapter). With
+    `copies` rows per source (samples or beams), PEFT repeats each name for the decoder's rows and
+    keeps one per source for the encoder (its `num_beams` argument does only that)."""
+    if adapter_names is None:
+        return contextlib.nullcontext()
+    if not hasattr(model, "_enable_peft_forward_hooks"):
+        raise ValueError("adapter_names needs a PEFT model with LoRA adapters (this model has none)")
+    return model._enable_peft_forward_hooks(adapter_names=list(adapter_names), num_beams=copies)
 
 
 @torch.no_grad()
@@ -427,30 +462,54 @@ def generate(
     repetition_penalty: float = 1.0,
     no_repeat_ngram_size: int = 0,
     prefix_allowed_tokens_fn: Callable[[int, torch.Tensor], list[int]] | None = None,
+    num_beams: int = 1,
+    length_penalty: float | None = None,
+    early_stopping: bool | str = False,
     num_return_sequences: int = 1,
     logits_processor: LogitsProcessorList | list | None = None,
     return_logprobs: bool = False,
     generator: torch.Generator | None = None,
+    adapter_names: list[str] | None = None,
+    stop: Callable[[], bool] | None = None,
     graphs: bool | None = None,
 ) -> Generation:
     """Decode `input_ids` (B, S) with `attention_mask` (B, S), padded sources, one token per step.
 
     Greedy by default; `do_sample` draws from the processed distribution with torch.multinomial
-    (from `generator` if given, else torch's global RNG). `num_return_sequences` (sampling only) gives
-    that many completions per source, adjacent, from one encoder pass. `top_k=0` and `top_p=1.0` mean
-    no filter (unlike generate's default top_k of 50). A row stops at the model's EOS and emits pad
-    after it; the loop ends when every row has stopped or after `max_new_tokens` steps.
-    Beam search is not here (use `model.generate`).
+    (from `generator` if given, else torch's global RNG). `num_return_sequences` gives that many
+    completions per source, adjacent, from one encoder pass (sampling: that many samples; beam
+    search: the best that many beams). `top_k=0` and `top_p=1.0` mean no filter (unlike generate's
+    default top_k of 50). A row stops at the model's EOS and emits pad after it; the loop ends when
+    every row has stopped or after `max_new_tokens` steps.
+
+    `num_beams` > 1: beam search, as `model.generate(num_beams=...)` does it (`length_penalty`, the
+    model's generation config's when None; `early_stopping` True, False or "never"); with
+    `do_sample`, beam sampling. `adapter_names` (one per source, "__base__" for none): the LoRA
+    adapter of each row, PEFT's mixed-adapter batches. `stop()`, asked at every stopping check,
+    ends the generation early when it returns True (what is decoded so far comes back).
 
     `graphs`: replay the decode step as a CUDA graph (module docstring). None: on when the model is
-    on CUDA; False: every step eager; True on another device is an error. The output is the eager
-    loop's (the same kernels; padding rows and source positions change no real row).
+    on CUDA and no `adapter_names` are given (a mixed-adapter step runs eagerly); False: every step
+    eager; True on another device is an error. The output is the eager loop's (the same kernels;
+    padding rows and source positions change no real row).
     """
-    if num_return_sequences > 1 and not do_sample:
-        raise ValueError("num_return_sequences > 1 needs do_sample=True (greedy copies would be identical)")
+    if num_beams < 1:
+        raise ValueError(f"num_beams must be at least 1, got {num_beams}")
+    if num_return_sequences > num_beams and not do_sample:
+        raise ValueError(
+            f"num_return_sequences={num_return_sequences} needs do_sample=True or at least as many beams "
+            "(greedy copies would be identical)"
+        )
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-    use_graphs = _use_graphs(graphs, _base_model(model).device)
+    if return_logprobs and num_beams > 1:
+        raise ValueError("return_logprobs is for greedy decoding and sampling, not beam search")
+    if adapter_names is not None and len(adapter_names) != input_ids.shape[0]:
+        raise ValueError(f"adapter_names: {len(adapter_names)} names for {input_ids.shape[0]} sources")
+    device = _base_model(model).device
+    if adapter_names is not None and graphs:
+        raise ValueError("graphs=True with adapter_names: a mixed-adapter step runs eagerly (graphs=None)")
+    use_graphs = adapter_names is None and _use_graphs(graphs, device)
     config = _base_model(model).config
     gen = _base_model(model).generation_config
     start_id, pad_id, eos = (
@@ -461,60 +520,172 @@ def generate(
     processors = logits_processors(
         model, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
         top_p=top_p, repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
-        prefix_allowed_tokens_fn=prefix_allowed_tokens_fn, extra=logits_processor, device=input_ids.device,
+        prefix_allowed_tokens_fn=prefix_allowed_tokens_fn, extra=logits_processor, num_beams=num_beams,
+        device=input_ids.device,
     )  # fmt: skip
+    copies = num_beams if num_beams > 1 else num_return_sequences  # decoder rows per source
+    # The stopping check reads flags on the host, a sync that stalls the queue of replays: with graphs
+    # it is made every 8 steps. Steps run after the loop could have stopped change nothing (finished
+    # rows emit pad; beams that can no longer improve are not taken), so the output is the same as
+    # checking at every step.
+    check_every = 8 if use_graphs else 1
 
-    # The encoder, once per source: (B, S, d_model), then (N, S, d_model) with N = B * copies.
-    encoder_hidden = model.get_encoder()(
-        input_ids=input_ids, attention_mask=attention_mask, return_dict=True
-    )[0]
-    encoder_hidden = encoder_hidden.repeat_interleave(num_return_sequences, dim=0)
-    encoder_mask = attention_mask.repeat_interleave(num_return_sequences, dim=0)
-    rows = encoder_hidden.shape[0]
-    device = encoder_hidden.device
+    with _adapter_rows(model, adapter_names, copies):
+        # The encoder, once per source: (B, S, d_model), then (N, S, d_model) with N = B * copies.
+        encoder_hidden = model.get_encoder()(
+            input_ids=input_ids, attention_mask=attention_mask, return_dict=True
+        )[0]
+        encoder_hidden = encoder_hidden.repeat_interleave(copies, dim=0)
+        encoder_mask = attention_mask.repeat_interleave(copies, dim=0)
+        # Everything the loop writes, allocated before it.
+        if use_graphs:
+            decoder = _graphed_decoder(model, encoder_hidden, max_new_tokens)
+            decoder.load(model, encoder_hidden, encoder_mask, start_id)
+        else:
+            decoder = _EagerDecoder(model, encoder_hidden, encoder_mask, max_new_tokens, start_id)
+        try:
+            if num_beams > 1:
+                return _beam_search(
+                    decoder, processors, sources=input_ids.shape[0], num_beams=num_beams,
+                    max_new_tokens=max_new_tokens, start_id=start_id, pad_id=pad_id, eos_ids=eos_ids,
+                    do_sample=do_sample, generator=generator, num_return_sequences=num_return_sequences,
+                    length_penalty=_length_penalty(gen, length_penalty),
+                    early_stopping=early_stopping, check_every=check_every, stop=stop,
+                )  # fmt: skip
+            return _one_token_per_step(
+                decoder, processors, rows=encoder_hidden.shape[0], max_new_tokens=max_new_tokens,
+                start_id=start_id, pad_id=pad_id, eos_ids=eos_ids, do_sample=do_sample, generator=generator,
+                return_logprobs=return_logprobs, check_every=check_every, stop=stop,
+            )  # fmt: skip
+        finally:
+            decoder.release()
 
-    # Everything the loop writes, allocated before it.
-    if use_graphs:
-        decoder = _graphed_decoder(model, encoder_hidden, max_new_tokens)
-        decoder.load(model, encoder_hidden, encoder_mask, start_id)
-    else:
-        decoder = _EagerDecoder(model, encoder_hidden, encoder_mask, max_new_tokens, start_id)
+
+def _one_token_per_step(decoder, processors, *, rows: int, max_new_tokens: int, start_id: int, pad_id: int,
+                        eos_ids: torch.Tensor, do_sample: bool, generator, return_logprobs: bool,
+                        check_every: int, stop) -> Generation:  # fmt: skip
+    """Greedy decoding or sampling: each row picks its next token from its own processed scores."""
+    device = eos_ids.device
     sequences = torch.full((rows, 1 + max_new_tokens), pad_id, dtype=torch.long, device=device)  # (N, 1+T)
     sequences[:, 0] = start_id
     logprobs = torch.zeros(rows, max_new_tokens, dtype=torch.float32, device=device)  # (N, T)
     unfinished = torch.ones(rows, dtype=torch.bool, device=device)  # (N,)
     steps = torch.zeros((), dtype=torch.long, device=device)  # the last step any row was generating at
-    # The stopping check reads `unfinished` on the host, a sync that stalls the queue of replays: with
-    # graphs it is made every 8 steps. Steps run after every row stopped change nothing: finished rows
-    # emit pad (log-probability 0), and the output is cut at `steps`, so it is the same as checking
-    # at every step.
-    check_every = 8 if use_graphs else 1
-
-    try:
-        next_tokens = None
-        for t in range(max_new_tokens):
-            # (N, V), float32 as generate scores them
-            logits = (decoder.first() if t == 0 else decoder.next(next_tokens)).float()
-            # The processors see the ids so far (N, 1+t), start token first, as in generate.
-            scores = processors(sequences[:, : 1 + t], logits)
-            if do_sample:
-                probs = torch.softmax(scores, dim=-1)
-                next_tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (N,)
-            else:
-                next_tokens = scores.argmax(dim=-1)  # (N,)
-            next_tokens = torch.where(unfinished, next_tokens, pad_id)
-            if return_logprobs:
-                raw = torch.log_softmax(logits, dim=-1).gather(1, next_tokens[:, None]).squeeze(1)  # (N,)
-                logprobs[:, t] = torch.where(unfinished, raw, 0.0)
-            sequences[:, 1 + t] = next_tokens
-            steps = torch.where(unfinished.any(), t + 1, steps)
-            unfinished &= ~torch.isin(next_tokens, eos_ids)
-            if (t + 1) % check_every == 0 and not unfinished.any():  # generate's own stopping rule
-                break
-    finally:
-        decoder.release()
+    next_tokens = None
+    for t in range(max_new_tokens):
+        # (N, V), float32 as generate scores them
+        logits = (decoder.first() if t == 0 else decoder.next(next_tokens)).float()
+        # The processors see the ids so far (N, 1+t), start token first, as in generate.
+        scores = processors(sequences[:, : 1 + t], logits)
+        if do_sample:
+            probs = torch.softmax(scores, dim=-1)
+            next_tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (N,)
+        else:
+            next_tokens = scores.argmax(dim=-1)  # (N,)
+        next_tokens = torch.where(unfinished, next_tokens, pad_id)
+        if return_logprobs:
+            raw = torch.log_softmax(logits, dim=-1).gather(1, next_tokens[:, None]).squeeze(1)  # (N,)
+            logprobs[:, t] = torch.where(unfinished, raw, 0.0)
+        sequences[:, 1 + t] = next_tokens
+        steps = torch.where(unfinished.any(), t + 1, steps)
+        unfinished &= ~torch.isin(next_tokens, eos_ids)
+        if (t + 1) % check_every == 0 and (not unfinished.any() or (stop is not None and stop())):  # sync
+            break
     steps = int(steps)
     return Generation(
         sequences=sequences[:, : 1 + steps],
         logprobs=logprobs[:, :steps] if return_logprobs else None,
     )
+
+
+def _beam_search(decoder, processors, *, sources: int, num_beams: int, max_new_tokens: int, start_id: int,
+                 pad_id: int, eos_ids: torch.Tensor, do_sample: bool, generator, num_return_sequences: int,
+                 length_penalty: float, early_stopping: bool | str, check_every: int, stop) -> Generation:  # fmt: skip
+    """Beam search over the engine's decoder: transformers' vectorized beam search
+    (GenerationMixin._beam_search, v5), its candidates, stopping rule and finished-beam bookkeeping
+    step for step, so that the output equals `generate(num_beams=K)`. What differs is the cache: the
+    static one, whose self-attention rows are reordered in place after each step (a replayed graph
+    reads the same tensors).
+
+    Shapes: B sources, K beams, N = B*K decoder rows, V vocabulary, L = 1 + max_new_tokens;
+    C = max(2, 1 + number of EOS ids) * K candidates kept per source and step."""
+    B, K, L = sources, num_beams, 1 + max_new_tokens
+    device = eos_ids.device
+    C = max(2, 1 + eos_ids.numel()) * K
+    top_beams = torch.arange(C, device=device) < K  # (C,) the candidates that may finish a beam
+    # generate fills with `pad_token_id or eos_token_id[0]`: a pad id of 0 (T5's) falls through to EOS.
+    fill = pad_id if pad_id else int(eos_ids[0])
+    running = torch.full((B, K, L), fill, dtype=torch.long, device=device)  # (B, K, L)
+    running[:, :, 0] = start_id
+    finished = running.clone()  # (B, K, L) the best finished hypotheses
+    running_scores = torch.zeros(B, K, device=device)  # (B, K) summed log-probabilities
+    running_scores[:, 1:] = -1e9  # the first step takes candidates from beam 0 only (the rest are its copies)
+    finished_scores = torch.full((B, K), -1e9, device=device)  # (B, K) length-penalized
+    is_finished = torch.zeros(B, K, dtype=torch.bool, device=device)
+    improvable = torch.ones(B, 1, dtype=torch.bool, device=device)  # the early-stop heuristic, per source
+    running_rows = torch.full((B, K, max_new_tokens), -1, dtype=torch.long, device=device)  # row at each step
+    finished_rows = running_rows.clone()
+    offset = torch.arange(B, device=device)[:, None] * K  # (B, 1) first row of each source
+
+    def gather(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:  # (B, X, ...) by (B, Y) -> (B, Y, ...)
+        return torch.take_along_dim(t, index.view(*index.shape, *([1] * (t.dim() - 2))), dim=1)
+
+    tokens = None
+    for t in range(max_new_tokens):
+        length = 1 + t  # ids per row so far, start token included
+        logits = (decoder.first() if t == 0 else decoder.next(tokens)).float()  # (N, V)
+        flat = running[:, :, :length].reshape(B * K, length)
+        log_probs = processors(flat, torch.log_softmax(logits, dim=-1))  # (N, V)
+        vocab = log_probs.shape[-1]
+        total = (log_probs.view(B, K, vocab) + running_scores[:, :, None]).view(B, K * vocab)
+        if do_sample:
+            top = torch.multinomial(torch.softmax(total, dim=-1), C, generator=generator)  # (B, C)
+            top_scores, order = total.gather(1, top).sort(dim=-1, descending=True)
+            top = top.gather(1, order)
+        else:
+            top_scores, top = total.topk(C)  # (B, C)
+        beam, ids = top // vocab, top % vocab
+        top_seqs = gather(running, beam)  # (B, C, L)
+        top_seqs[:, :, length] = ids
+        top_rows = gather(running_rows, beam)  # (B, C, T)
+        top_rows[:, :, t] = beam + offset
+        # generate's stopping criteria, per candidate: EOS, or the length cap reached.
+        hits = torch.isin(ids, eos_ids) | (length + 1 >= L)  # (B, C)
+
+        # The K best candidates that did not finish run on.
+        open_scores = top_scores + hits.float() * -1e9
+        keep = open_scores.topk(K)[1]  # (B, K)
+        running, running_scores, running_rows = gather(top_seqs, keep), gather(open_scores, keep), gather(top_rows, keep)
+
+        # Finished candidates among the top K enter the finished set if they beat its worst.
+        just = hits & top_beams[None, :]
+        scores = top_scores / (length ** length_penalty)
+        full = is_finished.all(dim=-1, keepdim=True) & (early_stopping is True)
+        scores = scores + full.float() * -1e9 + (~improvable).float() * -1e9 + (~just).float() * -1e9
+        best = torch.cat((finished_scores, scores), dim=1).topk(K)[1]  # (B, K)
+        finished = gather(torch.cat((finished, top_seqs), dim=1), best)
+        finished_scores = gather(torch.cat((finished_scores, scores), dim=1), best)
+        finished_rows = gather(torch.cat((finished_rows, top_rows), dim=1), best)
+        is_finished = gather(torch.cat((is_finished, just), dim=1), best)
+
+        # The cache follows the beams: decoder row i continues the hypothesis of row running_rows[i, t].
+        decoder.reorder(running_rows[:, :, t].reshape(B * K))
+        tokens = running[:, :, length].reshape(B * K)
+
+        # generate's early-stop heuristic: can a running beam still beat the worst finished one?
+        hypothetical = max_new_tokens if early_stopping == "never" and length_penalty > 0.0 else length
+        best_running = running_scores[:, :1] / (hypothetical**length_penalty)
+        worst = torch.where(is_finished, finished_scores.min(dim=1, keepdim=True)[0], -1.0e9)
+        improvable = improvable & (best_running > worst).any(dim=-1, keepdim=True)
+        if (t + 1) % check_every == 0 or t + 1 == max_new_tokens:
+            open_beam = not (early_stopping is True and bool(is_finished.all()))  # sync
+            if not (bool(improvable.any()) and open_beam and not bool(hits.all())):
+                break
+            if stop is not None and stop():
+                break
+
+    R = num_return_sequences
+    sequences = finished[:, :R].reshape(B * R, L)
+    rows = finished_rows[:, :R].reshape(B * R, max_new_tokens)
+    generated = int((rows >= 0).sum(dim=1).max())  # the longest kept hypothesis
+    return Generation(sequences=sequences[:, : 1 + generated])
