@@ -273,6 +273,29 @@ def test_stop_ends_the_generation(setup):
     assert run(model, batch, num_beams=2, stop=stop).sequences.shape[1] <= 1 + 3
 
 
+def test_the_checkpoints_generation_config_applies(setup):
+    """What a checkpoint's generation_config.json sets and generate applies, the engine applies too
+    (min_length, bad words, suppressed tokens, greedy and beams); what it cannot apply is refused."""
+    model, _, batch = setup
+    gen = model.generation_config
+    plain = run(model, batch).sequences
+    common = sorted(set(plain[:, 1:4].flatten().tolist()) - {0, 1, 2})[:3]  # tokens greedy emits early
+    try:
+        gen.min_length, gen.bad_words_ids, gen.suppress_tokens = 6, [[common[0]]], [common[1]]
+        for options in ({}, {"num_beams": 3}):
+            ours = run(model, batch, **options).sequences
+            assert torch.equal(ours, reference(model, batch, **options)), options
+        assert not torch.equal(ours, plain) and common[0] not in ours and common[1] not in ours
+    finally:
+        gen.min_length, gen.bad_words_ids, gen.suppress_tokens = None, None, None
+    gen.encoder_no_repeat_ngram_size = 2
+    try:
+        with pytest.raises(ValueError, match="generation_config sets encoder_no_repeat_ngram_size"):
+            run(model, batch)
+    finally:
+        gen.encoder_no_repeat_ngram_size = None
+
+
 def teacher_forced_logits(model, batch, sequences: torch.Tensor, copies: int) -> torch.Tensor:
     """(N, T, V) logits of one full forward over the generated sequences, sources repeated `copies` times."""
     with torch.no_grad():

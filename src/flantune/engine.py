@@ -55,10 +55,15 @@ from transformers import (
     ForcedBOSTokenLogitsProcessor,
     ForcedEOSTokenLogitsProcessor,
     LogitsProcessorList,
+    MinLengthLogitsProcessor,
+    MinNewTokensLengthLogitsProcessor,
+    NoBadWordsLogitsProcessor,
     NoRepeatNGramLogitsProcessor,
     PrefixConstrainedLogitsProcessor,
     RepetitionPenaltyLogitsProcessor,
     StaticCache,
+    SuppressTokensAtBeginLogitsProcessor,
+    SuppressTokensLogitsProcessor,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
@@ -103,6 +108,15 @@ def _decoder_head_shape(config) -> tuple[int, int]:
     return heads, config.d_model // heads
 
 
+# Generation-config settings that `generate` would apply and the engine does not: a checkpoint that
+# sets one is refused rather than decoded differently (none of the T5/BART checkpoints sets them).
+_UNSUPPORTED = {
+    "sequence_bias": None, "encoder_no_repeat_ngram_size": 0, "exponential_decay_length_penalty": None,
+    "remove_invalid_values": False, "renormalize_logits": False, "guidance_scale": None,
+    "num_beam_groups": 1, "diversity_penalty": 0.0, "watermarking_config": None,
+}  # fmt: skip
+
+
 def logits_processors(
     model,
     *,
@@ -118,19 +132,40 @@ def logits_processors(
     num_beams: int = 1,
     device: torch.device | str = "cpu",
 ) -> LogitsProcessorList:
-    """transformers' processors for these options, in the order `generate` applies them.
+    """transformers' processors for these options, in the order `generate` applies them
+    (GenerationMixin._get_logits_processor).
 
-    Besides the options given, the model's generation config contributes what the checkpoint's
-    convention needs and `generate` would apply: forced BOS (first token) and forced EOS (last
-    token at the cap: BART's forced_eos_token_id). `extra` processors come after the penalties and
-    before the sampling warpers, as `generate`'s `logits_processor` argument does.
+    Besides the options given, the model's generation config contributes what the checkpoint sets
+    and `generate` would apply: bad_words_ids, min_length and min_new_tokens, forced BOS (first token)
+    and forced EOS (last token at the cap: BART's forced_eos_token_id), suppress_tokens and
+    begin_suppress_tokens. `extra` processors come after those and before the sampling warpers, as
+    `generate`'s `logits_processor` argument does. Other generation-config settings are refused
+    (ValueError naming them).
     """
     gen = _base_model(model).generation_config
+    unsupported = sorted(
+        name for name, default in _UNSUPPORTED.items() if getattr(gen, name, default) not in (default, None)
+    )
+    if unsupported:
+        raise ValueError(
+            f"the model's generation_config sets {', '.join(unsupported)}, which flantune's decoding engine "
+            "does not apply; remove them from generation_config.json"
+        )
+    eos = getattr(gen, "eos_token_id", None)
+    if eos is None:
+        eos = _base_model(model).config.eos_token_id
+    eos = torch.tensor(eos if isinstance(eos, list) else [eos], device=device)  # (E,)
     processors = LogitsProcessorList()
     if repetition_penalty != 1.0:
         processors.append(RepetitionPenaltyLogitsProcessor(penalty=repetition_penalty))
     if no_repeat_ngram_size:
         processors.append(NoRepeatNGramLogitsProcessor(no_repeat_ngram_size))
+    if getattr(gen, "bad_words_ids", None) is not None:
+        processors.append(NoBadWordsLogitsProcessor(gen.bad_words_ids, eos))
+    if getattr(gen, "min_length", None):
+        processors.append(MinLengthLogitsProcessor(gen.min_length, eos, device=device))
+    if getattr(gen, "min_new_tokens", None):
+        processors.append(MinNewTokensLengthLogitsProcessor(1, gen.min_new_tokens, eos, device=device))
     if prefix_allowed_tokens_fn is not None:
         processors.append(PrefixConstrainedLogitsProcessor(prefix_allowed_tokens_fn, num_beams=num_beams))
     if getattr(gen, "forced_bos_token_id", None) is not None:
@@ -138,14 +173,21 @@ def logits_processors(
     if getattr(gen, "forced_eos_token_id", None) is not None:
         # max_length counts the decoder start token, as generate's does for encoder-decoder models.
         processors.append(ForcedEOSTokenLogitsProcessor(1 + max_new_tokens, gen.forced_eos_token_id, device=device))
+    if getattr(gen, "suppress_tokens", None) is not None:
+        processors.append(SuppressTokensLogitsProcessor(gen.suppress_tokens, device=device))
+    if getattr(gen, "begin_suppress_tokens", None) is not None:
+        begin = 1 if getattr(gen, "forced_bos_token_id", None) is None else 2  # after the start token (and BOS)
+        processors.append(SuppressTokensAtBeginLogitsProcessor(gen.begin_suppress_tokens, begin, device=device))
     processors.extend(extra or [])
     if do_sample:
+        # Beam sampling keeps one more token than there are EOS ids, so a beam can always continue.
+        keep = eos.numel() + 1 if num_beams > 1 else 1
         if temperature != 1.0:
             processors.append(TemperatureLogitsWarper(temperature))
         if top_k:
-            processors.append(TopKLogitsWarper(top_k=top_k))
+            processors.append(TopKLogitsWarper(top_k=top_k, min_tokens_to_keep=keep))
         if top_p < 1.0:
-            processors.append(TopPLogitsWarper(top_p=top_p))
+            processors.append(TopPLogitsWarper(top_p=top_p, min_tokens_to_keep=keep))
     return processors
 
 
