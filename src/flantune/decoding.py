@@ -1,6 +1,8 @@
 """Decoding: sources in, texts out, for every command that generates.
 
-eval, in-training evaluation, RL sampling, generate and serve all decode through this module.
+eval, in-training evaluation, RL sampling, generate and serve all decode through this module, and
+this module decodes through flantune.engine (static cache; the decode step replayed as a CUDA graph
+on a GPU), never through `model.generate`.
 
 Batches are formed by source length so a batch holds similar lengths and little padding. The
 output cap always comes from the caller (the recipe or a flag): transformers' own default of 20
@@ -16,10 +18,12 @@ from __future__ import annotations
 
 import torch
 
+from flantune import engine
 from flantune.config import GenerationConfig
 
 
 def generation_kwargs(cfg: GenerationConfig) -> dict:
+    """flantune.engine.generate's options for a recipe's `generation` block."""
     kwargs = {
         "max_new_tokens": cfg.max_new_tokens,
         "num_beams": cfg.num_beams,
@@ -90,8 +94,8 @@ def generate_texts(
     With `labels`, decoding can only produce one of those strings (classification tasks).
     `adapter_names` (one per source) picks the LoRA adapter that answers each row, "__base__" for
     the base model: PEFT's mixed-adapter batches, so rows of several adapters share a batch.
-    `stop` (a function of no arguments) is asked after every decoding step: True ends the
-    generation there (the server stops work nobody waits for any more).
+    `stop` (a function of no arguments) is asked at the engine's stopping checks (every step, every
+    8 with CUDA graphs): True ends the generation there (the server stops work nobody waits for).
     """
     sources = list(sources)
     if not sources:
@@ -109,32 +113,17 @@ def generate_texts(
         config = getattr(model, "config", None)
         trie = LabelTrie(tokenizer, labels, config.decoder_start_token_id)
         kwargs["prefix_allowed_tokens_fn"] = trie.allowed
-    if stop is not None:
-        from transformers import StoppingCriteriaList
-
-        kwargs["stopping_criteria"] = StoppingCriteriaList([_Stop(stop)])
     for start in range(0, len(order), batch_size):
         index = order[start : start + batch_size]
         batch = tokenizer.pad({"input_ids": [encoded[i] for i in index]}, return_tensors="pt").to(device)
-        if adapter_names is not None:
-            kwargs["adapter_names"] = [adapter_names[i] for i in index]
-        generated = model.generate(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs
-        )
-        for i, ids in zip(index, generated.tolist(), strict=True):  # (B, T_out)
+        names = None if adapter_names is None else [adapter_names[i] for i in index]
+        generated = engine.generate(
+            model, batch["input_ids"], batch["attention_mask"], adapter_names=names, stop=stop, **kwargs
+        ).sequences  # (B, 1 + T)
+        for i, ids in zip(index, generated.tolist(), strict=True):
             outputs[i] = decode(tokenizer, ids)
     model.train(was_training)
     return outputs
-
-
-class _Stop:
-    """A transformers stopping criterion from a function of no arguments: True stops every row."""
-
-    def __init__(self, stop):
-        self.stop = stop
-
-    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
-        return torch.full((input_ids.shape[0],), bool(self.stop()), dtype=torch.bool, device=input_ids.device)
 
 
 # ---- sampling whose randomness belongs to each row ---------------------------------------------
@@ -177,8 +166,8 @@ class KeyedSampling:
     """A transformers logits processor that samples each row from its own stream: temperature, top-k
     and top-p (nucleus) filtering, Gumbel noise by row key, and the argmax made the only token left.
 
-    transformers' sampling mode (which expands the encoder output for `num_return_sequences`, where
-    greedy mode refuses several sequences) then draws that one token whatever its own RNG says.
+    The engine's sampling (which expands the encoder output for `num_return_sequences`, where greedy
+    decoding refuses several sequences) then draws that one token whatever its own RNG says.
     """
 
     def __init__(self, keys: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0):
@@ -216,20 +205,18 @@ def sample_groups(
     top_k: int = 0,
 ) -> torch.Tensor:
     """`group_size` sampled completions of each prompt: (B*G, 1 + T) decoder ids, start token first,
-    grouped by prompt. The encoder runs once per prompt (generate expands its output G times).
+    grouped by prompt. The encoder runs once per prompt (the engine expands its output G times).
 
     Completion j of the prompt numbered p (`first_row` numbers this batch's first prompt) draws from
     the stream of row p * G + j under `seed`: the same completions however prompts are split
     between processes or batches.
     """
-    from transformers import LogitsProcessorList
-
     batch = input_ids.shape[0]
     rows = torch.arange(first_row * group_size, (first_row + batch) * group_size, device=input_ids.device)
     sampling = KeyedSampling(row_keys(seed, rows), temperature=temperature, top_p=top_p, top_k=top_k)
-    # top_k=0, top_p=1, temperature=1: transformers adds no filters of its own; KeyedSampling filters.
-    return model.generate(
-        input_ids=input_ids, attention_mask=attention_mask, do_sample=True, num_beams=1, top_k=0, top_p=1.0,
-        temperature=1.0, num_return_sequences=group_size, max_new_tokens=max_new_tokens,
-        logits_processor=LogitsProcessorList([sampling]),
-    )  # fmt: skip
+    # The engine samples from the processed scores, where KeyedSampling left one token: the keyed
+    # choice, drawn with probability 1. temperature 1, top_k 0, top_p 1: the engine adds no filters.
+    return engine.generate(
+        model, input_ids, attention_mask, do_sample=True, num_return_sequences=group_size,
+        max_new_tokens=max_new_tokens, logits_processor=[sampling],
+    ).sequences  # fmt: skip

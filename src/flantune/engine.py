@@ -26,18 +26,18 @@ path targets compiling decoder-only models; vLLM, which had CUDA-graph decoding 
 models, dropped encoder-decoder support in its V1 engine. This module keeps the model and the cache
 classes of transformers and owns only the loop, so that the step is one fixed-shape call.
 
-Status. The loop is CPU-correct: greedy output equals `model.generate(do_sample=False, num_beams=1)`
-token for token. On CUDA (`graphs`, on by default there) the one-token step is captured as a CUDA
-graph and replayed for steps 2..T: the first step runs eagerly (it fills the cross-attention cache),
-a couple of eager warm-up steps run on a side stream (their cache writes undone), then `step()` is
-recorded once with its logits as a static tensor; each later step copies the chosen tokens into the
-step's input and replays. Rows are padded up to a batch-size bucket (1, 2, 4, ..., 128, then
-multiples of 128) and sources up to a multiple of 64, and the captured step is kept per (model,
-bucket, source bucket, max_new_tokens, dtype) for the next call (`clear_graphs()` frees them). The
-logits processors and the sampling stay eager. Beam search is not here: callers keep
-`model.generate` for beams until the engine has them. No command calls this module yet
-(flantune.decoding still calls `generate`); the CUDA path is checked by tests/test_engine.py's `cuda`
-tests, which run on a GPU machine only.
+Status. Every command decodes through here (flantune.decoding calls `generate`, nothing calls
+`model.generate`). On the CPU the loop is checked token for token against `model.generate` (greedy,
+beams, label restriction, the processors, LoRA and mixed-adapter rows). On CUDA (`graphs`, on by
+default there) the one-token step is captured as a CUDA graph and replayed for steps 2..T: the first
+step runs eagerly (it fills the cross-attention cache), a couple of eager warm-up steps run on a side
+stream (their cache writes undone), then `step()` is recorded once with its logits as a static
+tensor; each later step copies the chosen tokens into the step's input and replays. Rows are padded
+up to a batch-size bucket (1, 2, 4, ..., 128, then multiples of 128) and sources up to a multiple of
+64, and the captured step is kept per (model, bucket, source bucket, max_new_tokens, dtype) for the
+next call (`clear_graphs()` frees them). The logits processors, the sampling and the beam bookkeeping
+stay eager. Rows of several LoRA adapters in one batch run every step eagerly. The CUDA path is
+checked by tests/test_engine.py's `cuda` tests, which run on a GPU machine only.
 """
 
 from __future__ import annotations
