@@ -296,6 +296,30 @@ def test_the_checkpoints_generation_config_applies(setup):
         gen.encoder_no_repeat_ngram_size = None
 
 
+def test_another_architecture_decodes_through_transformers(recwarn):
+    """A seq2seq model the engine does not drive (Marian) decodes through transformers' generate with
+    its static cache, said once; its output is generate's."""
+    from transformers import MarianConfig, MarianMTModel
+
+    config = MarianConfig(vocab_size=64, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                          decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, pad_token_id=63,
+                          eos_token_id=0, decoder_start_token_id=63, max_position_embeddings=64)  # fmt: skip
+    torch.manual_seed(0)
+    model = MarianMTModel(config).eval()
+    assert not engine.supports(model)
+    ids = torch.randint(1, 60, (3, 7))
+    mask = torch.ones_like(ids)
+    mask[0, 5:] = 0
+    batch = {"input_ids": ids, "attention_mask": mask}
+    engine._FALLBACK_SAID.discard("marian")
+    for options in ({}, {"num_beams": 2}):
+        assert torch.equal(run(model, batch, **options).sequences, reference(model, batch, **options))
+    said = [w for w in recwarn if "marian decodes through transformers' generate (static cache)" in str(w.message)]
+    assert len(said) == 1
+    with pytest.raises(ValueError, match="marian: return_logprobs, generator and graphs need"):
+        run(model, batch, return_logprobs=True)
+
+
 def teacher_forced_logits(model, batch, sequences: torch.Tensor, copies: int) -> torch.Tensor:
     """(N, T, V) logits of one full forward over the generated sequences, sources repeated `copies` times."""
     with torch.no_grad():

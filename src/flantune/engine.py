@@ -471,6 +471,55 @@ class _EagerDecoder:
         pass
 
 
+# The architectures whose decoder the engine drives (their cache layout, head shapes and position
+# handling are tested against generate). Others decode through transformers' generate.
+ENGINE_MODEL_TYPES = frozenset({"t5", "mt5", "umt5", "bart"})
+_FALLBACK_SAID: set[str] = set()
+
+
+def supports(model) -> bool:
+    """Whether the engine decodes this model itself (else `generate` falls back to transformers')."""
+    return _base_model(model).config.model_type in ENGINE_MODEL_TYPES
+
+
+def _transformers_generate(model, input_ids, attention_mask, *, stop, generator, return_logprobs, graphs,
+                           **options) -> Generation:  # fmt: skip
+    """An architecture the engine does not drive: transformers' generate, with its static cache where
+    the model supports one (`_can_compile_fullgraph`), said once per architecture."""
+    import warnings
+
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    model_type = _base_model(model).config.model_type
+    if return_logprobs or generator is not None or graphs:
+        raise ValueError(
+            f"{model_type}: return_logprobs, generator and graphs need flantune's decoding engine, which "
+            f"drives {', '.join(sorted(ENGINE_MODEL_TYPES))} models"
+        )
+    static = getattr(type(_base_model(model)), "_can_compile_fullgraph", False)
+    if model_type not in _FALLBACK_SAID:
+        _FALLBACK_SAID.add(model_type)
+        warnings.warn(
+            f"flantune's decoding engine drives {', '.join(sorted(ENGINE_MODEL_TYPES))} models; {model_type} "
+            f"decodes through transformers' generate ({'static' if static else 'dynamic'} cache)",
+            stacklevel=3,
+        )
+
+    class _Stop(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), bool(stop()), dtype=torch.bool, device=input_ids.device)
+
+    options = {k: v for k, v in options.items() if v is not None}
+    if static:
+        options["cache_implementation"] = "static"
+    if stop is not None:
+        options["stopping_criteria"] = StoppingCriteriaList([_Stop()])
+    if options.get("num_beams", 1) == 1:
+        options.pop("early_stopping", None)
+    sequences = model.generate(input_ids=input_ids, attention_mask=attention_mask, **options)
+    return Generation(sequences=sequences)
+
+
 def _length_penalty(gen, given: float | None) -> float:
     """The caller's, else the checkpoint's generation config's, else generate's default of 1.0."""
     if given is not None:
@@ -548,6 +597,16 @@ def generate(
         raise ValueError("return_logprobs is for greedy decoding and sampling, not beam search")
     if adapter_names is not None and len(adapter_names) != input_ids.shape[0]:
         raise ValueError(f"adapter_names: {len(adapter_names)} names for {input_ids.shape[0]} sources")
+    if not supports(model):
+        return _transformers_generate(
+            model, input_ids, attention_mask, stop=stop, generator=generator, return_logprobs=return_logprobs,
+            graphs=graphs, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+            top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
+            no_repeat_ngram_size=no_repeat_ngram_size, prefix_allowed_tokens_fn=prefix_allowed_tokens_fn,
+            num_beams=num_beams, length_penalty=length_penalty, early_stopping=early_stopping,
+            num_return_sequences=num_return_sequences, adapter_names=adapter_names,
+            logits_processor=LogitsProcessorList(logits_processor) if logits_processor else None,
+        )  # fmt: skip
     device = _base_model(model).device
     if adapter_names is not None and graphs:
         raise ValueError("graphs=True with adapter_names: a mixed-adapter step runs eagerly (graphs=None)")
