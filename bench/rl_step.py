@@ -4,9 +4,12 @@ Runs the real RL loop on SciQ prompts in the think/answer format: sampling G com
 prompt, rewards, old/reference log-probabilities and the inner optimizer steps; reports prompts/s
 and completions/s per step (median over the steps after the first) and the time spent sampling.
 Random weights rarely emit EOS, so completions run to max_new_tokens: the figures are for the
-longest completions the setting allows.
+longest completions the setting allows. --decoders transformers,engine runs each case twice: the
+same command sampling with transformers' generate (the decoder it used before the engine;
+bench/_decoders.py) and with flantune's engine, and prints the ratio of prompts/s.
 
     python bench/rl_step.py --shared ../shared --out rl.json [--shape flan-t5-base] [--steps 6]
+        [--methods lora,full] [--decoders engine]
 """
 
 from __future__ import annotations
@@ -14,17 +17,23 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import tempfile
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _decoders import decoder
 
 from flantune.config import recipe_from_dict
 from flantune.rl import run_rl
 
 
 def run_case(
-    shared: Path, shape: str, method: str, steps: int, prompts: int, group: int, new_tokens: int
+    shared: Path, shape: str, method: str, steps: int, prompts: int, group: int, new_tokens: int,
+    decoder_name: str = "engine",
 ) -> dict:
     with tempfile.TemporaryDirectory() as out:
         recipe = recipe_from_dict({
@@ -39,12 +48,13 @@ def run_case(
             "output_dir": out,
         })  # fmt: skip
         torch.cuda.reset_peak_memory_stats() if torch.cuda.is_available() else None
-        run_rl(recipe)
+        with decoder(decoder_name):
+            run_rl(recipe)
         log = [json.loads(x) for x in (Path(out) / "rl" / "metrics.jsonl").read_text().splitlines()]
     steps_log = [r for r in log if "reward" in r][1:]  # the first step includes warm-up
     med = lambda key: statistics.median(r[key] for r in steps_log)  # noqa: E731
     return {
-        "shape": shape, "method": method, "prompts_per_step": prompts, "group_size": group,
+        "shape": shape, "method": method, "decoder": decoder_name, "prompts_per_step": prompts, "group_size": group,
         "max_new_tokens": new_tokens, "prompts_per_s": med("prompts_per_s"),
         "completions_per_s": med("completions_per_s"), "step_seconds": med("step_seconds"),
         "generate_seconds": med("generate_seconds"), "completion_tokens": med("completion_tokens"),
@@ -63,14 +73,21 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--group", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--decoders", default="engine", help="engine, transformers, or both (comma-separated)")
     args = parser.parse_args()
     results = []
     for method in args.methods.split(","):
-        r = run_case(
-            Path(args.shared), args.shape, method, args.steps, args.prompts, args.group, args.max_new_tokens
-        )
-        print(json.dumps(r), flush=True)
-        results.append(r)
+        by_decoder = {}
+        for name in args.decoders.split(","):
+            r = run_case(Path(args.shared), args.shape, method, args.steps, args.prompts, args.group,
+                         args.max_new_tokens, name)  # fmt: skip
+            print(json.dumps(r), flush=True)
+            results.append(r)
+            by_decoder[name] = r
+        if {"engine", "transformers"} <= set(by_decoder):
+            ratio = by_decoder["engine"]["prompts_per_s"] / by_decoder["transformers"]["prompts_per_s"]
+            print(f"{method}: engine {by_decoder['engine']['prompts_per_s']:.1f} prompts/s, transformers "
+                  f"{by_decoder['transformers']['prompts_per_s']:.1f}: {ratio:.2f}x", flush=True)  # fmt: skip
     Path(args.out).write_text(json.dumps(results, indent=2))
 
 

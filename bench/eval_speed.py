@@ -1,0 +1,106 @@
+"""`flantune eval` wall time: the command's own function (flantune.evaluate.run_eval) on SciQ rows,
+decoding with flantune's engine against the same command decoding with transformers' generate
+(default dynamic cache, as the command did before the engine; bench/_decoders.py), one process.
+
+The model is a random-weight flan-t5-base (the published shape, from <shared>/assets, built as
+flantune's `init: random` builds it) saved as a model folder, evaluated as a user evaluates one:
+the sciq task with its support paragraph, sources cut at 512 tokens, the recipe's generation
+settings (greedy, max_new_tokens 32 unless --max-new-tokens), eval.batch_size 32, the first --rows
+rows of SciQ's validation file. Random weights rarely emit EOS, so outputs run to the cap: the wall
+time is for the longest outputs the setting allows. What is timed: run_eval from the call to its
+return (loading the model folder, tokenizing, generating, scoring, writing the report), per
+decoder; each decoder runs once untimed first (CUDA context, kernels chosen, graphs captured), then
+--repeats timed runs (median). The share of predictions equal between the two decoders is printed.
+
+    PYTHONPATH=src python bench/eval_speed.py --shared ../shared --out eval.json [--rows 1000]
+        [--shape flan-t5-base] [--max-new-tokens 32] [--repeats 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _decoders import DECODERS, decoder
+
+from flantune.config import recipe_from_dict
+from flantune.evaluate import run_eval
+from flantune.models import load_model, load_tokenizer
+
+
+def model_folder(shared: Path, shape: str, folder: Path) -> Path:
+    path = str(shared / "assets" / shape)
+    tokenizer = load_tokenizer(path)
+    torch.manual_seed(0)
+    model = load_model(path, init="random", tokenizer=tokenizer)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shared", default="../shared")
+    parser.add_argument("--out", default="eval.json")
+    parser.add_argument("--shape", default="flan-t5-base")
+    parser.add_argument("--rows", type=int, default=1000)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--decoders", default=",".join(DECODERS))
+    args = parser.parse_args()
+    shared = Path(args.shared).resolve()
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = model_folder(shared, args.shape, Path(tmp) / "model")
+        recipe = recipe_from_dict({
+            "model": {"path": str(folder)},
+            "data": {"task": "sciq", "task_options": {"include_support": True},
+                     "test": {"path": str(shared / "data/sciq/valid.json"), "rows": f"0:{args.rows}"},
+                     "max_source_tokens": 512, "max_target_tokens": 32, "overlong": "truncate"},
+            "eval": {"max_rows": args.rows, "batch_size": 32},
+            "generation": {"max_new_tokens": args.max_new_tokens, "num_beams": 1},
+            "output_dir": str(Path(tmp) / "runs"),
+        })  # fmt: skip
+        results, predictions = {}, {}
+        for name in args.decoders.split(","):
+            times = []
+            for i in range(1 + args.repeats):
+                out = Path(tmp) / f"eval-{name}-{i}"
+                with decoder(name):
+                    torch.cuda.synchronize() if torch.cuda.is_available() else None
+                    start = time.perf_counter()
+                    report = run_eval(recipe, str(folder), out=out)
+                    torch.cuda.synchronize() if torch.cuda.is_available() else None
+                    seconds = time.perf_counter() - start
+                if i:
+                    times.append(seconds)
+                rows = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+                predictions[name] = [r["fine-tuned"]["prediction"] for r in rows]
+                print(f"{name} run {i}: {seconds:.1f} s{' (untimed first run)' if not i else ''}", flush=True)
+            wall = statistics.median(times)
+            results[name] = {"wall_s": wall, "rows_per_s": report["rows"] / wall, "first_run_s": None}
+        names = list(results)
+        summary = {
+            "shape": args.shape, "rows": args.rows, "max_new_tokens": args.max_new_tokens,
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+            "torch": torch.__version__, "results": results,
+        }  # fmt: skip
+        if len(names) == 2:
+            a, b = predictions[names[0]], predictions[names[1]]
+            summary["equal_predictions"] = sum(x == y for x, y in zip(a, b, strict=True)) / len(a)
+            summary["ratio_engine_over_transformers"] = results["transformers"]["wall_s"] / results["engine"]["wall_s"]
+            print(f"engine vs transformers: {summary['ratio_engine_over_transformers']:.2f}x faster wall time; "
+                  f"equal predictions {summary['equal_predictions']:.3f}")  # fmt: skip
+    Path(args.out).write_text(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()
