@@ -947,6 +947,41 @@ def test_length_grouped_batches():
                           "train": {"group_by_length": True, "packing": True}})  # fmt: skip
 
 
+def test_length_grouped_batches_under_two_processes():
+    """Under DDP (Accelerate's shard of a batch sampler, as `accelerate launch` prepares the loader for
+    each process) the two processes take alternate length-grouped batches of the same epoch order:
+    every example once per epoch, except one batch repeated to even out an odd count, as
+    Accelerate's even_batches does; the next epoch is another order on both processes."""
+    from accelerate.data_loader import prepare_data_loader
+    from torch.utils.data import DataLoader
+
+    from flantune.samplers import LengthGroupedBatches
+
+    g = torch.Generator().manual_seed(0)
+    lengths = [int(n) for n in torch.randint(1, 500, (1030,), generator=g)]
+    seen = {}
+    for epoch in (0, 1):
+        for process in (0, 1):
+            sampler = LengthGroupedBatches(lengths, batch_size=8, seed=1)  # each process builds its own
+            loader = prepare_data_loader(
+                DataLoader(list(range(len(lengths))), batch_sampler=sampler, collate_fn=list),
+                num_processes=2, process_index=process, put_on_device=False,
+            )  # fmt: skip
+            sampler.set_epoch(epoch)  # as train.micro_batches does, both calls
+            loader.set_epoch(epoch)
+            seen[epoch, process] = list(loader)
+    for epoch in (0, 1):
+        first, second = seen[epoch, 0], seen[epoch, 1]
+        assert len(first) == len(second) == 65  # 129 batches: one more on the second process
+        examples = [i for batch in first + second for i in batch]
+        assert set(examples) == set(range(len(lengths)))
+        assert len(examples) - len(lengths) <= 8  # only the batch repeated to even out the count
+        assert all(set(a).isdisjoint(b) for a, b in zip(first[:-1], second[:-1], strict=True))
+        spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in first) / len(first)
+        assert spread < 30, spread  # still grouped by length on each process
+    assert seen[0, 0] != seen[1, 0] and seen[0, 1] != seen[1, 1]
+
+
 def test_data_wait_share_shows_a_slow_loader(tiny_t5, tmp_path, monkeypatch):
     """metrics.jsonl's data_wait_share: the share of each log window spent waiting for batches."""
     import time
