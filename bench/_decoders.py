@@ -17,12 +17,12 @@ from flantune import engine
 DECODERS = ("transformers", "engine")
 
 
-def _transformers(model, input_ids, attention_mask, *, stop=None, generator=None, return_logprobs=False,
-                  graphs=None, **options) -> engine.Generation:  # fmt: skip
+def _transformers(model, input_ids, attention_mask, *, stop=None, on_step=None, generator=None,
+                  return_logprobs=False, graphs=None, **options) -> engine.Generation:  # fmt: skip
     from transformers import LogitsProcessorList
 
-    if return_logprobs or generator is not None:
-        raise ValueError("the transformers baseline returns no log-probabilities and takes no generator")
+    if return_logprobs or generator is not None or stop is not None or on_step is not None:
+        raise ValueError("the transformers baseline takes no log-probabilities, generator or step hooks")
     options = {k: v for k, v in options.items() if v is not None}
     if options.get("logits_processor"):
         options["logits_processor"] = LogitsProcessorList(options["logits_processor"])

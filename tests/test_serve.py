@@ -212,7 +212,7 @@ def test_timeout_is_a_504_its_generation_stops_and_the_server_lives_on(loaded, m
     """The first generation runs until told to stop (or 10 s): the request times out with a 504, the
     worker's stop signal reaches the running generation, and the next request is answered."""
     stopped, calls = threading.Event(), []
-    real = serve.generate_texts
+    real = serve.generate_outputs
 
     def slow(*args, stop, **kwargs):
         calls.append(1)
@@ -223,7 +223,7 @@ def test_timeout_is_a_504_its_generation_stops_and_the_server_lives_on(loaded, m
             stopped.set()
         return real(*args, stop=stop, **kwargs)
 
-    monkeypatch.setattr(serve, "generate_texts", slow)
+    monkeypatch.setattr(serve, "generate_outputs", slow)
     with TestClient(make_app(loaded, timeout_s=0.3)) as client:
         started = time.monotonic()
         response = ask(client, None, ["a"])
@@ -309,14 +309,14 @@ def test_a_base_alone_is_served(adapters, expected):
 
 def test_shutdown_finishes_requests_in_flight(loaded, expected, monkeypatch):
     started, release = threading.Event(), threading.Event()
-    real = serve.generate_texts
+    real = serve.generate_outputs
 
     def slow(*args, **kwargs):
         started.set()
         release.wait(10)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(serve, "generate_texts", slow)
+    monkeypatch.setattr(serve, "generate_outputs", slow)
     app = make_app(loaded, batch_wait_ms=0)
     with live_server(app) as (server, thread, url), ThreadPoolExecutor(2) as pool:
         running = pool.submit(httpx.post, f"{url}/v1/generate", json={"inputs": [SOURCES[0]], "max_new_tokens": 8},
@@ -349,3 +349,85 @@ def test_draining_answers_503(loaded):
         response = ask(client, None, ["a"])
         assert response.status_code == 503 and "shutting down" in response.json()["detail"]
         app.state.service.draining = False
+
+
+# ---- the OpenAI-compatible routes and the metrics ------------------------------------------------
+
+
+def test_the_openai_client_talks_to_the_server(loaded, expected):
+    """The real `openai` client against a live server on loopback: the model list, greedy completions
+    per model equal to direct generation, n samples per prompt, stop strings, the errors it raises,
+    and the bearer token it sends as its api_key."""
+    openai = pytest.importorskip("openai")
+    base = loaded[2]
+    with live_server(make_app(loaded, token="s3cret")) as (_, _, url):
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="s3cret", max_retries=0)
+        assert [m.id for m in client.models.list()] == [base, "alpha", "beta", "gamma"]
+
+        for name in (None, "alpha", "beta"):
+            done = client.completions.create(model=name or base, prompt=SOURCES, max_tokens=8, temperature=0)
+            assert done.model == (name or base) and done.object == "text_completion"
+            assert [c.index for c in done.choices] == list(range(len(SOURCES)))
+            assert [c.text for c in done.choices] == [expected[name][s] for s in SOURCES]
+            assert all(c.finish_reason in ("stop", "length") for c in done.choices)
+            prompt_tokens = sum(len(loaded[1](s)["input_ids"]) for s in SOURCES)
+            assert done.usage.prompt_tokens == prompt_tokens
+            assert 0 < done.usage.completion_tokens <= 8 * len(SOURCES)
+            assert done.usage.total_tokens == prompt_tokens + done.usage.completion_tokens
+
+        one = client.completions.create(model="alpha", prompt=SOURCES[0], max_tokens=8, temperature=0)
+        assert [c.text for c in one.choices] == [expected["alpha"][SOURCES[0]]]
+
+        sampled = client.completions.create(model="beta", prompt=SOURCES[:2], max_tokens=8, temperature=1.0, n=3)
+        assert [c.index for c in sampled.choices] == list(range(6))
+        assert all(isinstance(c.text, str) for c in sampled.choices)
+
+        # A stop string cuts the text before it and ends the choice with "stop".
+        text = expected["gamma"][SOURCES[2]]
+        assert len(text) > 2, text
+        cut_at = text[1:].find(text[1]) + 1 if text[1] in text[2:] else 1  # a later occurrence counts not
+        stop = text[cut_at:]
+        done = client.completions.create(model="gamma", prompt=SOURCES[2], max_tokens=8, temperature=0, stop=[stop])
+        assert done.choices[0].text == text[: text.find(stop)] and done.choices[0].finish_reason == "stop"
+
+        with pytest.raises(openai.NotFoundError, match="model 'delta' is not served here"):
+            client.completions.create(model="delta", prompt="x", max_tokens=4)
+        with pytest.raises(openai.UnprocessableEntityError, match="n: several completions"):
+            client.completions.create(model="alpha", prompt="x", max_tokens=4, temperature=0, n=2)
+        with pytest.raises(openai.UnprocessableEntityError, match="logprobs"):
+            client.completions.create(model="alpha", prompt="x", max_tokens=4, logprobs=2)
+        with pytest.raises(openai.UnprocessableEntityError, match="over this server's limit of 512"):
+            client.completions.create(model="alpha", prompt="x", max_tokens=513)
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0).models.list()
+
+
+def test_metrics_count_requests_tokens_and_latency(loaded):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with TestClient(make_app(loaded)) as client:
+        assert ask(client, "alpha", SOURCES[:2]).status_code == 200
+        assert ask(client, "delta", SOURCES[:1]).status_code == 404
+        done = client.post("/v1/completions", json={"model": "beta", "prompt": SOURCES, "max_tokens": 8,
+                                                     "temperature": 0})  # fmt: skip
+        assert done.status_code == 200
+        page = client.get("/metrics")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/plain")
+    samples = {}
+    for family in text_string_to_metric_families(page.text):
+        for sample in family.samples:
+            samples[sample.name, tuple(sorted(sample.labels.items()))] = sample.value
+
+    def value(name, **labels):
+        return samples[name, tuple(sorted(labels.items()))]
+
+    assert value("flantune_requests_total", route="/v1/generate", model="alpha", status="200") == 1
+    assert value("flantune_requests_total", route="/v1/generate", model="unknown", status="404") == 1
+    assert value("flantune_requests_total", route="/v1/completions", model="beta", status="200") == 1
+    generated = done.json()["usage"]["completion_tokens"]
+    assert value("flantune_generated_tokens_total", model="beta") == generated > 0
+    assert value("flantune_generated_tokens_total", model="alpha") > 0
+    assert value("flantune_time_to_first_token_seconds_count") == 2
+    assert value("flantune_time_to_first_token_seconds_sum") > 0
+    assert value("flantune_time_per_output_token_seconds_count") == 2
+    assert value("flantune_queue_inputs") == 0 and value("flantune_running_batch_inputs") == 0

@@ -8,13 +8,16 @@ Batches are formed by source length so a batch holds similar lengths and little 
 output cap always comes from the caller (the recipe or a flag): transformers' own default of 20
 new tokens would cut answers silently.
 
-    generate_texts   batched generation with the recipe's options, label restriction, stop hooks
+    generate_outputs batched generation with the recipe's options, label restriction, stop hooks
+    generate_texts   the same, texts only
     sample_groups    G sampled completions per prompt, each row's randomness keyed by its own id
     decode           generated ids → text, keeping added task tokens such as <think>
     LabelTrie        decoding restricted to a task's label strings
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -75,8 +78,24 @@ class LabelTrie:
         return sorted(self.children.get(tuple(prefix), {self.eos}))
 
 
+@dataclass
+class Output:
+    """One source's generated output: its text, the tokens generated (EOS not counted) and whether
+    the model ended it (EOS) rather than the cap."""
+
+    text: str
+    tokens: int
+    finished: bool
+
+
 @torch.no_grad()
-def generate_texts(
+def generate_texts(model, tokenizer, sources: list[str], cfg: GenerationConfig, **options) -> list[str]:
+    """Generate one output text per source, in the order of `sources` (`generate_outputs`' texts)."""
+    return [out.text for out in generate_outputs(model, tokenizer, sources, cfg, **options)]
+
+
+@torch.no_grad()
+def generate_outputs(
     model,
     tokenizer,
     sources: list[str],
@@ -88,7 +107,8 @@ def generate_texts(
     labels: list[str] | None = None,
     adapter_names: list[str] | None = None,
     stop=None,
-) -> list[str]:
+    on_step=None,
+) -> list[Output]:
     """Generate one output per source; the result is in the order of `sources`.
 
     With `labels`, decoding can only produce one of those strings (classification tasks).
@@ -96,6 +116,7 @@ def generate_texts(
     the base model: PEFT's mixed-adapter batches, so rows of several adapters share a batch.
     `stop` (a function of no arguments) is asked at the engine's stopping checks (every step, every
     8 with CUDA graphs): True ends the generation there (the server stops work nobody waits for).
+    `on_step(t)` is called as each decoding step is issued (flantune.engine.generate).
     """
     sources = list(sources)
     if not sources:
@@ -107,21 +128,28 @@ def generate_texts(
         "input_ids"
     ]
     order = sorted(range(len(sources)), key=lambda i: len(encoded[i]), reverse=True)
-    outputs: list[str] = [""] * len(sources)
+    outputs: list[Output | None] = [None] * len(sources)
     kwargs = generation_kwargs(cfg)
     if labels:
         config = getattr(model, "config", None)
         trie = LabelTrie(tokenizer, labels, config.decoder_start_token_id)
         kwargs["prefix_allowed_tokens_fn"] = trie.allowed
+    ends = {tokenizer.eos_token_id, tokenizer.pad_token_id}
     for start in range(0, len(order), batch_size):
         index = order[start : start + batch_size]
         batch = tokenizer.pad({"input_ids": [encoded[i] for i in index]}, return_tensors="pt").to(device)
         names = None if adapter_names is None else [adapter_names[i] for i in index]
         generated = engine.generate(
-            model, batch["input_ids"], batch["attention_mask"], adapter_names=names, stop=stop, **kwargs
+            model, batch["input_ids"], batch["attention_mask"], adapter_names=names, stop=stop, on_step=on_step,
+            **kwargs,
         ).sequences  # (B, 1 + T)
         for i, ids in zip(index, generated.tolist(), strict=True):
-            outputs[i] = decode(tokenizer, ids)
+            ids = ids[1:]  # the decoder start token
+            finished = tokenizer.eos_token_id in ids
+            if finished:
+                ids = ids[: ids.index(tokenizer.eos_token_id)]
+            tokens = sum(1 for t in ids if t not in ends)
+            outputs[i] = Output(text=decode(tokenizer, ids), tokens=tokens, finished=finished)
     model.train(was_training)
     return outputs
 

@@ -482,8 +482,8 @@ def supports(model) -> bool:
     return _base_model(model).config.model_type in ENGINE_MODEL_TYPES
 
 
-def _transformers_generate(model, input_ids, attention_mask, *, stop, generator, return_logprobs, graphs,
-                           **options) -> Generation:  # fmt: skip
+def _transformers_generate(model, input_ids, attention_mask, *, stop, on_step, generator, return_logprobs,
+                           graphs, **options) -> Generation:  # fmt: skip
     """An architecture the engine does not drive: transformers' generate, with its static cache where
     the model supports one (`_can_compile_fullgraph`), said once per architecture."""
     import warnings
@@ -505,15 +505,24 @@ def _transformers_generate(model, input_ids, attention_mask, *, stop, generator,
             stacklevel=3,
         )
 
-    class _Stop(StoppingCriteria):
+    class _Hooks(StoppingCriteria):
+        """Asked after every step: `on_step`, then `stop` (True stops every row)."""
+
+        def __init__(self):
+            self.step = 0
+
         def __call__(self, input_ids, scores, **kwargs):
-            return torch.full((input_ids.shape[0],), bool(stop()), dtype=torch.bool, device=input_ids.device)
+            if on_step is not None:
+                on_step(self.step)
+            self.step += 1
+            done = stop is not None and bool(stop())
+            return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
 
     options = {k: v for k, v in options.items() if v is not None}
     if static:
         options["cache_implementation"] = "static"
-    if stop is not None:
-        options["stopping_criteria"] = StoppingCriteriaList([_Stop()])
+    if stop is not None or on_step is not None:
+        options["stopping_criteria"] = StoppingCriteriaList([_Hooks()])
     if options.get("num_beams", 1) == 1:
         options.pop("early_stopping", None)
     sequences = model.generate(input_ids=input_ids, attention_mask=attention_mask, **options)
@@ -562,6 +571,7 @@ def generate(
     generator: torch.Generator | None = None,
     adapter_names: list[str] | None = None,
     stop: Callable[[], bool] | None = None,
+    on_step: Callable[[int], None] | None = None,
     graphs: bool | None = None,
 ) -> Generation:
     """Decode `input_ids` (B, S) with `attention_mask` (B, S), padded sources, one token per step.
@@ -578,6 +588,8 @@ def generate(
     `do_sample`, beam sampling. `adapter_names` (one per source, "__base__" for none): the LoRA
     adapter of each row, PEFT's mixed-adapter batches. `stop()`, asked at every stopping check,
     ends the generation early when it returns True (what is decoded so far comes back).
+    `on_step(t)` is called once step t (0-based) is issued (its kernels queued, not waited for: a
+    caller that times it synchronizes itself).
 
     `graphs`: replay the decode step as a CUDA graph (module docstring). None: on when the model is
     on CUDA and no `adapter_names` are given (a mixed-adapter step runs eagerly); False: every step
@@ -599,7 +611,8 @@ def generate(
         raise ValueError(f"adapter_names: {len(adapter_names)} names for {input_ids.shape[0]} sources")
     if not supports(model):
         return _transformers_generate(
-            model, input_ids, attention_mask, stop=stop, generator=generator, return_logprobs=return_logprobs,
+            model, input_ids, attention_mask, stop=stop, on_step=on_step, generator=generator,
+            return_logprobs=return_logprobs,
             graphs=graphs, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
             top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
             no_repeat_ngram_size=no_repeat_ngram_size, prefix_allowed_tokens_fn=prefix_allowed_tokens_fn,
@@ -651,12 +664,12 @@ def generate(
                     max_new_tokens=max_new_tokens, start_id=start_id, pad_id=pad_id, eos_ids=eos_ids,
                     do_sample=do_sample, generator=generator, num_return_sequences=num_return_sequences,
                     length_penalty=_length_penalty(gen, length_penalty),
-                    early_stopping=early_stopping, check_every=check_every, stop=stop,
+                    early_stopping=early_stopping, check_every=check_every, stop=stop, on_step=on_step,
                 )  # fmt: skip
             return _one_token_per_step(
                 decoder, processors, rows=encoder_hidden.shape[0], max_new_tokens=max_new_tokens,
                 start_id=start_id, pad_id=pad_id, eos_ids=eos_ids, do_sample=do_sample, generator=generator,
-                return_logprobs=return_logprobs, check_every=check_every, stop=stop,
+                return_logprobs=return_logprobs, check_every=check_every, stop=stop, on_step=on_step,
             )  # fmt: skip
         finally:
             decoder.release()
@@ -664,7 +677,7 @@ def generate(
 
 def _one_token_per_step(decoder, processors, *, rows: int, max_new_tokens: int, start_id: int, pad_id: int,
                         eos_ids: torch.Tensor, do_sample: bool, generator, return_logprobs: bool,
-                        check_every: int, stop) -> Generation:  # fmt: skip
+                        check_every: int, stop, on_step) -> Generation:  # fmt: skip
     """Greedy decoding or sampling: each row picks its next token from its own processed scores."""
     device = eos_ids.device
     sequences = torch.full((rows, 1 + max_new_tokens), pad_id, dtype=torch.long, device=device)  # (N, 1+T)
@@ -690,6 +703,8 @@ def _one_token_per_step(decoder, processors, *, rows: int, max_new_tokens: int, 
         sequences[:, 1 + t] = next_tokens
         steps = torch.where(unfinished.any(), t + 1, steps)
         unfinished &= ~torch.isin(next_tokens, eos_ids)
+        if on_step is not None:
+            on_step(t)
         if (t + 1) % check_every == 0 and (not unfinished.any() or (stop is not None and stop())):  # sync
             break
     steps = int(steps)
@@ -701,7 +716,8 @@ def _one_token_per_step(decoder, processors, *, rows: int, max_new_tokens: int, 
 
 def _beam_search(decoder, processors, *, sources: int, num_beams: int, max_new_tokens: int, start_id: int,
                  pad_id: int, eos_ids: torch.Tensor, do_sample: bool, generator, num_return_sequences: int,
-                 length_penalty: float, early_stopping: bool | str, check_every: int, stop) -> Generation:  # fmt: skip
+                 length_penalty: float, early_stopping: bool | str, check_every: int, stop,
+                 on_step) -> Generation:  # fmt: skip
     """Beam search over the engine's decoder: transformers' vectorized beam search
     (GenerationMixin._beam_search, v5), its candidates, stopping rule and finished-beam bookkeeping
     step for step, so that the output equals `generate(num_beams=K)`. What differs is the cache: the
@@ -778,6 +794,8 @@ def _beam_search(decoder, processors, *, sources: int, num_beams: int, max_new_t
         best_running = running_scores[:, :1] / (hypothetical**length_penalty)
         worst = torch.where(is_finished, finished_scores.min(dim=1, keepdim=True)[0], -1.0e9)
         improvable = improvable & (best_running > worst).any(dim=-1, keepdim=True)
+        if on_step is not None:
+            on_step(t)
         if (t + 1) % check_every == 0 or t + 1 == max_new_tokens:
             open_beam = not (early_stopping is True and bool(is_finished.all()))  # sync
             if not (bool(improvable.any()) and open_beam and not bool(hits.all())):

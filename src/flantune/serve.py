@@ -6,8 +6,10 @@ next, taking every request of it that arrives within a short wait window (up to 
 one `generate_texts` call. One owner means adapters can never be switched under a running
 generation, so interleaved requests for different adapters each get their own adapter's output.
 
-Routes: POST /v1/generate, GET /v1/models, GET /healthz, the OpenAPI docs at /docs, and the
-playground page at /.
+Routes: POST /v1/generate (this server's own API, which the playground uses), POST
+/v1/completions (OpenAI's completions API: `model` is the base's or an adapter's name, `prompt` the
+source), GET /v1/models (OpenAI's list form with this server's details beside it), GET /metrics
+(Prometheus), GET /healthz, the OpenAPI docs at /docs, and the playground page at /.
 """
 
 from __future__ import annotations
@@ -20,9 +22,10 @@ import hmac
 import re
 import threading
 import time
+import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import Future
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -31,12 +34,12 @@ import torch
 from fastapi import FastAPI, HTTPException
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
 
 from flantune.config import GenerationConfig
-from flantune.decoding import generate_texts
+from flantune.decoding import generate_outputs
 
 STATIC = Path(str(resources.files("flantune") / "static"))
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -185,6 +188,11 @@ class Worker:
         self.stopping = False
         self.thread = threading.Thread(target=self._loop, name="flantune-generate", daemon=True)
         self.batches = 0
+        self.running = 0  # inputs of the batch being generated now (the /metrics gauge)
+
+    def queued_inputs(self) -> int:
+        with self.cond:
+            return sum(len(job.inputs) for job in self.pending)
 
     def start(self) -> None:
         self.thread.start()
@@ -240,48 +248,63 @@ class Worker:
     def _run(self, batch: list[Job]) -> None:
         started = time.perf_counter()
         sources = [text for job in batch for text in job.inputs]
+        first_step = []  # when the batch's first decoding step had run
 
         # Once every request of the batch has timed out, decoding stops at the next step.
         def stop() -> bool:
             return all(job.abandoned.is_set() for job in batch)
 
+        def on_step(t: int) -> None:
+            if t == 0:
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()  # once per batch: the first step's kernels have run
+                first_step.append(time.perf_counter())
+
+        self.running = len(sources)
         try:
             if batch[0].mixes(self.mixed):
                 names = [job.adapter or "__base__" for job in batch for _ in job.inputs]
-                outputs = generate_texts(self.model, self.tokenizer, sources, batch[0].cfg,
-                                         batch_size=self.max_batch, adapter_names=names, stop=stop)  # fmt: skip
+                outputs = generate_outputs(self.model, self.tokenizer, sources, batch[0].cfg, batch_size=self.max_batch,
+                                           adapter_names=names, stop=stop, on_step=on_step)  # fmt: skip
             else:
-                outputs = self._generate(batch[0].adapter, sources, batch[0].cfg, stop)
-            counts = [len(ids) for ids in self.tokenizer(outputs, add_special_tokens=False)["input_ids"]]
+                outputs = self._generate(batch[0].adapter, sources, batch[0].cfg, stop, on_step)
+            texts = [out.text for out in outputs]
+            counts = [len(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
         except Exception as e:  # a failed batch answers its requests; the worker lives on
             for job in batch:
                 job.future.set_exception(e)
             return
+        finally:
+            self.running = 0
         self.batches += 1
         models = len({job.adapter for job in batch})
-        generate_ms = (time.perf_counter() - started) * 1000
+        ended = time.perf_counter()
+        generate_ms = (ended - started) * 1000
+        first_ms = ((first_step[0] if first_step else ended) - started) * 1000
         at = 0
         for job in batch:
             n = len(job.inputs)
+            mine = outputs[at : at + n]
             job.future.set_result({
-                "outputs": outputs[at : at + n], "output_tokens": counts[at : at + n],
+                "outputs": texts[at : at + n], "output_tokens": counts[at : at + n],
+                "generated_tokens": [out.tokens for out in mine], "finished": [out.finished for out in mine],
                 "batch": {"requests": len(batch), "inputs": len(sources), "models": models},
-                "queue_ms": (started - job.queued) * 1000, "generate_ms": generate_ms,
+                "queue_ms": (started - job.queued) * 1000, "generate_ms": generate_ms, "first_step_ms": first_ms,
             })  # fmt: skip
             at += n
 
-    def _generate(self, adapter: str | None, sources: list[str], cfg: GenerationConfig, stop) -> list[str]:
+    def _generate(self, adapter: str | None, sources: list[str], cfg: GenerationConfig, stop, on_step):
         from peft import PeftModel
 
         model = self.model
-        options = {"batch_size": self.max_batch, "stop": stop}
+        options = {"batch_size": self.max_batch, "stop": stop, "on_step": on_step}
         if not isinstance(model, PeftModel):
-            return generate_texts(model, self.tokenizer, sources, cfg, **options)
+            return generate_outputs(model, self.tokenizer, sources, cfg, **options)
         if adapter is None:
             with model.disable_adapter():
-                return generate_texts(model, self.tokenizer, sources, cfg, **options)
+                return generate_outputs(model, self.tokenizer, sources, cfg, **options)
         model.set_adapter(adapter)
-        return generate_texts(model, self.tokenizer, sources, cfg, **options)
+        return generate_outputs(model, self.tokenizer, sources, cfg, **options)
 
 
 # ---- the HTTP API ----------------------------------------------------------------------------
@@ -326,6 +349,80 @@ class GenerateResponse(BaseModel):
     timing: Timing
 
 
+class CompletionRequest(BaseModel):
+    """OpenAI's completions request, as far as this server serves it: `prompt` is the source text.
+
+    Fields OpenAI has and this server does not serve (suffix, echo, best_of, logit_bias, penalties,
+    seed, logprobs, stream, ...) are refused with a 422 that names them, never ignored."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    model: str = Field(description="The base model's name or an adapter's, as GET /v1/models lists them.")
+    prompt: str | list[str] = Field(description="The source text, or a list of them.")
+    max_tokens: int = Field(16, ge=1, description="Output cap in tokens (OpenAI's default, 16).")
+    temperature: float = Field(1.0, ge=0, le=2, description="0: greedy decoding; otherwise sampling.")
+    top_p: float = Field(1.0, gt=0, le=1)
+    n: int = Field(1, ge=1, le=16, description="Completions per prompt (sampling only).")
+    stop: str | list[str] | None = Field(None, description="Up to 4 strings; the text ends before the first.")
+    user: str | None = None
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: None = None
+    finish_reason: str = Field(description="stop: the model ended it or a stop string; length: max_tokens.")
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: str = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class Metrics:
+    """The Prometheus metrics of one server (its own registry, so that several apps in one process
+    never share counters), exported at GET /metrics."""
+
+    def __init__(self, worker: Worker):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = CollectorRegistry()
+        self.requests = Counter("flantune_requests", "Requests answered, by route, model and HTTP status.",
+                                ["route", "model", "status"], registry=self.registry)  # fmt: skip
+        self.tokens = Counter("flantune_generated_tokens", "Output tokens generated (EOS not counted), by model.",
+                              ["model"], registry=self.registry)  # fmt: skip
+        Gauge("flantune_queue_inputs", "Inputs waiting for the worker.",
+              registry=self.registry).set_function(worker.queued_inputs)  # fmt: skip
+        Gauge("flantune_running_batch_inputs", "Inputs of the batch being generated now.",
+              registry=self.registry).set_function(lambda: worker.running)  # fmt: skip
+        latency = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+        self.first_token = Histogram("flantune_time_to_first_token_seconds",
+                                     "From a request's arrival to its batch's first decoding step.",
+                                     buckets=latency, registry=self.registry)  # fmt: skip
+        self.per_token = Histogram("flantune_time_per_output_token_seconds",
+                                   "Decoding time of a request's batch after the first step, per step it ran.",
+                                   buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1),
+                                   registry=self.registry)  # fmt: skip
+
+    def observe(self, result: dict, model: str) -> None:
+        """A request's timings and tokens, from the worker's result for it."""
+        self.first_token.observe((result["queue_ms"] + result["first_step_ms"]) / 1000)
+        steps = max(result["generated_tokens"], default=0)
+        if steps > 1:
+            self.per_token.observe((result["generate_ms"] - result["first_step_ms"]) / 1000 / (steps - 1))
+        self.tokens.labels(model).inc(sum(result["generated_tokens"]))
+
+
 class Service:
     """What the routes share: the worker, the names it serves, the limits and a tokenizer for counting."""
 
@@ -342,6 +439,8 @@ class Service:
         self.base, self.kinds, self.limits = base, kinds, limits
         self.device = str(next(model.parameters()).device)
         self.draining = False
+        self.started = time.time()
+        self.metrics = Metrics(self.worker)
 
 
 def create_app(service: Service, token: str | None = None) -> FastAPI:
@@ -362,6 +461,7 @@ def create_app(service: Service, token: str | None = None) -> FastAPI:
     )
     app.state.service = service
     app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(HTTPException, http_error)
     app.add_middleware(Guard, service=service, token=token)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
@@ -374,22 +474,47 @@ def create_app(service: Service, token: str | None = None) -> FastAPI:
 
     @app.get("/v1/models")
     def models() -> dict:
-        """The base model and the adapters requests may name."""
+        """The base model and the adapters requests may name: OpenAI's list form (`data`, each `id` a
+        name that /v1/completions takes as `model`), with this server's own details beside it."""
+        created = int(service.started)
+        data = [
+            {"id": name, "object": "model", "created": created, "owned_by": "flantune", "root": service.base,
+             "parent": None if name == service.base else service.base}
+            for name in (service.base, *service.kinds)
+        ]  # fmt: skip
         return {
+            "object": "list",
+            "data": data,
             "base": {"name": service.base, "device": service.device},
             "adapters": [{"name": name, "kind": kind} for name, kind in service.kinds.items()],
             "limits": dataclasses.asdict(service.limits),
         }
 
-    @app.post("/v1/generate", response_model=GenerateResponse)
-    async def generate(request: GenerateRequest) -> GenerateResponse:
-        """Generate one output per input with the base (adapter null) or a named adapter."""
-        arrived = time.perf_counter()
-        check_adapter(request.adapter, service)
-        cfg = generation_config(request, service.limits)
-        input_tokens = count_inputs(request, service)
+    @app.get("/metrics", include_in_schema=False)
+    def metrics() -> Response:
+        """Prometheus text format: requests by route, model and status; queue and running batch;
+        tokens generated; time to first token and per output token."""
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @contextmanager
+    def counted(route: str, model: str):
+        """Counts the request under its HTTP status once it is answered."""
+        status = 500
         try:
-            job = service.worker.submit(request.adapter, request.inputs, cfg)
+            yield
+            status = 200
+        except HTTPException as e:
+            status = e.status_code
+            raise
+        finally:
+            service.metrics.requests.labels(route, model, str(status)).inc()
+
+    async def run_job(adapter: str | None, inputs: list[str], cfg: GenerationConfig) -> dict:
+        """The worker's result for these inputs, or the HTTP error that answers the request."""
+        try:
+            job = service.worker.submit(adapter, inputs, cfg)
         except RuntimeError:
             raise HTTPException(503, "the server is shutting down") from None
         try:
@@ -408,11 +533,57 @@ def create_app(service: Service, token: str | None = None) -> FastAPI:
             ) from None
         except Exception as e:  # the model failed: say so, the server lives on
             raise HTTPException(500, f"generation failed: {type(e).__name__}: {e}") from None
+        service.metrics.observe(result, adapter or service.base)
+        return result
+
+    @app.post("/v1/generate", response_model=GenerateResponse)
+    async def generate(request: GenerateRequest) -> GenerateResponse:
+        """Generate one output per input with the base (adapter null) or a named adapter."""
+        arrived = time.perf_counter()
+        known = request.adapter is None or request.adapter in service.kinds
+        with counted("/v1/generate", (request.adapter or service.base) if known else "unknown"):
+            check_adapter(request.adapter, service)
+            cfg = generation_config(request, service.limits)
+            input_tokens = count_inputs(request, service)
+            result = await run_job(request.adapter, request.inputs, cfg)
         total_ms = (time.perf_counter() - arrived) * 1000
         return GenerateResponse(
             adapter=request.adapter, outputs=result["outputs"], input_tokens=input_tokens,
             output_tokens=result["output_tokens"], batch=Batch(**result["batch"]),
             timing=Timing(queue_ms=result["queue_ms"], generate_ms=result["generate_ms"], total_ms=total_ms),
+        )  # fmt: skip
+
+    @app.post("/v1/completions", response_model=CompletionResponse)
+    async def completions(request: CompletionRequest) -> CompletionResponse:
+        """OpenAI's completions API: `model` names the base or an adapter, `prompt` is the source text;
+        `n` completions per prompt, cut before the first `stop` string."""
+        known = request.model == service.base or request.model in service.kinds
+        with counted("/v1/completions", request.model if known else "unknown"):
+            adapter = completion_adapter(request.model, service)
+            prompts = [request.prompt] if isinstance(request.prompt, str) else list(request.prompt)
+            stops = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
+            problems = completion_problems(request, prompts, stops, service.limits)
+            if problems:
+                raise HTTPException(422, "; ".join(problems))
+            # n samples of a prompt are n rows of it, each sampled on its own.
+            inputs = [p for p in prompts for _ in range(request.n)]
+            as_generate = GenerateRequest(
+                adapter=adapter, inputs=inputs, max_new_tokens=request.max_tokens, do_sample=request.temperature > 0,
+                temperature=request.temperature or 1.0, top_p=request.top_p, top_k=0,
+            )  # fmt: skip
+            cfg = generation_config(as_generate, service.limits)
+            prompt_tokens = count_inputs(as_generate.model_copy(update={"inputs": prompts}), service)
+            result = await run_job(adapter, inputs, cfg)
+        choices = []
+        for i, (text, finished) in enumerate(zip(result["outputs"], result["finished"], strict=True)):
+            cut = min((at for at in (text.find(s) for s in stops) if at >= 0), default=-1)
+            reason = "stop" if cut >= 0 or finished else "length"
+            choices.append(CompletionChoice(index=i, text=text[:cut] if cut >= 0 else text, finish_reason=reason))
+        completion_tokens = sum(result["generated_tokens"])
+        return CompletionResponse(
+            id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()), model=request.model, choices=choices,
+            usage=Usage(prompt_tokens=sum(prompt_tokens), completion_tokens=completion_tokens,
+                        total_tokens=sum(prompt_tokens) + completion_tokens),
         )  # fmt: skip
 
     @app.get("/", include_in_schema=False)
@@ -422,11 +593,32 @@ def create_app(service: Service, token: str | None = None) -> FastAPI:
     return app
 
 
+def error_body(status: int, detail) -> dict:
+    """An error answer both kinds of client read: FastAPI's `detail` and OpenAI's `error` object
+    (whose `message` the openai client shows)."""
+    message = detail if isinstance(detail, str) else "; ".join(
+        f"{'.'.join(str(x) for x in d.get('loc') or ())}: {d.get('msg')}" for d in detail
+    )  # fmt: skip
+    kind = "invalid_request_error" if 400 <= status < 500 else "server_error"
+    return {"detail": detail, "error": {"message": message, "type": kind, "param": None, "code": status}}
+
+
+async def http_error(request, error: HTTPException) -> JSONResponse:
+    return JSONResponse(error_body(error.status_code, error.detail), status_code=error.status_code,
+                        headers=getattr(error, "headers", None))  # fmt: skip
+
+
 async def validation_error(request, error: RequestValidationError) -> JSONResponse:
     """422 with where and what, without echoing the input: it may hold NaN or Infinity, which JSON
-    cannot carry back (FastAPI's own handler would fail on it with a 500)."""
-    detail = [{"loc": e.get("loc"), "msg": e.get("msg"), "type": e.get("type")} for e in error.errors()]
-    return JSONResponse({"detail": jsonable_encoder(detail)}, status_code=422)
+    cannot carry back (FastAPI's own handler would fail on it with a 500). A field this server does
+    not serve (an OpenAI option it does not implement) is named as such."""
+    detail = []
+    for e in error.errors():
+        msg = e.get("msg")
+        if e.get("type") == "extra_forbidden":
+            msg = "not served by this server (remove it)"
+        detail.append({"loc": e.get("loc"), "msg": msg, "type": e.get("type")})
+    return JSONResponse(error_body(422, jsonable_encoder(detail)), status_code=422)
 
 
 def generation_config(request: GenerateRequest, limits: Limits) -> GenerationConfig:
@@ -456,6 +648,30 @@ def check_adapter(name: str | None, service: Service) -> None:
         raise HTTPException(
             404, f"adapter {name!r} is not served here (adapters: {names}; null for the base)"
         )
+
+
+def completion_adapter(model: str, service: Service) -> str | None:
+    """The adapter a completion's `model` names (None: the base), or 404 naming what is served."""
+    if model == service.base:
+        return None
+    if model in service.kinds:
+        return model
+    names = ", ".join([service.base, *service.kinds])
+    raise HTTPException(404, f"model {model!r} is not served here (models: {names}; GET /v1/models lists them)")
+
+
+def completion_problems(request: CompletionRequest, prompts: list[str], stops: list[str], limits: Limits) -> list[str]:
+    problems = []
+    if not prompts:
+        problems.append("prompt: give a text or a non-empty list of texts")
+    if len(stops) > 4 or any(not s for s in stops):
+        problems.append("stop: up to 4 non-empty strings")
+    if request.n > 1 and request.temperature == 0:
+        problems.append("n: several completions of a prompt need temperature > 0 (greedy ones are identical)")
+    if len(prompts) * request.n > limits.max_inputs:
+        problems.append(f"prompt x n: {len(prompts)} x {request.n} completions, this server makes at most "
+                        f"{limits.max_inputs} per request")  # fmt: skip
+    return problems
 
 
 def count_inputs(request: GenerateRequest, service: Service) -> list[int]:
@@ -530,7 +746,7 @@ class Guard:
 
 
 async def _answer(scope, receive, send, status: int, detail: str, challenges: list[str] = ()) -> None:
-    response = JSONResponse({"detail": detail}, status_code=status)
+    response = JSONResponse(error_body(status, detail), status_code=status)
     for challenge in challenges:
         response.headers.append("www-authenticate", challenge)
     await response(scope, receive, send)
