@@ -431,3 +431,72 @@ def test_metrics_count_requests_tokens_and_latency(loaded):
     assert value("flantune_time_to_first_token_seconds_sum") > 0
     assert value("flantune_time_per_output_token_seconds_count") == 2
     assert value("flantune_queue_inputs") == 0 and value("flantune_running_batch_inputs") == 0
+
+
+def test_streamed_completions_add_up_to_the_answer(loaded, expected):
+    """stream=True through the openai client: server-sent chunks per choice, arriving as the worker
+    decodes (more chunks than choices), adding up to the non-streamed text, each choice ending with
+    its finish_reason; with a stop string too."""
+    openai = pytest.importorskip("openai")
+    with live_server(make_app(loaded)) as (_, _, url):
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        texts, reasons, chunks = {}, {}, 0
+        for event in client.completions.create(model="alpha", prompt=SOURCES, max_tokens=8, temperature=0,
+                                               stream=True):  # fmt: skip
+            for choice in event.choices:
+                texts[choice.index] = texts.get(choice.index, "") + choice.text
+                chunks += 1
+                if choice.finish_reason is not None:
+                    assert choice.index not in reasons
+                    reasons[choice.index] = choice.finish_reason
+        assert [texts[i] for i in range(len(SOURCES))] == [expected["alpha"][s] for s in SOURCES]
+        assert set(reasons) == set(range(len(SOURCES))) and set(reasons.values()) <= {"stop", "length"}
+        assert chunks > 2 * len(SOURCES)  # pieces as they were decoded, not one block per choice
+
+        text = expected["gamma"][SOURCES[2]]
+        stop = text[len(text) // 2 :]
+        pieces = client.completions.create(model="gamma", prompt=SOURCES[2], max_tokens=8, temperature=0,
+                                           stop=stop, stream=True)  # fmt: skip
+        streamed = [(c.text, c.finish_reason) for event in pieces for c in event.choices]
+        assert "".join(t for t, _ in streamed) == text[: text.find(stop)]
+        assert streamed[-1][1] == "stop"
+
+
+def test_a_client_that_leaves_a_stream_frees_its_rows(loaded):
+    """The model told never to end (EOS suppressed) and 500 tokens asked: the client reads one chunk
+    and disconnects; the worker's batch stops decoding within a few steps instead of running on."""
+    model, tokenizer = loaded[0], loaded[1]
+    steps = []
+    real = serve.generate_outputs
+
+    def counting(*args, on_step, **kwargs):
+        def step(t, rows, tokens):
+            steps.append(t)
+            time.sleep(0.005)  # a step slow enough that the disconnect arrives mid-generation
+            on_step(t, rows, tokens)
+
+        return real(*args, on_step=step, **kwargs)
+
+    gen = model.generation_config
+    gen.suppress_tokens = [tokenizer.eos_token_id]
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(serve, "generate_outputs", counting)
+            with live_server(make_app(loaded)) as (_, _, url), httpx.Client(timeout=30) as client:
+                body = {"model": "alpha", "prompt": "copy: x y", "max_tokens": 500, "temperature": 0, "stream": True}
+                with client.stream("POST", f"{url}/v1/completions", json=body) as response:
+                    assert response.status_code == 200
+                    first = next(response.iter_lines())
+                    assert first.startswith("data: {")
+                deadline = time.monotonic() + 10
+                while loaded_worker_running(url) and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                assert client.get(f"{url}/v1/models").status_code == 200  # the server lives on
+    finally:
+        gen.suppress_tokens = None
+    assert 0 < len(steps) < 250, len(steps)  # stopped long before its 500 steps
+
+
+def loaded_worker_running(url: str) -> bool:
+    metrics = httpx.get(f"{url}/metrics").text
+    return "flantune_running_batch_inputs 0.0" not in metrics

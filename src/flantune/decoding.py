@@ -116,7 +116,8 @@ def generate_outputs(
     the base model: PEFT's mixed-adapter batches, so rows of several adapters share a batch.
     `stop` (a function of no arguments) is asked at the engine's stopping checks (every step, every
     8 with CUDA graphs): True ends the generation there (the server stops work nobody waits for).
-    `on_step(t)` is called as each decoding step is issued (flantune.engine.generate).
+    `on_step(t, rows, tokens)` is called as each decoding step is issued (flantune.engine.generate):
+    `rows` are the indices into `sources` of the batch's rows, `tokens` (len(rows),) their new tokens.
     """
     sources = list(sources)
     if not sources:
@@ -139,8 +140,9 @@ def generate_outputs(
         index = order[start : start + batch_size]
         batch = tokenizer.pad({"input_ids": [encoded[i] for i in index]}, return_tensors="pt").to(device)
         names = None if adapter_names is None else [adapter_names[i] for i in index]
+        step = None if on_step is None else (lambda t, tokens, index=index: on_step(t, index, tokens))
         generated = engine.generate(
-            model, batch["input_ids"], batch["attention_mask"], adapter_names=names, stop=stop, on_step=on_step,
+            model, batch["input_ids"], batch["attention_mask"], adapter_names=names, stop=stop, on_step=step,
             **kwargs,
         ).sequences  # (B, 1 + T)
         for i, ids in zip(index, generated.tolist(), strict=True):

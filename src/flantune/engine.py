@@ -513,7 +513,7 @@ def _transformers_generate(model, input_ids, attention_mask, *, stop, on_step, g
 
         def __call__(self, input_ids, scores, **kwargs):
             if on_step is not None:
-                on_step(self.step)
+                on_step(self.step, input_ids[:, -1])
             self.step += 1
             done = stop is not None and bool(stop())
             return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
@@ -571,7 +571,7 @@ def generate(
     generator: torch.Generator | None = None,
     adapter_names: list[str] | None = None,
     stop: Callable[[], bool] | None = None,
-    on_step: Callable[[int], None] | None = None,
+    on_step: Callable[[int, torch.Tensor], None] | None = None,
     graphs: bool | None = None,
 ) -> Generation:
     """Decode `input_ids` (B, S) with `attention_mask` (B, S), padded sources, one token per step.
@@ -588,8 +588,9 @@ def generate(
     `do_sample`, beam sampling. `adapter_names` (one per source, "__base__" for none): the LoRA
     adapter of each row, PEFT's mixed-adapter batches. `stop()`, asked at every stopping check,
     ends the generation early when it returns True (what is decoded so far comes back).
-    `on_step(t)` is called once step t (0-based) is issued (its kernels queued, not waited for: a
-    caller that times it synchronizes itself).
+    `on_step(t, tokens)` is called once step t (0-based) is issued, with that step's tokens (N,)
+    on the device (pad for finished rows; with beams, each running beam's): its kernels are queued,
+    not waited for, so a caller that reads the tokens or times the step synchronizes itself.
 
     `graphs`: replay the decode step as a CUDA graph (module docstring). None: on when the model is
     on CUDA and no `adapter_names` are given (a mixed-adapter step runs eagerly); False: every step
@@ -704,7 +705,7 @@ def _one_token_per_step(decoder, processors, *, rows: int, max_new_tokens: int, 
         steps = torch.where(unfinished.any(), t + 1, steps)
         unfinished &= ~torch.isin(next_tokens, eos_ids)
         if on_step is not None:
-            on_step(t)
+            on_step(t, next_tokens)
         if (t + 1) % check_every == 0 and (not unfinished.any() or (stop is not None and stop())):  # sync
             break
     steps = int(steps)
@@ -795,7 +796,7 @@ def _beam_search(decoder, processors, *, sources: int, num_beams: int, max_new_t
         worst = torch.where(is_finished, finished_scores.min(dim=1, keepdim=True)[0], -1.0e9)
         improvable = improvable & (best_running > worst).any(dim=-1, keepdim=True)
         if on_step is not None:
-            on_step(t)
+            on_step(t, tokens)
         if (t + 1) % check_every == 0 or t + 1 == max_new_tokens:
             open_beam = not (early_stopping is True and bool(is_finished.all()))  # sync
             if not (bool(improvable.any()) and open_beam and not bool(hits.all())):

@@ -19,6 +19,7 @@ import base64
 import copy
 import dataclasses
 import hmac
+import json
 import re
 import threading
 import time
@@ -34,12 +35,12 @@ import torch
 from fastapi import FastAPI, HTTPException
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
 
 from flantune.config import GenerationConfig
-from flantune.decoding import generate_outputs
+from flantune.decoding import decode, generate_outputs
 
 STATIC = Path(str(resources.files("flantune") / "static"))
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -162,6 +163,9 @@ class Job:
     future: Future = field(default_factory=Future)
     queued: float = field(default_factory=time.perf_counter)
     abandoned: threading.Event = field(default_factory=threading.Event)  # the client stopped waiting
+    # Streaming requests: called from the worker thread after each decoding step with
+    # [(row of this job, token id), ...] (the step's tokens of this job's rows).
+    stream: object = None
 
     def key(self, mixed: bool) -> tuple:
         # Requests share a batch only when the same options serve them and, unless the adapters
@@ -204,8 +208,8 @@ class Worker:
             self.cond.notify_all()
         self.thread.join()
 
-    def submit(self, adapter: str | None, inputs: list[str], cfg: GenerationConfig) -> Job:
-        job = Job(adapter, inputs, cfg)
+    def submit(self, adapter: str | None, inputs: list[str], cfg: GenerationConfig, stream=None) -> Job:
+        job = Job(adapter, inputs, cfg, stream=stream)
         with self.cond:
             if self.stopping:
                 raise RuntimeError("the worker is stopping")
@@ -254,11 +258,23 @@ class Worker:
         def stop() -> bool:
             return all(job.abandoned.is_set() for job in batch)
 
-        def on_step(t: int) -> None:
+        owners = [(job, row) for job in batch for row in range(len(job.inputs))]  # by source index
+        streaming = any(job.stream is not None for job in batch)
+
+        def on_step(t: int, rows: list[int], tokens: torch.Tensor) -> None:
             if t == 0:
                 if torch.cuda.is_available():
                     torch.cuda.synchronize()  # once per batch: the first step's kernels have run
                 first_step.append(time.perf_counter())
+            if streaming:
+                ids = tokens.tolist()  # a sync at every step, only while a request streams
+                updates: dict[int, tuple[Job, list]] = {}
+                for source, token in zip(rows, ids, strict=True):
+                    job, row = owners[source]
+                    if job.stream is not None:
+                        updates.setdefault(id(job), (job, []))[1].append((row, token))
+                for job, pairs in updates.values():
+                    job.stream(pairs)
 
         self.running = len(sources)
         try:
@@ -353,7 +369,7 @@ class CompletionRequest(BaseModel):
     """OpenAI's completions request, as far as this server serves it: `prompt` is the source text.
 
     Fields OpenAI has and this server does not serve (suffix, echo, best_of, logit_bias, penalties,
-    seed, logprobs, stream, ...) are refused with a 422 that names them, never ignored."""
+    seed, logprobs, ...) are refused with a 422 that names them, never ignored."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
@@ -364,6 +380,7 @@ class CompletionRequest(BaseModel):
     top_p: float = Field(1.0, gt=0, le=1)
     n: int = Field(1, ge=1, le=16, description="Completions per prompt (sampling only).")
     stop: str | list[str] | None = Field(None, description="Up to 4 strings; the text ends before the first.")
+    stream: bool = Field(False, description="Server-sent events: the text as it is generated, then [DONE].")
     user: str | None = None
 
 
@@ -573,12 +590,15 @@ def create_app(service: Service, token: str | None = None) -> FastAPI:
             )  # fmt: skip
             cfg = generation_config(as_generate, service.limits)
             prompt_tokens = count_inputs(as_generate.model_copy(update={"inputs": prompts}), service)
+            if request.stream:
+                return StreamingResponse(
+                    stream_completion(service, request, adapter, inputs, cfg, stops), media_type="text/event-stream"
+                )
             result = await run_job(adapter, inputs, cfg)
         choices = []
         for i, (text, finished) in enumerate(zip(result["outputs"], result["finished"], strict=True)):
-            cut = min((at for at in (text.find(s) for s in stops) if at >= 0), default=-1)
-            reason = "stop" if cut >= 0 or finished else "length"
-            choices.append(CompletionChoice(index=i, text=text[:cut] if cut >= 0 else text, finish_reason=reason))
+            text, reason = cut_at_stop(text, stops, finished)
+            choices.append(CompletionChoice(index=i, text=text, finish_reason=reason))
         completion_tokens = sum(result["generated_tokens"])
         return CompletionResponse(
             id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()), model=request.model, choices=choices,
@@ -648,6 +668,91 @@ def check_adapter(name: str | None, service: Service) -> None:
         raise HTTPException(
             404, f"adapter {name!r} is not served here (adapters: {names}; null for the base)"
         )
+
+
+def cut_at_stop(text: str, stops: list[str], finished: bool) -> tuple[str, str]:
+    """(text before the first stop string, finish_reason): stop for a stop string or the model's EOS,
+    length for the max_tokens cap."""
+    cut = min((at for at in (text.find(s) for s in stops) if at >= 0), default=-1)
+    if cut >= 0:
+        return text[:cut], "stop"
+    return text, "stop" if finished else "length"
+
+
+async def stream_completion(service: Service, request: CompletionRequest, adapter: str | None,
+                            inputs: list[str], cfg: GenerationConfig, stops: list[str]):  # fmt: skip
+    """Server-sent events for a streaming completion, as OpenAI sends them: a `text_completion`
+    chunk per piece of text as the worker decodes it, each choice's last chunk with its
+    finish_reason, then `data: [DONE]`.
+
+    Text is sent once it is stable: the tokens so far are decoded whole and the new suffix sent,
+    holding back what could still be the start of a stop string or an incomplete character. The
+    last chunk of each choice comes from the worker's final text, so the streamed pieces add up to
+    exactly what the same request without streaming answers. A client that disconnects marks its
+    request abandoned: its batch stops decoding once no request of it is waited for."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+    try:
+        job = service.worker.submit(
+            adapter, inputs, cfg, stream=lambda pairs: loop.call_soon_threadsafe(queue.put_nowait, pairs)
+        )
+    except RuntimeError:
+        yield _event({"error": {"message": "the server is shutting down", "type": "server_error", "code": 503}})
+        return
+    job.future.add_done_callback(lambda _: loop.call_soon_threadsafe(queue.put_nowait, None))
+    tokenizer, ends = service.counter, {service.counter.eos_token_id, service.counter.pad_token_id}
+    ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    hold = max((len(s) for s in stops), default=1) - 1
+    ids: list[list[int]] = [[] for _ in inputs]
+    sent, stopped = [""] * len(inputs), [False] * len(inputs)
+
+    def chunk(index: int, text: str, reason: str | None = None) -> str:
+        return _event({"id": ident, "object": "text_completion", "created": created, "model": request.model,
+                       "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": reason}]})  # fmt: skip
+
+    deadline = job.queued + service.limits.timeout_s
+    try:
+        while True:
+            try:
+                pairs = await asyncio.wait_for(queue.get(), max(deadline - time.perf_counter(), 0))
+            except TimeoutError:
+                job.abandoned.set()
+                job.future.cancel()
+                message = f"generation did not finish within the {service.limits.timeout_s:g} s limit"
+                yield _event({"error": {"message": message, "type": "server_error", "code": 504}})
+                break
+            if pairs is None:  # the worker is done with the request
+                if job.future.cancelled() or job.future.exception() is not None:
+                    error = "cancelled" if job.future.cancelled() else job.future.exception()
+                    message = f"generation failed: {type(error).__name__}: {error}"
+                    yield _event({"error": {"message": message, "type": "server_error", "code": 500}})
+                    break
+                result = job.future.result()
+                service.metrics.observe(result, adapter or service.base)
+                for row, (text, finished) in enumerate(zip(result["outputs"], result["finished"], strict=True)):
+                    text, reason = cut_at_stop(text, stops, finished)
+                    rest = text[len(sent[row]) :] if text.startswith(sent[row]) else ""
+                    yield chunk(row, rest, reason)
+                break
+            for row, token in pairs:
+                if stopped[row] or token in ends:
+                    continue
+                ids[row].append(token)
+                text, reason = cut_at_stop(decode(tokenizer, ids[row]), stops, False)
+                stopped[row] = reason == "stop"
+                stable = text if stopped[row] else text[: max(len(text) - hold, 0)]
+                stable = stable.rstrip("\ufffd")  # a character whose bytes are not all decoded yet
+                if len(stable) > len(sent[row]) and stable.startswith(sent[row]):
+                    yield chunk(row, stable[len(sent[row]) :])
+                    sent[row] = stable
+        yield "data: [DONE]\n\n"
+    finally:
+        if not job.future.done():
+            job.abandoned.set()  # the client went away (or the stream failed): nobody waits any more
+
+
+def _event(payload: dict) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
 def completion_adapter(model: str, service: Service) -> str | None:
