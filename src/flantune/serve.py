@@ -365,6 +365,12 @@ class GenerateResponse(BaseModel):
     timing: Timing
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    include_usage: bool = Field(False, description="A last chunk, with no choices, that holds `usage`.")
+
+
 class CompletionRequest(BaseModel):
     """OpenAI's completions request, as far as this server serves it: `prompt` is the source text.
 
@@ -381,6 +387,7 @@ class CompletionRequest(BaseModel):
     n: int = Field(1, ge=1, le=16, description="Completions per prompt (sampling only).")
     stop: str | list[str] | None = Field(None, description="Up to 4 strings; the text ends before the first.")
     stream: bool = Field(False, description="Server-sent events: the text as it is generated, then [DONE].")
+    stream_options: StreamOptions | None = None
     user: str | None = None
 
 
@@ -592,7 +599,8 @@ def create_app(service: Service, token: str | None = None) -> FastAPI:
             prompt_tokens = count_inputs(as_generate.model_copy(update={"inputs": prompts}), service)
             if request.stream:
                 return StreamingResponse(
-                    stream_completion(service, request, adapter, inputs, cfg, stops), media_type="text/event-stream"
+                    stream_completion(service, request, adapter, inputs, cfg, stops, sum(prompt_tokens)),
+                    media_type="text/event-stream",
                 )
             result = await run_job(adapter, inputs, cfg)
         choices = []
@@ -680,7 +688,7 @@ def cut_at_stop(text: str, stops: list[str], finished: bool) -> tuple[str, str]:
 
 
 async def stream_completion(service: Service, request: CompletionRequest, adapter: str | None,
-                            inputs: list[str], cfg: GenerationConfig, stops: list[str]):  # fmt: skip
+                            inputs: list[str], cfg: GenerationConfig, stops: list[str], prompt_tokens: int):  # fmt: skip
     """Server-sent events for a streaming completion, as OpenAI sends them: a `text_completion`
     chunk per piece of text as the worker decodes it, each choice's last chunk with its
     finish_reason, then `data: [DONE]`.
@@ -733,6 +741,12 @@ async def stream_completion(service: Service, request: CompletionRequest, adapte
                     text, reason = cut_at_stop(text, stops, finished)
                     rest = text[len(sent[row]) :] if text.startswith(sent[row]) else ""
                     yield chunk(row, rest, reason)
+                if request.stream_options is not None and request.stream_options.include_usage:
+                    completion_tokens = sum(result["generated_tokens"])
+                    yield _event({"id": ident, "object": "text_completion", "created": created, "model": request.model,
+                                  "choices": [], "usage": {"prompt_tokens": prompt_tokens,
+                                  "completion_tokens": completion_tokens,
+                                  "total_tokens": prompt_tokens + completion_tokens}})  # fmt: skip
                 break
             for row, token in pairs:
                 if stopped[row] or token in ends:
