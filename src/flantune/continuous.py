@@ -1,0 +1,176 @@
+"""Continuous batching's decode step: a batch of slots whose rows join and leave at any step.
+
+What it is. `Slots(model, capacity, max_new_tokens, max_source_tokens)` holds the decoder state of up
+to `capacity` rows, each at its own position: its own self-attention keys/values (one slot of the
+static cache per row), its own cross-attention keys/values (projected once from its source's encoder
+output when it joins) and its own source mask. `admit` puts new rows into free slots; `step()` runs
+the one-token decoder step for every slot at once and returns the next-token logits; `advance`
+writes the chosen tokens and moves each live row one position on; `release` frees slots.
+
+Why our own. transformers' caches keep one position for the whole batch (StaticCache's
+`cumulative_length`), so a row that joins a running batch would attend at the wrong positions, and
+T5's relative bias and BART's learned positions are computed from that one position. Serving needs
+rows at different positions in one step (a request's rows join the next step after their encoder
+pass; finished rows leave at once), as vLLM schedules decoder-only models and as no library does for
+encoder-decoder ones. This module computes the step from the model's own modules (its Linear layers,
+norms, feed-forward blocks, embeddings and relative-bias table, so LoRA and other PEFT layers apply
+as in the model's forward, and PEFT's per-row adapter names reach them) with per-row positions. Every
+tensor the step reads or writes is allocated in __init__, and positions are tensors, so one captured
+CUDA graph serves any mix of positions.
+
+Architectures: T5 (FLAN-T5, mT5). `supports(model)` says whether a model can use it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from flantune.fast_t5 import relative_bucket
+
+MODEL_TYPES = frozenset({"t5", "mt5"})
+
+
+def _base_model(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def supports(model) -> bool:
+    return _base_model(model).config.model_type in MODEL_TYPES
+
+
+class Slots:
+    """The decoder state of `capacity` rows at independent positions (module docstring).
+
+    Shapes: R = capacity, L = max_new_tokens (self-attention slots per row), S = max_source_tokens,
+    H heads of dk, d = d_model, V vocabulary. Per decoder layer: keys/values (R, H, L, dk) for
+    self-attention and (R, H, S, dk) for cross-attention."""
+
+    def __init__(self, model, capacity: int, max_new_tokens: int, max_source_tokens: int,
+                 dtype: torch.dtype | None = None):  # fmt: skip
+        if not supports(model):
+            raise ValueError(
+                f"{_base_model(model).config.model_type}: continuous batching drives {', '.join(sorted(MODEL_TYPES))} models"
+            )
+        self.model = model
+        base = _base_model(model)
+        config = base.config
+        weight = base.get_output_embeddings().weight
+        dtype, device = dtype or weight.dtype, weight.device
+        self.capacity, self.max_new_tokens, self.max_source_tokens = capacity, max_new_tokens, max_source_tokens
+        self.heads, self.head_dim = config.num_heads, config.d_kv
+        layers = config.num_decoder_layers
+        R, H, L, S, dk = capacity, self.heads, max_new_tokens, max_source_tokens, self.head_dim
+        self.keys = [torch.zeros(R, H, L, dk, dtype=dtype, device=device) for _ in range(layers)]
+        self.values = [torch.zeros(R, H, L, dk, dtype=dtype, device=device) for _ in range(layers)]
+        self.cross_keys = [torch.zeros(R, H, S, dk, dtype=dtype, device=device) for _ in range(layers)]
+        self.cross_values = [torch.zeros(R, H, S, dk, dtype=dtype, device=device) for _ in range(layers)]
+        # A free slot attends to its first source position only (a fully masked row would be NaN).
+        self.source_mask = torch.zeros(R, S, dtype=torch.bool, device=device)  # (R, S)
+        self.source_mask[:, 0] = True
+        self.positions = torch.zeros(R, dtype=torch.long, device=device)  # (R,) the position each row writes
+        self.tokens = torch.zeros(R, dtype=torch.long, device=device)  # (R,) the input token of each row
+        self.live = torch.zeros(R, dtype=torch.bool, device=device)  # (R,) slots holding a row
+        self.slot_range = torch.arange(R, device=device)
+        self.key_range = torch.arange(L, device=device)
+        # transformers 5.24 names the lm_head scaling `scale_decoder_outputs`; earlier versions scale
+        # when the word embeddings are tied.
+        scale = getattr(config, "scale_decoder_outputs", None)
+        self.output_scale = config.d_model**-0.5 if (config.tie_word_embeddings if scale is None else scale) else None
+
+    # ---- rows joining and leaving --------------------------------------------------------------
+
+    def admit(self, slots: list[int], encoder_hidden: Tensor, encoder_mask: Tensor, start_id: int) -> None:
+        """Rows join in `slots`: their sources' encoder output (n, s, d) and mask (n, s) become their
+        cross-attention keys/values; they start at position 0 with the decoder start token."""
+        n, s = encoder_mask.shape
+        if s > self.max_source_tokens:
+            raise ValueError(f"a source of {s} tokens is over this batch's {self.max_source_tokens}")
+        index = torch.tensor(slots, device=self.positions.device)
+        decoder = _base_model(self.model).get_decoder()
+        for i, block in enumerate(decoder.block):
+            attention = block.layer[1].EncDecAttention
+            shape = (n, s, self.heads, self.head_dim)
+            keys = attention.k(encoder_hidden).view(shape).transpose(1, 2)  # (n, H, s, dk)
+            values = attention.v(encoder_hidden).view(shape).transpose(1, 2)
+            self.cross_keys[i][index] = 0
+            self.cross_values[i][index] = 0
+            self.cross_keys[i][index, :, :s] = keys.to(self.cross_keys[i].dtype)
+            self.cross_values[i][index, :, :s] = values.to(self.cross_values[i].dtype)
+        self.source_mask[index] = False
+        self.source_mask[index, :s] = encoder_mask.bool()
+        self.positions[index] = 0
+        self.tokens[index] = start_id
+        self.live[index] = True
+
+    def release(self, slots: list[int]) -> None:
+        index = torch.tensor(slots, device=self.positions.device)
+        self.live[index] = False
+        self.source_mask[index] = False
+        self.source_mask[index, 0] = True
+        self.positions[index] = 0
+
+    def advance(self, tokens: Tensor) -> None:
+        """The chosen tokens (R,) become the next step's inputs; live rows move one position on."""
+        self.tokens.copy_(torch.where(self.live, tokens, self.tokens))
+        self.positions.add_(self.live.long())
+        # A row at its last slot stays there (its owner ends it; a write past L would be out of range).
+        self.positions.clamp_(max=self.max_new_tokens - 1)
+
+    # ---- the step -------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self) -> Tensor:
+        """(R, V) next-token logits of every slot (free slots give garbage, ignored), writing each
+        row's self-attention key/value at its own position. No host sync, no allocation that
+        depends on the positions: capturable as a CUDA graph."""
+        base = _base_model(self.model)
+        decoder = base.get_decoder()
+        R, H, dk = self.capacity, self.heads, self.head_dim
+        hidden = decoder.embed_tokens(self.tokens[:, None])  # (R, 1, d)
+        dtype = hidden.dtype
+        low = torch.finfo(dtype).min
+        # T5's relative bias, from the first layer's table, shared by every layer, per row:
+        # key slot j seen from position p is at relative position j - p (future slots masked).
+        first = decoder.block[0].layer[0].SelfAttention
+        relative = self.key_range[None, :] - self.positions[:, None]  # (R, L)
+        buckets = relative_bucket(relative, False, first.relative_attention_num_buckets,
+                                  first.relative_attention_max_distance)  # fmt: skip
+        bias = first.relative_attention_bias(buckets).permute(0, 2, 1)[:, :, None, :].to(dtype)  # (R, H, 1, L)
+        bias = bias.masked_fill((relative > 0)[:, None, None, :], low)
+        cross_bias = torch.zeros(self.source_mask.shape, dtype=dtype, device=hidden.device)
+        cross_bias = cross_bias.masked_fill(~self.source_mask, low)[:, None, None, :]  # (R, 1, 1, S)
+        for i, block in enumerate(decoder.block):
+            layer = block.layer[0]
+            attention = layer.SelfAttention
+            x = layer.layer_norm(hidden)
+            query = attention.q(x).view(R, 1, H, dk).transpose(1, 2)  # (R, H, 1, dk)
+            key = attention.k(x).view(R, H, dk)
+            value = attention.v(x).view(R, H, dk)
+            self.keys[i][self.slot_range, :, self.positions] = key.to(self.keys[i].dtype)  # slot p of row r
+            self.values[i][self.slot_range, :, self.positions] = value.to(self.values[i].dtype)
+            out = _attend(query, self.keys[i], self.values[i], bias)  # (R, 1, H * dk)
+            hidden = hidden + layer.dropout(attention.o(out))
+
+            layer = block.layer[1]
+            attention = layer.EncDecAttention
+            x = layer.layer_norm(hidden)
+            query = attention.q(x).view(R, 1, H, dk).transpose(1, 2)
+            out = _attend(query, self.cross_keys[i], self.cross_values[i], cross_bias)
+            hidden = hidden + layer.dropout(attention.o(out))
+
+            hidden = block.layer[2](hidden)  # T5LayerFF: norm, feed-forward, residual
+        hidden = decoder.dropout(decoder.final_layer_norm(hidden))
+        if self.output_scale is not None:
+            hidden = hidden * self.output_scale
+        return base.lm_head(hidden)[:, 0]  # (R, V)
+
+
+def _attend(query: Tensor, keys: Tensor, values: Tensor, bias: Tensor) -> Tensor:
+    """T5 attention (no 1/sqrt(dk) scaling): query (R, H, 1, dk) over keys/values (R, H, K, dk) with
+    an additive bias (R or 1, H or 1, 1, K); (R, 1, H * dk)."""
+    scores = torch.matmul(query, keys.to(query.dtype).transpose(2, 3)) + bias  # (R, H, 1, K)
+    # The softmax in float32 at least (bf16 probabilities over long rows lose the small ones).
+    weights = torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1).to(query.dtype)
+    out = torch.matmul(weights, values.to(query.dtype))  # (R, H, 1, dk)
+    return out.transpose(1, 2).reshape(query.shape[0], 1, -1)

@@ -1,0 +1,135 @@
+"""Continuous batching's decode step (flantune.continuous.Slots) against transformers' forward: rows
+that join a running batch at different steps, each at its own position, get the logits a
+teacher-forced forward of their own sequence gives; with a LoRA adapter, and with rows of two
+adapters and the base in one step (PEFT's adapter names)."""
+
+import pytest
+import torch
+from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+from flantune import continuous
+
+from .conftest import tiny_config
+
+SOURCES = ["question: is the sky blue?", "a", "translate English to German: the house is small", "b c d e f"]
+
+
+@pytest.fixture(scope="module")
+def t5(t5_small_path):
+    cfg = tiny_config(t5_small_path)
+    cfg.update({"initializer_factor": 2.0})
+    torch.manual_seed(0)
+    model = AutoModelForSeq2SeqLM.from_config(cfg).eval().double()
+    return model, AutoTokenizer.from_pretrained(t5_small_path)
+
+
+def assert_logits_close(got: torch.Tensor, expected: torch.Tensor) -> None:
+    """float64 on both sides: the sums over 8 cache slots (future ones masked) and over the t keys a
+    forward sees differ only by rounding, far below 1e-9 of logits near 100 (the 2x weight scale)."""
+    scale = expected.abs().max()
+    assert scale > 10
+    torch.testing.assert_close(got, expected, atol=float(1e-9 * scale), rtol=0)
+
+
+def reference_logits(model, tokenizer, source: str, decoder_ids: list[int]) -> torch.Tensor:
+    """(T, V) logits of a teacher-forced forward of one row alone."""
+    batch = tokenizer([source], return_tensors="pt")
+    with torch.no_grad():
+        return model(**batch, decoder_input_ids=torch.tensor([decoder_ids])).logits[0]
+
+
+def hooks(model, names):
+    """PEFT's per-row adapter names for the calls inside (nothing without names)."""
+    import contextlib
+
+    return contextlib.nullcontext() if names is None else model._enable_peft_forward_hooks(adapter_names=names)
+
+
+def run_staggered(model, tokenizer, joins: dict[int, int], steps: int, names: dict[int, str] | None = None):
+    """Rows join at the steps `joins` gives (source index -> step), each in its own slot; every row
+    feeds greedy's tokens back. `names`: each source's LoRA adapter ("__base__": none), all in one
+    step. Returns, per source, the logits of each of its steps and its ids."""
+    start = model.config.decoder_start_token_id if not hasattr(model, "get_base_model") else \
+        model.get_base_model().config.decoder_start_token_id  # fmt: skip
+    slots = continuous.Slots(model, capacity=6, max_new_tokens=steps + 2, max_source_tokens=32)
+    encoder = model.get_encoder()
+    logits_of = {i: [] for i in joins}
+    ids_of = {i: [start] for i in joins}
+    slot_of = {}
+    for t in range(steps + max(joins.values())):
+        for i, at in joins.items():
+            if at == t:
+                slot = len(slot_of) + 1  # slot 0 stays free: free slots must not disturb live ones
+                slot_of[i] = slot
+                batch = tokenizer([SOURCES[i]], return_tensors="pt")
+                with torch.no_grad(), hooks(model, None if names is None else [names[i]]):
+                    hidden = encoder(**batch).last_hidden_state
+                    slots.admit([slot], hidden, batch["attention_mask"], start)
+        by_slot = ["__base__"] * slots.capacity
+        for i, slot in slot_of.items():
+            by_slot[slot] = names[i] if names else "__base__"
+        with hooks(model, None if names is None else by_slot):
+            logits = slots.step()  # (R, V)
+        chosen = logits.argmax(-1)
+        for i, slot in slot_of.items():
+            if len(ids_of[i]) <= steps:
+                logits_of[i].append(logits[slot])
+                ids_of[i].append(int(chosen[slot]))
+        slots.advance(chosen)
+    return logits_of, ids_of
+
+
+def test_rows_joining_at_different_steps_match_their_own_forward(t5):
+    model, tokenizer = t5
+    steps = 6
+    joins = {0: 0, 1: 2, 2: 3, 3: 3}
+    logits_of, ids_of = run_staggered(model, tokenizer, joins, steps)
+    for i in joins:
+        expected = reference_logits(model, tokenizer, SOURCES[i], ids_of[i][:-1])  # (steps, V)
+        assert_logits_close(torch.stack(logits_of[i]), expected)
+    assert len({tuple(ids) for ids in ids_of.values()}) > 1
+
+
+def test_with_a_lora_adapter_and_mixed_adapter_rows(t5):
+    from peft import LoraConfig, get_peft_model
+
+    model, tokenizer = t5
+    clone = AutoModelForSeq2SeqLM.from_config(model.config).eval().double()
+    clone.load_state_dict(model.state_dict())
+    config = LoraConfig(r=4, lora_alpha=32, target_modules=["q", "v", "o", "wi_0"], init_lora_weights=False,
+                        task_type="SEQ_2_SEQ_LM")  # fmt: skip
+    torch.manual_seed(1)
+    peft_model = get_peft_model(clone, config, adapter_name="a").eval()
+    logits_of, ids_of = run_staggered(peft_model, tokenizer, {0: 0, 2: 1}, 5)
+    for i in (0, 2):
+        expected = reference_logits(peft_model, tokenizer, SOURCES[i], ids_of[i][:-1])
+        assert_logits_close(torch.stack(logits_of[i]), expected)
+    with peft_model.disable_adapter():
+        base_logits = reference_logits(peft_model, tokenizer, SOURCES[0], ids_of[0][:-1])
+    assert not torch.allclose(base_logits, torch.stack(logits_of[0]), atol=1e-3)  # the adapter acted
+
+    # Rows of adapters a and b and of the base in the same steps, each equal to its adapter alone.
+    peft_model.add_adapter("b", config)
+    torch.manual_seed(2)
+    for name, param in peft_model.named_parameters():
+        if ".b." in name:
+            param.data.normal_(0, 0.3)
+    names = {0: "a", 1: "b", 2: "__base__", 3: "b"}
+    logits_of, ids_of = run_staggered(peft_model, tokenizer, {0: 0, 1: 1, 2: 1, 3: 2}, 5, names)
+    for i, name in names.items():
+        if name == "__base__":
+            with peft_model.disable_adapter():
+                expected = reference_logits(peft_model, tokenizer, SOURCES[i], ids_of[i][:-1])
+        else:
+            peft_model.set_adapter(name)
+            expected = reference_logits(peft_model, tokenizer, SOURCES[i], ids_of[i][:-1])
+        assert_logits_close(torch.stack(logits_of[i]), expected)
+    peft_model.set_adapter("a")
+
+
+def test_other_architectures_are_refused(bart_path):
+    cfg = tiny_config(bart_path)
+    model = AutoModelForSeq2SeqLM.from_config(cfg)
+    assert not continuous.supports(model)
+    with pytest.raises(ValueError, match="bart: continuous batching drives mt5, t5 models"):
+        continuous.Slots(model, capacity=2, max_new_tokens=4, max_source_tokens=8)
