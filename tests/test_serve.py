@@ -78,9 +78,10 @@ def expected(adapters):
     return answers
 
 
-def make_app(loaded, token=None, mixed=None, **limits):
+def make_app(loaded, token=None, mixed=None, continuous=None, **limits):
     model, tokenizer, base, kinds = loaded
-    service = Service(model, tokenizer, base=base, kinds=kinds, limits=Limits(**limits), mixed=mixed)
+    service = Service(model, tokenizer, base=base, kinds=kinds, limits=Limits(**limits), mixed=mixed,
+                      continuous=continuous)  # fmt: skip
     return create_app(service, token=token)
 
 
@@ -155,7 +156,11 @@ def test_interleaved_adapters_are_batched_and_each_gets_its_own_output(loaded, e
         assert max(b["models"] for b in batches) > 1, "rows of several adapters should share a batch"
     else:
         assert max(b["models"] for b in batches) == 1
-    assert app.state.service.worker.batches < len(requests)
+    worker = app.state.service.worker
+    # Mixed LoRA rows decode in the continuous batch; adapters kept apart decode in waves.
+    assert isinstance(worker, serve.ContinuousWorker) == mixed
+    if not mixed:
+        assert worker.batches < len(requests)
 
 
 def test_beam_search_is_batched_per_adapter(loaded):
@@ -224,7 +229,7 @@ def test_timeout_is_a_504_its_generation_stops_and_the_server_lives_on(loaded, m
         return real(*args, stop=stop, **kwargs)
 
     monkeypatch.setattr(serve, "generate_outputs", slow)
-    with TestClient(make_app(loaded, timeout_s=0.3)) as client:
+    with TestClient(make_app(loaded, timeout_s=0.3, continuous=False)) as client:
         started = time.monotonic()
         response = ask(client, None, ["a"])
         assert response.status_code == 504
@@ -307,17 +312,23 @@ def test_a_base_alone_is_served(adapters, expected):
         assert ask(client, "alpha", SOURCES[:1]).status_code == 404
 
 
-def test_shutdown_finishes_requests_in_flight(loaded, expected, monkeypatch):
+@pytest.mark.parametrize("continuous", [False, True], ids=["waves", "continuous"])
+def test_shutdown_finishes_requests_in_flight(loaded, expected, monkeypatch, continuous):
+    from flantune.continuous import Slots
+
     started, release = threading.Event(), threading.Event()
-    real = serve.generate_outputs
+    real = Slots.step if continuous else serve.generate_outputs
 
     def slow(*args, **kwargs):
         started.set()
         release.wait(10)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(serve, "generate_outputs", slow)
-    app = make_app(loaded, batch_wait_ms=0)
+    if continuous:  # the first decoding step waits; the second request queues meanwhile
+        monkeypatch.setattr(Slots, "step", slow)
+    else:
+        monkeypatch.setattr(serve, "generate_outputs", slow)
+    app = make_app(loaded, batch_wait_ms=0, continuous=continuous)
     with live_server(app) as (server, thread, url), ThreadPoolExecutor(2) as pool:
         running = pool.submit(httpx.post, f"{url}/v1/generate", json={"inputs": [SOURCES[0]], "max_new_tokens": 8},
                               timeout=30)  # fmt: skip
@@ -462,12 +473,16 @@ def test_streamed_completions_add_up_to_the_answer(loaded, expected):
         assert streamed[-1][1] == "stop"
 
 
-def test_a_client_that_leaves_a_stream_frees_its_rows(loaded):
+@pytest.mark.parametrize("continuous", [False, True], ids=["waves", "continuous"])
+def test_a_client_that_leaves_a_stream_frees_its_rows(loaded, continuous):
     """The model told never to end (EOS suppressed) and 500 tokens asked: the client reads one chunk
-    and disconnects; the worker's batch stops decoding within a few steps instead of running on."""
+    and disconnects; the worker stops decoding its rows within a few steps instead of running on."""
+    from flantune.continuous import Slots
+
     model, tokenizer = loaded[0], loaded[1]
     steps = []
     real = serve.generate_outputs
+    real_step = Slots.step
 
     def counting(*args, on_step, **kwargs):
         def step(t, rows, tokens):
@@ -477,12 +492,21 @@ def test_a_client_that_leaves_a_stream_frees_its_rows(loaded):
 
         return real(*args, on_step=step, **kwargs)
 
+    def counting_step(self):
+        steps.append(len(steps))
+        time.sleep(0.005)
+        return real_step(self)
+
     gen = model.generation_config
     gen.suppress_tokens = [tokenizer.eos_token_id]
     try:
         with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(serve, "generate_outputs", counting)
-            with live_server(make_app(loaded)) as (_, _, url), httpx.Client(timeout=30) as client:
+            if continuous:
+                patch.setattr(Slots, "step", counting_step)
+            else:
+                patch.setattr(serve, "generate_outputs", counting)
+            app = make_app(loaded, continuous=continuous)
+            with live_server(app) as (_, _, url), httpx.Client(timeout=30) as client:
                 body = {"model": "alpha", "prompt": "copy: x y", "max_tokens": 500, "temperature": 0, "stream": True}
                 with client.stream("POST", f"{url}/v1/completions", json=body) as response:
                     assert response.status_code == 200
@@ -500,3 +524,45 @@ def test_a_client_that_leaves_a_stream_frees_its_rows(loaded):
 def loaded_worker_running(url: str) -> bool:
     metrics = httpx.get(f"{url}/metrics").text
     return "flantune_running_batch_inputs 0.0" not in metrics
+
+
+def test_continuous_batching_rows_join_a_running_batch_and_leave_when_done(loaded):
+    """A long request for alpha is decoding (EOS suppressed, 200 tokens, slow steps); a short request
+    for beta arrives, joins the running batch at the next step, shares its steps (two requests, two
+    models) and is answered while the long one still runs, with what beta alone generates."""
+    from flantune.continuous import Slots
+
+    model, tokenizer = loaded[0], loaded[1]
+    real_step = Slots.step
+
+    def slow_step(self):
+        time.sleep(0.01)
+        return real_step(self)
+
+    gen = model.generation_config
+    gen.suppress_tokens = [tokenizer.eos_token_id]
+    try:
+        model.set_adapter("beta")
+        want = generate_texts(model, tokenizer, [SOURCES[1]], GenerationConfig(max_new_tokens=5))
+        model.set_adapter("alpha")
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(Slots, "step", slow_step)
+            app = make_app(loaded, batch_wait_ms=0)
+            worker = app.state.service.worker
+            assert isinstance(worker, serve.ContinuousWorker)
+            with TestClient(app) as client, ThreadPoolExecutor(2) as pool:
+                long = pool.submit(ask, client, "alpha", [SOURCES[0]], max_new_tokens=200)
+                deadline = time.monotonic() + 10
+                while not worker.active:
+                    assert time.monotonic() < deadline, "the long request did not start"
+                    time.sleep(0.005)
+                short = ask(client, "beta", [SOURCES[1]], max_new_tokens=5)
+                assert not long.done(), "the short request waited for the long one"
+                assert short.status_code == 200
+                assert short.json()["outputs"] == want
+                assert short.json()["batch"] == {"requests": 2, "inputs": 2, "models": 2}
+                assert long.result().status_code == 200
+                assert long.result().json()["output_tokens"][0] > 5
+    finally:
+        gen.suppress_tokens = None
+        model.set_adapter("alpha")

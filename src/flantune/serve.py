@@ -323,6 +323,185 @@ class Worker:
         return generate_outputs(model, self.tokenizer, sources, cfg, **options)
 
 
+@dataclass
+class _Running:
+    """A request whose rows are in the continuous batch: their slots, ids so far and state."""
+
+    job: Job
+    slots: list[int]
+    processors: object
+    started: float
+    first_step: float | None = None
+    steps: int = 0
+    ids: list[list[int]] = field(default_factory=list)
+    done: list[bool] = field(default_factory=list)
+
+
+class ContinuousWorker(Worker):
+    """Continuous (iteration-level) batching on `flantune.continuous.Slots`: between two decoding
+    steps, queued requests run their encoder pass and their rows join the batch; a finished request's
+    rows leave at once, and so do the rows of a request nobody waits for any more (a timed-out or
+    disconnected client). Rows of every LoRA adapter and of the base share each step (PEFT's per-row
+    adapter names). Requests with beam search or label restriction, or for adapters that cannot mix,
+    run apart in a batch of their own (`Worker._run`) between steps.
+
+    Each step costs the same for any number of rows up to the capacity (`max_batch`), so the
+    slots' caches are sized once: max_batch rows x the largest max_new_tokens and source a request
+    may ask for (Limits)."""
+
+    def __init__(self, model, tokenizer, *, max_batch: int, batch_wait_ms: float, mixed: bool,
+                 max_new_tokens: int, max_source_tokens: int):  # fmt: skip
+        super().__init__(model, tokenizer, max_batch=max_batch, batch_wait_ms=batch_wait_ms, mixed=mixed)
+        self.max_new_tokens, self.max_source_tokens = max_new_tokens, max_source_tokens
+        self.slots = None  # made on the worker thread at its first request (the model's device)
+        self.active: list[_Running] = []
+
+    def fits(self, job: Job) -> bool:
+        """Whether the job's rows can decode in the shared batch (else they run apart)."""
+        return job.cfg.num_beams == 1 and (self.mixed or not self._is_peft())
+
+    def _is_peft(self) -> bool:
+        return hasattr(self.model, "get_base_model")
+
+    def _loop(self) -> None:
+        from flantune import engine
+        from flantune.continuous import Slots
+
+        self.model.eval()
+        while True:
+            with self.cond:
+                while not self.pending and not self.active and not self.stopping:
+                    self.cond.wait()
+                if self.stopping and not self.pending and not self.active:
+                    return
+                free = self.max_batch - sum(len(run.slots) for run in self.active)
+                joining, apart = [], []
+                for job in list(self.pending):
+                    if not self.fits(job):
+                        apart.append(job)
+                        self.pending.remove(job)
+                    elif len(job.inputs) <= free:
+                        joining.append(job)
+                        self.pending.remove(job)
+                        free -= len(job.inputs)
+            for job in apart:  # a batch of its own, between two steps
+                if job.future.set_running_or_notify_cancel():
+                    self._run([job])
+            joining = [job for job in joining if job.future.set_running_or_notify_cancel()]
+            try:
+                if self.slots is None and (joining or self.active):
+                    self.slots = Slots(self.model, self.max_batch, self.max_new_tokens, self.max_source_tokens)
+                for job in joining:
+                    self._admit(job, engine)
+                if self.active:
+                    self._step()
+            except Exception as e:  # the step failed: answer every request in it; the worker lives on
+                for run in self.active:
+                    if not run.job.future.done():
+                        run.job.future.set_exception(e)
+                self.active = []
+                self.slots = None
+
+    def _admit(self, job: Job, engine) -> None:
+        """The job's encoder pass (its adapter's) and its rows into free slots."""
+        used = {slot for run in self.active for slot in run.slots}
+        slots = [i for i in range(self.max_batch) if i not in used][: len(job.inputs)]
+        device = self.slots.positions.device
+        batch = self.tokenizer(job.inputs, return_tensors="pt", padding=True).to(device)
+        config = engine._base_model(self.model).config
+        start = config.decoder_start_token_id
+        with torch.no_grad(), self._adapter_rows([job.adapter] * len(job.inputs)):
+            hidden = self.model.get_encoder()(**batch).last_hidden_state  # (n, s, d)
+            self.slots.admit(slots, hidden, batch["attention_mask"], start)
+        cfg = job.cfg
+        processors = engine.logits_processors(
+            self.model, max_new_tokens=cfg.max_new_tokens, do_sample=cfg.do_sample, temperature=cfg.temperature,
+            top_k=cfg.top_k, top_p=cfg.top_p, repetition_penalty=cfg.repetition_penalty,
+            no_repeat_ngram_size=cfg.no_repeat_ngram_size, device=device,
+        )  # fmt: skip
+        n = len(job.inputs)
+        self.active.append(_Running(job, slots, processors, time.perf_counter(), ids=[[start] for _ in range(n)],
+                                    done=[False] * n))  # fmt: skip
+
+    def _adapter_rows(self, adapters: list[str | None]):
+        """PEFT's per-row adapter names for the calls inside ("__base__" for the base)."""
+        import contextlib
+
+        if not self._is_peft():
+            return contextlib.nullcontext()
+        return self.model._enable_peft_forward_hooks(adapter_names=[name or "__base__" for name in adapters])
+
+    def _step(self) -> None:
+        """One decoding step of every row in the batch, then each request's rows take their tokens."""
+        slots = self.slots
+        adapters: list[str | None] = [None] * self.max_batch  # free slots decode as the base, ignored
+        for run in self.active:
+            for slot in run.slots:
+                adapters[slot] = run.job.adapter
+        self.running = sum(len(run.slots) for run in self.active)
+        shared = {"requests": len(self.active), "inputs": self.running,
+                  "models": len({run.job.adapter for run in self.active})}  # fmt: skip
+        with torch.no_grad(), self._adapter_rows(adapters):
+            logits = slots.step().float()  # (R, V)
+        chosen = torch.zeros(self.max_batch, dtype=torch.long, device=logits.device)
+        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+        finished_runs = []
+        for run in self.active:
+            index = torch.tensor(run.slots, device=logits.device)
+            history = torch.tensor(run.ids, device=logits.device)  # (n, 1 + t)
+            scores = run.processors(history, logits[index])
+            if run.job.cfg.do_sample:
+                tokens = torch.multinomial(torch.softmax(scores, dim=-1), 1).squeeze(1)
+            else:
+                tokens = scores.argmax(dim=-1)
+            tokens = tokens.tolist()  # a sync per request per step
+            if run.first_step is None:
+                run.first_step = time.perf_counter()
+            run.steps += 1
+            pairs = []
+            for row, token in enumerate(tokens):
+                if run.done[row]:
+                    token = pad
+                else:
+                    pairs.append((row, token))
+                    run.done[row] = token == eos or run.steps >= run.job.cfg.max_new_tokens
+                run.ids[row].append(token)
+            chosen[index] = torch.tensor(tokens, device=logits.device)
+            if run.job.stream is not None and pairs:
+                run.job.stream(pairs)
+            if all(run.done) or run.job.abandoned.is_set():
+                finished_runs.append(run)
+        slots.advance(chosen)
+        for run in finished_runs:
+            self.active.remove(run)
+            slots.release(run.slots)
+            if not run.job.abandoned.is_set():
+                self._answer(run, shared)
+        self.running = sum(len(run.slots) for run in self.active)
+
+    def _answer(self, run: _Running, shared: dict) -> None:
+        from flantune.decoding import decode
+
+        eos = self.tokenizer.eos_token_id
+        texts, generated, finished = [], [], []
+        for ids in run.ids:
+            ids = ids[1:]
+            ended = eos in ids
+            if ended:
+                ids = ids[: ids.index(eos)]
+            texts.append(decode(self.tokenizer, ids))
+            generated.append(sum(1 for t in ids if t not in (eos, self.tokenizer.pad_token_id)))
+            finished.append(ended)
+        counts = [len(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        ended_at = time.perf_counter()
+        run.job.future.set_result({
+            "outputs": texts, "output_tokens": counts, "generated_tokens": generated, "finished": finished,
+            "batch": shared,  # the last step it shared
+            "queue_ms": (run.started - run.job.queued) * 1000, "generate_ms": (ended_at - run.started) * 1000,
+            "first_step_ms": ((run.first_step or ended_at) - run.started) * 1000,
+        })  # fmt: skip
+
+
 # ---- the HTTP API ----------------------------------------------------------------------------
 
 
@@ -450,13 +629,21 @@ class Metrics:
 class Service:
     """What the routes share: the worker, the names it serves, the limits and a tokenizer for counting."""
 
-    def __init__(
-        self, model, tokenizer, *, base: str, kinds: dict[str, str], limits: Limits, mixed: bool | None = None
-    ):
+    def __init__(self, model, tokenizer, *, base: str, kinds: dict[str, str], limits: Limits,
+                 mixed: bool | None = None, continuous: bool | None = None):  # fmt: skip
+        """continuous: iteration-level batching (ContinuousWorker); None: wherever the model allows
+        it (flantune.continuous drives it, and its adapters, if any, can mix in one batch)."""
+        from flantune import continuous as rows
+
         mixed = mixable(model) if mixed is None else mixed
-        self.worker = Worker(
-            model, tokenizer, max_batch=limits.max_batch, batch_wait_ms=limits.batch_wait_ms, mixed=mixed
-        )
+        if continuous is None:
+            continuous = rows.supports(model) and (mixed or not hasattr(model, "get_base_model"))
+        options = {"max_batch": limits.max_batch, "batch_wait_ms": limits.batch_wait_ms, "mixed": mixed}
+        if continuous:
+            self.worker = ContinuousWorker(model, tokenizer, **options, max_new_tokens=limits.max_new_tokens,
+                                           max_source_tokens=limits.max_input_tokens)  # fmt: skip
+        else:
+            self.worker = Worker(model, tokenizer, **options)
         # The worker thread uses the tokenizer while requests are counted on the event loop; a Rust
         # tokenizer used from two threads at once can fail ("Already borrowed"), so each has its own.
         self.counter = copy.deepcopy(tokenizer)
