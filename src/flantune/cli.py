@@ -397,9 +397,12 @@ def serve_command(
     mixed_batches: Annotated[
         bool, typer.Option(help="Let rows of different LoRA adapters (and the base) share one batch.")
     ] = True,
+    continuous: Annotated[
+        bool, typer.Option(help="Continuous batching: requests join the running batch at the next step (T5 models).")
+    ] = True,
     other_base: OtherBaseOpt = False,
 ) -> None:
-    """Serve a base model and its adapters: an HTTP API (/v1/generate, /docs) and a playground at /."""
+    """Serve a base model and its adapters: OpenAI's completions API, /v1/generate, /metrics, a playground at /."""
     from flantune.generate import GenerateError
 
     if not 1 <= port <= 65535:
@@ -409,10 +412,10 @@ def serve_command(
     try:
         from flantune.serve import Limits, build_app, run
     except ImportError as e:
-        if e.name not in {"fastapi", "starlette", "uvicorn", "pydantic"}:
+        if e.name not in {"fastapi", "starlette", "uvicorn", "pydantic", "prometheus_client"}:
             raise
         raise GenerateError(
-            f"flantune serve needs FastAPI and uvicorn: pip install 'flantune[serve]' ({e})"
+            f"flantune serve needs FastAPI, uvicorn and prometheus-client: pip install 'flantune[serve]' ({e})"
         ) from None
     limits = Limits(
         max_input_tokens=max_input_tokens, max_new_tokens=max_new_tokens, max_inputs=max_inputs,
@@ -429,6 +432,7 @@ def serve_command(
             device=device,
             dtype=dtype,
             mixed=mixed_batches,
+            continuous=None if continuous else False,
             other_base=other_base,
         )
     except ServeError as e:

@@ -37,6 +37,14 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 from pydantic import BaseModel, ConfigDict, Field
 
 from flantune.config import GenerationConfig
@@ -597,8 +605,6 @@ class Metrics:
     never share counters), exported at GET /metrics."""
 
     def __init__(self, worker: Worker):
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-
         self.registry = CollectorRegistry()
         self.requests = Counter("flantune_requests", "Requests answered, by route, model and HTTP status.",
                                 ["route", "model", "status"], registry=self.registry)  # fmt: skip
@@ -705,8 +711,6 @@ def create_app(service: Service, token: str | None = None) -> FastAPI:
     def metrics() -> Response:
         """Prometheus text format: requests by route, model and status; queue and running batch;
         tokens generated; time to first token and per output token."""
-        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
         return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @contextmanager
@@ -1067,11 +1071,13 @@ def build_app(
     device: str | None = None,
     dtype: str = "float32",
     mixed: bool = True,
+    continuous: bool | None = None,
     other_base: bool = False,
 ) -> FastAPI:
     """The app for `flantune serve`: load the base and adapters, check the limits, wire the routes.
 
     mixed: rows of different LoRA adapters may share a batch (where `mixable`); False batches per adapter.
+    continuous: iteration-level batching (None: where the model allows it; False: batches in waves).
     """
     limits = limits or Limits()
     problems = limits.check()
@@ -1082,7 +1088,8 @@ def build_app(
         model, adapters, device=device, dtype=dtype, other_base=other_base
     )
     service = Service(
-        loaded, tokenizer, base=base, kinds=kinds, limits=limits, mixed=mixed and mixable(loaded)
+        loaded, tokenizer, base=base, kinds=kinds, limits=limits, mixed=mixed and mixable(loaded),
+        continuous=continuous,
     )
     return create_app(service, token=token)
 
