@@ -566,3 +566,13 @@ def test_continuous_batching_rows_join_a_running_batch_and_leave_when_done(loade
     finally:
         gen.suppress_tokens = None
         model.set_adapter("alpha")
+
+
+def test_a_request_larger_than_the_continuous_batch_is_answered(loaded, expected):
+    """More inputs than the continuous batch holds (max_batch 2, 5 inputs): the request runs apart,
+    in batches of its own, and is answered as direct generation answers it."""
+    with TestClient(make_app(loaded, max_batch=2)) as client:
+        assert isinstance(client.app.state.service.worker, serve.ContinuousWorker)
+        answer = ask(client, "gamma", SOURCES)
+        assert answer.status_code == 200
+        assert answer.json()["outputs"] == [expected["gamma"][s] for s in SOURCES]

@@ -366,7 +366,8 @@ class ContinuousWorker(Worker):
 
     def fits(self, job: Job) -> bool:
         """Whether the job's rows can decode in the shared batch (else they run apart)."""
-        return job.cfg.num_beams == 1 and (self.mixed or not self._is_peft())
+        return (job.cfg.num_beams == 1 and len(job.inputs) <= self.max_batch
+                and (self.mixed or not self._is_peft()))  # fmt: skip
 
     def _is_peft(self) -> bool:
         return hasattr(self.model, "get_base_model")
@@ -392,6 +393,8 @@ class ContinuousWorker(Worker):
                         joining.append(job)
                         self.pending.remove(job)
                         free -= len(job.inputs)
+                    else:
+                        break  # first come, first served: later requests do not overtake this one
             for job in apart:  # a batch of its own, between two steps
                 if job.future.set_running_or_notify_cancel():
                     self._run([job])
