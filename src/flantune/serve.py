@@ -454,30 +454,31 @@ class ContinuousWorker(Worker):
                   "models": len({run.job.adapter for run in self.active})}  # fmt: skip
         with torch.no_grad(), self._adapter_rows(adapters):
             logits = slots.step().float()  # (R, V)
-        chosen = torch.zeros(self.max_batch, dtype=torch.long, device=logits.device)
-        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
-        finished_runs = []
-        for run in self.active:
+        chosen = torch.zeros(self.max_batch, dtype=torch.long, device=logits.device)  # (R,)
+        for run in self.active:  # each request's own processors and choice, on its rows
             index = torch.tensor(run.slots, device=logits.device)
             history = torch.tensor(run.ids, device=logits.device)  # (n, 1 + t)
             scores = run.processors(history, logits[index])
             if run.job.cfg.do_sample:
-                tokens = torch.multinomial(torch.softmax(scores, dim=-1), 1).squeeze(1)
+                chosen[index] = torch.multinomial(torch.softmax(scores, dim=-1), 1).squeeze(1)
             else:
-                tokens = scores.argmax(dim=-1)
-            tokens = tokens.tolist()  # a sync per request per step
-            if run.first_step is None:
-                run.first_step = time.perf_counter()
+                chosen[index] = scores.argmax(dim=-1)
+        values = chosen.tolist()  # the step's one sync
+        now = time.perf_counter()
+        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+        finished_runs = []
+        for run in self.active:
+            run.first_step = run.first_step or now
             run.steps += 1
             pairs = []
-            for row, token in enumerate(tokens):
+            for row, slot in enumerate(run.slots):
+                token = values[slot]
                 if run.done[row]:
                     token = pad
                 else:
                     pairs.append((row, token))
                     run.done[row] = token == eos or run.steps >= run.job.cfg.max_new_tokens
                 run.ids[row].append(token)
-            chosen[index] = torch.tensor(tokens, device=logits.device)
             if run.job.stream is not None and pairs:
                 run.job.stream(pairs)
             if all(run.done) or run.job.abandoned.is_set():
