@@ -10,6 +10,7 @@ setting allows.
 
     python bench/serve_load.py --shared ../shared --shape tiny --out serve-cpu.json
     python bench/serve_load.py --shared .gpu_shared --shape flan-t5-base --device cuda --dtype bfloat16 --out serve-gpu.json
+        [--no-continuous]   (the same load on the server batching in waves, for comparison)
 """
 
 from __future__ import annotations
@@ -148,6 +149,7 @@ def main() -> None:
     parser.add_argument("--batch-wait-ms", type=float, default=10.0)
     parser.add_argument("--time-limit", type=float, default=None, help="send no request after this many s")
     parser.add_argument("--no-mixed-batches", action="store_true", help="batch per adapter only")
+    parser.add_argument("--no-continuous", action="store_true", help="batch in waves (the server's --no-continuous)")
     parser.add_argument("--out", default="serve-load.json")
     args = parser.parse_args()
     shared = Path(args.shared)
@@ -163,6 +165,8 @@ def main() -> None:
                    "--batch-wait-ms", str(args.batch_wait_ms)]  # fmt: skip
         if args.no_mixed_batches:
             command.append("--no-mixed-batches")
+        if args.no_continuous:
+            command.append("--no-continuous")
         for name, path in adapters.items():
             command += ["--adapter", f"{name}={path}"]
         log = open(folder / "server.log", "w+")  # noqa: SIM115 - read back after the server ends
@@ -208,6 +212,7 @@ def main() -> None:
         "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else cpu_name(),
         "cpu_threads": torch.get_num_threads(), "dtype": args.dtype, "max_batch": args.max_batch,
         "batch_wait_ms": args.batch_wait_ms, "mixed_batches": not args.no_mixed_batches,
+        "continuous": not args.no_continuous,
         "torch": torch.__version__,
         "ok": len(latencies), "errors": len(errors), "error_samples": errors[:5],
         "stopped_by_time_limit": len(latencies) + len(errors) < args.requests,
