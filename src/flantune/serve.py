@@ -402,8 +402,8 @@ class ContinuousWorker(Worker):
             try:
                 if self.slots is None and (joining or self.active):
                     self.slots = Slots(self.model, self.max_batch, self.max_new_tokens, self.max_source_tokens)
-                for job in joining:
-                    self._admit(job, engine)
+                if joining:
+                    self._admit(joining, engine)
                 if self.active:
                     self._step()
             except Exception as e:  # the step failed: answer every request in it; the worker lives on
@@ -413,26 +413,31 @@ class ContinuousWorker(Worker):
                 self.active = []
                 self.slots = None
 
-    def _admit(self, job: Job, engine) -> None:
-        """The job's encoder pass (its adapter's) and its rows into free slots."""
+    def _admit(self, jobs: list[Job], engine) -> None:
+        """The joining requests' rows into free slots, after one encoder pass for all of them (each
+        row under its request's adapter)."""
         used = {slot for run in self.active for slot in run.slots}
-        slots = [i for i in range(self.max_batch) if i not in used][: len(job.inputs)]
+        free = iter(i for i in range(self.max_batch) if i not in used)
         device = self.slots.positions.device
-        batch = self.tokenizer(job.inputs, return_tensors="pt", padding=True).to(device)
-        config = engine._base_model(self.model).config
-        start = config.decoder_start_token_id
-        with torch.no_grad(), self._adapter_rows([job.adapter] * len(job.inputs)):
+        sources = [text for job in jobs for text in job.inputs]
+        adapters = [job.adapter for job in jobs for _ in job.inputs]
+        batch = self.tokenizer(sources, return_tensors="pt", padding=True).to(device)
+        start = engine._base_model(self.model).config.decoder_start_token_id
+        slots = [[next(free) for _ in job.inputs] for job in jobs]
+        with torch.no_grad(), self._adapter_rows(adapters):
             hidden = self.model.get_encoder()(**batch).last_hidden_state  # (n, s, d)
-            self.slots.admit(slots, hidden, batch["attention_mask"], start)
-        cfg = job.cfg
-        processors = engine.logits_processors(
-            self.model, max_new_tokens=cfg.max_new_tokens, do_sample=cfg.do_sample, temperature=cfg.temperature,
-            top_k=cfg.top_k, top_p=cfg.top_p, repetition_penalty=cfg.repetition_penalty,
-            no_repeat_ngram_size=cfg.no_repeat_ngram_size, device=device,
-        )  # fmt: skip
-        n = len(job.inputs)
-        self.active.append(_Running(job, slots, processors, time.perf_counter(), ids=[[start] for _ in range(n)],
-                                    done=[False] * n))  # fmt: skip
+            self.slots.admit([slot for group in slots for slot in group], hidden, batch["attention_mask"], start)
+        now = time.perf_counter()
+        for job, group in zip(jobs, slots, strict=True):
+            cfg = job.cfg
+            processors = engine.logits_processors(
+                self.model, max_new_tokens=cfg.max_new_tokens, do_sample=cfg.do_sample, temperature=cfg.temperature,
+                top_k=cfg.top_k, top_p=cfg.top_p, repetition_penalty=cfg.repetition_penalty,
+                no_repeat_ngram_size=cfg.no_repeat_ngram_size, device=device,
+            )  # fmt: skip
+            n = len(job.inputs)
+            self.active.append(_Running(job, group, processors, now, ids=[[start] for _ in range(n)],
+                                        done=[False] * n))  # fmt: skip
 
     def _adapter_rows(self, adapters: list[str | None]):
         """PEFT's per-row adapter names for the calls inside ("__base__" for the base)."""
