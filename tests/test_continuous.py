@@ -133,3 +133,26 @@ def test_other_architectures_are_refused(bart_path):
     assert not continuous.supports(model)
     with pytest.raises(ValueError, match="bart: continuous batching drives mt5, t5 models"):
         continuous.Slots(model, capacity=2, max_new_tokens=4, max_source_tokens=8)
+
+
+def test_a_step_over_the_lowest_slots_equals_the_full_step(t5):
+    """step(rows=k) computes slots 0..k-1 only, with the logits and cache writes of a full step (up to
+    float64 rounding: matrix products of another row count may sum in another order)."""
+    model, tokenizer = t5
+    batch = tokenizer(SOURCES[:2], return_tensors="pt", padding=True)
+    outs = []
+    for rows in (None, 2):
+        slots = continuous.Slots(model, capacity=5, max_new_tokens=4, max_source_tokens=32)
+        hidden = model.get_encoder()(**batch).last_hidden_state
+        slots.admit([0, 1], hidden, batch["attention_mask"], model.config.decoder_start_token_id)
+        logits = []
+        for _ in range(3):
+            step = slots.step(rows)[:2]
+            logits.append(step)
+            chosen = torch.zeros(5, dtype=torch.long)
+            chosen[:2] = step.argmax(-1)
+            slots.advance(chosen)
+        outs.append((torch.stack(logits), [k[:2].clone() for k in slots.keys]))
+    assert_logits_close(outs[1][0], outs[0][0])
+    for full, part in zip(outs[0][1], outs[1][1], strict=True):
+        torch.testing.assert_close(part, full, atol=1e-12, rtol=0)

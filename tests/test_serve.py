@@ -492,10 +492,10 @@ def test_a_client_that_leaves_a_stream_frees_its_rows(loaded, continuous):
 
         return real(*args, on_step=step, **kwargs)
 
-    def counting_step(self):
+    def counting_step(self, *args):
         steps.append(len(steps))
         time.sleep(0.005)
-        return real_step(self)
+        return real_step(self, *args)
 
     gen = model.generation_config
     gen.suppress_tokens = [tokenizer.eos_token_id]
@@ -535,9 +535,9 @@ def test_continuous_batching_rows_join_a_running_batch_and_leave_when_done(loade
     model, tokenizer = loaded[0], loaded[1]
     real_step = Slots.step
 
-    def slow_step(self):
+    def slow_step(self, *args):
         time.sleep(0.01)
-        return real_step(self)
+        return real_step(self, *args)
 
     gen = model.generation_config
     gen.suppress_tokens = [tokenizer.eos_token_id]

@@ -120,26 +120,30 @@ class Slots:
     # ---- the step -------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def step(self) -> Tensor:
-        """(R, V) next-token logits of every slot (free slots give garbage, ignored), writing each
-        row's self-attention key/value at its own position. No host sync, no allocation that
-        depends on the positions: capturable as a CUDA graph."""
+    def step(self, rows: int | None = None) -> Tensor:
+        """(R, V) next-token logits of the first `rows` slots (all by default; free slots give
+        garbage, ignored), writing each row's self-attention key/value at its own position. Slots
+        past `rows` are not computed: a caller that fills the lowest slots first pays for the rows it
+        holds. No host sync, no allocation that depends on the positions: capturable as a CUDA graph
+        (per `rows`)."""
         base = _base_model(self.model)
         decoder = base.get_decoder()
-        R, H, dk = self.capacity, self.heads, self.head_dim
-        hidden = decoder.embed_tokens(self.tokens[:, None])  # (R, 1, d)
+        R, H, dk = rows or self.capacity, self.heads, self.head_dim
+        tokens, positions, source_mask = self.tokens[:R], self.positions[:R], self.source_mask[:R]
+        slot_range = self.slot_range[:R]
+        hidden = decoder.embed_tokens(tokens[:, None])  # (R, 1, d)
         dtype = hidden.dtype
         low = torch.finfo(dtype).min
         # T5's relative bias, from the first layer's table, shared by every layer, per row:
         # key slot j seen from position p is at relative position j - p (future slots masked).
         first = decoder.block[0].layer[0].SelfAttention
-        relative = self.key_range[None, :] - self.positions[:, None]  # (R, L)
+        relative = self.key_range[None, :] - positions[:, None]  # (R, L)
         buckets = relative_bucket(relative, False, first.relative_attention_num_buckets,
                                   first.relative_attention_max_distance)  # fmt: skip
         bias = first.relative_attention_bias(buckets).permute(0, 2, 1)[:, :, None, :].to(dtype)  # (R, H, 1, L)
         bias = bias.masked_fill((relative > 0)[:, None, None, :], low)
-        cross_bias = torch.zeros(self.source_mask.shape, dtype=dtype, device=hidden.device)
-        cross_bias = cross_bias.masked_fill(~self.source_mask, low)[:, None, None, :]  # (R, 1, 1, S)
+        cross_bias = torch.zeros(source_mask.shape, dtype=dtype, device=hidden.device)
+        cross_bias = cross_bias.masked_fill(~source_mask, low)[:, None, None, :]  # (R, 1, 1, S)
         for i, block in enumerate(decoder.block):
             layer = block.layer[0]
             attention = layer.SelfAttention
@@ -147,16 +151,16 @@ class Slots:
             query = attention.q(x).view(R, 1, H, dk).transpose(1, 2)  # (R, H, 1, dk)
             key = attention.k(x).view(R, H, dk)
             value = attention.v(x).view(R, H, dk)
-            self.keys[i][self.slot_range, :, self.positions] = key.to(self.keys[i].dtype)  # slot p of row r
-            self.values[i][self.slot_range, :, self.positions] = value.to(self.values[i].dtype)
-            out = _attend(query, self.keys[i], self.values[i], bias)  # (R, 1, H * dk)
+            self.keys[i][slot_range, :, positions] = key.to(self.keys[i].dtype)  # slot p of row r
+            self.values[i][slot_range, :, positions] = value.to(self.values[i].dtype)
+            out = _attend(query, self.keys[i][:R], self.values[i][:R], bias)  # (R, 1, H * dk)
             hidden = hidden + layer.dropout(attention.o(out))
 
             layer = block.layer[1]
             attention = layer.EncDecAttention
             x = layer.layer_norm(hidden)
             query = attention.q(x).view(R, 1, H, dk).transpose(1, 2)
-            out = _attend(query, self.cross_keys[i], self.cross_values[i], cross_bias)
+            out = _attend(query, self.cross_keys[i][:R], self.cross_values[i][:R], cross_bias)
             hidden = hidden + layer.dropout(attention.o(out))
 
             hidden = block.layer[2](hidden)  # T5LayerFF: norm, feed-forward, residual

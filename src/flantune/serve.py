@@ -457,8 +457,10 @@ class ContinuousWorker(Worker):
         self.running = sum(len(run.slots) for run in self.active)
         shared = {"requests": len(self.active), "inputs": self.running,
                   "models": len({run.job.adapter for run in self.active})}  # fmt: skip
-        with torch.no_grad(), self._adapter_rows(adapters):
-            logits = slots.step().float()  # (R, V)
+        # Rows take the lowest free slots: the step computes slots 0..highest used only.
+        rows = 1 + max(slot for run in self.active for slot in run.slots)
+        with torch.no_grad(), self._adapter_rows(adapters[:rows]):
+            logits = slots.step(rows).float()  # (rows, V)
         chosen = torch.zeros(self.max_batch, dtype=torch.long, device=logits.device)  # (R,)
         for run in self.active:  # each request's own processors and choice, on its rows
             index = torch.tensor(run.slots, device=logits.device)
