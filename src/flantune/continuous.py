@@ -18,7 +18,7 @@ as in the model's forward, and PEFT's per-row adapter names reach them) with per
 tensor the step reads or writes is allocated in __init__, and positions are tensors, so one captured
 CUDA graph serves any mix of positions.
 
-Architectures: T5 (FLAN-T5, mT5). `supports(model)` says whether a model can use it.
+Architectures: T5 (FLAN-T5, mT5) and BART. `supports(model)` says whether a model can use it.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from torch import Tensor
 
 from flantune.fast_t5 import relative_bucket
 
-MODEL_TYPES = frozenset({"t5", "mt5"})
+MODEL_TYPES = frozenset({"t5", "mt5", "bart"})
 
 
 def _base_model(model):
@@ -58,8 +58,13 @@ class Slots:
         weight = base.get_output_embeddings().weight
         dtype, device = dtype or weight.dtype, weight.device
         self.capacity, self.max_new_tokens, self.max_source_tokens = capacity, max_new_tokens, max_source_tokens
-        self.heads, self.head_dim = config.num_heads, config.d_kv
-        layers = config.num_decoder_layers
+        self.bart = config.model_type == "bart"
+        if self.bart:
+            self.heads, self.head_dim = config.decoder_attention_heads, config.d_model // config.decoder_attention_heads
+            layers = config.decoder_layers
+        else:
+            self.heads, self.head_dim = config.num_heads, config.d_kv
+            layers = config.num_decoder_layers
         R, H, L, S, dk = capacity, self.heads, max_new_tokens, max_source_tokens, self.head_dim
         self.keys = [torch.zeros(R, H, L, dk, dtype=dtype, device=device) for _ in range(layers)]
         self.values = [torch.zeros(R, H, L, dk, dtype=dtype, device=device) for _ in range(layers)]
@@ -87,12 +92,10 @@ class Slots:
         if s > self.max_source_tokens:
             raise ValueError(f"a source of {s} tokens is over this batch's {self.max_source_tokens}")
         index = torch.tensor(slots, device=self.positions.device)
-        decoder = _base_model(self.model).get_decoder()
-        for i, block in enumerate(decoder.block):
-            attention = block.layer[1].EncDecAttention
+        for i, (project_keys, project_values) in enumerate(self._cross_projections()):
             shape = (n, s, self.heads, self.head_dim)
-            keys = attention.k(encoder_hidden).view(shape).transpose(1, 2)  # (n, H, s, dk)
-            values = attention.v(encoder_hidden).view(shape).transpose(1, 2)
+            keys = project_keys(encoder_hidden).view(shape).transpose(1, 2)  # (n, H, s, dk)
+            values = project_values(encoder_hidden).view(shape).transpose(1, 2)
             self.cross_keys[i][index] = 0
             self.cross_values[i][index] = 0
             self.cross_keys[i][index, :, :s] = keys.to(self.cross_keys[i].dtype)
@@ -102,6 +105,13 @@ class Slots:
         self.positions[index] = 0
         self.tokens[index] = start_id
         self.live[index] = True
+
+    def _cross_projections(self) -> list[tuple]:
+        """Per decoder layer, the cross-attention's key and value projections."""
+        decoder = _base_model(self.model).get_decoder()
+        if self.bart:
+            return [(layer.encoder_attn.k_proj, layer.encoder_attn.v_proj) for layer in decoder.layers]
+        return [(block.layer[1].EncDecAttention.k, block.layer[1].EncDecAttention.v) for block in decoder.block]
 
     def release(self, slots: list[int]) -> None:
         index = torch.tensor(slots, device=self.positions.device)
@@ -126,9 +136,12 @@ class Slots:
         past `rows` are not computed: a caller that fills the lowest slots first pays for the rows it
         holds. No host sync, no allocation that depends on the positions: capturable as a CUDA graph
         (per `rows`)."""
+        R = rows or self.capacity
+        if self.bart:
+            return _bart_step(self, R)
         base = _base_model(self.model)
         decoder = base.get_decoder()
-        R, H, dk = rows or self.capacity, self.heads, self.head_dim
+        H, dk = self.heads, self.head_dim
         tokens, positions, source_mask = self.tokens[:R], self.positions[:R], self.source_mask[:R]
         slot_range = self.slot_range[:R]
         hidden = decoder.embed_tokens(tokens[:, None])  # (R, 1, d)
@@ -170,9 +183,51 @@ class Slots:
         return base.lm_head(hidden)[:, 0]  # (R, V)
 
 
+def _bart_step(self: Slots, R: int) -> Tensor:
+    """BART's decoder step for the first R slots: learned positions per row (offset 2, as BART's
+    embedding does), post-norm layers, scaled queries, the logits bias. Same contract as `step`."""
+    import torch.nn.functional as F
+
+    base = _base_model(self.model)
+    decoder = base.get_decoder()
+    H, dk = self.heads, self.head_dim
+    tokens, positions, source_mask = self.tokens[:R], self.positions[:R], self.source_mask[:R]
+    slot_range = self.slot_range[:R]
+    embed = decoder.embed_positions
+    hidden = decoder.embed_tokens(tokens[:, None])  # (R, 1, d), scaled inside when the config says so
+    hidden = hidden + F.embedding(positions[:, None] + embed.offset, embed.weight).to(hidden.dtype)
+    hidden = decoder.layernorm_embedding(hidden)
+    dtype = hidden.dtype
+    low = torch.finfo(dtype).min
+    relative = self.key_range[None, :] - positions[:, None]  # (R, L)
+    causal = torch.zeros(relative.shape, dtype=dtype, device=hidden.device).masked_fill(relative > 0, low)
+    causal = causal[:, None, None, :]  # (R, 1, 1, L)
+    cross_bias = torch.zeros(source_mask.shape, dtype=dtype, device=hidden.device)
+    cross_bias = cross_bias.masked_fill(~source_mask, low)[:, None, None, :]  # (R, 1, 1, S)
+    for i, layer in enumerate(decoder.layers):
+        attention = layer.self_attn
+        query = (attention.q_proj(hidden) * attention.scaling).view(R, 1, H, dk).transpose(1, 2)
+        key = attention.k_proj(hidden).view(R, H, dk)
+        value = attention.v_proj(hidden).view(R, H, dk)
+        self.keys[i][slot_range, :, positions] = key.to(self.keys[i].dtype)
+        self.values[i][slot_range, :, positions] = value.to(self.values[i].dtype)
+        out = _attend(query, self.keys[i][:R], self.values[i][:R], causal)
+        hidden = layer.self_attn_layer_norm(hidden + attention.out_proj(out))
+
+        attention = layer.encoder_attn
+        query = (attention.q_proj(hidden) * attention.scaling).view(R, 1, H, dk).transpose(1, 2)
+        out = _attend(query, self.cross_keys[i][:R], self.cross_values[i][:R], cross_bias)
+        hidden = layer.encoder_attn_layer_norm(hidden + attention.out_proj(out))
+
+        hidden = layer.final_layer_norm(hidden + layer.fc2(layer.activation_fn(layer.fc1(hidden))))
+    logits = base.lm_head(hidden)[:, 0]  # (R, V)
+    return logits + base.final_logits_bias.to(logits.dtype)
+
+
 def _attend(query: Tensor, keys: Tensor, values: Tensor, bias: Tensor) -> Tensor:
-    """T5 attention (no 1/sqrt(dk) scaling): query (R, H, 1, dk) over keys/values (R, H, K, dk) with
-    an additive bias (R or 1, H or 1, 1, K); (R, 1, H * dk)."""
+    """Attention of one query per row (R, H, 1, dk), already scaled (T5 does not scale; BART's query
+    comes multiplied by 1/sqrt(dk)), over keys/values (R, H, K, dk) with an additive bias
+    (R or 1, H or 1, 1, K); (R, 1, H * dk)."""
     scores = torch.matmul(query, keys.to(query.dtype).transpose(2, 3)) + bias  # (R, H, 1, K)
     # The softmax in float32 at least (bf16 probabilities over long rows lose the small ones).
     weights = torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1).to(query.dtype)
