@@ -16,11 +16,12 @@ import pytest
 pytest.importorskip("fastapi", reason="the serve extra (FastAPI, uvicorn) is not installed")
 
 import httpx
+import torch
 import uvicorn
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
-from flantune import serve
+from flantune import engine, serve
 from flantune.cli import app as cli
 from flantune.config import GenerationConfig
 from flantune.decoding import generate_texts
@@ -405,8 +406,29 @@ def test_the_openai_client_talks_to_the_server(loaded, expected):
             client.completions.create(model="delta", prompt="x", max_tokens=4)
         with pytest.raises(openai.UnprocessableEntityError, match="n: several completions"):
             client.completions.create(model="alpha", prompt="x", max_tokens=4, temperature=0, n=2)
-        with pytest.raises(openai.UnprocessableEntityError, match="logprobs"):
-            client.completions.create(model="alpha", prompt="x", max_tokens=4, logprobs=2)
+        with pytest.raises(openai.UnprocessableEntityError, match="logprobs: served without stream only"):
+            client.completions.create(model="alpha", prompt="x", max_tokens=4, logprobs=2, stream=True)
+        with pytest.raises(openai.UnprocessableEntityError, match="echo: not served by this server"):
+            client.completions.create(model="alpha", prompt="x", max_tokens=4, echo=True)
+
+        # logprobs: the model's own log-probability of each token, as the engine's greedy decoding gives it.
+        done = client.completions.create(model="beta", prompt=SOURCES[:2], max_tokens=8, temperature=0, logprobs=2)
+        model, tokenizer = loaded[0], loaded[1]
+        model.set_adapter("beta")
+        batch = tokenizer(SOURCES[:2], return_tensors="pt", padding=True)
+        reference = engine.generate(model, batch["input_ids"], batch["attention_mask"], max_new_tokens=8,
+                                    return_logprobs=True)  # fmt: skip
+        model.set_adapter("alpha")
+        for row, choice in enumerate(done.choices):
+            lp = choice.logprobs
+            n = len(lp.tokens)
+            assert n == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) > 0
+            ids = reference.sequences[row, 1 : 1 + n].tolist()
+            assert lp.tokens == [tokenizer.decode([t]) for t in ids]
+            torch.testing.assert_close(torch.tensor(lp.token_logprobs, dtype=torch.float64),
+                                       reference.logprobs[row, :n].double(), atol=1e-4, rtol=0)  # fmt: skip
+            for chosen, top in zip(lp.token_logprobs, lp.top_logprobs, strict=True):
+                assert len(top) == 2 and max(top.values()) == pytest.approx(chosen, abs=1e-6)  # greedy: the top one
         with pytest.raises(openai.UnprocessableEntityError, match="over this server's limit of 512"):
             client.completions.create(model="alpha", prompt="x", max_tokens=513)
         with pytest.raises(openai.AuthenticationError):

@@ -174,6 +174,7 @@ class Job:
     # Streaming requests: called from the worker thread after each decoding step with
     # [(row of this job, token id), ...] (the step's tokens of this job's rows).
     stream: object = None
+    logprobs: int | None = None  # per generated token, its log-probability and this many alternatives
 
     def key(self, mixed: bool) -> tuple:
         # Requests share a batch only when the same options serve them and, unless the adapters
@@ -216,8 +217,9 @@ class Worker:
             self.cond.notify_all()
         self.thread.join()
 
-    def submit(self, adapter: str | None, inputs: list[str], cfg: GenerationConfig, stream=None) -> Job:
-        job = Job(adapter, inputs, cfg, stream=stream)
+    def submit(self, adapter: str | None, inputs: list[str], cfg: GenerationConfig, stream=None,
+               logprobs: int | None = None) -> Job:  # fmt: skip
+        job = Job(adapter, inputs, cfg, stream=stream, logprobs=logprobs)
         with self.cond:
             if self.stopping:
                 raise RuntimeError("the worker is stopping")
@@ -343,6 +345,9 @@ class _Running:
     steps: int = 0
     ids: list[list[int]] = field(default_factory=list)
     done: list[bool] = field(default_factory=list)
+    # With job.logprobs: per step, the rows' chosen-token log-probabilities (n,) and the top ones
+    # (n, k) with their ids, on the device until the request is answered.
+    logprobs: list[tuple] = field(default_factory=list)
 
 
 class ContinuousWorker(Worker):
@@ -470,6 +475,10 @@ class ContinuousWorker(Worker):
                 chosen[index] = torch.multinomial(torch.softmax(scores, dim=-1), 1).squeeze(1)
             else:
                 chosen[index] = scores.argmax(dim=-1)
+            if run.job.logprobs is not None:  # the model's own distribution, before any processor
+                raw = torch.log_softmax(logits[index], dim=-1)  # (n, V)
+                top = raw.topk(max(run.job.logprobs, 1), dim=-1)
+                run.logprobs.append((raw.gather(1, chosen[index][:, None])[:, 0], top.values, top.indices))
         values = chosen.tolist()  # the step's one sync
         now = time.perf_counter()
         eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
@@ -498,6 +507,30 @@ class ContinuousWorker(Worker):
                 self._answer(run, shared)
         self.running = sum(len(run.slots) for run in self.active)
 
+    def _logprobs(self, run: _Running) -> list[dict]:
+        """Per row, OpenAI's completion logprobs: each generated token (EOS included, as the model
+        chose it) with its log-probability and the `job.logprobs` most likely tokens at that step."""
+        chosen = torch.stack([step[0] for step in run.logprobs], dim=1).tolist()  # (n, T)
+        top_values = torch.stack([step[1] for step in run.logprobs], dim=1).tolist()  # (n, T, k)
+        top_ids = torch.stack([step[2] for step in run.logprobs], dim=1).tolist()
+        eos, k = self.tokenizer.eos_token_id, run.job.logprobs
+        rows = []
+        for row, ids in enumerate(run.ids):
+            generated = ids[1:]
+            length = generated.index(eos) + 1 if eos in generated else len(generated)
+            tokens = [self.tokenizer.decode([t]) for t in generated[:length]]
+            offsets, at = [], 0
+            for piece in tokens:
+                offsets.append(at)
+                at += len(piece)
+            top = [
+                {self.tokenizer.decode([t]): v for t, v in zip(top_ids[row][i][:k], top_values[row][i][:k], strict=True)}
+                for i in range(length)
+            ] if k else None  # fmt: skip
+            rows.append({"tokens": tokens, "token_logprobs": chosen[row][:length], "top_logprobs": top,
+                         "text_offset": offsets})  # fmt: skip
+        return rows
+
     def _answer(self, run: _Running, shared: dict) -> None:
         from flantune.decoding import decode
 
@@ -513,7 +546,9 @@ class ContinuousWorker(Worker):
             finished.append(ended)
         counts = [len(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
         ended_at = time.perf_counter()
+        extra = {"logprobs": self._logprobs(run)} if run.job.logprobs is not None else {}
         run.job.future.set_result({
+            **extra,
             "outputs": texts, "output_tokens": counts, "generated_tokens": generated, "finished": finished,
             "batch": shared,  # the last step it shared
             "queue_ms": (run.started - run.job.queued) * 1000, "generate_ms": (ended_at - run.started) * 1000,
@@ -573,7 +608,7 @@ class CompletionRequest(BaseModel):
     """OpenAI's completions request, as far as this server serves it: `prompt` is the source text.
 
     Fields OpenAI has and this server does not serve (suffix, echo, best_of, logit_bias, penalties,
-    seed, logprobs, ...) are refused with a 422 that names them, never ignored."""
+    seed, ...) are refused with a 422 that names them, never ignored."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
@@ -586,13 +621,14 @@ class CompletionRequest(BaseModel):
     stop: str | list[str] | None = Field(None, description="Up to 4 strings; the text ends before the first.")
     stream: bool = Field(False, description="Server-sent events: the text as it is generated, then [DONE].")
     stream_options: StreamOptions | None = None
+    logprobs: int | None = Field(None, ge=0, le=5, description="Per token, its log-probability and this many alternatives.")
     user: str | None = None
 
 
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: dict | None = None
     finish_reason: str = Field(description="stop: the model ended it or a stop string; length: max_tokens.")
 
 
@@ -737,10 +773,10 @@ def create_app(service: Service, token: str | None = None) -> FastAPI:
         finally:
             service.metrics.requests.labels(route, model, str(status)).inc()
 
-    async def run_job(adapter: str | None, inputs: list[str], cfg: GenerationConfig) -> dict:
+    async def run_job(adapter: str | None, inputs: list[str], cfg: GenerationConfig, logprobs: int | None = None) -> dict:
         """The worker's result for these inputs, or the HTTP error that answers the request."""
         try:
-            job = service.worker.submit(adapter, inputs, cfg)
+            job = service.worker.submit(adapter, inputs, cfg, logprobs=logprobs)
         except RuntimeError:
             raise HTTPException(503, "the server is shutting down") from None
         try:
@@ -799,16 +835,29 @@ def create_app(service: Service, token: str | None = None) -> FastAPI:
             )  # fmt: skip
             cfg = generation_config(as_generate, service.limits)
             prompt_tokens = count_inputs(as_generate.model_copy(update={"inputs": prompts}), service)
+            if request.logprobs is not None:
+                worker = service.worker
+                if request.stream:
+                    raise HTTPException(422, "logprobs: served without stream only; send stream=false")
+                if not (isinstance(worker, ContinuousWorker) and worker.fits(Job(adapter, inputs, cfg))):
+                    raise HTTPException(422, "logprobs: served for requests in the continuous batch only (this one "
+                                             "would decode apart: --no-continuous, or more inputs than --max-batch)")  # fmt: skip
             if request.stream:
                 return StreamingResponse(
                     stream_completion(service, request, adapter, inputs, cfg, stops, sum(prompt_tokens)),
                     media_type="text/event-stream",
                 )
-            result = await run_job(adapter, inputs, cfg)
+            result = await run_job(adapter, inputs, cfg, request.logprobs)
         choices = []
-        for i, (text, finished) in enumerate(zip(result["outputs"], result["finished"], strict=True)):
-            text, reason = cut_at_stop(text, stops, finished)
-            choices.append(CompletionChoice(index=i, text=text, finish_reason=reason))
+        for i, (whole, finished) in enumerate(zip(result["outputs"], result["finished"], strict=True)):
+            text, reason = cut_at_stop(whole, stops, finished)
+            logprobs = None
+            if request.logprobs is not None:
+                logprobs = result["logprobs"][i]
+                if len(text) < len(whole):  # cut at a stop string: the tokens before it
+                    keep = sum(1 for at in logprobs["text_offset"] if at < len(text))
+                    logprobs = {key: None if value is None else value[:keep] for key, value in logprobs.items()}
+            choices.append(CompletionChoice(index=i, text=text, finish_reason=reason, logprobs=logprobs))
         completion_tokens = sum(result["generated_tokens"])
         return CompletionResponse(
             id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()), model=request.model, choices=choices,
