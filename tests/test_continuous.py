@@ -39,7 +39,8 @@ def reference_logits(model, tokenizer, source: str, decoder_ids: list[int]) -> t
     """(T, V) logits of a teacher-forced forward of one row alone."""
     batch = tokenizer([source], return_tensors="pt")
     with torch.no_grad():
-        return model(**batch, decoder_input_ids=torch.tensor([decoder_ids])).logits[0]
+        ids = torch.tensor([decoder_ids], device=batch["input_ids"].device)
+        return model(**batch, decoder_input_ids=ids).logits[0]
 
 
 def hooks(model, names):
@@ -165,3 +166,23 @@ def test_a_step_over_the_lowest_slots_equals_the_full_step(t5):
     assert_logits_close(outs[1][0], outs[0][0])
     for full, part in zip(outs[0][1], outs[1][1], strict=True):
         torch.testing.assert_close(part, full, atol=1e-12, rtol=0)
+
+
+@pytest.mark.cuda
+def test_cuda_rows_joining_at_different_steps_match_their_own_forward(t5):
+    """On the GPU in float32: the staggered rows' logits equal each row's own forward (float32
+    matrix products of other shapes round differently: within 1e-5 of the largest logit)."""
+    model, tokenizer = t5
+    model = AutoModelForSeq2SeqLM.from_config(model.config).eval().cuda()
+    model.load_state_dict({k: v.float() for k, v in t5[0].state_dict().items()})
+
+    class OnCuda:  # the tokenizer's tensors on the GPU
+        def __call__(self, *args, **kwargs):
+            return tokenizer(*args, **kwargs).to("cuda")
+
+    joins = {0: 0, 1: 2, 2: 3, 3: 3}
+    logits_of, ids_of = run_staggered(model, OnCuda(), joins, 6)
+    for i in joins:
+        expected = reference_logits(model, OnCuda(), SOURCES[i], ids_of[i][:-1])
+        got = torch.stack(logits_of[i])
+        torch.testing.assert_close(got, expected, atol=float(1e-5 * expected.abs().max()), rtol=0)
