@@ -238,13 +238,17 @@ def test_every_offline_recipe_loads_its_data(in_repo, t5_tokenizer, bart_tokeniz
 
 
 def test_preview_cli_on_real_sciq(in_repo):
+    """Printed to a pipe (as into a log file), the length table keeps every column whole."""
     need(SCIQ)
+    env = {k: v for k, v in __import__("os").environ.items() if k != "COLUMNS"}
     result = subprocess.run(
         [sys.executable, "-m", "flantune.cli", "data", "preview", "recipes/offline/sciq-lora.yaml", "--n", "2"],
-        capture_output=True, text=True, cwd=ROOT, env={**__import__("os").environ, "COLUMNS": "200"},
+        capture_output=True, text=True, cwd=ROOT, env=env,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     out = result.stdout
+    table = out[out.index("p50/p90/p99/max") - 200 :]
+    assert "…" not in table, table  # nothing cut at 80 columns
     assert out.count("source (") == 6 and "question:" in out  # 2 examples x 3 splits
     assert "p50/p90/p99/max" in out and "truncate" in out
     for split in ("train", "eval", "test"):

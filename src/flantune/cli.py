@@ -34,8 +34,19 @@ app = typer.Typer(
 data_app = typer.Typer(help="Look at a recipe's data before training on it.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
-console = Console()
-err_console = Console(stderr=True)
+
+
+def _console(stderr: bool = False) -> Console:
+    """rich cuts what it prints to 80 columns when the output is not a terminal (a log file, a pipe),
+    and tables then lose their numbers (`sour…  p50/…`): there the width is 200, unless COLUMNS
+    sets one."""
+    stream = sys.stderr if stderr else sys.stdout
+    wide = not stream.isatty() and "COLUMNS" not in os.environ
+    return Console(stderr=stderr, width=200 if wide else None)
+
+
+console = _console()
+err_console = _console(stderr=True)
 
 RecipeArg = Annotated[str, typer.Argument(help="Recipe YAML file.", show_default=False)]
 OtherBaseOpt = Annotated[
