@@ -621,3 +621,25 @@ def test_a_bart_model_is_served_with_continuous_batching(bart_path):
             "model": "tiny-bart", "prompt": source, "max_tokens": 8, "temperature": 0}).json(), SOURCES))  # fmt: skip
     assert [a["choices"][0]["text"] for a in answers] == want
     assert len(set(want)) > 1
+
+
+def test_continuous_rows_apply_processors_that_read_their_history(loaded):
+    """Repetition penalty and no-repeat n-grams read each row's ids so far: in the continuous batch
+    (kept on the device per request) they answer as direct generation does."""
+    model, tokenizer = loaded[0], loaded[1]
+    options = {"max_new_tokens": 24, "no_repeat_ngram_size": 1}  # no token twice in a row's output
+    gen = model.generation_config
+    gen.suppress_tokens = [tokenizer.eos_token_id]  # outputs run to the cap: long histories
+    try:
+        model.set_adapter("gamma")
+        want = generate_texts(model, tokenizer, SOURCES, GenerationConfig(**options))
+        plain = generate_texts(model, tokenizer, SOURCES, GenerationConfig(max_new_tokens=24))
+        model.set_adapter("alpha")
+        assert want != plain  # the processor changes these outputs
+        with TestClient(make_app(loaded)) as client:
+            assert isinstance(client.app.state.service.worker, serve.ContinuousWorker)
+            answer = ask(client, "gamma", SOURCES, **options)
+    finally:
+        gen.suppress_tokens = None
+        model.set_adapter("alpha")
+    assert answer.json()["outputs"] == want

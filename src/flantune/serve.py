@@ -339,6 +339,8 @@ class _Running:
 
     job: Job
     slots: list[int]
+    index: torch.Tensor  # (n,) the slots, on the device
+    history: torch.Tensor  # (n, 1 + max_new_tokens) the ids so far on the device, for the processors
     processors: object
     started: float
     first_step: float | None = None
@@ -441,8 +443,10 @@ class ContinuousWorker(Worker):
                 no_repeat_ngram_size=cfg.no_repeat_ngram_size, device=device,
             )  # fmt: skip
             n = len(job.inputs)
-            self.active.append(_Running(job, group, processors, now, ids=[[start] for _ in range(n)],
-                                        done=[False] * n))  # fmt: skip
+            history = torch.full((n, 1 + cfg.max_new_tokens), self.tokenizer.pad_token_id, device=device)
+            history[:, 0] = start
+            self.active.append(_Running(job, group, torch.tensor(group, device=device), history, processors, now,
+                                        ids=[[start] for _ in range(n)], done=[False] * n))  # fmt: skip
 
     def _adapter_rows(self, adapters: list[str | None]):
         """PEFT's per-row adapter names for the calls inside ("__base__" for the base)."""
@@ -468,13 +472,13 @@ class ContinuousWorker(Worker):
             logits = slots.step(rows).float()  # (rows, V)
         chosen = torch.zeros(self.max_batch, dtype=torch.long, device=logits.device)  # (R,)
         for run in self.active:  # each request's own processors and choice, on its rows
-            index = torch.tensor(run.slots, device=logits.device)
-            history = torch.tensor(run.ids, device=logits.device)  # (n, 1 + t)
-            scores = run.processors(history, logits[index])
+            index = run.index
+            scores = run.processors(run.history[:, : 1 + run.steps], logits[index])  # ids so far (n, 1 + t)
             if run.job.cfg.do_sample:
                 chosen[index] = torch.multinomial(torch.softmax(scores, dim=-1), 1).squeeze(1)
             else:
                 chosen[index] = scores.argmax(dim=-1)
+            run.history[:, 1 + run.steps] = chosen[index]  # finished rows' entries are never read back
             if run.job.logprobs is not None:  # the model's own distribution, before any processor
                 raw = torch.log_softmax(logits[index], dim=-1)  # (n, V)
                 top = raw.topk(max(run.job.logprobs, 1), dim=-1)
