@@ -18,7 +18,8 @@ v_proj (BART); full: every weight trains.
   flantune's own `load_splits` makes, DataCollatorForSeq2Seq with the model, length-grouped batches,
   the default pinned loader, `optim="adamw_torch_fused"` (GPU), `bf16=True`, then `save_model()`.
   Its attention is the faster of sdpa and eager by a short trial of each (--trial-steps, 15: the
-  last two thirds timed); both trial figures are kept.
+  last two thirds timed); both trial figures are kept. --hf-attention sdpa|eager skips the trials
+  and uses the one given (recorded as given, not measured).
 
 Figures per side:
 - wall_s: the whole subprocess (interpreter start, imports, model, data, compilation, training,
@@ -428,7 +429,9 @@ def run_cell(cell: str, args, work: Path, shared: Path, cold_cache: bool) -> Cel
         "batch": args.batch,
     }
     trials: dict[str, float | str] = {}
-    for attention in ("sdpa", "eager"):
+    if args.hf_attention != "trial":  # chosen by the user: no trials, the choice recorded as such
+        trials[args.hf_attention] = "given by --hf-attention (no trial)"
+    for attention in ("sdpa", "eager") if args.hf_attention == "trial" else ():
         trial = {
             "attention": attention,
             "steps": args.trial_steps,
@@ -441,7 +444,9 @@ def run_cell(cell: str, args, work: Path, shared: Path, cold_cache: bool) -> Cel
         except SubprocessFailed as e:  # an implementation this transformers refuses for the model
             print(f"  {e}", flush=True)
             trials[attention] = str(e)[-3000:]
-    ran = {a: t for a, t in trials.items() if isinstance(t, float)}
+    ran = {a: t for a, t in trials.items() if isinstance(t, float)} or {
+        a: 0.0 for a in trials if args.hf_attention == a
+    }
     if not ran:
         raise RuntimeError(f"{cell}: neither attention implementation trained (output above)")
     attention = max(ran, key=ran.get)
@@ -460,7 +465,8 @@ def show(r: CellResult) -> None:
     f, h = r.flantune, r.hf
     speed = (f.details.get("speed") or {}).get("line") or "(result.json has no speed line)"
     trials = ", ".join(
-        f"{a} {number(t) if isinstance(t, float) else 'failed'}" for a, t in r.hf_trials.items()
+        f"{a} {number(t) if isinstance(t, float) else t if t.startswith('given') else 'failed'}"
+        for a, t in r.hf_trials.items()
     )
     lines = [
         f"{r.cell}: real tokens/s  flantune {number(f.tokens_per_s)} | transformers {number(h.tokens_per_s)} "
@@ -512,6 +518,12 @@ def main() -> None:
     )
     parser.add_argument(
         "--trial-steps", type=int, default=15, help="steps of each attention trial (last 2/3 timed)"
+    )
+    parser.add_argument(
+        "--hf-attention",
+        default="trial",
+        choices=("trial", "sdpa", "eager"),
+        help="the transformers side's attention: the faster of a trial of each (default), or this one",
     )
     parser.add_argument("--curve", type=int, default=0, help="instead of the cells: the loss curves, N steps")
     parser.add_argument("--model", default="flan-t5-base", help="--curve: the model (a folder of assets/)")

@@ -79,7 +79,7 @@ def test_greedy_equals_generate_and_the_cache_stays_put(setup, monkeypatch):
     with torch.no_grad():
         plain = run(model, batch).sequences
         logits = model(**batch, decoder_input_ids=plain[:, :-1]).logits[:, : MAX_NEW - 2]  # (B, T, V)
-    head.bias = torch.nn.Parameter(torch.zeros(head.out_features))
+    head.bias = torch.nn.Parameter(torch.zeros(head.out_features, device=head.weight.device))
     with torch.no_grad():
         head.bias[eos] = (logits.max(-1).values - logits[..., eos]).flatten().quantile(0.3)
     try:
@@ -164,7 +164,7 @@ def eos_made_likelier(model, batch, quantile: float):
     with torch.no_grad():
         plain = run(model, batch).sequences
         logits = model(**batch, decoder_input_ids=plain[:, :-1]).logits[:, : MAX_NEW - 2]  # (B, T, V)
-    head.bias = torch.nn.Parameter(torch.zeros(head.out_features))
+    head.bias = torch.nn.Parameter(torch.zeros(head.out_features, device=head.weight.device))
     with torch.no_grad():
         head.bias[eos] = (logits.max(-1).values - logits[..., eos]).flatten().quantile(quantile)
     try:
