@@ -55,6 +55,19 @@ if _WORKERS > 1:
 _DEVICE_PIN = pytest.StashKey[pytest.MonkeyPatch]()
 
 
+def pytest_sessionstart(session):
+    """CUDA initialised once, with the GPUs visible, before any test hides them. The CUDA runtime
+    reads CUDA_VISIBLE_DEVICES when it starts and keeps its device count for the life of the process:
+    started under a CPU test's pin (CUDA_VISIBLE_DEVICES="") it would see no GPU for the rest of the
+    session, and every `cuda` test after that CPU test would skip (as they did in a whole-suite run
+    on the GPU machine). The pin below hides the GPU from CPU tests by patching torch's queries and
+    from the processes they start by the environment variable."""
+    import torch
+
+    if torch.cuda.device_count():  # NVML's count: it does not start the runtime
+        torch.cuda.init()
+
+
 @pytest.hookimpl(hookwrapper=True, tryfirst=True)
 def pytest_runtest_setup(item):
     """The test's device, pinned before any of its fixtures is made (module- and session-scoped ones
@@ -66,6 +79,7 @@ def pytest_runtest_setup(item):
     pin = item.stash[_DEVICE_PIN] = pytest.MonkeyPatch()
     if not item.get_closest_marker("cuda"):
         pin.setattr(torch.cuda, "is_available", lambda: False)
+        pin.setattr(torch.cuda, "device_count", lambda: 0)
         pin.setenv("CUDA_VISIBLE_DEVICES", "")
     yield
 
