@@ -213,6 +213,7 @@ def test_export_errors(tmp_path, monkeypatch):
         ([gpt2, "--to", "onnx"], ["--to onnx", "ctranslate2"]),
         ([gpt2, "--to", "ctranslate2", "--quantization", "int4"], ["--quantization int4", "int8_float16"]),
         ([gpt2, "--to", "ctranslate2", "--out", taken], ["taken exists and is not empty", "--out"]),
+        ([gpt2, "--to", "ctranslate2", "--base", gpt2], ["--base and --other-base are for an adapter"]),
         ([bottleneck, "--to", "ctranslate2", "--out", tmp_path / "out"], ["bottleneck", "cannot be folded"]),
         ([gpt2, "--to", "ctranslate2", "--out", tmp_path / "out"], ["a gpt2 model", "t5", "bart"]),
         ([broken, "--to", "ctranslate2", "--out", tmp_path / "out"], ["broken: cannot read its config.json"]),

@@ -79,6 +79,8 @@ def to_ctranslate2(
             f"{folder}: not a model or adapter folder (no config.json or adapter_config.json); "
             "give a run's final/ or a model folder"
         )
+    if not info.is_adapter and (base is not None or other_base):
+        raise ExportError(f"--base and --other-base are for an adapter; {folder} is a full model folder")
     out = out or str(info.folder.resolve().with_name(f"{info.folder.resolve().name}-ctranslate2"))
     if Path(out).exists() and any(Path(out).iterdir()):
         raise ExportError(f"{out} exists and is not empty; choose another folder with --out")
