@@ -319,6 +319,39 @@ def merge_command(
     )
 
 
+@app.command("export")
+@user_errors
+def export_command(
+    folder: Annotated[
+        str,
+        typer.Argument(
+            help="A run's final/ (a LoRA or IA3 adapter is merged into its base first) or a model folder.",
+            show_default=False,
+        ),
+    ],
+    to: Annotated[str, typer.Option("--to", help="The format: ctranslate2.", show_default=False)],
+    quantization: Annotated[
+        str | None,
+        typer.Option(
+            help="Weight type: int8, int8_float16, int8_bfloat16, int8_float32, int16, float16, bfloat16 or "
+            "float32; default: the weights' own."
+        ),
+    ] = None,
+    out: Annotated[str | None, typer.Option(help="Output folder; default: FOLDER-ctranslate2.")] = None,
+    base: Annotated[
+        str | None, typer.Option(help="Base model of an adapter; default: the one it was trained on.")
+    ] = None,
+    other_base: OtherBaseOpt = False,
+) -> None:
+    """Convert a model or adapter for another inference engine (CTranslate2)."""
+    from flantune.export import to_ctranslate2
+
+    if to != "ctranslate2":
+        raise UsageError(f"--to {to}: the export formats are: ctranslate2")
+    written = to_ctranslate2(folder, out, quantization, base, other_base)
+    console.print(f"CTranslate2 model written to {written}", highlight=False, markup=False)
+
+
 @app.command("eval")
 @user_errors
 def eval_command(
