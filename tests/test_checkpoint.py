@@ -297,6 +297,27 @@ def test_check_resume_fills_in_keys_added_since(tmp_path):
     assert ckpt.check_resume(path, current, "train") == []
 
 
+def test_check_resume_reads_the_retired_tensorboard_key(tmp_path):
+    """A recipe.yaml written before report_to holds train.tensorboard: false compares equal to
+    report_to [] (no notice, no warning); `true` compares as report_to [tensorboard]."""
+    import warnings
+
+    pytest.importorskip("tensorboard", reason="tensorboard is in the test extra")
+    path = tmp_path / "step-000004"
+    path.mkdir()
+    older = recipe(tmp_path)
+    del older["train"]["report_to"], older["rl"]["report_to"]
+    for flag in (False, True):
+        older["train"]["tensorboard"] = older["rl"]["tensorboard"] = flag
+        (path / "recipe.yaml").write_text(json.dumps(older))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a saved recipe's retired key is not the user's to fix
+            same = recipe(tmp_path, report_to=["tensorboard"] if flag else [])
+            assert ckpt.check_resume(path, same, "train") == []
+            assert ckpt.check_resume(path, recipe(tmp_path, report_to=["tensorboard"]), "train") == (
+                [] if flag else ['train.report_to: [] -> ["tensorboard"]'])  # fmt: skip
+
+
 def test_start_state_checks_the_recipe_before_loading(run_copy, tiny_t5):
     """The recipe's refused change is named before the checkpoint's tensors are compared."""
     root = run_copy / "checkpoints"

@@ -404,3 +404,83 @@ def test_offline_recipes_override_only_what_an_offline_run_changes(path):
         assert item.task == hub_item.task and item.weight == hub_item.weight
         assert item.task_options == hub_item.task_options
         assert all(s is None or not (s.name or s.split) for s in (item.train, item.eval))
+
+
+# ----------------------------------------------------------------------------------------------
+# report_to: experiment trackers through Accelerate.
+
+
+@pytest.fixture
+def installed(monkeypatch):
+    """Which trackers count as installed: Accelerate's own availability list, set by the test."""
+    import accelerate.tracking
+    from accelerate.utils import LoggerType
+
+    def set_installed(*names: str) -> None:
+        listed = [LoggerType(n) for n in names]
+        monkeypatch.setattr(accelerate.tracking, "get_available_trackers", lambda: listed)
+
+    return set_installed
+
+
+def test_report_to_takes_accelerates_installed_trackers(installed):
+    installed("tensorboard", "wandb")
+    for section in ("train", "rl"):
+        assert getattr(recipe_from_dict(with_(section)), section).report_to == []
+        assert getattr(recipe_from_dict(with_(section, report_to=["tensorboard", "wandb"])), section).report_to == [
+            "tensorboard", "wandb"]  # fmt: skip
+        assert getattr(recipe_from_dict(with_(section, report_to="all")), section).report_to == "all"
+        [problem] = problems_of(with_(section, report_to=["tensorbord"]))
+        assert problem.startswith(f"{section}.report_to: unknown tracker 'tensorbord' (did you mean tensorboard?); "
+                                  "Accelerate's trackers are aim, clearml, comet_ml, ")  # fmt: skip
+        [problem] = problems_of(with_(section, report_to=["wandb", "mlflow"]))
+        assert problem == f"{section}.report_to: mlflow is not installed: pip install mlflow"
+    [problem] = problems_of(with_("train", report_to=3))
+    assert problem == "train.report_to: expected a list of strings or a string, got integer 3"
+    installed()
+    assert problems_of(with_("train", report_to="tensorboard")) == [
+        "train.report_to: tensorboard is not installed: pip install tensorboard"
+    ]
+    [problem] = problems_of(with_("rl", report_to="all"))
+    assert problem.startswith("rl.report_to: all: none of Accelerate's trackers is installed")
+
+
+def test_report_to_names_what_accelerator_would_drop(installed):
+    """The check agrees with Accelerate: what it passes, an Accelerator keeps; a tracker it refuses
+    as not installed, an Accelerator would have dropped without a word."""
+    from accelerate import PartialState
+    from accelerate.tracking import filter_trackers
+
+    PartialState(cpu=True)  # Accelerate's logging, which filter_trackers uses, needs its state
+    installed("tensorboard")
+    recipe_from_dict(with_("train", report_to=["tensorboard"]))
+    assert [str(t) for t in filter_trackers(["tensorboard"], "logs")] == ["tensorboard"]
+    installed()
+    problems_of(with_("train", report_to=["tensorboard"]))
+    assert filter_trackers(["tensorboard"], "logs") == []
+
+
+def test_the_retired_tensorboard_key_is_read_as_report_to(installed, tmp_path, capsys):
+    from flantune import cli
+    from flantune.config import RecipeWarning
+
+    installed("tensorboard", "wandb")
+    with pytest.warns(RecipeWarning, match=r"train.tensorboard is retired: .*report_to: \[tensorboard\]"):
+        assert recipe_from_dict(with_("train", tensorboard=True)).train.report_to == ["tensorboard"]
+    with pytest.warns(RecipeWarning, match="rl.tensorboard"):
+        assert recipe_from_dict(with_("rl", tensorboard=True, report_to="wandb")).rl.report_to == [
+            "wandb", "tensorboard"]  # fmt: skip
+    raw = with_("train", tensorboard=False)
+    assert recipe_from_dict(raw).train.report_to == []  # what every earlier recipe.yaml holds: no warning
+    assert raw["train"] == {"tensorboard": False}  # the caller's mapping is left as it was
+    assert problems_of(with_("train", tensorboard="yes")) == [
+        "train.tensorboard: expected true or false, got string 'yes' (a retired key: use train.report_to: "
+        "[tensorboard])"
+    ]
+    path = tmp_path / "r.yaml"
+    path.write_text("model: {path: x}\ndata: {task: sciq}\ntrain: {tensorboard: true}\n")
+    assert cli._recipe(str(path), []).train.report_to == ["tensorboard"]
+    assert capsys.readouterr().err.strip() == (
+        f"warning: recipe {path}: train.tensorboard is retired: true is read as train.report_to: "
+        "[tensorboard]; write that instead"
+    )

@@ -238,19 +238,30 @@ def test_rl_with_adapters_from_an_sft_adapter(kind, sort_data, sft_run, tmp_path
 
 
 def test_rl_resume_equals_uninterrupted(sort_data, sft_run, tmp_path):
+    """A resumed RL run takes the same steps as an uninterrupted one; with rl.report_to
+    [tensorboard] its rewards reach TensorBoard (rl's folder, tensorboard/) at the same steps and
+    values as metrics.jsonl, the resumed run's steps continuing the first one's."""
+    pytest.importorskip("tensorboard", reason="tensorboard is in the test extra")
+    from .test_train import logged, tensorboard_scalars
+
     def recipe(out, steps, **kw):
         r = sort_recipe(sort_data, out, "rl", max_steps=steps, eval_every=None, save_every=2, **kw)
         r.rl.start, r.rl.output_dir = str(sft_run.final_dir), str(out)
         return r
 
     whole = run_rl(recipe(tmp_path / "a", 4))
-    run_rl(recipe(tmp_path / "b", 2))
-    resumed = run_rl(recipe(tmp_path / "b", 4, resume=True))
+    run_rl(recipe(tmp_path / "b", 2, report_to=["tensorboard"]))
+    resumed = run_rl(recipe(tmp_path / "b", 4, resume=True, report_to=["tensorboard"]))
     for name, p in whole.model.state_dict().items():
         torch.testing.assert_close(resumed.model.state_dict()[name], p, msg=name)
     a, b = ((tmp_path / d / "metrics.jsonl").read_text().splitlines() for d in ("a", "b"))
     rewards = [[r["reward"] for r in map(json.loads, lines) if "reward" in r] for lines in (a, b)]
     assert len(rewards[0]) == 4 and rewards[0] == rewards[1]
+    for key in ("reward", "reward_correct", "kl"):
+        expected = logged(tmp_path / "b", key)
+        shown = tensorboard_scalars(tmp_path / "b" / "tensorboard" / "b-rl", key)
+        assert [step for step, _ in shown] == [step for step, _ in expected] == [1, 2, 3, 4]
+        assert [v for _, v in shown] == pytest.approx([v for _, v in expected], rel=1e-6, abs=1e-12)
 
 
 def test_rl_refuses_what_it_cannot_do(sort_data, sft_run, tmp_path):

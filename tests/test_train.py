@@ -916,12 +916,49 @@ def test_two_process_fsdp_matches_one_process_and_resumes(tiny_t5, tmp_path):
     assert losses(tmp_path / "resumed") == losses(tmp_path / "fsdp")
 
 
-def test_tensorboard_mirror(tiny_t5, tmp_path):
-    pytest.importorskip("torch.utils.tensorboard", reason="tensorboard is in the test extra")
+def tensorboard_scalars(folder: Path, tag: str) -> list[tuple[int, float]]:
+    """(step, value) of `tag` as TensorBoard shows the event files in `folder` (one run's folder)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    return [(e.step, e.value) for e in events.Scalars(tag)]
+
+
+def logged(out: Path, key: str) -> list[tuple[int, float]]:
+    """(step, value) of `key` in the run's metrics.jsonl."""
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r[key]) for r in records if key in r]
+
+
+def test_report_to_tensorboard_logs_what_metrics_jsonl_holds(tiny_t5, tmp_path):
+    """train.report_to [tensorboard]: Accelerate's TensorBoard tracker under output_dir/tensorboard/
+    (a folder named after the run) holds the loss and learning rate of every logged step, as
+    metrics.jsonl does, and the recipe as flat hyperparameters. A run resumed from a checkpoint
+    before its last logged steps redoes them: TensorBoard shows each step once, as metrics.jsonl."""
+    import shutil
+
+    import yaml
+
+    pytest.importorskip("tensorboard", reason="tensorboard is in the test extra")
     data = write_copy_task(tmp_path)
-    train(make_recipe(tiny_t5, data, tmp_path / "run", max_steps=3, tensorboard=True))
-    events = list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
-    assert events and events[0].stat().st_size > 0
+    out = tmp_path / "run"
+    kw = dict(max_steps=4, save_every=2, schedule="linear", report_to=["tensorboard"])
+    train(make_recipe(tiny_t5, data, out, **kw))
+    # As if the run had been killed after logging steps 3 and 4 but before step 4's checkpoint.
+    shutil.rmtree(out / "checkpoints" / "step-000004")
+    train(make_recipe(tiny_t5, data, out, **kw, resume=True))
+    runs = out / "tensorboard" / "run"
+    for key in ("loss", "lr"):
+        expected = logged(out, key)
+        assert [step for step, _ in expected] == [1, 2, 3, 4]
+        shown = tensorboard_scalars(runs, key)
+        assert [step for step, _ in shown] == [1, 2, 3, 4]  # the first run's 3 and 4 are hidden
+        assert [v for _, v in shown] == pytest.approx([v for _, v in expected], rel=1e-6)  # float32 events
+    [hparams, *_] = sorted(runs.glob("*/hparams.yml"))
+    recorded = yaml.safe_load(hparams.read_text())
+    assert recorded["train.lr"] == 3e-3 and recorded["method.kind"] == "full"
+    assert recorded["data.task_options.metrics"] == '["exact_match"]'
 
 
 def test_length_grouped_batches():

@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from flantune.config import ConfigError, Recipe, load_recipe
+from flantune.config import ConfigError, Recipe, RecipeWarning, load_recipe
 
 app = typer.Typer(
     name="flantune",
@@ -126,7 +126,21 @@ def plain(*values: object) -> list[Text]:
 
 
 def _recipe(path: str, overrides: list[str] | None) -> Recipe:
-    return load_recipe(path, overrides or [])
+    """The recipe, loaded; a retired key it still reads (config.RecipeWarning) is said in one line."""
+    import warnings
+
+    caught: list = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", RecipeWarning)
+            return load_recipe(path, overrides or [])
+    finally:  # said also when the recipe has errors besides; other warnings go on as they came
+        for warning in caught:
+            if issubclass(warning.category, RecipeWarning):
+                err_console.print(Text.assemble(("warning:", "bold yellow"), f" recipe {path}: {warning.message}"),
+                                  highlight=False, soft_wrap=True)  # fmt: skip
+            else:
+                warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
 
 
 @app.command("tasks")

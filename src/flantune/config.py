@@ -23,6 +23,7 @@ import os
 import re
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -309,8 +310,11 @@ class TrainConfig:
     metrics, final/ and result are deleted; other commands' folders such as rl/ or eval-*/ stay)."""
     on_nan: Literal["stop", "skip"] = "stop"
     """A NaN/inf loss stops the run, or skips that optimizer step."""
-    tensorboard: bool = False
-    """Also log to TensorBoard under output_dir/tensorboard."""
+    report_to: list[str] | str = field(default_factory=list)
+    """Experiment trackers that also get the run's numbers, through Accelerate: one name or a list of
+    tensorboard, wandb, mlflow, comet_ml, aim, clearml, dvclive, swanlab, trackio (each must be
+    installed); `all`: every one installed; [] (default): metrics.jsonl only. TensorBoard writes under
+    output_dir/tensorboard/. (Replaces `tensorboard: true`, still read as [tensorboard].)"""
     packing: bool | Literal["auto"] = "auto"
     """Pack several (source, target) pairs per row, padding-free, attention kept per pair (T5 family).
     auto: on a GPU for T5-family models with full/lora/qlora/ia3, not under FSDP (flantune.speed)."""
@@ -374,6 +378,7 @@ class TrainConfig:
             if value is not None and value < 1:
                 problems.append(f"{path}.{key}: must be at least 1 or null, got {value}")
         problems += run_folder_problems(path, self.resume, self.restart, self.save_every_minutes)
+        problems += report_to_problems(path, self.report_to)
         if self.profile_steps is not None and (
             len(self.profile_steps) != 2 or not 1 <= self.profile_steps[0] <= self.profile_steps[1]
         ):
@@ -408,6 +413,44 @@ def run_folder_problems(
         problems.append(f"{path}.resume and {path}.restart: continue the run or start it again, not both")
     if save_every_minutes is not None and not save_every_minutes > 0:
         problems.append(f"{path}.save_every_minutes: must be > 0 or null, got {save_every_minutes}")
+    return problems
+
+
+_PIP_NAMES = {"aim": "'aim<4'"}
+"""Trackers whose pip install line is not their name (Accelerate drives aim 3 only)."""
+
+
+def report_to_problems(path: str, report_to: list[str] | str) -> list[str]:
+    """Each name must be one of Accelerate's trackers, installed: the same names and the same
+    availability test (accelerate.tracking.get_available_trackers) that `Accelerator(log_with=...)`
+    applies, where a tracker that is not installed would be left out silently."""
+    names = [report_to] if isinstance(report_to, str) else report_to
+    if not names:
+        return []
+    from accelerate.tracking import get_available_trackers
+    from accelerate.utils import LoggerType
+
+    known = [n for n in LoggerType.list() if n != "all"]
+    installed = {str(t) for t in get_available_trackers()}
+    problems = []
+    for name in dict.fromkeys(names):
+        if name == "all":
+            if not installed:
+                problems.append(
+                    f"{path}.report_to: all: none of Accelerate's trackers is installed "
+                    "(pip install tensorboard, for one)"
+                )
+        elif name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            problems.append(
+                f"{path}.report_to: unknown tracker {name!r}{hint}; Accelerate's trackers are "
+                f"{', '.join(sorted(known))}, or all (every one installed); [] for none"
+            )
+        elif name not in installed:
+            problems.append(
+                f"{path}.report_to: {name} is not installed: pip install {_PIP_NAMES.get(name, name)}"
+            )
     return problems
 
 
@@ -524,8 +567,9 @@ class RLConfig:
     """auto: bf16 on a GPU that supports it, else fp32 (fp16 is refused for the T5 family)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (less memory, more time)."""
-    tensorboard: bool = False
-    """Mirror rl/metrics.jsonl to TensorBoard (rl/tensorboard/)."""
+    report_to: list[str] | str = field(default_factory=list)
+    """Experiment trackers that also get rl/metrics.jsonl's numbers, as train.report_to (TensorBoard
+    under rl/tensorboard/)."""
 
     def check(self, path: str) -> list[str]:
         problems = []
@@ -550,6 +594,7 @@ class RLConfig:
         if self.beta < 0:
             problems.append(f"{path}.beta: must be >= 0, got {self.beta}")
         problems += run_folder_problems(path, self.resume, self.restart, self.save_every_minutes)
+        problems += report_to_problems(path, self.report_to)
         problems += sampling_problems(path, self.temperature, self.top_p)
         if not self.rewards:
             problems.append(f"{path}.rewards: name at least one reward (e.g. [{{name: correct}}])")
@@ -731,9 +776,45 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         raise ConfigError(e.problems, source=source) from None
 
 
+class RecipeWarning(FutureWarning):
+    """A recipe uses a retired key that is still read; the message says what to write instead."""
+
+
+def _read_retired_keys(raw: Any, problems: list[str]) -> Any:
+    """`train.tensorboard` / `rl.tensorboard` (before `report_to`): true is read as report_to with
+    tensorboard added, with a RecipeWarning; false is dropped (it meant nothing, and every
+    recipe.yaml written before report_to holds it). `raw` itself is left as it was."""
+    if not isinstance(raw, dict):
+        return raw
+    raw = dict(raw)
+    for section in ("train", "rl"):
+        body = raw.get(section)
+        if not isinstance(body, dict) or "tensorboard" not in body:
+            continue
+        body = raw[section] = dict(body)
+        value = body.pop("tensorboard")
+        if value is True:
+            warnings.warn(
+                f"{section}.tensorboard is retired: true is read as {section}.report_to: [tensorboard]; "
+                "write that instead",
+                RecipeWarning,
+                stacklevel=2,
+            )
+            current = body.get("report_to", [])
+            current = [current] if isinstance(current, str) else current
+            if isinstance(current, list) and not {"tensorboard", "all"} & set(map(str, current)):
+                body["report_to"] = [*current, "tensorboard"]
+        elif value is not False:
+            problems.append(
+                f"{section}.tensorboard: expected true or false, got {_describe(value)} "
+                f"(a retired key: use {section}.report_to: [tensorboard])"
+            )
+    return raw
+
+
 def recipe_from_dict(raw: dict[str, Any]) -> Recipe:
     problems: list[str] = []
-    recipe = _build(Recipe, raw, "", problems)
+    recipe = _build(Recipe, _read_retired_keys(raw, problems), "", problems)
     if problems:
         raise ConfigError(problems)
     return recipe

@@ -51,7 +51,6 @@ from flantune.methods import apply_method, quantization_config, trainable_line
 from flantune.models import is_local, load_model_and_tokenizer
 from flantune.rewards import build_rewards, score_all
 from flantune.run import (
-    MetricsLog,
     RunInterrupted,
     StopSignals,
     TrainingError,
@@ -60,6 +59,7 @@ from flantune.run import (
     model_type_of,
     progress_bar,
     start_run,
+    tracker_config,
 )
 from flantune.samplers import EpochSampler
 from flantune.scoring import best_metric_name, evaluate_in_run
@@ -240,7 +240,8 @@ def run_rl(recipe: Recipe, console=None) -> RLResult:
     out = Path(cfg.output_dir or Path(recipe.output_dir) / "rl")
     run = start_run(out, resume=cfg.resume, restart=cfg.restart, recipe_text=dump_recipe(recipe),
                     precision=cfg.precision, model_type=model_type_of(recipe.model.path, recipe.model.revision),
-                    seed=cfg.seed, section="rl", key="rl.output_dir", console=console)  # fmt: skip
+                    seed=cfg.seed, section="rl", key="rl.output_dir", report_to=cfg.report_to,
+                    console=console)  # fmt: skip
     try:
         return grpo_run(recipe, run, console)
     finally:
@@ -287,7 +288,9 @@ def grpo_run(recipe: Recipe, run, console) -> RLResult:
     if path and main:
         for line in [*notices, f"resumed from {path} (step {state.step})"]:
             console.print(line, highlight=False, markup=False)
-    log = MetricsLog(out / "metrics.jsonl", main, cfg.tensorboard, state.step if cfg.resume else None)
+    # Trackers file RL runs beside their SFT run's: the project is output_dir's name with -rl.
+    log = run.open_log(state.step if cfg.resume else None, project=f"{Path(recipe.output_dir).resolve().name}-rl",
+                       config=tracker_config(recipe_to_dict(recipe)))  # fmt: skip
     sampler = EpochSampler(len(train_split.dataset), cfg.seed)
     unwrapped.eval()  # no dropout anywhere in RL: see the module docstring
     params = [p for p in model.parameters() if p.requires_grad]

@@ -7,7 +7,8 @@ Each piece has one owner here, and the commands call it rather than keep copies:
                       user made), the recipe it ran with, seeds
     StopSignals       SIGINT/SIGTERM and time-interval checkpoints
     build_optimizer   AdamW with decay on weight matrices only; build_scheduler, its schedule
-    MetricsLog        metrics.jsonl (and a TensorBoard mirror), cut back to the checkpoint on resume
+    MetricsLog        metrics.jsonl, cut back to the checkpoint on resume; its numbers also go to the
+                      recipe's experiment trackers (report_to), through Accelerate
     StepProfiler      torch.profiler over a window of optimizer steps
     progress_bar      the rich progress bar, with the fields each command shows
 """
@@ -222,11 +223,26 @@ class Run:
     out: Path
     main: bool
     """This is the main process: the one that writes files and prints."""
+    section: str = "train"
+    """The recipe section the run reads (train, rl): error messages name its keys."""
+    log: MetricsLog | None = None
+
+    def open_log(self, resume_step: int | None, project: str, config: dict) -> MetricsLog:
+        """out/metrics.jsonl, and the trackers of report_to started under `project` with the flat
+        `config` (`tracker_config`); `release` closes them."""
+        self.log = MetricsLog(self.out / "metrics.jsonl", self.main, resume_step, self.accelerator,
+                              project=project, config=config, key=f"{self.section}.report_to")  # fmt: skip
+        return self.log
 
     def release(self) -> None:
-        """Give the run folder up (the end of the run, or its failure)."""
-        if self.main:
-            release_lock(self.out)
+        """Close the log's trackers and give the run folder up (the end of the run, or its failure:
+        what was logged before an interruption still reaches TensorBoard)."""
+        try:
+            if self.log is not None:
+                self.log.close()
+        finally:
+            if self.main:
+                release_lock(self.out)
 
 
 def start_run(
@@ -241,15 +257,17 @@ def start_run(
     section: str = "train",
     key: str = "output_dir",
     pin_memory: bool = False,
+    report_to: list[str] | str = (),
     console=None,
 ) -> Run:
     """The accelerator, the run folder (checked, locked, with the resolved recipe written) and the seeds.
 
     One process or several (`accelerate launch`): every process calls this; only the main one
-    touches the folder, and the others wait until it is ready.
+    touches the folder, and the others wait until it is ready. `report_to`: the experiment
+    trackers (Accelerate's names, checked at recipe load); TensorBoard writes under out/tensorboard/.
     """
     from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, set_seed
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 
     fresh_accelerate_state()
     # cpu=True without CUDA: Accelerate only sets up several CPU processes (gloo) when told so.
@@ -258,6 +276,10 @@ def start_run(
         cpu=not torch.cuda.is_available(),
         # Copies from page-locked batches need not block the host (non_blocking without pinning does).
         dataloader_config=DataLoaderConfiguration(non_blocking=pin_memory),
+        log_with=report_to or None,
+        # Trackers that keep files locally (TensorBoard; aim's repository) keep them here, in a
+        # folder of the run (`--restart` deletes it with the rest of the run).
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "tensorboard")),
     )
     main = accelerator.is_main_process
     if main:
@@ -267,7 +289,7 @@ def start_run(
         write_recipe(out, recipe_text, resume)
     accelerator.wait_for_everyone()
     set_seed(seed)
-    return Run(accelerator=accelerator, out=out, main=main)
+    return Run(accelerator=accelerator, out=out, main=main, section=section)
 
 
 def write_recipe(out: Path, text: str, resume: bool) -> None:
@@ -406,37 +428,75 @@ class StepProfiler:
 
 
 class MetricsLog:
-    """metrics.jsonl: one JSON object per log step or evaluation; optional TensorBoard mirror."""
+    """metrics.jsonl, the run's own record: one JSON object per log step or evaluation, cut back to
+    the checkpoint on resume. With trackers (report_to, set on the run's Accelerator) each record's
+    numbers also go to them, at the record's step. Main process only (`enabled`)."""
 
-    def __init__(self, path: Path, enabled: bool, tensorboard: bool, resume_step: int | None):
-        self.path, self.enabled, self.writer = path, enabled, None
+    def __init__(
+        self,
+        path: Path,
+        enabled: bool,
+        resume_step: int | None,
+        accelerator=None,
+        project: str = "flantune",
+        config: dict | None = None,
+        key: str = "train.report_to",
+    ):
+        self.path, self.enabled, self.accelerator = path, enabled, accelerator
         if enabled and resume_step is not None and path.exists():
             # Lines after the checkpoint came from steps that the resumed run will redo; a line
             # torn by a kill in the middle of a write is dropped with them.
             kept = [line for line in path.read_text().splitlines() if _logged_step(line, resume_step)]
             path.write_text("".join(line + "\n" for line in kept))
-        if enabled and tensorboard:
+        self.tracking = bool(enabled and accelerator is not None and accelerator.log_with)
+        if self.tracking:
+            # TensorBoard likewise hides what an interrupted run logged after its checkpoint: a
+            # SummaryWriter with purge_step=N drops the directory's earlier events from step N on.
+            # Steps continue from the checkpoint's in every tracker.
+            init_kwargs = {"tensorboard": {"purge_step": resume_step + 1}} if resume_step is not None else {}
             try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise TrainingError(
-                    "train.tensorboard=true needs tensorboard: pip install 'flantune[tensorboard]'"
-                ) from None
-            self.writer = SummaryWriter(str(path.parent / "tensorboard"))
+                accelerator.init_trackers(project, config=config, init_kwargs=init_kwargs)
+            except Exception as e:  # a tracker's own service or login: the user's to fix, not a bug here
+                names = ", ".join(str(t) for t in accelerator.log_with)
+                raise TrainingError(f"{key}: {names} could not start: {type(e).__name__}: {e}") from e
 
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
-        if self.writer is not None:
-            for key, value in record.items():
-                if key not in ("step", "epoch") and isinstance(value, (int, float)):
-                    self.writer.add_scalar(key, value, record["step"])
+        if self.tracking:
+            # Trackers get the numbers; text (a resume's notices) and mappings (the speed plan) stay
+            # in metrics.jsonl. The step is the x axis; the epoch is in metrics.jsonl.
+            numbers = {k: v for k, v in record.items()
+                       if k not in ("step", "epoch") and isinstance(v, (int, float)) and not isinstance(v, bool)}  # fmt: skip
+            if numbers:
+                self.accelerator.log(numbers, step=record["step"])
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        """Finish the trackers (TensorBoard's events flushed, a W&B run ended), once. Not
+        `accelerator.end_training()`: that also destroys the process group, which the caller may
+        still use (quickstart, or a script that runs train and then rl under accelerate launch)."""
+        if self.tracking:
+            self.tracking = False
+            for tracker in self.accelerator.trackers:
+                tracker.finish()
+
+
+def tracker_config(values: dict, prefix: str = "") -> dict:
+    """A resolved recipe (config.recipe_to_dict) as flat scalars, for the trackers' hyperparameter
+    tables: TensorBoard's hparams take no mappings or lists. Nested keys are dotted (train.lr);
+    lists are JSON text (method.target_modules: '["q", "v"]')."""
+    flat = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat |= tracker_config(value, name + ".")
+        elif isinstance(value, (list, tuple)):
+            flat[name] = json.dumps(value, default=str)
+        else:
+            flat[name] = value
+    return flat
 
 
 def _logged_step(line: str, resume_step: int) -> bool:

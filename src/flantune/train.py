@@ -43,6 +43,7 @@ from flantune.run import (
     model_type_of,
     progress_bar,
     start_run,
+    tracker_config,
 )
 from flantune.samplers import EpochSampler, LengthGroupedBatches
 from flantune.scoring import best_metric_name, evaluate_in_run, token_loss_sum
@@ -226,7 +227,8 @@ def setup(recipe: Recipe, console) -> Session:
         use_compile_cache()
     pin = cfg.pin_memory and torch.cuda.is_available()
     run = start_run(Path(recipe.output_dir), resume=cfg.resume, restart=cfg.restart, recipe_text=dump_recipe(recipe),
-                    precision=cfg.precision, model_type=model_type, seed=cfg.seed, pin_memory=pin, console=console)  # fmt: skip
+                    precision=cfg.precision, model_type=model_type, seed=cfg.seed, pin_memory=pin,
+                    report_to=cfg.report_to, console=console)  # fmt: skip
     accelerator, main = run.accelerator, run.main
 
     loaded = load_model_and_tokenizer(
@@ -279,7 +281,9 @@ def setup(recipe: Recipe, console) -> Session:
     notices: list[str] = []  # checkpoints skipped as broken, recipe changes allowed on resume
     state, path = ckpt.start_state(run.out / "checkpoints", cfg.resume, model, optimizer, scheduler, accelerator,
                                    notice=notices.append, recipe=recipe_to_dict(recipe), section="train")  # fmt: skip
-    log = MetricsLog(run.out / "metrics.jsonl", main, cfg.tensorboard, state.step if cfg.resume else None)
+    # Trackers file the run under its folder's name (W&B / MLflow project, TensorBoard's subfolder).
+    log = run.open_log(state.step if cfg.resume else None, project=run.out.resolve().name,
+                       config=tracker_config(recipe_to_dict(recipe)))  # fmt: skip
     if path and main:
         for line in [*notices, f"resumed from {path} (step {state.step}, epoch {state.epoch})"]:
             console.print(line, highlight=False, markup=False)
