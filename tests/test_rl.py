@@ -218,6 +218,12 @@ def test_rl_beats_the_supervised_model_it_starts_from(sort_data, sft_run):
     from transformers import AutoModelForSeq2SeqLM
 
     AutoModelForSeq2SeqLM.from_pretrained(result.final_dir)  # final/ in standard form
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(result.final_dir / "README.md")  # its model card says what made it
+    assert {"flantune", "full", "grpo"} <= set(card.data.tags) and card.data.library_name == "transformers"
+    assert "| GRPO steps | 40: 8 prompts × 8 completions, 2 optimizer steps each |" in card.text
+    assert f"| eval_exact_match | {rl_em:.4f} |" in card.text
 
 
 @pytest.mark.parametrize("kind", ["lora", "adapter"])

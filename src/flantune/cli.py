@@ -402,6 +402,10 @@ def eval_command(
         table.add_row(*plain(key, *values))
     console.print(table)
     console.print(f"report written to {results['out']}", highlight=False, markup=False)
+    if results.get("card"):
+        console.print(f"scores added to the model card {results['card']}", highlight=False, markup=False)
+    elif results.get("card_note"):
+        console.print(results["card_note"], highlight=False, markup=False)
 
 
 @app.command("push")

@@ -4,7 +4,9 @@ The report folder holds predictions.jsonl (source, reference, prediction and per
 each model), metrics.json, report.md and a self-contained report.html: the metric table (base
 versus fine-tuned with the difference, when --compare is given), the training curves of the run
 the model came from (inline SVG, no plotting library), and the rows where the two models differ
-most. Compared models see exactly the same rows with the same generation settings.
+most. Compared models see exactly the same rows with the same generation settings. The evaluated
+model's scores also go into its model card (README.md, in the Hub's model-index form) when it is a
+local folder with a card, or a run's final/.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from pathlib import Path
 from flantune import checkpoint as ckpt
 from flantune.config import ConfigError, Recipe
 from flantune.data import load_split
-from flantune.final import load_final
+from flantune.final import add_scores, load_final
+from flantune.models import ModelLoadError
 from flantune.scoring import first_rows, score_split
 
 SPLIT_ROLES = {"test": "test", "eval": "eval", "validation": "eval", "train": "train"}
@@ -87,6 +90,12 @@ def run_eval(
         (tmp / "report.md").write_text(_markdown(results, curves, differ), encoding="utf-8")
         (tmp / "report.html").write_text(_html(results, curves, differ), encoding="utf-8")
     results["out"] = str(out)
+    # The report stands whatever happens to the card: a card that cannot be updated is a note.
+    try:
+        card = add_scores(adapter or model, results["models"]["fine-tuned"], recipe.data, role)
+        results["card"] = str(card) if card else None
+    except (ModelLoadError, OSError) as e:
+        results["card"], results["card_note"] = None, f"model card not updated: {e}"
     return results
 
 

@@ -3,7 +3,9 @@ CTranslate2; a model folder sent to the Hub.
 
 A merged model loads with `AutoModelForSeq2SeqLM.from_pretrained` alone, and its logits equal those
 of the base with the adapter (up to float rounding). An export to CTranslate2 merges first, then
-converts with CTranslate2's own converter; its float32 greedy outputs are flantune's.
+converts with CTranslate2's own converter; its float32 greedy outputs are flantune's. Merge and push
+leave a model card (README.md, flantune.final.write_card) in the folder: merge writes the merged
+model's, push writes one into a folder that has none, so the Hub always receives a card.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from pathlib import Path
 from transformers import AutoConfig
 
 from flantune import checkpoint as ckpt
-from flantune.final import load_final, read_final
+from flantune.final import ensure_card, load_final, read_final, run_record, save_tokenizer, write_card
 from flantune.models import load_tokenizer
 
 
@@ -41,9 +43,11 @@ def merge(adapter: str, out: str, base: str | None = None, other_base: bool = Fa
     loaded = load_final({"default": adapter}, base=base, device="cpu", what="ADAPTER", base_what="--base",
                         other_base=other_base)  # fmt: skip
     merged = loaded.model.merge_and_unload()
+    run = run_record(info.folder)  # the adapter's run, when it is a run's final/
     with ckpt.atomic_dir(Path(out)) as tmp:
         merged.save_pretrained(tmp)
-        loaded.tokenizer.save_pretrained(tmp)
+        save_tokenizer(loaded.tokenizer, tmp)
+        write_card(tmp, at=out, base=loaded.base, merged_from=info, **run)
     return Path(out)
 
 
@@ -186,6 +190,12 @@ def push(folder: str, repo_id: str, *, private: bool = False, token: str | None 
         )
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
         raise ExportError("not pushed: HF_HUB_OFFLINE is set, so the hub cannot be reached; unset it to push")
+    # The card goes up with the folder: one is written first where there is none, and the code in a
+    # card flantune wrote then loads from `repo_id`.
+    try:
+        ensure_card(path, repo_id)
+    except OSError as e:
+        raise ExportError(f"not pushed: cannot write the model card {path / 'README.md'}: {e}") from None
     api = HfApi(token=token)
     try:
         url = api.create_repo(repo_id, private=private, exist_ok=True)

@@ -365,10 +365,12 @@ def grpo_run(recipe: Recipe, run, console) -> RLResult:
     save()
     final_dir = out / "final"
     if main:
-        write_final(unwrapped, tokenizer, final_dir, method_kind, base_record)
+        # result.json and the model card in final/ carry the same numbers.
         result = {"steps": state.step, "seconds": time.perf_counter() - started, "eval": last_eval,
                   "best_metric": best_name, "final_dir": str(final_dir),
                   "processes": accelerator.num_processes}  # fmt: skip
+        write_final(unwrapped, tokenizer, final_dir, method_kind, base_record,
+                    recipe=recipe, result=result, command="rl")  # fmt: skip
         (out / "result.json").write_text(json.dumps(result, indent=2))
         console.print(
             f"RL done: {state.step} steps; final/ written to {final_dir}", highlight=False, markup=False

@@ -538,11 +538,6 @@ def finish(session: Session) -> TrainResult:
     best_path = session.checkpoints / f"step-{state.best_step:06d}" if state.best_step is not None else None
     if best_path is not None and state.best_step != state.step and best_path.exists():
         ckpt.load_trainable(best_path, unwrapped)
-    if session.main:
-        write_final(unwrapped, session.tokenizer, final_dir, recipe.method.kind,
-                    BaseRecord.of(recipe.model, recipe.train.seed))  # fmt: skip
-    accelerator.wait_for_everyone()
-    session.log.close()
     result = TrainResult(
         output_dir=session.out, final_dir=final_dir, steps=state.step,
         seconds=time.perf_counter() - session.started, train_loss=session.train_loss,
@@ -552,10 +547,17 @@ def finish(session: Session) -> TrainResult:
         first_step_s=session.first_step_s, model=unwrapped,
         peak_memory_gib=round(torch.cuda.max_memory_allocated() / 2**30, 3) if torch.cuda.is_available() else None,
     )  # fmt: skip
+    # result.json and the model card in final/ carry the same numbers.
+    record = {f.name: getattr(result, f.name) for f in fields(result) if f.name != "model"}
+    record = json.loads(json.dumps(record, default=str))
+    if session.main:
+        write_final(unwrapped, session.tokenizer, final_dir, recipe.method.kind,
+                    BaseRecord.of(recipe.model, recipe.train.seed), recipe=recipe, result=record, command="train")  # fmt: skip
+    accelerator.wait_for_everyone()
+    session.log.close()
     if session.main:
         session.console.print(summary_table(result, state))
-        record = {f.name: getattr(result, f.name) for f in fields(result) if f.name != "model"}
-        (session.out / "result.json").write_text(json.dumps(record, indent=2, default=str))
+        (session.out / "result.json").write_text(json.dumps(record, indent=2))
     return result
 
 
