@@ -50,13 +50,18 @@ def hooks(model, names):
     return contextlib.nullcontext() if names is None else model._enable_peft_forward_hooks(adapter_names=names)
 
 
-def run_staggered(model, tokenizer, joins: dict[int, int], steps: int, names: dict[int, str] | None = None):
+def run_staggered(model, tokenizer, joins: dict[int, int], steps: int, names: dict[int, str] | None = None,
+                  gathered: bool = False, graphs: bool | None = False):  # fmt: skip
     """Rows join at the steps `joins` gives (source index -> step), each in its own slot; every row
     feeds greedy's tokens back. `names`: each source's LoRA adapter ("__base__": none), all in one
-    step. Returns, per source, the logits of each of its steps and its ids."""
+    step, routed by PEFT's adapter names, or with `gathered` by the slots' own per-row LoRA (PEFT's
+    names then reach the encoder only). Returns, per source, the logits of each of its steps and its
+    ids. graphs: the slots' `graphs` (the step then runs through `run`, over the slots in use)."""
     start = model.config.decoder_start_token_id if not hasattr(model, "get_base_model") else \
         model.get_base_model().config.decoder_start_token_id  # fmt: skip
-    slots = continuous.Slots(model, capacity=6, max_new_tokens=steps + 2, max_source_tokens=32)
+    adapters = sorted(model.peft_config) if gathered else None
+    slots = continuous.Slots(model, capacity=6, max_new_tokens=steps + 2, max_source_tokens=32, adapters=adapters,
+                             graphs=graphs)  # fmt: skip
     encoder = model.get_encoder()
     logits_of = {i: [] for i in joins}
     ids_of = {i: [start] for i in joins}
@@ -69,13 +74,16 @@ def run_staggered(model, tokenizer, joins: dict[int, int], steps: int, names: di
                 batch = tokenizer([SOURCES[i]], return_tensors="pt")
                 with torch.no_grad(), hooks(model, None if names is None else [names[i]]):
                     hidden = encoder(**batch).last_hidden_state
-                    slots.admit([slot], hidden, batch["attention_mask"], start)
+                    row_adapters = [None if names[i] == "__base__" else names[i]] if gathered else None
+                    slots.admit([slot], hidden, batch["attention_mask"], start, adapters=row_adapters)
         by_slot = ["__base__"] * slots.capacity
         for i, slot in slot_of.items():
             by_slot[slot] = names[i] if names else "__base__"
-        with hooks(model, None if names is None else by_slot):
-            logits = slots.step()  # (R, V)
-        chosen = logits.argmax(-1)
+        with hooks(model, None if names is None or gathered else by_slot):
+            # run's logits are the captured step's output, rewritten by the next replay: kept as copies.
+            logits = slots.run(1 + max(slot_of.values())).clone() if graphs is not False else slots.step()  # (R, V)
+        chosen = torch.zeros(slots.capacity, dtype=torch.long, device=logits.device)  # (R,)
+        chosen[: logits.shape[0]] = logits.argmax(-1)
         for i, slot in slot_of.items():
             if len(ids_of[i]) <= steps:
                 logits_of[i].append(logits[slot])
@@ -93,6 +101,75 @@ def test_rows_joining_at_different_steps_match_their_own_forward(t5):
         expected = reference_logits(model, tokenizer, SOURCES[i], ids_of[i][:-1])  # (steps, V)
         assert_logits_close(torch.stack(logits_of[i]), expected)
     assert len({tuple(ids) for ids in ids_of.values()}) > 1
+
+
+def two_adapters(model):
+    """A PEFT copy of `model` with LoRA adapters a (r 4) and b (r 2, another scaling) on attention
+    and feed-forward layers, random non-zero weights."""
+    from peft import LoraConfig, get_peft_model
+
+    clone = AutoModelForSeq2SeqLM.from_config(model.config).eval().to(model.dtype).to(model.device)
+    clone.load_state_dict(model.state_dict())
+    targets = ["q", "v", "o", "wi_0"] if model.config.model_type == "t5" else ["q_proj", "v_proj", "out_proj", "fc1"]
+    torch.manual_seed(1)
+    peft_model = get_peft_model(clone, LoraConfig(r=4, lora_alpha=32, target_modules=targets, init_lora_weights=False,
+                                                  task_type="SEQ_2_SEQ_LM"), adapter_name="a")  # fmt: skip
+    peft_model.add_adapter("b", LoraConfig(r=2, lora_alpha=6, target_modules=targets, init_lora_weights=False,
+                                           task_type="SEQ_2_SEQ_LM"))  # fmt: skip
+    torch.manual_seed(2)
+    for name, param in peft_model.named_parameters():
+        if ".b." in name:
+            param.data.normal_(0, 0.3)
+    return peft_model.eval()
+
+
+def check_each_row(peft_model, tokenizer, names, logits_of, ids_of, close=None) -> None:
+    """Each row's logits equal a forward of its own sequence under its own adapter alone."""
+    for i, name in names.items():
+        if name == "__base__":
+            with peft_model.disable_adapter():
+                expected = reference_logits(peft_model, tokenizer, SOURCES[i], ids_of[i][:-1])
+        else:
+            peft_model.set_adapter(name)
+            expected = reference_logits(peft_model, tokenizer, SOURCES[i], ids_of[i][:-1])
+        (close or assert_logits_close)(torch.stack(logits_of[i]), expected)
+    peft_model.set_adapter("a")
+
+
+MIXED = {0: "a", 1: "b", 2: "__base__", 3: "b"}  # each source's adapter
+MIXED_JOINS = {0: 0, 1: 1, 2: 1, 3: 2}  # the step each source joins at
+
+
+class EagerGraph:
+    """A captured step's stand-in on the CPU: replay reruns the step into the recorded output."""
+
+    def __init__(self, fn, output):
+        self.fn, self.output = fn, output
+
+    def replay(self):
+        self.output.copy_(self.fn())
+
+
+def test_the_captured_step_branch_on_cpu(t5, monkeypatch):
+    """`run` with graphs, the capture swapped for eager calls (the CPU has none): rows of two
+    adapters and the base joining at different steps get their own forward's logits, and one
+    capture is made per row bucket used (slots 0-1, then 0-3, then 0-4 of 6: buckets 2, 4 and 6,
+    the capacity), none again when a bucket comes back."""
+    model, tokenizer = t5
+    recorded = []
+
+    def record(fn, stream, pool=None):
+        output = fn().clone()
+        recorded.append(output.shape[0])
+        return EagerGraph(fn, output), output
+
+    monkeypatch.setattr(continuous, "_can_capture", lambda device: True)
+    monkeypatch.setattr(continuous, "_warm_up", lambda fn, times: [fn() for _ in range(times)])
+    monkeypatch.setattr(continuous, "_record", record)
+    peft_model = two_adapters(model)
+    logits_of, ids_of = run_staggered(peft_model, tokenizer, MIXED_JOINS, 5, MIXED, gathered=True, graphs=True)
+    check_each_row(peft_model, tokenizer, MIXED, logits_of, ids_of)
+    assert recorded == [2, 4, 6]
 
 
 def test_with_a_lora_adapter_and_mixed_adapter_rows(t5):
@@ -115,22 +192,26 @@ def test_with_a_lora_adapter_and_mixed_adapter_rows(t5):
     assert not torch.allclose(base_logits, torch.stack(logits_of[0]), atol=1e-3)  # the adapter acted
 
     # Rows of adapters a and b and of the base in the same steps, each equal to its adapter alone.
-    peft_model.add_adapter("b", config)
+    # Another rank and scaling (the gathered tables pad ranks with zeros; scaling is per adapter).
+    peft_model.add_adapter("b", LoraConfig(r=2, lora_alpha=6, target_modules=targets, init_lora_weights=False,
+                                           task_type="SEQ_2_SEQ_LM"))  # fmt: skip
     torch.manual_seed(2)
     for name, param in peft_model.named_parameters():
         if ".b." in name:
             param.data.normal_(0, 0.3)
     names = {0: "a", 1: "b", 2: "__base__", 3: "b"}
-    logits_of, ids_of = run_staggered(peft_model, tokenizer, {0: 0, 1: 1, 2: 1, 3: 2}, 5, names)
-    for i, name in names.items():
-        if name == "__base__":
-            with peft_model.disable_adapter():
+    joins = {0: 0, 1: 1, 2: 1, 3: 2}
+    for gathered in (False, True):  # PEFT's adapter names; each row's A and B gathered by index
+        logits_of, ids_of = run_staggered(peft_model, tokenizer, joins, 5, names, gathered=gathered)
+        for i, name in names.items():
+            if name == "__base__":
+                with peft_model.disable_adapter():
+                    expected = reference_logits(peft_model, tokenizer, SOURCES[i], ids_of[i][:-1])
+            else:
+                peft_model.set_adapter(name)
                 expected = reference_logits(peft_model, tokenizer, SOURCES[i], ids_of[i][:-1])
-        else:
-            peft_model.set_adapter(name)
-            expected = reference_logits(peft_model, tokenizer, SOURCES[i], ids_of[i][:-1])
-        assert_logits_close(torch.stack(logits_of[i]), expected)
-    peft_model.set_adapter("a")
+            assert_logits_close(torch.stack(logits_of[i]), expected)
+        peft_model.set_adapter("a")
 
 
 def test_other_architectures_are_refused():
@@ -186,3 +267,26 @@ def test_cuda_rows_joining_at_different_steps_match_their_own_forward(t5):
         expected = reference_logits(model, OnCuda(), SOURCES[i], ids_of[i][:-1])
         got = torch.stack(logits_of[i])
         torch.testing.assert_close(got, expected, atol=float(1e-5 * expected.abs().max()), rtol=0)
+
+
+@pytest.mark.cuda
+def test_cuda_captured_mixed_adapter_rows_match_their_own_forward(t5):
+    """On the GPU in float32, the step captured per row bucket and replayed: rows of two LoRA
+    adapters and the base, gathered per row, joining at different steps, each get the logits of its
+    own forward under its own adapter (within 1e-5 of the largest logit: float32 products of other
+    shapes round differently)."""
+    model, tokenizer = t5
+    on_gpu = AutoModelForSeq2SeqLM.from_config(model.config).eval().cuda()
+    on_gpu.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
+    peft_model = two_adapters(on_gpu)
+
+    class OnCuda:  # the tokenizer's tensors on the GPU
+        def __call__(self, *args, **kwargs):
+            return tokenizer(*args, **kwargs).to("cuda")
+
+    logits_of, ids_of = run_staggered(peft_model, OnCuda(), MIXED_JOINS, 5, MIXED, gathered=True, graphs=None)
+
+    def close(got, expected):
+        torch.testing.assert_close(got, expected, atol=float(1e-5 * expected.abs().max()), rtol=0)
+
+    check_each_row(peft_model, OnCuda(), MIXED, logits_of, ids_of, close)

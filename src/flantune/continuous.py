@@ -14,9 +14,15 @@ rows at different positions in one step (a request's rows join the next step aft
 pass; finished rows leave at once), as vLLM schedules decoder-only models and as no library does for
 encoder-decoder ones. This module computes the step from the model's own modules (its Linear layers,
 norms, feed-forward blocks, embeddings and relative-bias table, so LoRA and other PEFT layers apply
-as in the model's forward, and PEFT's per-row adapter names reach them) with per-row positions. Every
-tensor the step reads or writes is allocated in __init__, and positions are tensors, so one captured
-CUDA graph serves any mix of positions.
+as in the model's forward) with per-row positions. Every tensor the step reads or writes is
+allocated in __init__, and positions are tensors, so one captured CUDA graph serves any mix of
+positions.
+
+Rows of several LoRA adapters: given `adapters` (the PEFT model's adapter names), each slot holds its
+row's adapter index and every LoRA layer gathers the rows' A and B by it (flantune.lora_rows), so the
+mix of adapters is a tensor too and the step stays capturable. Without `adapters` the model's
+modules are called as they are: PEFT's `adapter_names` hooks, set by the caller, route the rows
+(eager only: their row indices are Python lists).
 
 Architectures: T5 (FLAN-T5, mT5) and BART. `supports(model)` says whether a model can use it.
 """
@@ -27,8 +33,16 @@ import torch
 from torch import Tensor
 
 from flantune.fast_t5 import relative_bucket
+from flantune.graphs import record as _record
+from flantune.graphs import warm_up as _warm_up
+from flantune.lora_rows import LoraRows
 
 MODEL_TYPES = frozenset({"t5", "mt5", "bart"})
+WARMUP_STEPS = 2  # eager calls of the step before its capture (torch's CUDA-graph docs do the same)
+
+
+def _can_capture(device: torch.device) -> bool:
+    return device.type == "cuda"
 
 
 def _base_model(model):
@@ -47,7 +61,8 @@ class Slots:
     self-attention and (R, H, S, dk) for cross-attention."""
 
     def __init__(self, model, capacity: int, max_new_tokens: int, max_source_tokens: int,
-                 dtype: torch.dtype | None = None):  # fmt: skip
+                 dtype: torch.dtype | None = None, adapters: list[str] | None = None,
+                 graphs: bool | None = None):  # fmt: skip
         if not supports(model):
             raise ValueError(
                 f"{_base_model(model).config.model_type}: continuous batching drives {', '.join(sorted(MODEL_TYPES))} models"
@@ -82,20 +97,40 @@ class Slots:
         # when the word embeddings are tied.
         scale = getattr(config, "scale_decoder_outputs", None)
         self.output_scale = config.d_model**-0.5 if (config.tie_word_embeddings if scale is None else scale) else None
+        # Per-row LoRA (its `rows` (R,) is each slot's adapter index, 0 the base), or None.
+        self.lora = LoraRows(model, adapters, capacity) if adapters else None
+        # Captured steps per row bucket (`run`): on by default on CUDA.
+        if graphs and not _can_capture(device):
+            raise ValueError(f"graphs=True needs the model on a CUDA device (it is on {device})")
+        self.graphs = _can_capture(device) if graphs is None else graphs
+        self._captured: dict[int, tuple] = {}  # bucket -> (graph, logits (bucket, V))
+        self._pool = None
+
+    def _linear(self, module, x: Tensor, rows: Tensor | None = None) -> Tensor:
+        """module(x), with each row's LoRA adapter when the slots gather them."""
+        return module(x) if self.lora is None else self.lora.linear(module, x, rows)
 
     # ---- rows joining and leaving --------------------------------------------------------------
 
-    def admit(self, slots: list[int], encoder_hidden: Tensor, encoder_mask: Tensor, start_id: int) -> None:
+    def admit(self, slots: list[int], encoder_hidden: Tensor, encoder_mask: Tensor, start_id: int,
+              adapters: list[str | None] | None = None) -> None:  # fmt: skip
         """Rows join in `slots`: their sources' encoder output (n, s, d) and mask (n, s) become their
-        cross-attention keys/values; they start at position 0 with the decoder start token."""
+        cross-attention keys/values; they start at position 0 with the decoder start token.
+        adapters: each row's LoRA adapter (None: the base), for slots made with `adapters`."""
         n, s = encoder_mask.shape
         if s > self.max_source_tokens:
             raise ValueError(f"a source of {s} tokens is over this batch's {self.max_source_tokens}")
+        if adapters is not None and self.lora is None:
+            raise ValueError("rows name adapters, but these slots were made without `adapters`")
         index = torch.tensor(slots, device=self.positions.device)
+        rows = None
+        if self.lora is not None:
+            rows = self.lora.indices(adapters or [None] * n, index.device)  # (n,)
+            self.lora.rows[index] = rows
         for i, (project_keys, project_values) in enumerate(self._cross_projections()):
             shape = (n, s, self.heads, self.head_dim)
-            keys = project_keys(encoder_hidden).view(shape).transpose(1, 2)  # (n, H, s, dk)
-            values = project_values(encoder_hidden).view(shape).transpose(1, 2)
+            keys = self._linear(project_keys, encoder_hidden, rows).view(shape).transpose(1, 2)  # (n, H, s, dk)
+            values = self._linear(project_values, encoder_hidden, rows).view(shape).transpose(1, 2)
             self.cross_keys[i][index] = 0
             self.cross_values[i][index] = 0
             self.cross_keys[i][index, :, :s] = keys.to(self.cross_keys[i].dtype)
@@ -116,6 +151,8 @@ class Slots:
     def release(self, slots: list[int]) -> None:
         index = torch.tensor(slots, device=self.positions.device)
         self.live[index] = False
+        if self.lora is not None:
+            self.lora.rows[index] = 0
         self.source_mask[index] = False
         self.source_mask[index, 0] = True
         self.positions[index] = 0
@@ -128,6 +165,35 @@ class Slots:
         self.positions.clamp_(max=self.max_new_tokens - 1)
 
     # ---- the step -------------------------------------------------------------------------------
+
+    def bucket(self, rows: int) -> int:
+        """The rows a captured step computes for `rows`: the next power of two, at most capacity."""
+        return min(self.capacity, 1 << (rows - 1).bit_length())
+
+    def run(self, rows: int) -> Tensor:
+        """(rows, V) logits of `step` over the first `rows` slots. With graphs, by replaying the step
+        captured for `bucket(rows)` slots (recorded at its first use, kept for the life of the
+        slots); the extra slots are free or live ones, and their results are dropped. The logits
+        are the graph's output tensor, rewritten by the next replay: read them before the next
+        `run`. Without graphs, `step(rows)`.
+
+        Capture is safe mid-stream: the step is a function of the slots' tensors that writes each
+        row's key/value at its own position and moves nothing (`advance` does), so the warm-up calls
+        and the recording write what the replay then writes again. The model must not change
+        between replays (the graph reads its weights' memory), and rows of several adapters must
+        come through `adapters` (PEFT's adapter names are Python lists a graph cannot follow)."""
+        if not self.graphs:
+            return self.step(rows)
+        bucket = self.bucket(rows)
+        entry = self._captured.get(bucket)
+        if entry is None:
+            if self._pool is None and torch.cuda.is_available():
+                self._pool = torch.cuda.graph_pool_handle()  # one pool for every bucket's graph
+            stream = _warm_up(lambda: self.step(bucket), WARMUP_STEPS)
+            entry = self._captured[bucket] = _record(lambda: self.step(bucket), stream, self._pool)
+        graph, logits = entry
+        graph.replay()
+        return logits[:rows]
 
     @torch.no_grad()
     def step(self, rows: int | None = None) -> Tensor:
@@ -161,26 +227,41 @@ class Slots:
             layer = block.layer[0]
             attention = layer.SelfAttention
             x = layer.layer_norm(hidden)
-            query = attention.q(x).view(R, 1, H, dk).transpose(1, 2)  # (R, H, 1, dk)
-            key = attention.k(x).view(R, H, dk)
-            value = attention.v(x).view(R, H, dk)
+            query = self._linear(attention.q, x).view(R, 1, H, dk).transpose(1, 2)  # (R, H, 1, dk)
+            key = self._linear(attention.k, x).view(R, H, dk)
+            value = self._linear(attention.v, x).view(R, H, dk)
             self.keys[i][slot_range, :, positions] = key.to(self.keys[i].dtype)  # slot p of row r
             self.values[i][slot_range, :, positions] = value.to(self.values[i].dtype)
             out = _attend(query, self.keys[i][:R], self.values[i][:R], bias)  # (R, 1, H * dk)
-            hidden = hidden + layer.dropout(attention.o(out))
+            hidden = hidden + layer.dropout(self._linear(attention.o, out))
 
             layer = block.layer[1]
             attention = layer.EncDecAttention
             x = layer.layer_norm(hidden)
-            query = attention.q(x).view(R, 1, H, dk).transpose(1, 2)
+            query = self._linear(attention.q, x).view(R, 1, H, dk).transpose(1, 2)
             out = _attend(query, self.cross_keys[i][:R], self.cross_values[i][:R], cross_bias)
-            hidden = hidden + layer.dropout(attention.o(out))
+            hidden = hidden + layer.dropout(self._linear(attention.o, out))
 
-            hidden = block.layer[2](hidden)  # T5LayerFF: norm, feed-forward, residual
+            hidden = self._t5_feed_forward(block.layer[2], hidden)
         hidden = decoder.dropout(decoder.final_layer_norm(hidden))
         if self.output_scale is not None:
             hidden = hidden * self.output_scale
-        return base.lm_head(hidden)[:, 0]  # (R, V)
+        return self._linear(base.lm_head, hidden)[:, 0]  # (R, V)
+
+    def _t5_feed_forward(self, layer, hidden: Tensor) -> Tensor:
+        """T5LayerFF (norm, feed-forward, residual) with each Linear through `_linear`; the same
+        operations as transformers' T5DenseActDense / T5DenseGatedActDense."""
+        dense = layer.DenseReluDense
+        x = layer.layer_norm(hidden)
+        if hasattr(dense, "wi_0"):  # gated (FLAN-T5, mT5)
+            x = dense.act(self._linear(dense.wi_0, x)) * self._linear(dense.wi_1, x)
+        else:
+            x = dense.act(self._linear(dense.wi, x))
+        x = dense.dropout(x)
+        weight = dense.wo.weight  # FLAN-T5-XXL keeps wo in float32 (transformers casts the input to it)
+        if isinstance(weight, Tensor) and x.dtype != weight.dtype and weight.dtype != torch.int8:
+            x = x.to(weight.dtype)
+        return hidden + layer.dropout(self._linear(dense.wo, x))
 
 
 def _bart_step(self: Slots, R: int) -> Tensor:
@@ -206,21 +287,22 @@ def _bart_step(self: Slots, R: int) -> Tensor:
     cross_bias = cross_bias.masked_fill(~source_mask, low)[:, None, None, :]  # (R, 1, 1, S)
     for i, layer in enumerate(decoder.layers):
         attention = layer.self_attn
-        query = (attention.q_proj(hidden) * attention.scaling).view(R, 1, H, dk).transpose(1, 2)
-        key = attention.k_proj(hidden).view(R, H, dk)
-        value = attention.v_proj(hidden).view(R, H, dk)
+        query = (self._linear(attention.q_proj, hidden) * attention.scaling).view(R, 1, H, dk).transpose(1, 2)
+        key = self._linear(attention.k_proj, hidden).view(R, H, dk)
+        value = self._linear(attention.v_proj, hidden).view(R, H, dk)
         self.keys[i][slot_range, :, positions] = key.to(self.keys[i].dtype)
         self.values[i][slot_range, :, positions] = value.to(self.values[i].dtype)
         out = _attend(query, self.keys[i][:R], self.values[i][:R], causal)
-        hidden = layer.self_attn_layer_norm(hidden + attention.out_proj(out))
+        hidden = layer.self_attn_layer_norm(hidden + self._linear(attention.out_proj, out))
 
         attention = layer.encoder_attn
-        query = (attention.q_proj(hidden) * attention.scaling).view(R, 1, H, dk).transpose(1, 2)
+        query = (self._linear(attention.q_proj, hidden) * attention.scaling).view(R, 1, H, dk).transpose(1, 2)
         out = _attend(query, self.cross_keys[i][:R], self.cross_values[i][:R], cross_bias)
-        hidden = layer.encoder_attn_layer_norm(hidden + attention.out_proj(out))
+        hidden = layer.encoder_attn_layer_norm(hidden + self._linear(attention.out_proj, out))
 
-        hidden = layer.final_layer_norm(hidden + layer.fc2(layer.activation_fn(layer.fc1(hidden))))
-    logits = base.lm_head(hidden)[:, 0]  # (R, V)
+        feed = self._linear(layer.fc2, layer.activation_fn(self._linear(layer.fc1, hidden)))
+        hidden = layer.final_layer_norm(hidden + feed)
+    logits = self._linear(base.lm_head, hidden)[:, 0]  # (R, V)
     return logits + base.final_logits_bias.to(logits.dtype)
 
 

@@ -70,6 +70,9 @@ from transformers import (
 )
 from transformers.modeling_outputs import BaseModelOutput
 
+from flantune.graphs import record as _record
+from flantune.graphs import warm_up as _warm_up
+
 
 @dataclass
 class Generation:
@@ -316,37 +319,6 @@ def _use_graphs(graphs: bool | None, device: torch.device) -> bool:
             "leave graphs=None (on with CUDA only) or pass graphs=False"
         )
     return bool(graphs)
-
-
-def _capture_context():
-    """Autocast as the caller set it, without its weight-cast cache (whose copies would outlive the
-    capture: see flantune.graphs); nothing when autocast is off."""
-    if torch.is_autocast_enabled("cuda"):
-        return torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False)
-    return contextlib.nullcontext()
-
-
-def _warm_up(fn: Callable[[], torch.Tensor], times: int) -> torch.cuda.Stream:
-    """`fn()` run `times` times on a side stream, as capture requires: lazily created CUDA state
-    (cuBLAS/cuBLASLt handles and workspaces, which are per stream; kernels chosen at first use)
-    exists before it is recorded. Returns that stream: capture records on the same one, so that no
-    handle is first created mid-capture (torch's make_graphed_callables does the same)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side), _capture_context():
-        for _ in range(times):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    return side
-
-
-def _record(fn: Callable[[], torch.Tensor], stream) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-    """(graph, output): `fn()` recorded on `stream`, not run; each `graph.replay()` reruns it into
-    `output`."""
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=stream), _capture_context():
-        output = fn()
-    return graph, output
 
 
 def _fingerprint(model) -> tuple:

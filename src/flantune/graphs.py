@@ -1,4 +1,6 @@
-"""A packed micro-batch's forward and backward captured once as a CUDA graph, then replayed.
+"""CUDA graphs: a packed micro-batch's forward and backward captured once and replayed (training),
+and the capture of a one-token decode step (`warm_up`, `record`: the decoding engine's and
+continuous batching's steps).
 
 Why: at 32 SciQ examples a step, flan-t5-large runs about 60 ms of GPU kernels per step, and
 launching them one by one from Python (48 blocks, their LoRA layers, autograd) costs about 100 ms
@@ -29,6 +31,7 @@ One process only: DDP's gradient all-reduce runs in hooks that capture does not 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
@@ -124,3 +127,38 @@ class CapturedStep:
             )
         self.graph.replay()
         return self.loss.clone()
+
+
+# ---- capturing a decode step ------------------------------------------------------------------------
+
+
+def capture_context():
+    """Autocast as the caller set it, without its weight-cast cache (whose copies would outlive the
+    capture, as above); nothing when autocast is off."""
+    if torch.is_autocast_enabled("cuda"):
+        return torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False)
+    return contextlib.nullcontext()
+
+
+def warm_up(fn: Callable[[], Tensor], times: int) -> torch.cuda.Stream:
+    """`fn()` run `times` times on a side stream, as capture requires: lazily created CUDA state
+    (cuBLAS/cuBLASLt handles and workspaces, which are per stream; kernels chosen at first use)
+    exists before it is recorded. Returns that stream: capture records on the same one, so that no
+    handle is first created mid-capture (torch's make_graphed_callables does the same)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), capture_context():
+        for _ in range(times):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    return side
+
+
+def record(fn: Callable[[], Tensor], stream, pool=None) -> tuple[torch.cuda.CUDAGraph, Tensor]:
+    """(graph, output): `fn()` recorded on `stream`, not run; each `graph.replay()` reruns it into
+    `output`. pool: a memory pool shared with other graphs that never replay at the same time
+    (torch.cuda.graph_pool_handle()), so that several captured shapes share one pool's memory."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool, stream=stream), capture_context():
+        output = fn()
+    return graph, output

@@ -356,9 +356,11 @@ class ContinuousWorker(Worker):
     """Continuous (iteration-level) batching on `flantune.continuous.Slots`: between two decoding
     steps, queued requests run their encoder pass and their rows join the batch; a finished request's
     rows leave at once, and so do the rows of a request nobody waits for any more (a timed-out or
-    disconnected client). Rows of every LoRA adapter and of the base share each step (PEFT's per-row
-    adapter names). Requests with beam search or label restriction, or for adapters that cannot mix,
-    run apart in a batch of their own (`Worker._run`) between steps.
+    disconnected client). Rows of every LoRA adapter and of the base share each step (each slot's
+    adapter gathered per row, flantune.lora_rows; PEFT's adapter names for the encoder pass).
+    Requests with beam search or label restriction, or for adapters that cannot mix, run apart in a
+    batch of their own (`Worker._run`) between steps. On a GPU the step is captured as a CUDA graph
+    per row bucket at its first use and replayed (`Slots.run`).
 
     Each step costs the same for any number of rows up to the capacity (`max_batch`), so the
     slots' caches are sized once: max_batch rows x the largest max_new_tokens and source a request
@@ -408,7 +410,9 @@ class ContinuousWorker(Worker):
             joining = [job for job in joining if job.future.set_running_or_notify_cancel()]
             try:
                 if self.slots is None and (joining or self.active):
-                    self.slots = Slots(self.model, self.max_batch, self.max_new_tokens, self.max_source_tokens)
+                    adapters = sorted(self.model.peft_config) if self._is_peft() else None
+                    self.slots = Slots(self.model, self.max_batch, self.max_new_tokens, self.max_source_tokens,
+                                       adapters=adapters)  # fmt: skip
                 if joining:
                     self._admit(joining, engine)
                 if self.active:
@@ -433,7 +437,8 @@ class ContinuousWorker(Worker):
         slots = [[next(free) for _ in job.inputs] for job in jobs]
         with torch.no_grad(), self._adapter_rows(adapters):
             hidden = self.model.get_encoder()(**batch).last_hidden_state  # (n, s, d)
-            self.slots.admit([slot for group in slots for slot in group], hidden, batch["attention_mask"], start)
+            self.slots.admit([slot for group in slots for slot in group], hidden, batch["attention_mask"], start,
+                             adapters=adapters if self.slots.lora is not None else None)  # fmt: skip
         now = time.perf_counter()
         for job, group in zip(jobs, slots, strict=True):
             cfg = job.cfg
@@ -459,17 +464,12 @@ class ContinuousWorker(Worker):
     def _step(self) -> None:
         """One decoding step of every row in the batch, then each request's rows take their tokens."""
         slots = self.slots
-        adapters: list[str | None] = [None] * self.max_batch  # free slots decode as the base, ignored
-        for run in self.active:
-            for slot in run.slots:
-                adapters[slot] = run.job.adapter
         self.running = sum(len(run.slots) for run in self.active)
         shared = {"requests": len(self.active), "inputs": self.running,
                   "models": len({run.job.adapter for run in self.active})}  # fmt: skip
         # Rows take the lowest free slots: the step computes slots 0..highest used only.
         rows = 1 + max(slot for run in self.active for slot in run.slots)
-        with torch.no_grad(), self._adapter_rows(adapters[:rows]):
-            logits = slots.step(rows).float()  # (rows, V)
+        logits = slots.run(rows).float()  # (rows, V); each slot's adapter is in the slots (admit)
         chosen = torch.zeros(self.max_batch, dtype=torch.long, device=logits.device)  # (R,)
         for run in self.active:  # each request's own processors and choice, on its rows
             index = run.index
@@ -691,10 +691,14 @@ class Service:
         """continuous: iteration-level batching (ContinuousWorker); None: wherever the model allows
         it (flantune.continuous drives it, and its adapters, if any, can mix in one batch)."""
         from flantune import continuous as rows
+        from flantune.lora_rows import LoraRows
 
         mixed = mixable(model) if mixed is None else mixed
         if continuous is None:
-            continuous = rows.supports(model) and (mixed or not hasattr(model, "get_base_model"))
+            # Adapters' rows share the continuous step gathered per row (flantune.lora_rows); models
+            # whose adapters cannot be gathered batch in waves, where PEFT's adapter names mix them.
+            peft = hasattr(model, "get_base_model")
+            continuous = rows.supports(model) and (not peft or (mixed and LoraRows.unsupported(model) is None))
         options = {"max_batch": limits.max_batch, "batch_wait_ms": limits.batch_wait_ms, "mixed": mixed}
         if continuous:
             self.worker = ContinuousWorker(model, tokenizer, **options, max_new_tokens=limits.max_new_tokens,
