@@ -2,14 +2,17 @@
 
 import json
 import random
+import re
 import subprocess
 import sys
+from collections import Counter
 
 import pytest
 
 from flantune.config import ConfigError, recipe_from_dict
 from flantune.decoding import generate_texts
 from flantune.evaluate import run_eval
+from flantune.figures import TITLES
 from flantune.models import ModelLoadError
 from flantune.quickstart import build_tokenizer, make_rows, write_jsonl
 from flantune.train import train
@@ -33,16 +36,17 @@ def tuned_run(tmp_path_factory):
     return sort_recipe(folder, model_dir, folder / "run", steps=300), model_dir, result.final_dir
 
 
-def sort_recipe(folder, model_dir, out, steps, method=None):
+def sort_recipe(folder, model_dir, out, steps, method=None, data=None, rl=None):
     return recipe_from_dict({
         "model": {"path": str(model_dir), "init": "random"},
         "method": method or {"kind": "full"},
         "data": {"task": "template", "task_options": {"source": "{text}", "target": "{sorted}", "metrics": ["exact_match"]},
                  "train": str(folder / "train.jsonl"), "eval": str(folder / "test.jsonl"),
-                 "test": str(folder / "test.jsonl"), "max_source_tokens": 16, "max_target_tokens": 16},
+                 "test": str(folder / "test.jsonl"), "max_source_tokens": 16, "max_target_tokens": 16, **(data or {})},
         "train": {"max_steps": steps, "batch_size": 32, "lr": 3e-3, "schedule": "cosine", "warmup_steps": 30,
                   "log_every": 10, "eval_every": 100, "precision": "fp32"},
         "generation": {"max_new_tokens": 12},
+        **({"rl": rl} if rl else {}),
         "output_dir": str(out),
     })  # fmt: skip
 
@@ -51,15 +55,34 @@ def read_predictions(out):
     return [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
 
 
+def inline_figures(page: str) -> dict[str, str]:
+    """report.html's inline <svg> figures by their title (aria-label)."""
+    found = re.finditer(r'<svg role="img" aria-label="([^"]*)".*?</svg>', page, re.DOTALL)
+    return {match[1]: match[0] for match in found}
+
+
+def check_figure_files(out, names):
+    """The figures drawn are exactly `names`, inline in report.html and as PNG files beside it."""
+    page = (out / "report.html").read_text()
+    assert set(inline_figures(page)) == {TITLES[n] for n in names}
+    assert {p.name for p in out.glob("figure-*")} == {f"figure-{n}.png" for n in names}
+    for name in names:
+        assert (out / f"figure-{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"](figure-{name}.png)" in (out / "report.md").read_text()
+    return inline_figures(page)
+
+
 def test_report_numbers_follow_from_predictions(tuned_run, tmp_path):
     recipe, _, final = tuned_run
     results = run_eval(recipe, str(final), out=tmp_path / "report")
     out = tmp_path / "report"
+    figures = ("scores", "lengths", "training")  # no confusion matrix: not a label task
     assert {p.name for p in out.iterdir()} == {
         "predictions.jsonl",
         "metrics.json",
         "report.md",
         "report.html",
+        *(f"figure-{name}.png" for name in figures),
     }
     rows = read_predictions(out)
     assert len(rows) == results["rows"] == 24
@@ -72,13 +95,16 @@ def test_report_numbers_follow_from_predictions(tuned_run, tmp_path):
     model, tokenizer = load_for_generation(str(final))
     direct = generate_texts(model, tokenizer, [r["source"] for r in rows], recipe.generation)
     assert [r["fine-tuned"]["prediction"] for r in rows] == direct
-    md, page = (out / "report.md").read_text(), (out / "report.html").read_text()
+    md = (out / "report.md").read_text()
     assert f"| exact_match | {sum(em) / len(em):.2f} |" in md
     assert "## Training run" in md
-    # Training curves from the run's metrics.jsonl, drawn inline: loss, lr and the eval metric.
-    assert page.count("<polyline") >= 3
-    for series in ("loss", "lr", "eval_exact_match"):
-        assert f'aria-label="{series}"' in page
+    # matplotlib's figures, inline and as files: the score bars carry the score, the lengths are drawn,
+    # and the training curves of the run's metrics.jsonl (loss, lr and the eval metric) by their legends.
+    svgs = check_figure_files(out, figures)
+    assert f">{sum(em) / len(em):.1f}</text>" in svgs[TITLES["scores"]]
+    assert ">reference</text>" in svgs[TITLES["lengths"]] and ">fine-tuned</text>" in svgs[TITLES["lengths"]]
+    for series in ("train loss", "eval_loss", "lr", "eval_exact_match"):
+        assert f">{series}</text>" in svgs[TITLES["training"]]
 
 
 def test_compare_scores_both_models_on_the_same_rows(tuned_run, tmp_path):
@@ -221,3 +247,64 @@ def test_in_training_evaluation_scores_as_flantune_eval(tmp_path):
     # Two steps from random weights: unrestricted, the model writes no label at all (accuracy 0).
     # final/ holds the best checkpoint: flantune eval scores it as the run did when it chose it.
     assert report["models"]["fine-tuned"]["accuracy"] == scores[result.best_step] > 0
+
+
+def test_a_label_task_report_has_a_confusion_matrix_per_model(tuned_run, tmp_path):
+    """The sorting model read as a classifier: each source's label is its letters sorted, but a third
+    of the labels are deliberately another label, so the fine-tuned model's matrix has off-diagonal
+    cells; the random base rarely writes a label at all (the other/invalid column)."""
+    _, model_dir, final = tuned_run
+    labels = ["a b c", "a b d", "a c d", "b c d"]
+    rng = random.Random(3)
+    rows = []
+    for i in range(24):
+        letters = rng.sample("abcd", 3)
+        label = " ".join(sorted(letters)) if i % 3 else rng.choice(labels)
+        rows.append({"text": "sort: " + " ".join(letters), "label": label})
+    write_jsonl(tmp_path / "labels.jsonl", rows)
+    options = {"source": "{text}", "target": "{label}", "labels": labels, "metrics": ["accuracy", "macro_f1"]}
+    label_recipe = sort_recipe(tmp_path, model_dir, final.parent, 1, data={
+        "task_options": options, "test": str(tmp_path / "labels.jsonl")})  # fmt: skip
+    results = run_eval(label_recipe, str(final), compare=str(model_dir), out=tmp_path / "r")
+    svgs = check_figure_files(tmp_path / "r", ("scores", "confusion", "lengths", "training"))
+    cells = {
+        tuple(map(int, cell)): int(count)
+        for *cell, count in re.findall(
+            r'<g id="confusion-(\d+)-(\d+)-(\d+)-(\d+)">\s*<text[^>]*>(\d+)</text>', svgs[TITLES["confusion"]]
+        )
+    }
+    predictions = read_predictions(tmp_path / "r")
+    for m, model in enumerate(["base", "fine-tuned"]):
+        # Counted here from predictions.jsonl: reference label (row) by predicted label or other (column).
+        expected = Counter()
+        for r in predictions:
+            predicted = r[model]["prediction"].strip()
+            expected[labels.index(r["reference"]), labels.index(predicted) if predicted in labels else 4] += 1
+        drawn = {(row, column): n for (t, mm, row, column), n in cells.items() if (t, mm) == (0, m)}
+        assert drawn == {(row, column): expected[row, column] for row in range(4) for column in range(5)}
+        diagonal = sum(drawn[k, k] for k in range(4))
+        assert results["models"][model]["accuracy"] == pytest.approx(100 * diagonal / len(predictions))
+    # Not a trivial matrix: the fine-tuned model gives the deliberately wrong labels, the base other text.
+    assert sum(n for (_, m, row, column), n in cells.items() if m == 1 and row != column < 4) > 0
+    assert sum(n for (_, m, _, column), n in cells.items() if m == 0 and column == 4) > 0
+
+
+def test_an_rl_run_report_draws_reward_kl_and_completion_length(tuned_run, tmp_path):
+    """base → SFT → RL: the RL model's report draws its run's rewards, KL and completion length from
+    rl/metrics.jsonl, and the training curves of both runs (SFT's metrics.jsonl and RL's)."""
+    from flantune.rl import run_rl
+
+    recipe, model_dir, final = tuned_run
+    rl_recipe = sort_recipe(final.parent.parent, model_dir, final.parent, 300, data={"eval": None}, rl={
+        "start": str(final), "output_dir": str(tmp_path / "rl"), "max_steps": 2, "prompts_per_step": 4,
+        "group_size": 2, "inner_steps": 1, "lr": 1e-4, "eval_every": None, "save_every": None,
+        "rewards": [{"name": "correct"}, {"name": "length", "weight": 0.1}]})  # fmt: skip
+    rl_final = run_rl(rl_recipe).final_dir
+    run_eval(recipe, str(rl_final), compare=f"sft={final}", out=tmp_path / "r")
+    svgs = check_figure_files(tmp_path / "r", ("scores", "lengths", "training", "rl"))
+    rl = svgs[TITLES["rl"]]
+    for text in ("reward (weighted total)", "reward_correct", "reward_length", "kl", "completion_tokens"):
+        assert f">{text}</text>" in rl, text
+    assert ">fine-tuned: KL to the reference</text>" in rl and ">sft: " not in rl  # SFT's log has no rewards
+    for run in ("sft", "fine-tuned"):
+        assert f">{run}: loss</text>" in svgs[TITLES["training"]]

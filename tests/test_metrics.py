@@ -204,6 +204,14 @@ def test_mc_reads_answer_tag():
     assert compute_metrics(["mc_accuracy"], [wrong], [["nucleus"]], choices=[OPTIONS])["mc_accuracy"] == 0
 
 
+def test_mc_reads_a_tagged_reference_by_its_answer():
+    """sciq_think's targets carry reasoning and a tagged answer: the answer is what counts."""
+    target = "<think> DNA is kept in the nucleus. </think> <answer> nucleus </answer>"
+    preds = [target, "<think>other words</think><answer>(B)</answer>", "<answer>ribosome</answer>"]
+    scores = compute_metrics(["mc_accuracy"], preds, [[target]] * 3, choices=[OPTIONS] * 3)
+    assert scores["mc_accuracy"] == pytest.approx(200 / 3)
+
+
 @pytest.mark.parametrize("letter", ["B", "(B)", "b)", "b", "<answer>(B)</answer>"])
 def test_mc_letter_choice(letter):
     assert compute_metrics(["mc_accuracy"], [letter], [["nucleus"]], choices=[OPTIONS])["mc_accuracy"] == 100

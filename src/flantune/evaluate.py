@@ -2,11 +2,12 @@
 
 The report folder holds predictions.jsonl (source, reference, prediction and per-row scores, for
 each model), metrics.json, report.md and a self-contained report.html: the metric table (base
-versus fine-tuned with the difference, when --compare is given), the training curves of the run
-the model came from (inline SVG, no plotting library), and the rows where the two models differ
-most. Compared models see exactly the same rows with the same generation settings. The evaluated
-model's scores also go into its model card (README.md, in the Hub's model-index form) when it is a
-local folder with a card, or a run's final/.
+versus fine-tuned with the difference, when --compare is given), the figures that flantune/figures.py
+draws (scores by model, confusion matrices of label tasks, output lengths, the training and RL
+curves of the runs the models came from) inline, and the rows where the two models differ most.
+Each figure is also a PNG file beside the report. Compared models see exactly the same rows with the
+same generation settings. The evaluated model's scores also go into its model card (README.md, in
+the Hub's model-index form) when it is a local folder with a card, or a run's final/.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from flantune import checkpoint as ckpt
+from flantune import figures
 from flantune.config import ConfigError, Recipe
 from flantune.data import load_split
 from flantune.final import add_scores, load_final
@@ -77,7 +79,8 @@ def run_eval(
     runs = {**scored, **runs}
     for label, (_, metrics, _) in runs.items():
         results["models"][label] = metrics
-    curves = _training_curves(Path(adapter or model))
+    logs = _run_logs(results)
+    curves = _training_curves(_run_log(Path(adapter or model))[1])
     differ = _largest_differences(split, runs) if others else []
     with ckpt.atomic_dir(out) as tmp:
         with open(tmp / "predictions.jsonl", "w", encoding="utf-8") as f:
@@ -87,8 +90,12 @@ def run_eval(
                     row[label] = {"prediction": predictions[i], "scores": per_row[i]}
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
         (tmp / "metrics.json").write_text(json.dumps(results, indent=2))
-        (tmp / "report.md").write_text(_markdown(results, curves, differ), encoding="utf-8")
-        (tmp / "report.html").write_text(_html(results, curves, differ), encoding="utf-8")
+        drawn = figures.draw_report(
+            tmp, results["models"], {label: run[0] for label, run in runs.items()},
+            list(split.dataset["target"]), _label_rows(split), logs,
+        )  # fmt: skip
+        (tmp / "report.md").write_text(_markdown(results, curves, differ, drawn), encoding="utf-8")
+        (tmp / "report.html").write_text(_html(results, drawn, differ), encoding="utf-8")
     results["out"] = str(out)
     # The report stands whatever happens to the card: a card that cannot be updated is a note.
     try:
@@ -99,7 +106,7 @@ def run_eval(
     return results
 
 
-REPORT_FILES = {"predictions.jsonl", "metrics.json", "report.md", "report.html"}
+REPORT_FILES = {"predictions.jsonl", "metrics.json", "report.md", "report.html", *figures.FILES}
 
 
 def _check_out(out: Path) -> None:
@@ -110,25 +117,61 @@ def _check_out(out: Path) -> None:
         )
 
 
-def _training_curves(model_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    """Series from the metrics.jsonl of the run whose final/ (or checkpoint) this model is."""
+def _run_log(model_dir: Path) -> tuple[Path | None, list[dict]]:
+    """The metrics.jsonl (path, records) of the run whose final/ (or checkpoint) this model is."""
+    if not model_dir.is_dir():  # a hub id names no run (and its parent is no run folder)
+        return None, []
     for folder in (model_dir.parent, model_dir.parent.parent):
         log = folder / "metrics.jsonl"
         if log.is_file():
-            series: dict[str, list[tuple[int, float]]] = {}
+            records = []
             for line in log.read_text().splitlines():
-                record = json.loads(line)
-                for key, value in record.items():
-                    if key not in (
-                        "step",
-                        "epoch",
-                        "tokens_per_s",
-                        "grad_norm",
-                        "first_step_s",
-                    ) and isinstance(value, (int, float)):
-                        series.setdefault(key, []).append((record["step"], float(value)))
-            return series
-    return {}
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue  # a line torn by a kill in the middle of a write
+            return log, [r for r in records if isinstance(r, dict) and "step" in r]
+    return None, []
+
+
+def _run_logs(results: dict) -> dict[str, list[dict]]:
+    """The training logs of the runs the compared models came from, by model name; names of models
+    from the same run share its entry ("sft, fine-tuned")."""
+    paths = {**results["compare"], "fine-tuned": results["adapter"] or results["model"]}
+    names: dict[Path, list[str]] = {}
+    logs: dict[Path, list[dict]] = {}
+    for name in results["models"]:
+        log, records = _run_log(Path(paths[name]))
+        if log is not None:
+            names.setdefault(log.resolve(), []).append(name)
+            logs[log.resolve()] = records
+    return {", ".join(names[log]): records for log, records in logs.items()}
+
+
+def _training_curves(records: list[dict]) -> dict[str, list[tuple[int, float]]]:
+    """The numeric series of a run's records, by key, for report.md's summary table."""
+    series: dict[str, list[tuple[int, float]]] = {}
+    for record in records:
+        for key, value in record.items():
+            if key not in ("step", "epoch", "tokens_per_s", "grad_norm", "first_step_s") and isinstance(
+                value, (int, float)
+            ):
+                series.setdefault(key, []).append((record["step"], float(value)))
+    return series
+
+
+def _label_rows(split) -> list[figures.LabelRows]:
+    """The rows of each classification or multiple-choice task of the split (for confusion matrices)."""
+    tasks = list(split.dataset["task"])
+    found = []
+    for name, task in split.tasks.items():
+        rows = [i for i, t in enumerate(tasks) if t == name]
+        if rows and task.labels:
+            found.append(figures.LabelRows(name, rows, task.labels))
+        elif rows and task.multiple_choice:
+            choices = split.dataset.select(rows)["choices"]
+            found.append(figures.LabelRows(name, rows, None, [list(c) for c in choices]))
+    return found
 
 
 def _main_score(scores: dict) -> float:
@@ -183,7 +226,7 @@ def difference_label(models) -> str:
     return "difference" if len(models) == 2 else f"fine-tuned − {next(iter(models))}"
 
 
-def _markdown(results: dict, curves: dict, differ: list[dict]) -> str:
+def _markdown(results: dict, curves: dict, differ: list[dict], drawn: list[figures.Drawn]) -> str:
     models = list(results["models"])
     header = ["metric", *models] + ([difference_label(models)] if len(models) >= 2 else [])
     lines = [f"# Evaluation: {results['model']}" + (f" + {results['adapter']}" if results["adapter"] else ""), "",
@@ -198,6 +241,8 @@ def _markdown(results: dict, curves: dict, differ: list[dict]) -> str:
                 f"| {name} | {values[0]:.4g} | {values[-1]:.4g} | {min(values):.4g} | {max(values):.4g} |"
             )
         lines += ["", "The curves are plotted in report.html."]
+    if drawn:
+        lines += ["", "## Figures"] + [line for d in drawn for line in ("", f"![{d.title}]({d.file})")]
     if differ:
         lines += ["", "## Rows where the models differ most", ""]
         for d in differ:
@@ -206,30 +251,15 @@ def _markdown(results: dict, curves: dict, differ: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _svg(series: list[tuple[int, float]], title: str, width: int = 420, height: int = 200) -> str:
-    """A line chart as inline SVG (steps on x, the value on y)."""
-    pad = 36
-    xs, ys = [s for s, _ in series], [v for _, v in series]
-    x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
-    sx = (width - 2 * pad) / ((x1 - x0) or 1)
-    sy = (height - 2 * pad) / ((y1 - y0) or 1)
-    points = " ".join(f"{pad + (x - x0) * sx:.1f},{height - pad - (y - y0) * sy:.1f}" for x, y in series)
-    return (f'<svg width="{width}" height="{height}" role="img" aria-label="{html.escape(title)}">'
-            f'<text x="{pad}" y="16" font-size="13">{html.escape(title)}</text>'
-            f'<polyline fill="none" stroke="#2563eb" stroke-width="2" points="{points}"/>'
-            f'<text x="2" y="{pad}" font-size="10">{y1:.3g}</text><text x="2" y="{height - pad}" font-size="10">{y0:.3g}</text>'
-            f'<text x="{pad}" y="{height - 8}" font-size="10">step {x0}</text>'
-            f'<text x="{width - pad - 40}" y="{height - 8}" font-size="10">step {x1}</text></svg>')  # fmt: skip
-
-
-def _html(results: dict, curves: dict, differ: list[dict]) -> str:
+def _html(results: dict, drawn: list[figures.Drawn], differ: list[dict]) -> str:
     models = list(results["models"])
     header = ["metric", *models] + ([difference_label(models)] if len(models) >= 2 else [])
     table = "<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>"
     for key, values in metric_rows(results):
         table += "<tr>" + "".join(f"<td>{html.escape(v)}</td>" for v in [key, *values]) + "</tr>"
     table += "</table>"
-    charts = "".join(_svg(points, name) for name, points in curves.items() if len(points) >= 2)
+    evaluation = "".join(f"<figure>{d.svg}</figure>" for d in drawn if d.name not in figures.TRAINING)
+    training = "".join(f"<figure>{d.svg}</figure>" for d in drawn if d.name in figures.TRAINING)
     rows = "".join(
         f"<tr><td>{html.escape(d['source'][:300])}</td><td>{html.escape(d['reference'])}</td>"
         f"<td>{html.escape(d['base'])}</td><td>{html.escape(d['fine-tuned'])}</td><td>{d['difference']:+.1f}</td></tr>"
@@ -240,7 +270,9 @@ def _html(results: dict, curves: dict, differ: list[dict]) -> str:
     title = html.escape(results["model"] + (f" + {results['adapter']}" if results["adapter"] else ""))
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>flantune eval: {title}</title>
 <style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:1100px}}table{{border-collapse:collapse;margin:1em 0}}
-td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}}svg{{margin:8px;border:1px solid #eee}}</style>
+td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}}figure{{margin:1em 0}}
+svg{{max-width:100%;height:auto}}</style>
 </head><body><h1>Evaluation: {title}</h1><p>{results["rows"]} rows of the {html.escape(results["split"])} split.</p>
-{table}<h2>Training curves</h2>{charts or "<p>No training log found beside the model.</p>"}{differ_html}</body></html>
+{table}{evaluation}<h2>Training curves</h2>{training or "<p>No training log found beside the models.</p>"}{differ_html}
+</body></html>
 """

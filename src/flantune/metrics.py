@@ -4,6 +4,7 @@
     row_scores       per-row scores for predictions.jsonl; their means equal compute_metrics for the
                      row-decomposable metrics (rouge, exact_match, f1, accuracy, mc_accuracy, format_rate)
     extract_answer / is_well_formed / normalize_answer   small helpers the RL rewards reuse
+    chosen_option    the option a multiple-choice answer names (the report's confusion matrix)
 
 ROUGE comes from `rouge_score` and BLEU/chrF from `sacrebleu`, so numbers compare with published ones.
 `evaluate.load()` is not used: it fetches metric code from a hub at run time.
@@ -135,8 +136,9 @@ def _letter_index(answer: str) -> int | None:
 
 
 def _mc_correct(prediction: str, reference: str, options: Sequence[str] | None) -> bool:
-    """The answer (inside <answer> when tagged) names the right option, by text or by letter."""
-    answer = extract_answer(prediction)
+    """The answer (inside <answer> when tagged) names the right option, by text or by letter. A
+    tagged reference (sciq_think's "<think> ... </think> <answer> X </answer>") counts by its answer."""
+    answer, reference = extract_answer(prediction), extract_answer(reference)
     norm_answer, norm_ref = normalize_answer(answer), normalize_answer(reference)
     # An empty answer is never right, even against a reference that normalizes to "" (e.g. "A").
     if norm_answer and norm_answer == norm_ref:
@@ -148,6 +150,20 @@ def _mc_correct(prediction: str, reference: str, options: Sequence[str] | None) 
     if ref_letter is not None:  # a dataset whose target is itself a letter ("B")
         return letter == ref_letter
     return bool(options) and letter < len(options) and normalize_answer(options[letter]) == norm_ref
+
+
+def chosen_option(text: str, options: Sequence[str]) -> int | None:
+    """The option (0-based) that `text` names, inside <answer> when tagged: by its text, normalized as
+    mc_accuracy compares it, or by its letter; None when it names none of `options`. The report's
+    multiple-choice confusion matrix reads predictions and references through it."""
+    answer = extract_answer(text)
+    norm = normalize_answer(answer)
+    if norm:
+        for k, option in enumerate(options):
+            if normalize_answer(option) == norm:
+                return k
+    letter = _letter_index(answer)
+    return letter if letter is not None and letter < len(options) else None
 
 
 def _correct(prediction: str, reference: str) -> bool:
