@@ -17,20 +17,9 @@ from flantune import engine
 DECODERS = ("transformers", "engine")
 
 
-def _transformers(model, input_ids, attention_mask, *, stop=None, on_step=None, generator=None,
-                  return_logprobs=False, graphs=None, **options) -> engine.Generation:  # fmt: skip
-    from transformers import LogitsProcessorList
-
-    if return_logprobs or generator is not None or stop is not None or on_step is not None:
-        raise ValueError("the transformers baseline takes no log-probabilities, generator or step hooks")
-    options = {k: v for k, v in options.items() if v is not None}
-    if options.get("logits_processor"):
-        options["logits_processor"] = LogitsProcessorList(options["logits_processor"])
-    if options.get("num_beams", 1) == 1:
-        options.pop("early_stopping", None)
-    options.setdefault("top_k", 0)  # the engine's "no filter", explicit (generate's default is 50)
-    sequences = model.generate(input_ids=input_ids, attention_mask=attention_mask, **options)
-    return engine.Generation(sequences=sequences)
+def _transformers(model, input_ids, attention_mask, **options) -> engine.Generation:
+    """transformers' generate with its default dynamic cache, behind the engine's signature."""
+    return engine.transformers_generate(model, input_ids, attention_mask, cache="dynamic", **options)
 
 
 @contextlib.contextmanager

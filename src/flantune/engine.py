@@ -454,10 +454,13 @@ def supports(model) -> bool:
     return _base_model(model).config.model_type in ENGINE_MODEL_TYPES
 
 
-def _transformers_generate(model, input_ids, attention_mask, *, stop, on_step, generator, return_logprobs,
-                           graphs, **options) -> Generation:  # fmt: skip
-    """An architecture the engine does not drive: transformers' generate, with its static cache where
-    the model supports one (`_can_compile_fullgraph`), said once per architecture."""
+def transformers_generate(model, input_ids, attention_mask, *, cache: str = "auto", stop=None, on_step=None,
+                          generator=None, return_logprobs=False, graphs=None, **options) -> Generation:  # fmt: skip
+    """transformers' `model.generate` behind `generate`'s signature and option meanings (top_k absent
+    or 0: no filter). For an architecture the engine does not drive (cache "auto": transformers'
+    static cache where the model supports one, `_can_compile_fullgraph`, said once per
+    architecture), and as the benchmarks' baseline (cache "dynamic": generate's default cache, the
+    decoder flantune's commands used before the engine)."""
     import warnings
 
     from transformers import StoppingCriteria, StoppingCriteriaList
@@ -468,8 +471,10 @@ def _transformers_generate(model, input_ids, attention_mask, *, stop, on_step, g
             f"{model_type}: return_logprobs, generator and graphs need flantune's decoding engine, which "
             f"drives {', '.join(sorted(ENGINE_MODEL_TYPES))} models"
         )
-    static = getattr(type(_base_model(model)), "_can_compile_fullgraph", False)
-    if model_type not in _FALLBACK_SAID:
+    if cache not in ("auto", "dynamic"):
+        raise ValueError(f"cache: 'auto' or 'dynamic', not {cache!r}")
+    static = cache == "auto" and getattr(type(_base_model(model)), "_can_compile_fullgraph", False)
+    if cache == "auto" and model_type not in _FALLBACK_SAID:
         _FALLBACK_SAID.add(model_type)
         warnings.warn(
             f"flantune's decoding engine drives {', '.join(sorted(ENGINE_MODEL_TYPES))} models; {model_type} "
@@ -491,6 +496,9 @@ def _transformers_generate(model, input_ids, attention_mask, *, stop, on_step, g
             return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
 
     options = {k: v for k, v in options.items() if v is not None}
+    if options.get("logits_processor"):
+        options["logits_processor"] = LogitsProcessorList(options["logits_processor"])
+    options.setdefault("top_k", 0)  # the engine's "no filter", explicit (generate's default is 50)
     if static:
         options["cache_implementation"] = "static"
     if stop is not None or on_step is not None:
@@ -583,7 +591,7 @@ def generate(
     if adapter_names is not None and len(adapter_names) != input_ids.shape[0]:
         raise ValueError(f"adapter_names: {len(adapter_names)} names for {input_ids.shape[0]} sources")
     if not supports(model):
-        return _transformers_generate(
+        return transformers_generate(
             model, input_ids, attention_mask, stop=stop, on_step=on_step, generator=generator,
             return_logprobs=return_logprobs,
             graphs=graphs, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
@@ -591,7 +599,7 @@ def generate(
             no_repeat_ngram_size=no_repeat_ngram_size, prefix_allowed_tokens_fn=prefix_allowed_tokens_fn,
             num_beams=num_beams, length_penalty=length_penalty, early_stopping=early_stopping,
             num_return_sequences=num_return_sequences, adapter_names=adapter_names,
-            logits_processor=LogitsProcessorList(logits_processor) if logits_processor else None,
+            logits_processor=logits_processor,
         )  # fmt: skip
     device = _base_model(model).device
     if adapter_names is not None and graphs:
