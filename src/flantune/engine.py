@@ -498,7 +498,10 @@ def transformers_generate(model, input_ids, attention_mask, *, cache: str = "aut
     options = {k: v for k, v in options.items() if v is not None}
     if options.get("logits_processor"):
         options["logits_processor"] = LogitsProcessorList(options["logits_processor"])
-    options.setdefault("top_k", 0)  # the engine's "no filter", explicit (generate's default is 50)
+    if options.get("do_sample"):
+        options.setdefault("top_k", 0)  # the engine's "no filter", explicit (generate's default is 50)
+    else:
+        options.pop("top_k", None)  # greedy and beams: generate warns that it ignores top_k
     if static:
         options["cache_implementation"] = "static"
     if stop is not None or on_step is not None:
