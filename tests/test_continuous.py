@@ -214,6 +214,14 @@ def test_with_a_lora_adapter_and_mixed_adapter_rows(t5):
         peft_model.set_adapter("a")
 
 
+def test_cache_bytes_are_what_the_slots_hold(t5):
+    model, _ = t5
+    slots = continuous.Slots(model, capacity=3, max_new_tokens=5, max_source_tokens=7, dtype=torch.bfloat16)
+    held = sum(t.numel() * t.element_size() for t in (*slots.keys, *slots.values, *slots.cross_keys, *slots.cross_values))
+    assert continuous.cache_bytes(model, 3, 5, 7, torch.bfloat16) == held
+    assert continuous.cache_bytes(model, 3, 5, 7) == 4 * held  # the model's own float64
+
+
 def test_other_architectures_are_refused():
     from transformers import MarianConfig, MarianMTModel
 

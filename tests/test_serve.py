@@ -119,6 +119,15 @@ def test_each_route(loaded, expected):
         assert [a["name"] for a in models["adapters"]] == ["alpha", "beta", "gamma"]
         assert {a["kind"] for a in models["adapters"]} == {"lora"}
         assert models["limits"]["max_new_tokens"] == 512
+        # The continuous batch's cache, said before the first request: what its slots then hold.
+        batching, limits = models["batching"], models["limits"]
+        assert batching["mode"] == "continuous" and "continuous batching: 32 rows" in batching["line"]
+        from flantune.continuous import Slots
+
+        slots = Slots(loaded[0], limits["max_batch"], limits["max_new_tokens"], limits["max_input_tokens"])
+        held = sum(t.numel() * t.element_size() for t in (*slots.keys, *slots.values, *slots.cross_keys,
+                                                          *slots.cross_values))  # fmt: skip
+        assert batching["cache_gib"] == round(held / 2**30, 3) > 0
         assert "swagger" in client.get("/docs").text.lower()
         assert "/v1/generate" in client.get("/openapi.json").json()["paths"]
         page = client.get("/")
@@ -268,6 +277,9 @@ def test_auth_guards_every_route_but_healthz(loaded, monkeypatch):
     result = CliRunner().invoke(cli, ["serve", "--adapter", "alpha=x", "--port", "8123", "--max-inputs", "5"])
     assert result.exit_code == 0, result.output
     assert built["port"] == 8123 and built["app"].state.service.limits.max_inputs == 5
+    # Before serving, the line that says how it batches and what the continuous batch reserves.
+    assert built["app"].state.service.batching["line"] in " ".join(result.output.split())
+    assert "continuous batching: 32 rows x (1024 source + 512 new tokens)" in result.output
     with TestClient(built["app"]) as client:
         assert client.get("/v1/models").status_code == 401
         assert client.get("/v1/models", headers={"Authorization": f"Bearer {token}"}).status_code == 200

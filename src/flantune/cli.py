@@ -499,6 +499,7 @@ def serve_command(
         )
     except ServeError as e:
         fail(str(e))
+    console.print(served.state.service.batching["line"], highlight=False, markup=False)
     console.print(f"serving on http://{host}:{port}/ (API docs at /docs)", highlight=False, markup=False)
     run(served, host, port)
 

@@ -53,6 +53,25 @@ def supports(model) -> bool:
     return _base_model(model).config.model_type in MODEL_TYPES
 
 
+def _shape(config) -> tuple[int, int, int]:
+    """(decoder layers, heads, head_dim) of the decoder's attention."""
+    if config.model_type == "bart":
+        heads = config.decoder_attention_heads
+        return config.decoder_layers, heads, config.d_model // heads
+    return config.num_decoder_layers, config.num_heads, config.d_kv
+
+
+def cache_bytes(model, capacity: int, max_new_tokens: int, max_source_tokens: int,
+                dtype: torch.dtype | None = None) -> int:  # fmt: skip
+    """Bytes of the caches `Slots` allocates with these sizes: per decoder layer, keys and values of
+    capacity x heads x (max_new_tokens + max_source_tokens) x head_dim (self- and cross-attention).
+    Everything else it holds is per row (a few numbers)."""
+    base = _base_model(model)
+    layers, heads, head_dim = _shape(base.config)
+    itemsize = (dtype or base.get_output_embeddings().weight.dtype).itemsize
+    return layers * 2 * capacity * heads * (max_new_tokens + max_source_tokens) * head_dim * itemsize
+
+
 class Slots:
     """The decoder state of `capacity` rows at independent positions (module docstring).
 
@@ -74,12 +93,7 @@ class Slots:
         dtype, device = dtype or weight.dtype, weight.device
         self.capacity, self.max_new_tokens, self.max_source_tokens = capacity, max_new_tokens, max_source_tokens
         self.bart = config.model_type == "bart"
-        if self.bart:
-            self.heads, self.head_dim = config.decoder_attention_heads, config.d_model // config.decoder_attention_heads
-            layers = config.decoder_layers
-        else:
-            self.heads, self.head_dim = config.num_heads, config.d_kv
-            layers = config.num_decoder_layers
+        layers, self.heads, self.head_dim = _shape(config)
         R, H, L, S, dk = capacity, self.heads, max_new_tokens, max_source_tokens, self.head_dim
         self.keys = [torch.zeros(R, H, L, dk, dtype=dtype, device=device) for _ in range(layers)]
         self.values = [torch.zeros(R, H, L, dk, dtype=dtype, device=device) for _ in range(layers)]

@@ -703,8 +703,20 @@ class Service:
         if continuous:
             self.worker = ContinuousWorker(model, tokenizer, **options, max_new_tokens=limits.max_new_tokens,
                                            max_source_tokens=limits.max_input_tokens)  # fmt: skip
+            cache = rows.cache_bytes(model, limits.max_batch, limits.max_new_tokens, limits.max_input_tokens)
+            # What the continuous batch reserves at its first request, said at start (and in
+            # /v1/models) so that a too large --max-batch / --max-new-tokens / --max-input-tokens is
+            # seen before requests come.
+            self.batching = {
+                "mode": "continuous", "cache_gib": round(cache / 2**30, 3),
+                "line": f"continuous batching: {limits.max_batch} rows x ({limits.max_input_tokens} source + "
+                        f"{limits.max_new_tokens} new tokens) of decoder cache, {cache / 2**30:.2f} GiB "
+                        f"({str(next(model.parameters()).dtype).removeprefix('torch.')}), allocated at the first request",
+            }  # fmt: skip
         else:
             self.worker = Worker(model, tokenizer, **options)
+            self.batching = {"mode": "waves", "cache_gib": None,
+                             "line": "batching in waves: a batch forms, decodes to its end, then the next"}  # fmt: skip
         # The worker thread uses the tokenizer while requests are counted on the event loop; a Rust
         # tokenizer used from two threads at once can fail ("Already borrowed"), so each has its own.
         self.counter = copy.deepcopy(tokenizer)
@@ -760,6 +772,7 @@ def create_app(service: Service, token: str | None = None) -> FastAPI:
             "base": {"name": service.base, "device": service.device},
             "adapters": [{"name": name, "kind": kind} for name, kind in service.kinds.items()],
             "limits": dataclasses.asdict(service.limits),
+            "batching": service.batching,
         }
 
     @app.get("/metrics", include_in_schema=False)
