@@ -48,9 +48,11 @@ def need(path: Path) -> Path:
 # training fixtures past 150 s each). Set before torch is imported, so it holds for its thread pools
 # and for the processes the tests start.
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+# The cores this process may run on (a container's cpuset), not the host's count.
+_CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 if _WORKERS > 1:
     for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ.setdefault(_var, str(max(1, (os.cpu_count() or 1) // _WORKERS)))
+        os.environ.setdefault(_var, str(max(1, _CORES // _WORKERS)))
 
 _DEVICE_PIN = pytest.StashKey[pytest.MonkeyPatch]()
 
