@@ -173,16 +173,9 @@ def test_the_captured_step_branch_on_cpu(t5, monkeypatch):
 
 
 def test_with_a_lora_adapter_and_mixed_adapter_rows(t5):
-    from peft import LoraConfig, get_peft_model
-
     model, tokenizer = t5
-    clone = AutoModelForSeq2SeqLM.from_config(model.config).eval().double()
-    clone.load_state_dict(model.state_dict())
-    targets = ["q", "v", "o", "wi_0"] if model.config.model_type == "t5" else ["q_proj", "v_proj", "out_proj", "fc1"]
-    config = LoraConfig(r=4, lora_alpha=32, target_modules=targets, init_lora_weights=False,
-                        task_type="SEQ_2_SEQ_LM")  # fmt: skip
-    torch.manual_seed(1)
-    peft_model = get_peft_model(clone, config, adapter_name="a").eval()
+    peft_model = two_adapters(model)
+    peft_model.set_adapter("a")
     logits_of, ids_of = run_staggered(peft_model, tokenizer, {0: 0, 2: 1}, 5)
     for i in (0, 2):
         expected = reference_logits(peft_model, tokenizer, SOURCES[i], ids_of[i][:-1])
@@ -191,27 +184,12 @@ def test_with_a_lora_adapter_and_mixed_adapter_rows(t5):
         base_logits = reference_logits(peft_model, tokenizer, SOURCES[0], ids_of[0][:-1])
     assert not torch.allclose(base_logits, torch.stack(logits_of[0]), atol=1e-3)  # the adapter acted
 
-    # Rows of adapters a and b and of the base in the same steps, each equal to its adapter alone.
-    # Another rank and scaling (the gathered tables pad ranks with zeros; scaling is per adapter).
-    peft_model.add_adapter("b", LoraConfig(r=2, lora_alpha=6, target_modules=targets, init_lora_weights=False,
-                                           task_type="SEQ_2_SEQ_LM"))  # fmt: skip
-    torch.manual_seed(2)
-    for name, param in peft_model.named_parameters():
-        if ".b." in name:
-            param.data.normal_(0, 0.3)
-    names = {0: "a", 1: "b", 2: "__base__", 3: "b"}
-    joins = {0: 0, 1: 1, 2: 1, 3: 2}
-    for gathered in (False, True):  # PEFT's adapter names; each row's A and B gathered by index
-        logits_of, ids_of = run_staggered(peft_model, tokenizer, joins, 5, names, gathered=gathered)
-        for i, name in names.items():
-            if name == "__base__":
-                with peft_model.disable_adapter():
-                    expected = reference_logits(peft_model, tokenizer, SOURCES[i], ids_of[i][:-1])
-            else:
-                peft_model.set_adapter(name)
-                expected = reference_logits(peft_model, tokenizer, SOURCES[i], ids_of[i][:-1])
-            assert_logits_close(torch.stack(logits_of[i]), expected)
-        peft_model.set_adapter("a")
+    # Rows of adapters a and b (another rank and scaling: the gathered tables pad ranks with zeros)
+    # and of the base in the same steps, each equal to its adapter alone: routed by PEFT's adapter
+    # names, then by each row's A and B gathered by index.
+    for gathered in (False, True):
+        logits_of, ids_of = run_staggered(peft_model, tokenizer, MIXED_JOINS, 5, MIXED, gathered=gathered)
+        check_each_row(peft_model, tokenizer, MIXED, logits_of, ids_of)
 
 
 def test_cache_bytes_are_what_the_slots_hold(t5):

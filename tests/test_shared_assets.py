@@ -72,7 +72,7 @@ def test_missing_shared_assets_fail_when_required(repo_without_shared):
 
 
 def test_ci_requires_the_shared_assets_and_runs_the_readme_test_command():
-    command = 'pip install -e ".[test]" && ruff check . && pytest'
+    command = 'pip install -e ".[test]" && ruff check . && pytest -n 2 --dist loadfile'
     assert f"```bash\n{command}\n```" in (ROOT / "README.md").read_text()
     lines = (ROOT / ".ci" / "run").read_text().splitlines()
     assert command in lines
