@@ -254,11 +254,13 @@ def run_flantune(spec: dict, work: Path, name: str, cache: Path) -> SideResult:
     tokens = steady_rate(rates, skip)
     shutil.rmtree(out)  # a large model's final/ and last checkpoint: gigabytes
     print(f"    wall {wall:.1f} s, {number(tokens)} real tokens/s, first step {result.get('first_step_s')} s, "
-          f"peak {result.get('peak_memory_gib')} GiB; {(result.get('speed') or {}).get('line')}", flush=True)  # fmt: skip
+          f"peak {result.get('peak_memory_gib')} GiB; {(result.get('speed') or {}).get('line')}; "
+          f"start-up {result.get('startup')}", flush=True)  # fmt: skip
     return SideResult(
         wall_s=wall, tokens_per_s=tokens, first_step_s=result.get("first_step_s"),
         peak_memory_gib=result.get("peak_memory_gib"),
-        details={"speed": result.get("speed"), "steps": result.get("steps"), "train_loss": result.get("train_loss"),
+        details={"speed": result.get("speed"), "startup": result.get("startup"), "steps": result.get("steps"),
+                 "train_loss": result.get("train_loss"),
                  "seconds_in_train": result.get("seconds"), "counted_from_step": skip + 1, "windows": windows},
     )  # fmt: skip
 

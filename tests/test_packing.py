@@ -265,6 +265,11 @@ def test_a_default_run_on_a_gpu_takes_the_fast_path(tiny_no_dropout, tmp_path):
     result = train(recipe)
     assert result.speed["line"] == "speed: packed rows, FlexAttention, compiled blocks, CUDA graphs"
     assert result.first_step_s > 0 and result.peak_memory_gib > 0
+    # Where the time to the first step went: set-up, then compiling the blocks and capturing the step.
+    startup = result.startup
+    assert 0 < startup["setup_s"] < startup["first_step_s"] == result.first_step_s
+    assert startup["compile_s"] > 0 and startup["capture_s"] > 0
+    assert startup["setup_s"] + startup["capture_s"] <= startup["first_step_s"]
     curve = losses(tmp_path / "run")
     assert len(curve) == 8 and curve[-1] < curve[0]
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

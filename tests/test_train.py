@@ -1083,8 +1083,12 @@ def test_a_run_says_and_records_its_path_and_time_to_the_first_step(tiny_t5, tmp
     assert records[0]["speed"]["group_by_length"] is True and records[0]["speed"]["packing"] is False
     first = [r["first_step_s"] for r in records if "first_step_s" in r]
     assert len(first) == 1 and 0 < first[0] < result.seconds + 60
+    # The breakdown of that time: the set-up before the loop; no compilation or capture on a CPU.
+    startup = records[0]["startup"]
+    assert startup == {"setup_s": startup["setup_s"], "first_step_s": first[0]} and 0 < startup["setup_s"] < first[0]
+    assert "set-up" in said
     saved = json.loads((tmp_path / "run" / "result.json").read_text())
-    assert saved["speed"]["line"] == line and saved["first_step_s"] == first[0]
+    assert saved["speed"]["line"] == line and saved["first_step_s"] == first[0] and saved["startup"] == startup
     assert saved["peak_memory_gib"] is None  # the CPU has no CUDA memory peak
     # The run's recipe.yaml holds the resolved path, so that a resume that would take another is refused.
     recipe_text = (tmp_path / "run" / "recipe.yaml").read_text()

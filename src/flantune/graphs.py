@@ -68,6 +68,7 @@ class CapturedStep:
         self.static: dict = {}
         self.scale: Tensor | None = None
         self.loss: Tensor | None = None
+        self.capture_s: float | None = None  # warm-up (compilation included) and recording, seconds
 
     def _shapes(self, batch: dict) -> dict:
         return {k: tuple(t.shape for t in v) if isinstance(v, tuple) else v.shape for k, v in batch.items()}
@@ -84,6 +85,9 @@ class CapturedStep:
         return loss.detach()
 
     def _capture(self, batch: dict, scale: float) -> None:
+        import time
+
+        started = time.perf_counter()
         self.static = {k: _static_copy(v) for k, v in batch.items()}
         self.scale = torch.tensor(scale, device=self.params[0].device, dtype=torch.float32)
         # Gradients must exist before capture (the graph adds into them in place) and must hold,
@@ -108,6 +112,8 @@ class CapturedStep:
                 p.grad.copy_(g)
         self.shapes = self._shapes(batch)
         self.grad_ptrs = [p.grad.data_ptr() for p in self.params]
+        torch.cuda.synchronize()  # note: a sync point, once: the capture's time is its own
+        self.capture_s = round(time.perf_counter() - started, 3)
 
     def __call__(self, batch: dict, scale: float) -> Tensor:
         if self.graph is None:

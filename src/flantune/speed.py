@@ -233,6 +233,23 @@ def run_facts(model_type: str, method_kind: str) -> RunFacts:
     )
 
 
+def compile_seconds() -> float | None:
+    """Seconds torch.compile has spent compiling in this process so far: TorchDynamo's own account
+    of its frame compiles (forward graphs, `_compile.compile_inner`) plus AOTAutograd's backward
+    compiles, which run at the first backward. None where this torch does not keep that account
+    (a private API: `torch._dynamo.utils.compile_times`)."""
+    try:
+        from torch._dynamo.utils import compile_times
+
+        names, values = compile_times(repr="csv", aggregate=True)
+        table = dict(zip(names, (float(v) for v in values), strict=True))
+    except Exception:  # another torch's layout: the figure is left out, never the run
+        return None
+    if "_compile.compile_inner" not in table:
+        return 0.0 if not table else None
+    return round(table["_compile.compile_inner"] + table.get("compile_fx.<locals>.bw_compiler", 0.0), 3)
+
+
 def use_compile_cache() -> str:
     """Keep torch.compile's caches (inductor's FX graphs and AOTAutograd results, Triton kernels) in
     one stable folder, so that a second run of the same recipe compiles from cache: the user's

@@ -47,7 +47,7 @@ from flantune.run import (
 )
 from flantune.samplers import EpochSampler, LengthGroupedBatches
 from flantune.scoring import best_metric_name, evaluate_in_run, token_loss_sum
-from flantune.speed import SpeedPlan, resolve_speed, run_facts, use_compile_cache
+from flantune.speed import SpeedPlan, compile_seconds, resolve_speed, run_facts, use_compile_cache
 
 
 @dataclass
@@ -66,6 +66,10 @@ class TrainResult:
     first_step_s: float | None = None
     """Seconds from the start of the command's setup to the end of its first optimizer step:
     start-up, data, model, compilation and graph capture."""
+    startup: dict = field(default_factory=dict)
+    """Where first_step_s went: setup_s (run folder, model, method, data, optimizer), then the first
+    step's compile_s (torch.compile, where the run compiles) and capture_s (CUDA-graph warm-up and
+    recording, compilation inside it included, where the run captures)."""
     peak_memory_gib: float | None = None
     """Peak GPU memory allocated by this process (torch.cuda.max_memory_allocated), in GiB."""
     model: object = field(default=None, repr=False)
@@ -199,6 +203,10 @@ class Session:
     launched: float = field(default_factory=time.perf_counter)
     """When setup began (time to the first optimizer step counts from here)."""
     first_step_s: float | None = None
+    startup: dict = field(default_factory=dict)
+    setup_s: float | None = None
+    capture: object = None
+    """The CapturedStep of a run that replays CUDA graphs (its capture time), else None."""
     logged: bool = False
     """Whether this process's run has written a log line yet."""
     started: float = field(default_factory=time.perf_counter)
@@ -295,6 +303,7 @@ def setup(recipe: Recipe, console) -> Session:
         stepped=stepped, micro_step=micro_step, optimizer=optimizer, scheduler=scheduler,
         graphed=graphed is not None, total_steps=total_steps, state=state, log=log,
         best_name=best_metric_name(cfg.best_metric, recipe, eval_split), plan=plan, launched=launched,
+        setup_s=round(time.perf_counter() - launched, 3), capture=graphed,
     )  # fmt: skip
 
 
@@ -387,7 +396,8 @@ def fit(session: Session) -> None:
             if state.step % cfg.log_every == 0 or state.step == session.total_steps:
                 record = window.record(session, outcome)
                 if not session.logged:  # the run's first line also says how it runs
-                    record.update(first_step_s=session.first_step_s, speed=session.plan.as_dict())
+                    record.update(first_step_s=session.first_step_s, startup=session.startup,
+                                  speed=session.plan.as_dict())  # fmt: skip
                     session.logged = True
                 session.log.write(record)
                 progress.update(task, loss=record["loss"], lr=record["lr"], tps=record["tokens_per_s"])
@@ -432,12 +442,19 @@ def first_step(session: Session) -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()  # note: a sync point, once
     session.first_step_s = round(time.perf_counter() - session.launched, 3)
+    startup = {"setup_s": session.setup_s, "first_step_s": session.first_step_s}
+    parts = [f"set-up {session.setup_s:.1f} s (model, data, optimizer)"]
+    if session.plan.compile:
+        startup["compile_s"] = compile_seconds()
+        if startup["compile_s"] is not None:
+            parts.append(f"compilation {startup['compile_s']:.1f} s")
+    if session.capture is not None and session.capture.capture_s is not None:
+        startup["capture_s"] = session.capture.capture_s
+        parts.append(f"graph capture {startup['capture_s']:.1f} s (its warm-up compiles)")
+    session.startup = startup
     if session.main:
         session.console.print(
-            f"first optimizer step after {session.first_step_s:.1f} s (start-up, data, model"
-            f"{', compilation' if session.plan.compile else ''}"
-            f"{', graph capture' if session.plan.cuda_graph else ''})",
-            highlight=False,
+            f"first optimizer step after {session.first_step_s:.1f} s: {', '.join(parts)}", highlight=False
         )
 
 
@@ -544,7 +561,7 @@ def finish(session: Session) -> TrainResult:
         eval_metrics=dict(session.last_eval),
         best_metric=session.best_name if session.eval_split is not None else None,
         best_value=state.best_metric, best_step=state.best_step, speed=session.plan.as_dict(),
-        first_step_s=session.first_step_s, model=unwrapped,
+        first_step_s=session.first_step_s, startup=session.startup, model=unwrapped,
         peak_memory_gib=round(torch.cuda.max_memory_allocated() / 2**30, 3) if torch.cuda.is_available() else None,
     )  # fmt: skip
     # result.json and the model card in final/ carry the same numbers.
