@@ -219,24 +219,37 @@ def test_flex_packed_logprobs_in_bf16_match_unpacked_on_a_gpu(t5_small_path):
     assert torch.all(packed[~keep] == 0)
 
 
+def distinct_words(prompt, completion, row):
+    """A reward that tells a random policy's completions apart (the task's own is 0 for them all)."""
+    return float(len(set(completion.split())))
+
+
 def test_packed_rl_steps_equal_unpacked(sort_data, tmp_path):  # noqa: F811
     """rl.packing=true on the CPU (eager attention) takes the same steps as rl.packing=false: the
-    same completions (rewards, lengths), loss, KL and gradient norm."""
+    same completions (rewards, lengths), loss, KL, clipped share and gradient norm."""
     logs = {}
     for packing in (False, True):
         out = tmp_path / f"packing-{packing}"
+        # A fresh policy (output_dir holds no SFT run); micro-batches of 2 prompts x 4 completions.
         recipe = sort_recipe(sort_data, tmp_path / "sft", "rl", max_steps=2, prompts_per_step=4, group_size=4,
-                             micro_batch_size=8, lr=1e-4, eval_every=None, save_every=None, packing=packing)  # fmt: skip
+                             micro_batch_size=8, lr=1e-5, eval_every=None, save_every=None, packing=packing,
+                             rewards=[{"name": f"{__name__}:distinct_words"}])  # fmt: skip
         recipe.rl.output_dir = str(out)
         run_rl(recipe)
         lines = (out / "metrics.jsonl").read_text().splitlines()
         logs[packing] = [r for r in map(json.loads, lines) if "reward" in r]
     assert len(logs[True]) == 2
     for a, b in zip(logs[False], logs[True], strict=True):
-        assert (a["reward"], a["completion_tokens"]) == (b["reward"], b["completion_tokens"])
+        assert (a["reward"], a["reward_std"], a["completion_tokens"]) == (
+            b["reward"],
+            b["reward_std"],
+            b["completion_tokens"],
+        )
         for key in ("loss", "kl", "clip_fraction", "grad_norm"):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-7), key
-    assert logs[True][1]["kl"] > 0  # the policy moved: the second step compares updated weights
+    first, second = logs[True]
+    assert first["reward_std"] > 0 and first["grad_norm"] > 1e-3  # a real gradient, not noise
+    assert second["kl"] > 0  # the policy moved: the second step compares updated weights
 
 
 def test_rl_packing_true_refuses_what_it_cannot_pack(sort_data, bart_path, tmp_path):  # noqa: F811
