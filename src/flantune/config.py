@@ -567,6 +567,11 @@ class RLConfig:
     """auto: bf16 on a GPU that supports it, else fp32 (fp16 is refused for the T5 family)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (less memory, more time)."""
+    packing: bool | Literal["auto"] = "auto"
+    """Old, reference and new log-probabilities on packed rows (flantune.fast_t5): each prompt's
+    source once in an encoder row, its completions side by side in the decoder row, no padding.
+    auto: on a GPU (FlexAttention) for T5-family models with full/lora/qlora/ia3, not under FSDP;
+    true on a CPU runs eager attention (the reference path)."""
     report_to: list[str] | str = field(default_factory=list)
     """Experiment trackers that also get rl/metrics.jsonl's numbers, as train.report_to (TensorBoard
     under rl/tensorboard/)."""

@@ -10,7 +10,9 @@ PEFT's LoRA/IA3 layers, checkpoints and `save_pretrained` are untouched):
 
 - A packed batch (see `flantune.packing`) holds several (source, target) pairs per encoder row and
   per decoder row. Every token carries its pair's id and its position inside its pair; the pair of
-  an encoder segment and the pair of a decoder segment in the same row share one id.
+  an encoder segment and the pair of a decoder segment in the same row share one id. (Or, with a
+  `dec_src` column, several decoder segments name the one encoder segment they all read: a prompt's
+  sampled completions in RL.)
 - Attention is block-diagonal per pair: encoder self-attention within its source, decoder
   self-attention causal within its target, cross-attention from a target only to its own source.
   T5's relative positions restart at every pair, so each pair sees exactly what it would alone.
@@ -163,7 +165,8 @@ def block_mask_tensors(pattern: Pattern, block: int = BLOCK, q_side: str = "dire
     """The eight index tensors of the pattern's BlockMask (kv side, then q side, each partial then
     full), from the pair ids without evaluating the mask at every (q, k).
 
-    Pairs sit in a row one after another with ids 0, 1, 2, ... (padding last), so a block of 128
+    Pairs sit in a row one after another with ids 0, 1, 2, ... (padding last; a decoder row's
+    `dec_src` repeats each id for its segments, in the same order), so a block of 128
     tokens holds every id between its smallest and largest: two blocks share a pair exactly when
     their id ranges overlap, and a block pair is full when both hold one and the same pair (and,
     for the causal decoder, the key block lies before the query block). Blocks of padding alone
@@ -366,6 +369,9 @@ def patterns(model, batch: dict, attention: str, freeze_bias: bool) -> tuple[Pat
     step and shared by every layer (T5 computes its bias in block 0 and reuses it)."""
     enc_pair, enc_pos = batch["enc_pair"], batch["enc_pos"]  # (B, Le)
     dec_pair, dec_pos = batch["dec_pair"], batch["dec_pos"]  # (B, Ld)
+    # dec_src: the encoder pair a decoder token cross-attends to, where several decoder segments
+    # share one source (RL's G completions of a prompt: `packing.pack_groups`); default its own pair.
+    dec_src = batch.get("dec_src", dec_pair)  # (B, Ld)
     frozen = freeze_bias or attention == "flex"
     enc_attn = model.encoder.block[0].layer[0].SelfAttention
     dec_attn = model.decoder.block[0].layer[0].SelfAttention
@@ -373,7 +379,7 @@ def patterns(model, batch: dict, attention: str, freeze_bias: bool) -> tuple[Pat
                   bias=distance_table(enc_attn, True, frozen))  # fmt: skip
     dec = Pattern(dec_pair, dec_pair, dec_pos, dec_pos, causal=True,
                   bias=distance_table(dec_attn, False, frozen))  # fmt: skip
-    cross = Pattern(dec_pair, enc_pair, dec_pos, enc_pos, causal=False)
+    cross = Pattern(dec_src, enc_pair, dec_pos, enc_pos, causal=False)
     if attention == "flex":
         options = kernel_options_for(enc_pair.device, enc_attn.key_value_proj_dim)
         for name, pattern in (("enc", enc), ("dec", dec), ("cross", cross)):

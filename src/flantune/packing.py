@@ -7,6 +7,7 @@ is all `flantune.fast_t5` needs to keep each pair's attention to itself and rest
 positions. A pair is never split across rows; labels of padding are -100, so the loss per target
 token is the unpacked one.
 
+    pack_groups        prompts and their G sampled completions each (RL): one encoder pass a prompt
     PackedCollator     a list of tokenized examples -> one packed micro-batch (dict of tensors)
     ShapeBatches       a batch sampler: micro-batches that fill one fixed packed shape (CUDA graphs)
     packed_loader      the training loader of packed micro-batches
@@ -151,6 +152,99 @@ def pack(
         "cross": (dec, enc, False),
     }.items():
         out[f"{name}_blocks"] = block_mask_tensors(Pattern(q[0], k[0], q[1], k[1], causal=causal), block)
+    return out
+
+
+def pack_groups(
+    sources: list[list[int]],
+    completions: list[list[int]],
+    *,
+    width: int,
+    pad_id: int,
+    decoder_start_id: int,
+    row_tokens: int = ROW_TOKENS,
+    multiple: int = 128,
+    block: int | None = BLOCK,
+) -> dict:
+    """Packed tensors for prompts and their sampled completions (RL), each source encoded once.
+
+    sources: b token-id lists; completions: b*G target-id lists, grouped by prompt (the G of prompt
+    0 first), each a completion's tokens up to and including its first EOS (all of them without
+    one). A prompt's source is one segment of an encoder row (enc_pair k); its G completions are G
+    segments of the decoder row of the same index, each with its own dec_pair (causal self-attention
+    within itself) and dec_src k (cross-attention to that one source), laid out prompt by prompt so
+    that both ids are non-decreasing along the row (`fast_t5.block_mask_tensors` relies on it).
+    Whole groups go into rows first fit decreasing by source + completion tokens (`assign_rows`).
+
+    Besides `pack`'s columns (and dec_src), two (K,) long tensors over the K completion tokens, in
+    completion order: token_at, each token's index in the flattened (R * Ld) decoder rows, and
+    grid_at, its index in a flattened (b*G, width) grid: where a (b*G, width) result puts it.
+    """
+    group = len(completions) // max(len(sources), 1)
+    if group < 1 or group * len(sources) != len(completions):
+        raise ValueError(f"pack_groups: {len(completions)} completions are not a whole group per each of "
+                         f"{len(sources)} sources")  # fmt: skip
+    if any(not 1 <= len(c) <= width for c in completions):
+        raise ValueError(f"pack_groups: every completion needs 1 to width={width} tokens")
+    members = [range(p * group, (p + 1) * group) for p in range(len(sources))]
+    sizes = [len(src) + sum(len(completions[j]) for j in members[p]) for p, src in enumerate(sources)]
+    rows = assign_rows(sizes, row_tokens)
+    names = (*COLUMNS, "dec_src")
+    built: list[dict[str, list[int]]] = []
+    for row in rows:
+        col, pair = {name: [] for name in names}, 0
+        for k, p in enumerate(row):
+            src = sources[p]
+            col["input_ids"] += src
+            col["enc_pair"] += [k] * len(src)
+            col["enc_pos"] += range(len(src))
+            for j in members[p]:
+                tgt = completions[j]
+                col["decoder_input_ids"] += [decoder_start_id, *tgt[:-1]]  # shifted right, per segment
+                col["labels"] += tgt
+                col["dec_pair"] += [pair] * len(tgt)
+                col["dec_src"] += [k] * len(tgt)
+                col["dec_pos"] += range(len(tgt))
+                pair += 1
+        built.append(col)
+    enc_len = round_up(max(len(col["input_ids"]) for col in built), multiple)
+    dec_len = round_up(max(len(col["labels"]) for col in built), multiple)
+    columns: dict[str, list[list[int]]] = {name: [] for name in names}
+    token_at: dict[int, list[int]] = {}  # completion -> its tokens' flat decoder indices
+    for r, (row, col) in enumerate(zip(rows, built, strict=True)):
+        at = r * dec_len
+        for p in row:
+            for j in members[p]:
+                token_at[j] = list(range(at, at + len(completions[j])))
+                at += len(completions[j])
+        e, d = enc_len - len(col["input_ids"]), dec_len - len(col["labels"])
+        pads = {"input_ids": [pad_id] * e, "enc_pair": [PAD_PAIR] * e, "enc_pos": range(e),
+                "decoder_input_ids": [pad_id] * d, "dec_pair": [PAD_PAIR] * d, "dec_src": [PAD_PAIR] * d,
+                "dec_pos": range(d), "labels": [-100] * d}  # fmt: skip
+        for name in names:
+            columns[name].append(col[name] + list(pads[name]))
+    out = {
+        name: torch.tensor(
+            values, dtype=torch.int32 if name.endswith(("_pair", "_pos", "_src")) else torch.long
+        )
+        for name, values in columns.items()
+    }
+    out["attention_mask"] = (out["enc_pair"] != PAD_PAIR).long()
+    out["token_at"] = torch.tensor(
+        [i for j in range(len(completions)) for i in token_at[j]], dtype=torch.long
+    )
+    out["grid_at"] = torch.tensor(
+        [j * width + t for j, c in enumerate(completions) for t in range(len(c))], dtype=torch.long
+    )
+    if block is None:
+        return out
+    enc = (out["enc_pair"], out["enc_pos"])
+    for name, (q_pair, q_pos, k, causal) in {
+        "enc": (*enc, enc, False),
+        "dec": (out["dec_pair"], out["dec_pos"], (out["dec_pair"], out["dec_pos"]), True),
+        "cross": (out["dec_src"], out["dec_pos"], enc, False),
+    }.items():
+        out[f"{name}_blocks"] = block_mask_tensors(Pattern(q_pair, k[0], q_pos, k[1], causal=causal), block)
     return out
 
 

@@ -13,7 +13,9 @@ completion with its decoder, so this loop is our own. One step:
    each group: A = (r - mean_group) / (std_group + 1e-4). A group never spans two processes.
 4. Per completion token, log-probabilities under the sampling policy (old), the reference policy
    (the model RL starts from), and, with gradients, the current policy (new). The encoder runs once
-   per prompt and its states are repeated for the group.
+   per prompt and its states are repeated for the group; or, with `rl.packing` (T5 family, on a
+   GPU by default), on packed rows: each source once in an encoder row, its G completions side by
+   side in the decoder row (`flantune.packing.pack_groups`, `flantune.fast_t5`), no padding.
 5. `inner_steps` optimizer steps on the clipped objective
        loss = mean over completion tokens of  -min(ρ A, clip(ρ, 1-ε, 1+ε) A) + β KL
    with ρ = exp(new - old) and the k3 estimator KL = exp(ref - new) - (ref - new) - 1, averaged
@@ -46,7 +48,7 @@ from flantune import checkpoint as ckpt
 from flantune.config import Recipe, dump_recipe, recipe_to_dict
 from flantune.data import load_splits, make_collator, split_summary
 from flantune.decoding import decode, sample_groups
-from flantune.final import BaseRecord, load_final, write_final
+from flantune.final import BaseRecord, load_final, read_final, write_final
 from flantune.methods import apply_method, quantization_config, trainable_line
 from flantune.models import is_local, load_model_and_tokenizer
 from flantune.rewards import build_rewards, score_all
@@ -63,6 +65,7 @@ from flantune.run import (
 )
 from flantune.samplers import EpochSampler
 from flantune.scoring import best_metric_name, evaluate_in_run
+from flantune.speed import RunFacts, packing_problem, run_facts, use_compile_cache
 
 # ---- the math (unit-tested against hand-computed values) -----------------------------------------
 
@@ -141,8 +144,76 @@ def completion_logprobs(model, encoder_states, encoder_mask, decoder_ids, group_
         encoder_outputs=BaseModelOutput(last_hidden_state=states), attention_mask=mask,
         decoder_input_ids=inputs, use_cache=False,
     ).logits  # (N, T-1, V)  # fmt: skip
-    # float32 log-softmax: the ratio exp(new - old) amplifies bf16 rounding otherwise.
-    return torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return token_logprobs(logits, targets)
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[target] per token: logits (..., V), targets (...) -> (...).
+
+    In float32 at least: the ratio exp(new - old) amplifies bf16 rounding otherwise (float64 stays).
+    """
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+def packed_logprobs(model, batch: dict, attention: str = "eager", block_fn=None) -> torch.Tensor:
+    """(K,) log-probabilities of the completion tokens of a `packing.pack_groups` batch, in its
+    token_at order (completion by completion). `block_fn`: an optional compiled `fast_t5.t5_block`."""
+    from flantune import fast_t5
+
+    hidden = fast_t5.decoder_hidden(model, batch, attention, block_fn=block_fn)  # (R, Ld, d)
+    hidden = hidden.flatten(0, 1)[batch["token_at"]]  # (K, d): completion tokens only
+    targets = batch["labels"].flatten()[batch["token_at"]]  # (K,)
+    logits = fast_t5.t5_model(model).lm_head(hidden)  # (K, V)
+    return token_logprobs(logits, targets)
+
+
+def to_grid(values: torch.Tensor, batch: dict, rows: int, width: int) -> torch.Tensor:
+    """(rows, width): the (K,) per-token `values` of a `pack_groups` batch at their completion
+    positions (where completion_mask is 1), 0 elsewhere; differentiable in `values`."""
+    return values.new_zeros(rows * width).index_put((batch["grid_at"],), values).view(rows, width)
+
+
+class PackedLogprobs(torch.nn.Module):
+    """The policy as a module whose forward is `packed_logprobs` of a packed batch.
+
+    The packed path calls the model's submodules itself; DDP arms its gradient all-reduce in its
+    own forward, so the module it wraps must be this one (as `flantune.packing.PackedLoss`).
+    """
+
+    def __init__(self, model, attention: str, compile: bool):
+        super().__init__()
+        from flantune import fast_t5
+
+        self.model, self.attention, self.block_fn = model, attention, None
+        # Accelerate reads these to leave a quantized or device-mapped model where it was loaded.
+        for name in ("hf_device_map", "is_loaded_in_4bit", "is_loaded_in_8bit"):
+            if getattr(model, name, None) is not None:
+                setattr(self, name, getattr(model, name))
+        if compile:
+            # FlexAttention outside torch.compile is a slow reference path. Completion lengths vary
+            # from step to step (rows rounded to 128 keep the shapes few): allow recompiles.
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+            self.block_fn = torch.compile(fast_t5.t5_block)
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        return packed_logprobs(self.model, batch, self.attention, self.block_fn)
+
+
+def packed_attention(packing: bool | str, facts: RunFacts) -> str | None:
+    """The attention of the packed log-probability passes that `rl.packing` asks for under
+    `facts` (flex on a GPU, eager on a CPU), or None for the unpacked path. auto packs on a GPU
+    where `flantune.speed.packing_problem` finds nothing; true where it finds something is an error."""
+    if packing is False:
+        return None
+    problem = packing_problem(facts)
+    if packing is True:
+        if problem:
+            raise TrainingError(
+                f"rl.packing=true: the packed path cannot run here: {problem}; set rl.packing=false"
+            )
+        return "flex" if facts.cuda else "eager"
+    return "flex" if facts.cuda and problem is None else None
 
 
 def completion_mask(decoder_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
@@ -238,6 +309,14 @@ def run_rl(recipe: Recipe, console=None) -> RLResult:
     console = console or Console()
     cfg = recipe.rl
     out = Path(cfg.output_dir or Path(recipe.output_dir) / "rl")
+    if cfg.packing is True:
+        # Refused before the run folder is touched, from what the recipe and rl.start say; grpo_run
+        # decides again on the loaded policy.
+        start = resolve_start(recipe)
+        info = read_final(start) if start else None
+        path = str(info.folder) if info is not None and info.kind == "full" else recipe.model.path
+        packed_attention(True, run_facts(model_type_of(path, recipe.model.revision),
+                                         info.method if info is not None else recipe.method.kind))  # fmt: skip
     run = start_run(out, resume=cfg.resume, restart=cfg.restart, recipe_text=dump_recipe(recipe),
                     precision=cfg.precision, model_type=model_type_of(recipe.model.path, recipe.model.revision),
                     seed=cfg.seed, section="rl", key="rl.output_dir", report_to=cfg.report_to,
@@ -275,9 +354,27 @@ def grpo_run(recipe: Recipe, run, console) -> RLResult:
     rewards = build_rewards(cfg.rewards, task, tokenizer, max_new_tokens)
     collator = make_collator(tokenizer, model=model)
 
-    model = accelerator.prepare(model)
-    # After prepare: the reference lives on the same device as the policy.
-    unwrapped = accelerator.unwrap_model(model)
+    attention = packed_attention(cfg.packing, run_facts(model.config.model_type, method_kind))
+    packed = None
+    if attention is None:
+        model = accelerator.prepare(model)
+        # After prepare: the reference lives on the same device as the policy.
+        unwrapped = accelerator.unwrap_model(model)
+    else:
+        from flantune import fast_t5
+
+        if attention == "flex":
+            # Their gradient through FlexAttention is 29x slower (flantune.fast_t5); frozen before
+            # the reference and the optimizer take the trainable parameters.
+            fast_t5.freeze_relative_bias(model)
+            use_compile_cache()
+        # DDP wraps the packed module (its forward arms the all-reduce); `model` stays the plain
+        # policy for sampling, evaluation and checkpoints.
+        packed = accelerator.prepare(PackedLogprobs(model, attention, compile=attention == "flex"))
+        unwrapped = model
+        if main:
+            name = {"flex": "FlexAttention", "eager": "eager attention"}[attention]
+            console.print(f"rl: log-probabilities on packed rows, {name}", highlight=False, markup=False)
     reference = Reference(unwrapped, full=method_kind == "full") if cfg.beta > 0 else None
     optimizer = accelerator.prepare(build_optimizer(model, cfg.lr, cfg.weight_decay))
     scheduler = build_scheduler("constant", optimizer, cfg.warmup_steps, cfg.max_steps * cfg.inner_steps)
@@ -330,7 +427,7 @@ def grpo_run(recipe: Recipe, run, console) -> RLResult:
             stats = grpo_step(
                 model, unwrapped, reference, rows, tokenizer, rewards, optimizer, scheduler, accelerator,
                 params, cfg, seed=cfg.seed * 1_000_003 + state.step, first_prompt=first,
-                max_new_tokens=max_new_tokens,
+                max_new_tokens=max_new_tokens, packed=packed,
             )  # fmt: skip
             state.step += 1
             seconds = time.perf_counter() - step_start
@@ -395,9 +492,13 @@ def next_prompts(sampler: EpochSampler, state: ckpt.TrainState, count: int) -> l
 
 
 def grpo_step(model, unwrapped, reference, rows, tokenizer, rewards, optimizer, scheduler, accelerator,
-              params, cfg, *, seed: int, first_prompt: int, max_new_tokens: int) -> dict[str, float]:  # fmt: skip
+              params, cfg, *, seed: int, first_prompt: int, max_new_tokens: int,
+              packed=None) -> dict[str, float]:  # fmt: skip
     """Sample, score and update on this process's prompts `rows` (numbered from `first_prompt`
-    among the step's prompts); returns the step's statistics over every process."""
+    among the step's prompts); returns the step's statistics over every process.
+
+    packed: the (prepared) `PackedLogprobs` of the policy: log-probabilities on packed rows; None:
+    transformers' forward (`_logprobs`)."""
     device, G = accelerator.device, cfg.group_size
     prompts = [row["source"] for row in rows]
     enc = tokenizer.pad({"input_ids": [row["input_ids"] for row in rows]}, return_tensors="pt").to(device)
@@ -421,12 +522,31 @@ def grpo_step(model, unwrapped, reference, rows, tokenizer, rewards, optimizer, 
 
     # -- old (sampling) and reference log-probabilities, no gradients
     chunks = _chunks(len(prompts), max(1, cfg.micro_batch_size // G))
+    if packed is None:
+
+        def logprobs(module, c: int) -> torch.Tensor:  # (chunk's b*G, T)
+            return _logprobs(module, enc, sequences, *chunks[c], G)
+
+    else:
+        # Packed once per step on the CPU: the old, reference and new passes read the same rows.
+        inner = accelerator.unwrap_model(packed)
+        batches = _packed_chunks(rows, sequences, mask, chunks, G, tokenizer.pad_token_id,
+                                 block=inner.attention == "flex", device=device)  # fmt: skip
+
+        def logprobs(module, c: int) -> torch.Tensor:  # (chunk's b*G, T), 0 after each first EOS
+            lo, hi = chunks[c]
+            if module is packed:  # the new pass, through the module DDP wraps
+                values = module(batches[c])
+            else:  # old and reference passes: the plain policy or the frozen reference copy
+                values = packed_logprobs(module, batches[c], inner.attention, inner.block_fn)
+            return to_grid(values, batches[c], (hi - lo) * G, mask.shape[1])
+
     with torch.no_grad(), accelerator.autocast():
-        old_lp = torch.cat([_logprobs(unwrapped, enc, sequences, lo, hi, G) for lo, hi in chunks])
+        old_lp = torch.cat([logprobs(unwrapped, c) for c in range(len(chunks))])
         ref_lp = None
         if reference is not None:
             with reference.weights(unwrapped) as ref_model:
-                ref_lp = torch.cat([_logprobs(ref_model, enc, sequences, lo, hi, G) for lo, hi in chunks])
+                ref_lp = torch.cat([logprobs(ref_model, c) for c in range(len(chunks))])
 
     # -- inner optimizer steps on the clipped objective
     sums = torch.zeros(3, device=device)  # loss, clipped tokens, KL (summed over tokens)
@@ -435,9 +555,10 @@ def grpo_step(model, unwrapped, reference, rows, tokenizer, rewards, optimizer, 
         for c, (lo, hi) in enumerate(chunks):
             part = slice(lo * G, hi * G)
             # Gradients are all-reduced once per optimizer step, in the last chunk's backward.
-            with nullcontext() if c == len(chunks) - 1 else accelerator.no_sync(model):
+            stepped = model if packed is None else packed  # the module DDP wraps
+            with nullcontext() if c == len(chunks) - 1 else accelerator.no_sync(stepped):
                 with accelerator.autocast():
-                    new_lp = _logprobs(model, enc, sequences, lo, hi, G)
+                    new_lp = logprobs(stepped, c)
                 loss_sum, stats = grpo_loss_sum(
                     new_lp, old_lp[part], None if ref_lp is None else ref_lp[part], advantages[part],
                     mask[part], cfg.clip_eps, cfg.beta,
@@ -478,6 +599,25 @@ def _chunks(n: int, size: int) -> list[tuple[int, int]]:
     return [(lo, min(lo + size, n)) for lo in range(0, n, size)]
 
 
+def _packed_chunks(rows, sequences, mask, chunks, group_size: int, pad_id: int, *, block: bool,
+                   device) -> list[dict]:  # fmt: skip
+    """One `pack_groups` batch per chunk of prompts, on `device`: each completion up to and
+    including its first EOS (the tokens completion_mask keeps)."""
+    from flantune.fast_t5 import BLOCK
+    from flantune.packing import pack_groups, to_device
+
+    lengths = mask.sum(dim=1).long().tolist()  # (b*G,) completion tokens; a host sync, once a step
+    ids = sequences.tolist()  # (b*G, 1 + T): the decoder start token, then the completion
+    out = []
+    for lo, hi in chunks:
+        completions = [ids[j][1 : 1 + lengths[j]] for j in range(lo * group_size, hi * group_size)]
+        batch = pack_groups([list(rows[p]["input_ids"]) for p in range(lo, hi)], completions,
+                            width=mask.shape[1], pad_id=pad_id, decoder_start_id=ids[0][0],
+                            block=BLOCK if block else None)  # fmt: skip
+        out.append(to_device(batch, device))
+    return out
+
+
 def _logprobs(model, enc, sequences, lo: int, hi: int, group_size: int) -> torch.Tensor:
     """Token log-probabilities of the completions of prompts lo..hi.
 
@@ -495,4 +635,4 @@ def _logprobs(model, enc, sequences, lo: int, hi: int, group_size: int) -> torch
         input_ids=ids.repeat_interleave(group_size, dim=0), attention_mask=attention.repeat_interleave(group_size, dim=0),
         decoder_input_ids=completions[:, :-1], use_cache=False,
     ).logits  # (b*G, T-1, V)  # fmt: skip
-    return torch.log_softmax(logits.float(), dim=-1).gather(-1, completions[:, 1:].unsqueeze(-1)).squeeze(-1)
+    return token_logprobs(logits, completions[:, 1:])
