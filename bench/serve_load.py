@@ -5,12 +5,21 @@ base model of a published shape on random weights and K LoRA adapters (random, n
 each answers differently), sends one SciQ question per request to the base and the adapters in turn
 with httpx's async client, then stops the server with SIGTERM (a graceful shutdown, checked to exit
 0). Reports latency p50/p99 as the client sees it, requests/s over the whole run, and errors.
-Random weights rarely emit EOS, so every answer runs to --max-new-tokens: the longest answers that
+Random weights rarely emit EOS, so every answer runs to its token cap: the longest answers that
 setting allows.
+
+--api generate (default) posts to /v1/generate with --max-new-tokens. --api openai posts to the
+OpenAI-compatible /v1/completions with stream=true (`model`: the base's name from /v1/models or an
+adapter's) and also records the time to the first token (the first streamed text) per request;
+--new-tokens LO-HI gives each request its own max_tokens, drawn uniformly from LO..HI with a fixed
+seed (mixed traffic: the same draws on every run). Output tokens come from the server's own count
+(`usage`, or /v1/generate's `output_tokens`).
 
     python bench/serve_load.py --shared ../shared --shape tiny --out serve-cpu.json
     python bench/serve_load.py --shared .gpu_shared --shape flan-t5-base --device cuda --dtype bfloat16 --out serve-gpu.json
         [--no-continuous]   (the same load on the server batching in waves, for comparison)
+    python bench/serve_load.py --shared .gpu_shared --shape flan-t5-base --device cuda --dtype bfloat16 \
+        --api openai --adapters 8 --requests 2000 --concurrency 64 --new-tokens 8-128 --out serve-openai.json
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ import asyncio
 import json
 import os
 import platform
+import random
 import signal
 import socket
 import statistics
@@ -96,11 +106,43 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+async def send_generate(client: httpx.AsyncClient, body: dict) -> dict:
+    """One /v1/generate request: its answer with `latency_ms` and `output_tokens` (summed)."""
+    started = time.perf_counter()
+    response = await client.post("/v1/generate", json=body)
+    if response.status_code != 200:
+        raise RuntimeError(f"{response.status_code}: {response.text[:200]}")
+    answer = response.json()
+    answer["latency_ms"] = (time.perf_counter() - started) * 1000
+    answer["tokens"] = sum(answer["output_tokens"])
+    return answer
+
+
+async def send_openai(client: httpx.AsyncClient, body: dict) -> dict:
+    """One streamed /v1/completions request, read event by event: `latency_ms` (to `[DONE]`),
+    `ttft_ms` (to the first event with text) and `tokens` (the server's usage count)."""
+    started, ttft, tokens = time.perf_counter(), None, None
+    async with client.stream("POST", "/v1/completions", json=body) as response:
+        if response.status_code != 200:
+            raise RuntimeError(f"{response.status_code}: {(await response.aread())[:200]!r}")
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[len("data: "):])
+            if ttft is None and any(choice.get("text") for choice in event.get("choices", [])):
+                ttft = (time.perf_counter() - started) * 1000
+            if event.get("usage"):
+                tokens = event["usage"]["completion_tokens"]
+    if tokens is None:
+        raise RuntimeError("the stream ended without a usage chunk")
+    return {"latency_ms": (time.perf_counter() - started) * 1000, "ttft_ms": ttft, "tokens": tokens}
+
+
 async def fire(
-    url: str, bodies: list[dict], concurrency: int, time_limit: float | None = None
+    url: str, bodies: list[dict], concurrency: int, time_limit: float | None = None, send=send_generate
 ) -> tuple[list[float], list[dict], list[str], float]:
-    """Every body once, `concurrency` at a time, none sent after `time_limit` seconds;
-    (latencies in ms, answers, errors, seconds)."""
+    """Every body once through `send`, `concurrency` at a time, none sent after `time_limit`
+    seconds; (latencies in ms, answers, errors, seconds)."""
     latencies, answers, errors = [], [], []
     queue: asyncio.Queue[dict] = asyncio.Queue()
     for body in bodies:
@@ -112,17 +154,13 @@ async def fire(
             if time_limit is not None and time.perf_counter() - run_started > time_limit:
                 return
             body = queue.get_nowait()
-            started = time.perf_counter()
             try:
-                response = await client.post("/v1/generate", json=body)
-            except httpx.HTTPError as e:
+                answer = await send(client, body)
+            except (httpx.HTTPError, RuntimeError) as e:
                 errors.append(f"{type(e).__name__}: {e}")
                 continue
-            if response.status_code != 200:
-                errors.append(f"{response.status_code}: {response.text[:200]}")
-                continue
-            latencies.append((time.perf_counter() - started) * 1000)
-            answers.append(response.json())
+            latencies.append(answer["latency_ms"])
+            answers.append(answer)
 
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=120) as client:
@@ -143,6 +181,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=500)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--new-tokens", default=None, help="LO-HI: each request's own cap, drawn from LO..HI")
+    parser.add_argument("--api", choices=("generate", "openai"), default="generate")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--max-batch", type=int, default=32)
@@ -153,6 +193,14 @@ def main() -> None:
     parser.add_argument("--out", default="serve-load.json")
     args = parser.parse_args()
     shared = Path(args.shared)
+    low = high = args.max_new_tokens
+    if args.new_tokens:
+        try:
+            low, high = (int(x) for x in args.new_tokens.split("-"))
+        except ValueError:
+            parser.error(f"--new-tokens: expected LO-HI such as 8-128, got {args.new_tokens!r}")
+        if not 1 <= low <= high:
+            parser.error(f"--new-tokens: expected 1 <= LO <= HI, got {args.new_tokens!r}")
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -162,7 +210,7 @@ def main() -> None:
         port = free_port()
         command = [sys.executable, "-m", "flantune.cli", "serve", "--model", str(base), "--port", str(port),
                    "--device", args.device, "--dtype", args.dtype, "--max-batch", str(args.max_batch),
-                   "--batch-wait-ms", str(args.batch_wait_ms)]  # fmt: skip
+                   "--batch-wait-ms", str(args.batch_wait_ms), "--max-new-tokens", str(max(high, 512))]  # fmt: skip
         if args.no_mixed_batches:
             command.append("--no-mixed-batches")
         if args.no_continuous:
@@ -185,17 +233,29 @@ def main() -> None:
                     pass
                 time.sleep(0.5)
             say("server up; warming up")
-            names = [None, *adapters]
             texts = questions(shared, args.requests)
-            bodies = [
-                {"adapter": names[i % len(names)], "inputs": [texts[i % len(texts)]],
-                 "max_new_tokens": args.max_new_tokens}
-                for i in range(args.requests)
-            ]  # fmt: skip
-            asyncio.run(fire(url, bodies[: 2 * args.concurrency], args.concurrency))  # warm-up, not counted
-            say(f"{args.requests} requests at {args.concurrency} concurrent connections")
+            draw = random.Random(0)
+            caps = [draw.randint(low, high) for _ in range(args.requests)]
+            if args.api == "openai":
+                base_name = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
+                names = [base_name, *adapters]
+                bodies = [
+                    {"model": names[i % len(names)], "prompt": texts[i % len(texts)], "max_tokens": caps[i],
+                     "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+                    for i in range(args.requests)
+                ]  # fmt: skip
+                send = send_openai
+            else:
+                names = [None, *adapters]
+                bodies = [
+                    {"adapter": names[i % len(names)], "inputs": [texts[i % len(texts)]], "max_new_tokens": caps[i]}
+                    for i in range(args.requests)
+                ]  # fmt: skip
+                send = send_generate
+            asyncio.run(fire(url, bodies[: 2 * args.concurrency], args.concurrency, send=send))  # warm-up
+            say(f"{args.requests} requests at {args.concurrency} concurrent connections ({args.api})")
             latencies, answers, errors, seconds = asyncio.run(
-                fire(url, bodies, args.concurrency, args.time_limit)
+                fire(url, bodies, args.concurrency, args.time_limit, send=send)
             )
             say(f"done in {seconds:.1f} s; stopping the server")
         finally:
@@ -205,10 +265,12 @@ def main() -> None:
             server_log = log.read()
             log.close()
 
+    ttfts = [a["ttft_ms"] for a in answers if a.get("ttft_ms") is not None]
+    batched = [a for a in answers if "batch" in a]
     result = {
         "date": time.strftime("%Y-%m-%d"),
         "shape": args.shape, "adapters": args.adapters, "requests": args.requests,
-        "concurrency": args.concurrency, "max_new_tokens": args.max_new_tokens, "device": args.device,
+        "concurrency": args.concurrency, "api": args.api, "new_tokens": [low, high], "device": args.device,
         "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else cpu_name(),
         "cpu_threads": torch.get_num_threads(), "dtype": args.dtype, "max_batch": args.max_batch,
         "batch_wait_ms": args.batch_wait_ms, "mixed_batches": not args.no_mixed_batches,
@@ -220,10 +282,13 @@ def main() -> None:
         "p99_ms": percentile(latencies, 99) if latencies else None,
         "mean_ms": statistics.fmean(latencies) if latencies else None,
         "requests_per_s": len(latencies) / seconds, "seconds": seconds,
-        "mean_requests_per_batch": statistics.fmean(a["batch"]["requests"] for a in answers) if answers else None,
-        "mean_models_per_batch": statistics.fmean(a["batch"]["models"] for a in answers) if answers else None,
-        "median_generate_ms": statistics.median(a["timing"]["generate_ms"] for a in answers) if answers else None,
-        "output_tokens_per_s": sum(sum(a["output_tokens"]) for a in answers) / seconds,
+        "ttft_p50_ms": percentile(ttfts, 50) if ttfts else None,
+        "ttft_p99_ms": percentile(ttfts, 99) if ttfts else None,
+        # /v1/generate answers say how they were batched; the OpenAI answers do not.
+        "mean_requests_per_batch": statistics.fmean(a["batch"]["requests"] for a in batched) if batched else None,
+        "mean_models_per_batch": statistics.fmean(a["batch"]["models"] for a in batched) if batched else None,
+        "median_generate_ms": statistics.median(a["timing"]["generate_ms"] for a in batched) if batched else None,
+        "output_tokens_per_s": sum(a["tokens"] for a in answers) / seconds,
         # uvicorn re-raises the SIGTERM it caught once shutdown is done: the exit code is -15 either way.
         "server_exit_code": exit_code, "graceful_shutdown": "Application shutdown complete." in server_log,
         "server_log_tail": server_log[-1500:],
@@ -231,8 +296,9 @@ def main() -> None:
     }  # fmt: skip
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    summary = {k: result[k] for k in ("device_name", "ok", "errors", "p50_ms", "p99_ms", "requests_per_s",
-                                      "mean_requests_per_batch", "graceful_shutdown")}  # fmt: skip
+    summary = {k: result[k] for k in ("device_name", "ok", "errors", "p50_ms", "p99_ms", "ttft_p50_ms", "ttft_p99_ms",
+                                      "requests_per_s", "output_tokens_per_s", "mean_requests_per_batch",
+                                      "graceful_shutdown")}  # fmt: skip
     print(json.dumps(summary, indent=2))
 
 
