@@ -466,7 +466,7 @@ class _AtomicDir:
 # rl (the schedule is constant after warmup_steps, so max_steps does not change it):
 #   refused  start, seed, prompts_per_step, group_size, inner_steps, micro_batch_size, lr,
 #            warmup_steps, weight_decay, clip_eps, beta, temperature, top_p, max_new_tokens, rewards,
-#            precision, gradient_checkpointing
+#            precision, gradient_checkpointing, packing (the log-probability passes' numerics)
 #   allowed  max_steps, eval_every, save_every, save_every_minutes, log_every, keep_last,
 #            max_grad_norm, report_to, output_dir
 #
@@ -492,7 +492,7 @@ REFUSED_KEYS = {
     "rl": {
         "start", "seed", "prompts_per_step", "group_size", "inner_steps", "micro_batch_size", "lr",
         "warmup_steps", "weight_decay", "clip_eps", "beta", "temperature", "top_p", "max_new_tokens", "rewards",
-        "precision", "gradient_checkpointing",
+        "precision", "gradient_checkpointing", "packing",
     },
 }  # fmt: skip
 IGNORED_KEYS = {"resume", "restart"}
