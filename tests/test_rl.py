@@ -314,10 +314,13 @@ def test_rl_command_line(sort_data, sft_run, tmp_path):
     assert bad.returncode == 2 and "cannot load nomod:f" in bad.stderr and "Traceback" not in bad.stderr
 
 
-def test_two_process_rl_equals_one_process(sort_data, sft_run, tmp_path):
+@pytest.mark.parametrize("packing", [False, True], ids=["unpacked", "packed"])
+def test_two_process_rl_equals_one_process(sort_data, sft_run, tmp_path, packing):
     """`accelerate launch` with two CPU processes (gloo): each process samples its own half of a
     step's prompts, and the all-reduced update equals one process taking all the prompts. Every
-    completion draws from its own random stream, so both runs sample the same completions."""
+    completion draws from its own random stream, so both runs sample the same completions. Packed:
+    the log-probability passes on packed rows (eager attention on the CPU), whose gradients reach
+    DDP's all-reduce through the wrapper module DDP wraps (rl.PackedLogprobs)."""
     import os
     import subprocess
 
@@ -330,6 +333,7 @@ def test_two_process_rl_equals_one_process(sort_data, sft_run, tmp_path):
         recipe = sort_recipe(sort_data, tmp_path / name, "rl", max_steps=2, prompts_per_step=4, group_size=4,
                              micro_batch_size=8, eval_every=None, save_every=None, lr=1e-4)  # fmt: skip
         recipe.rl.start, recipe.rl.output_dir = str(sft_run.final_dir), str(tmp_path / name)
+        recipe.rl.packing = packing
         path = tmp_path / f"{name}.yaml"
         path.write_text(dump_recipe(recipe))
         return path
@@ -344,6 +348,8 @@ def test_two_process_rl_equals_one_process(sort_data, sft_run, tmp_path):
     one = subprocess.run([sys.executable, "-m", "flantune.cli", "rl", str(write("one"))], capture_output=True,
                          text=True, cwd=ROOT, env=env, timeout=600)  # fmt: skip
     assert one.returncode == 0, one.stderr[-3000:]
+    for run in (one, two):  # the path each run says it took
+        assert ("rl: log-probabilities on packed rows, eager attention" in run.stdout) is packing, run.stdout[-2000:]
 
     logs = {}
     for name in ("one", "two"):
