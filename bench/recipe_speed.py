@@ -430,10 +430,22 @@ def run_cell(cell: str, args, work: Path, shared: Path, cold_cache: bool) -> Cel
         "data": spec["data"],
         "batch": args.batch,
     }
-    trials: dict[str, float | str] = {}
     if args.hf_attention != "trial":  # chosen by the user: no trials, the choice recorded as such
-        trials[args.hf_attention] = "given by --hf-attention (no trial)"
-    for attention in ("sdpa", "eager") if args.hf_attention == "trial" else ():
+        attention, trials = args.hf_attention, {args.hf_attention: "given by --hf-attention (no trial)"}
+    else:
+        attention, trials = hf_attention_trials(hf_spec, args, work, tag, cell)
+    skip = steady_start(steps, log_every)
+    measured = {"attention": attention, "steps": steps, "skip": skip, "window": log_every, "save": True}
+    hf = run_hf({**hf_spec, **measured}, work, f"{tag}-hf")
+    return CellResult(cell=cell, steps=steps, batch=args.batch, flantune=ours, hf=hf, hf_attention=attention,
+                      hf_trials=trials, flantune_warm=warm)  # fmt: skip
+
+
+def hf_attention_trials(hf_spec: dict, args, work: Path, tag: str, cell: str) -> tuple[str, dict]:
+    """(the faster attention, each one's trial tokens/s or the error that stopped it): a short
+    Seq2SeqTrainer run with sdpa and one with eager."""
+    trials: dict[str, float | str] = {}
+    for attention in ("sdpa", "eager"):
         trial = {
             "attention": attention,
             "steps": args.trial_steps,
@@ -446,17 +458,10 @@ def run_cell(cell: str, args, work: Path, shared: Path, cold_cache: bool) -> Cel
         except SubprocessFailed as e:  # an implementation this transformers refuses for the model
             print(f"  {e}", flush=True)
             trials[attention] = str(e)[-3000:]
-    ran = {a: t for a, t in trials.items() if isinstance(t, float)} or {
-        a: 0.0 for a in trials if args.hf_attention == a
-    }
+    ran = {a: t for a, t in trials.items() if isinstance(t, float)}
     if not ran:
         raise RuntimeError(f"{cell}: neither attention implementation trained (output above)")
-    attention = max(ran, key=ran.get)
-    skip = steady_start(steps, log_every)
-    measured = {"attention": attention, "steps": steps, "skip": skip, "window": log_every, "save": True}
-    hf = run_hf({**hf_spec, **measured}, work, f"{tag}-hf")
-    return CellResult(cell=cell, steps=steps, batch=args.batch, flantune=ours, hf=hf, hf_attention=attention,
-                      hf_trials=trials, flantune_warm=warm)  # fmt: skip
+    return max(ran, key=ran.get), trials
 
 
 def number(value: float | None, spec: str = ",.0f") -> str:

@@ -276,3 +276,26 @@ def test_cuda_captured_mixed_adapter_rows_match_their_own_forward(t5):
         torch.testing.assert_close(got, expected, atol=float(1e-5 * expected.abs().max()), rtol=0)
 
     check_each_row(peft_model, OnCuda(), MIXED, logits_of, ids_of, close)
+
+
+def test_gathered_lora_refuses_what_it_cannot_route(t5):
+    """Per-row gathering takes plain LoRA on Linear layers only, says why not otherwise, and refuses
+    an adapter name it does not hold (never the base in silence)."""
+    from peft import LoraConfig, get_peft_model
+
+    from flantune.lora_rows import LoraRows
+
+    model, _ = t5
+    peft_model = two_adapters(model)
+    rows = LoraRows(peft_model, ["a", "b"], capacity=2)
+    assert rows.indices([None, "__base__", "b", "a"], "cpu").tolist() == [0, 0, 2, 1]
+    with pytest.raises(ValueError, match=r"adapters \['c'\] are not among the gathered ones"):
+        rows.indices(["a", "c"], "cpu")
+    assert LoraRows.unsupported(model) == "not a PEFT model"
+    targets = ["q", "v"] if model.config.model_type == "t5" else ["q_proj", "v_proj"]
+    for extra, reason in (({"use_dora": True}, "DoRA"), ({"modules_to_save": ["lm_head"]}, "ModulesToSaveWrapper")):
+        clone = AutoModelForSeq2SeqLM.from_config(model.config).eval().double()
+        other = get_peft_model(clone, LoraConfig(r=2, target_modules=targets, task_type="SEQ_2_SEQ_LM", **extra))
+        assert reason in LoraRows.unsupported(other)
+        with pytest.raises(ValueError, match=reason):
+            LoraRows(other, ["default"], capacity=2)

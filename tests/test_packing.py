@@ -298,23 +298,19 @@ def test_token_budget_run_and_config_errors(tiny_no_dropout, bart_path, tmp_path
                           "train": {"attention": "flex", "packing": False}})  # fmt: skip
 
 
-def test_block_mask_from_pairs_matches_create_block_mask(tiny, pairs):
-    """Our BlockMask (from pair-id ranges, made by the packer on the CPU) visits exactly the blocks
-    where create_block_mask finds a real token allowed to see a real token, marks the same ones
-    full, and has the same q-side (backward) indices; blocks of padding alone are skipped (a row of
-    padding alone visits nothing), and partial blocks keep the exact per-score rule."""
+def assert_block_masks_are_create_block_masks(model, batch: dict, block: int) -> None:
+    """Each of the batch's three BlockMasks (from pair-id ranges, made by the packer on the CPU)
+    visits exactly the blocks where create_block_mask, evaluating the exact rule at every score,
+    finds a real token allowed to see a real token, marks the same ones full, and has the same q-side
+    (backward) indices."""
     from torch.nn.attention.flex_attention import create_block_mask
 
-    sources, targets = pairs
-    sources = [*sources, [5] * 300, [6] * 7]  # a pair spanning several blocks
-    targets = [*targets, [7] * 140 + [1], [1]]
-    batch = pack(sources, targets, pad_id=0, decoder_start_id=0, block=16, shape=(3, 512, 256))
     for name, pattern in zip(
-        ("enc", "dec", "cross"), fast_t5.patterns(tiny, batch, "eager", False), strict=True
+        ("enc", "dec", "cross"), fast_t5.patterns(model, batch, "eager", False), strict=True
     ):
-        # The block size (16) follows from the tensors' shape.
+        # The block size follows from the tensors' shape.
         ours = fast_t5.build_block_mask(pattern, tensors=batch[f"{name}_blocks"])
-        assert ours.BLOCK_SIZE == (16, 16)
+        assert (block, block) == ours.BLOCK_SIZE
         rule = fast_t5.mask_mod_of(pattern)
 
         def real_to_real(b, h, q, k, rule=rule, pattern=pattern):
@@ -322,19 +318,34 @@ def test_block_mask_from_pairs_matches_create_block_mask(tiny, pairs):
 
         theirs = create_block_mask(
             real_to_real, pattern.q_pair.shape[0], None, pattern.q_pair.shape[1], pattern.k_pair.shape[1],
-            device="cpu", BLOCK_SIZE=16,
+            device="cpu", BLOCK_SIZE=block,
         )  # fmt: skip
         assert torch.equal(ours.to_dense(), theirs.to_dense()), name
         for field in ("kv_num_blocks", "full_kv_num_blocks", "q_num_blocks", "full_q_num_blocks",
                       "kv_indices", "full_kv_indices", "q_indices", "full_q_indices"):  # fmt: skip
             assert torch.equal(getattr(ours, field), getattr(theirs, field)), (name, field)
+
+
+def test_block_mask_from_pairs_matches_create_block_mask(tiny, pairs):
+    """The packer's BlockMasks equal create_block_mask's (assert_block_masks_are_create_block_masks);
+    blocks of padding alone are skipped (a row of padding alone visits nothing), and partial blocks
+    keep the exact per-score rule."""
+    sources, targets = pairs
+    sources = [*sources, [5] * 300, [6] * 7]  # a pair spanning several blocks
+    targets = [*targets, [7] * 140 + [1], [1]]
+    batch = pack(sources, targets, pad_id=0, decoder_start_id=0, block=16, shape=(3, 512, 256))
+    assert_block_masks_are_create_block_masks(tiny, batch, 16)
+    for name, pattern in zip(
+        ("enc", "dec", "cross"), fast_t5.patterns(tiny, batch, "eager", False), strict=True
+    ):
+        ours = fast_t5.build_block_mask(pattern, tensors=batch[f"{name}_blocks"])
         # The q side made directly equals the one torch derives from the kv side.
         direct = fast_t5.block_mask_tensors(pattern, 16)
         for a, b in zip(direct, fast_t5.block_mask_tensors(pattern, 16, q_side="torch"), strict=True):
             assert a.dtype == b.dtype == torch.int32 and a.is_contiguous() and torch.equal(a, b), name
         assert ours.kv_num_blocks[2].sum() == ours.full_kv_num_blocks[2].sum() == 0  # row 2: padding alone
         # Computed on the spot from the pattern: the same mask.
-        assert torch.equal(fast_t5.build_block_mask(pattern, block=16).to_dense(), theirs.to_dense())
+        assert torch.equal(fast_t5.build_block_mask(pattern, block=16).to_dense(), ours.to_dense())
 
 
 def test_shape_batches_fill_one_shape():

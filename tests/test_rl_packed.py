@@ -24,6 +24,7 @@ from flantune.rl import (
 from flantune.run import TrainingError
 
 from .conftest import tiny_config
+from .test_packing import assert_block_masks_are_create_block_masks
 from .test_rl import sort_data, sort_recipe  # noqa: F401 (the RL run's data: a module fixture)
 from .test_train import tiny_model_dir
 
@@ -157,8 +158,6 @@ def test_block_masks_follow_dec_src(t5_small_path):
     hold several segments) visit exactly the blocks where create_block_mask, evaluating the exact
     rule at every score, finds a real token allowed to see a real token: the cross-attention's
     follow dec_src (a completion reads its prompt's source), the decoder's dec_pair."""
-    from torch.nn.attention.flex_attention import create_block_mask
-
     from flantune import fast_t5
 
     model = AutoModelForSeq2SeqLM.from_config(tiny_config(t5_small_path))
@@ -168,22 +167,7 @@ def test_block_masks_follow_dec_src(t5_small_path):
     batch = pack_groups([r["input_ids"] for r in rows], completions, width=T, pad_id=0, decoder_start_id=0,
                         row_tokens=100, multiple=16, block=16)  # fmt: skip
     assert batch["input_ids"].shape[0] == 2
-    for name, pattern in zip(
-        ("enc", "dec", "cross"), fast_t5.patterns(model, batch, "eager", False), strict=True
-    ):
-        ours = fast_t5.build_block_mask(pattern, tensors=batch[f"{name}_blocks"])
-        rule = fast_t5.mask_mod_of(pattern)
-
-        def real_to_real(b, h, q, k, rule=rule, pattern=pattern):
-            return rule(b, h, q, k) & (pattern.q_pair[b, q] != PAD_PAIR) & (pattern.k_pair[b, k] != PAD_PAIR)
-
-        theirs = create_block_mask(
-            real_to_real, pattern.q_pair.shape[0], None, pattern.q_pair.shape[1], pattern.k_pair.shape[1],
-            device="cpu", BLOCK_SIZE=16,
-        )  # fmt: skip
-        assert torch.equal(ours.to_dense(), theirs.to_dense()), name
-        for field in ("kv_num_blocks", "full_kv_num_blocks", "kv_indices", "full_kv_indices"):
-            assert torch.equal(getattr(ours, field), getattr(theirs, field)), (name, field)
+    assert_block_masks_are_create_block_masks(model, batch, 16)
     # The cross-attention rule itself: a completion's tokens see its own prompt's source only.
     cross = fast_t5.patterns(model, batch, "eager", False)[2].allowed()[:, 0]  # (R, Ld, Le)
     for r in range(batch["dec_src"].shape[0]):

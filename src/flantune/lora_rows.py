@@ -87,8 +87,13 @@ class LoraRows:
         return None
 
     def indices(self, names: list[str | None], device) -> Tensor:
-        """(n,) adapter indices of `names` (None or "__base__": the base, index 0)."""
-        return torch.tensor([self.index.get(name, 0) if name else 0 for name in names], device=device)
+        """(n,) adapter indices of `names` (None or "__base__": the base, index 0). A name these
+        tables do not hold is an error, never the base in silence."""
+        unknown = sorted({name for name in names if name and name != "__base__" and name not in self.index})
+        if unknown:
+            raise ValueError(f"adapters {unknown} are not among the gathered ones: {sorted(self.index)}")
+        return torch.tensor([self.index[name] if name and name != "__base__" else 0 for name in names],
+                            device=device)  # fmt: skip
 
     def linear(self, module: nn.Module, x: Tensor, rows: Tensor | None = None) -> Tensor:
         """`module(x)` for x (n, t, in) whose row r runs under adapter `rows[r]` (default: self.rows,

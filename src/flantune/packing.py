@@ -426,8 +426,9 @@ def apply_plan(plan, base, model) -> None:
         fast_t5.freeze_relative_bias(model)
 
 
-class PackedLoss(torch.nn.Module):
-    """The model as a module whose forward is the summed target-token loss of a packed micro-batch.
+class PackedModule(torch.nn.Module):
+    """The model as a module whose forward runs the packed path (subclasses say what it returns:
+    PackedLoss here, flantune.rl.PackedLogprobs).
 
     The packed path calls the model's submodules itself (flantune.fast_t5). DDP arms its gradient
     all-reduce in its own forward, so the module it wraps must be this one: were the model wrapped
@@ -446,9 +447,14 @@ class PackedLoss(torch.nn.Module):
             if getattr(model, name, None) is not None:
                 setattr(self, name, getattr(model, name))
         if compile:
-            # One graph per block kind (encoder, decoder); a few shapes, then dynamic: allow recompiles.
+            # One graph per block kind (encoder, decoder); a few shapes (packed lengths are rounded
+            # to 128), then dynamic: allow recompiles.
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
             self.block_fn = torch.compile(fast_t5.t5_block, **(compile_options or {}))
+
+
+class PackedLoss(PackedModule):
+    """The model as a module whose forward is the summed target-token loss of a packed micro-batch."""
 
     def forward(self, batch: dict, labels: torch.Tensor) -> torch.Tensor:
         from flantune import fast_t5

@@ -51,6 +51,7 @@ from flantune.decoding import decode, sample_groups
 from flantune.final import BaseRecord, load_final, read_final, write_final
 from flantune.methods import apply_method, quantization_config, trainable_line
 from flantune.models import is_local, load_model_and_tokenizer
+from flantune.packing import PackedModule
 from flantune.rewards import build_rewards, score_all
 from flantune.run import (
     RunInterrupted,
@@ -174,27 +175,9 @@ def to_grid(values: torch.Tensor, batch: dict, rows: int, width: int) -> torch.T
     return values.new_zeros(rows * width).index_put((batch["grid_at"],), values).view(rows, width)
 
 
-class PackedLogprobs(torch.nn.Module):
-    """The policy as a module whose forward is `packed_logprobs` of a packed batch.
-
-    The packed path calls the model's submodules itself; DDP arms its gradient all-reduce in its
-    own forward, so the module it wraps must be this one (as `flantune.packing.PackedLoss`).
-    """
-
-    def __init__(self, model, attention: str, compile: bool):
-        super().__init__()
-        from flantune import fast_t5
-
-        self.model, self.attention, self.block_fn = model, attention, None
-        # Accelerate reads these to leave a quantized or device-mapped model where it was loaded.
-        for name in ("hf_device_map", "is_loaded_in_4bit", "is_loaded_in_8bit"):
-            if getattr(model, name, None) is not None:
-                setattr(self, name, getattr(model, name))
-        if compile:
-            # FlexAttention outside torch.compile is a slow reference path. Completion lengths vary
-            # from step to step (rows rounded to 128 keep the shapes few): allow recompiles.
-            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-            self.block_fn = torch.compile(fast_t5.t5_block)
+class PackedLogprobs(PackedModule):
+    """The policy as a module whose forward is `packed_logprobs` of a packed batch (DDP wraps this
+    module: see flantune.packing.PackedModule)."""
 
     def forward(self, batch: dict) -> torch.Tensor:
         return packed_logprobs(self.model, batch, self.attention, self.block_fn)
