@@ -68,6 +68,11 @@ def pytest_sessionstart(session):
 
     if torch.cuda.device_count():  # NVML's count: it does not start the runtime
         torch.cuda.init()
+        # Once the runtime has started torch caches the count at its next query, and (torch 2.11) it
+        # counts through NVML, which reads CUDA_VISIBLE_DEVICES at the time: queried first inside a
+        # CPU test's pin (by code that holds its own reference to device_count, which the pin does
+        # not patch) it would cache 0 for the session. Queried here it caches the GPUs.
+        torch.cuda.device_count()
 
 
 @pytest.hookimpl(hookwrapper=True, tryfirst=True)

@@ -491,6 +491,28 @@ def test_graph_branch_beam_search_on_cpu(setup, graphs_on_cpu):
     assert graphs_on_cpu == {"warm_up": 2, "record": 2}
 
 
+def test_graph_branch_with_lora_and_trainable_tokens(setup, graphs_on_cpu):
+    """A LoRA model with trainable token rows (what `model.add_tokens` makes; PEFT wraps the
+    embeddings in a wrapper that has no `merged`) goes through the graph branch and equals
+    generate; disabling the adapters is another recorded path: recaptured, and equal to the base."""
+    from peft import LoraConfig, get_peft_model
+
+    model, _, batch = setup
+    targets = ["q", "v"] if model.config.model_type == "t5" else ["q_proj", "v_proj"]
+    torch.manual_seed(1)
+    config = LoraConfig(
+        r=4, lora_alpha=32, target_modules=targets, init_lora_weights=False, task_type="SEQ_2_SEQ_LM",
+        trainable_token_indices=[5, 6],
+    )  # fmt: skip
+    peft_model = get_peft_model(_copy(model), config).eval()
+    assert torch.equal(run(peft_model, batch, graphs=True).sequences, reference(peft_model, batch))
+    assert graphs_on_cpu["record"] == 1
+    with peft_model.disable_adapter():
+        base = run(peft_model, batch, graphs=True).sequences
+    assert graphs_on_cpu["record"] == 2
+    assert torch.equal(base, reference(model, batch))
+
+
 def test_graph_branch_sampling_on_cpu(sampling_setup, graphs_on_cpu):
     """Sampling from one seeded generator gives the same samples with and without the graph branch
     (the padding rows draw nothing); a changed model (another mode) is recaptured, not replayed."""

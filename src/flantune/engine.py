@@ -326,11 +326,16 @@ def _fingerprint(model) -> tuple:
     addresses), the train/eval mode, and a PEFT model's adapter state (active adapters, disabled,
     merged), which choose the Python path that was recorded. A step recorded under another
     fingerprint is recaptured."""
-    tuner = next((m for m in model.modules() if hasattr(m, "_disable_adapters")), None)
-    adapters = (
-        None if tuner is None else (tuner._disable_adapters, tuple(tuner.active_adapters), tuner.merged)
-    )
-    return model.training, adapters, tuple(p.data_ptr() for p in model.parameters())
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    # The distinct states of PEFT's tuner layers (LoRA, IA3, trainable tokens, ...): the layers, not
+    # PEFT's wrappers around them (a trainable-tokens wrapper has no `merged`).
+    adapters = {
+        (m.disable_adapters, tuple(m.active_adapters), m.merged)
+        for m in model.modules()
+        if isinstance(m, BaseTunerLayer)
+    }
+    return model.training, tuple(sorted(adapters)), tuple(p.data_ptr() for p in model.parameters())
 
 
 class _GraphedDecoder:
