@@ -73,6 +73,12 @@ def pytest_sessionstart(session):
         # CPU test's pin (by code that holds its own reference to device_count, which the pin does
         # not patch) it would cache 0 for the session. Queried here it caches the GPUs.
         torch.cuda.device_count()
+        # The same for inductor's "is there a GPU Triton can use", cached for the process at its
+        # first call: made first by a compiled CPU test it answers no, and every compile for CUDA
+        # after it fails with TritonMissing.
+        from torch.utils._triton import has_triton
+
+        has_triton()
 
 
 @pytest.hookimpl(hookwrapper=True, tryfirst=True)
