@@ -126,6 +126,16 @@ def test_greedy_with_a_lora_adapter(setup):
     assert not torch.equal(ours, base)  # the adapter changed the output: it was applied
 
 
+def test_greedy_under_autocast(setup):
+    """float32 weights under bf16 autocast (how `flantune rl` samples on a GPU): the caches take the
+    dtype the projections write (bf16), and the tokens equal generate's under the same autocast."""
+    model, _, batch = setup
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = run(model, batch, graphs=False).sequences
+        expected = reference(model, batch)
+    assert torch.equal(ours, expected), (ours, expected)
+
+
 def _copy(model):
     clone = AutoModelForSeq2SeqLM.from_config(model.config).eval()
     clone.load_state_dict(model.state_dict())

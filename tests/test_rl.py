@@ -473,3 +473,24 @@ def test_rl_signals_checkpoint_a_second_run_is_refused_and_a_killed_run_restarts
     assert f"took over the lock of process {proc.pid}" in " ".join(restarted.stdout.split())
     assert steps_logged(killed) == [1, 2]  # from scratch: the killed run's steps are gone
     assert json.loads((killed / "result.json").read_text())["steps"] == 2
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("method", [{"kind": "full"}, {"kind": "lora", "r": 4, "alpha": 8, "target_modules": ["q", "v"]}],
+                         ids=["full", "lora"])  # fmt: skip
+def test_rl_on_a_gpu_with_its_defaults(sort_data, tmp_path, capsys, method):
+    """`flantune rl` on the GPU as a user runs it: rl.precision auto (float32 weights sampled and
+    scored under bf16 autocast), rl.packing auto (log-probabilities on packed rows, FlexAttention),
+    the engine's captured decoding steps. It runs to the end with finite losses, says the path it
+    took, and its final/ loads."""
+    recipe = sort_recipe(sort_data, tmp_path / "sft", "rl", method, max_steps=3, lr=1e-6, eval_every=None,
+                         save_every=None)  # fmt: skip
+    result = run_rl(recipe)
+    said = " ".join(capsys.readouterr().out.split())
+    assert "rl: log-probabilities on packed rows, FlexAttention" in said, said[-2000:]
+    steps = [json.loads(line) for line in (result.final_dir.parent / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in steps if "reward" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    assert all(math.isfinite(r["kl"]) and math.isfinite(r["reward"]) for r in steps), steps
+    assert result.eval_metrics["eval_exact_match"] >= 0
+    assert (result.final_dir / ("adapter_config.json" if method["kind"] == "lora" else "config.json")).is_file()

@@ -204,7 +204,11 @@ class _Decoder:
         config = _base_model(model).config
         rows, source_len = encoder_hidden.shape[:2]  # (N, S, d_model)
         heads, head_dim = _decoder_head_shape(config)
-        dtype, device = encoder_hidden.dtype, encoder_hidden.device
+        device = encoder_hidden.device
+        # The dtype the attention's key/value projections write: under autocast (flantune rl samples
+        # from float32 weights in bf16 autocast) the autocast dtype, not the encoder output's.
+        autocast = torch.is_autocast_enabled(device.type)
+        dtype = torch.get_autocast_dtype(device.type) if autocast else encoder_hidden.dtype
         # Self-attention: (N, heads, max_new_tokens, head_dim) keys and values per decoder layer; the
         # step at position t writes slot t. The position itself lives in the cache: each StaticLayer
         # keeps `cumulative_length`, a 0-dim tensor it advances in place (T5's relative bias and
