@@ -54,8 +54,8 @@ def run_staggered(model, tokenizer, joins: dict[int, int], steps: int, names: di
                   gathered: bool = False, graphs: bool | None = False):  # fmt: skip
     """Rows join at the steps `joins` gives (source index -> step), each in its own slot; every row
     feeds greedy's tokens back. `names`: each source's LoRA adapter ("__base__": none), all in one
-    step, routed by PEFT's adapter names, or with `gathered` by the slots' own per-row LoRA (PEFT's
-    names then reach the encoder only). Returns, per source, the logits of each of its steps and its
+    step, routed by PEFT's adapter names, or with `gathered` by the slots' own per-row LoRA (in the
+    encoder pass too). Returns, per source, the logits of each of its steps and its
     ids. graphs: the slots' `graphs` (the step then runs through `run`, over the slots in use)."""
     start = model.config.decoder_start_token_id if not hasattr(model, "get_base_model") else \
         model.get_base_model().config.decoder_start_token_id  # fmt: skip
@@ -72,9 +72,11 @@ def run_staggered(model, tokenizer, joins: dict[int, int], steps: int, names: di
                 slot = len(slot_of) + 1  # slot 0 stays free: free slots must not disturb live ones
                 slot_of[i] = slot
                 batch = tokenizer([SOURCES[i]], return_tensors="pt")
-                with torch.no_grad(), hooks(model, None if names is None else [names[i]]):
+                row_adapters = [None if names[i] == "__base__" else names[i]] if gathered else None
+                routing = slots.lora.routed(encoder, slots.lora.indices(row_adapters, slots.positions.device)) \
+                    if gathered else hooks(model, None if names is None else [names[i]])  # fmt: skip
+                with torch.no_grad(), routing:
                     hidden = encoder(**batch).last_hidden_state
-                    row_adapters = [None if names[i] == "__base__" else names[i]] if gathered else None
                     slots.admit([slot], hidden, batch["attention_mask"], start, adapters=row_adapters)
         by_slot = ["__base__"] * slots.capacity
         for i, slot in slot_of.items():

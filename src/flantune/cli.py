@@ -455,7 +455,7 @@ def serve_command(
     max_body_bytes: Annotated[int, typer.Option(help="Size of a request body.")] = 1 << 20,
     timeout: Annotated[float, typer.Option(help="Seconds one request may take, queue included.")] = 60.0,
     max_batch: Annotated[int, typer.Option(help="Inputs generated together.")] = 32,
-    batch_wait_ms: Annotated[float, typer.Option(help="How long a batch waits for more requests.")] = 10.0,
+    batch_wait_ms: Annotated[float, typer.Option(help="How long a batch waits for more requests (continuous batching: how long requests wait, while a batch decodes, to share one encoder pass).")] = 10.0,
     mixed_batches: Annotated[
         bool, typer.Option(help="Let rows of different LoRA adapters (and the base) share one batch.")
     ] = True,

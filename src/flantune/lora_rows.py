@@ -23,6 +23,8 @@ model is not served this way; PEFT's adapter names still mix its rows, eagerly.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor, nn
 
@@ -62,6 +64,7 @@ class LoraRows:
             self.tables[module] = (a, b, scaling)
         device = next(iter(self.tables.values()))[0].device if self.tables else torch.device("cpu")
         self.rows = torch.zeros(capacity, dtype=torch.long, device=device)  # (R,) adapter index per row
+        self._under: dict[int, list[nn.Module]] = {}  # id(root) -> the gathered layers under it
 
     @staticmethod
     def unsupported(model) -> str | None:
@@ -107,6 +110,29 @@ class LoraRows:
         h = torch.bmm(x.to(a.dtype), a[index].transpose(1, 2))  # (n, t, r)
         delta = torch.bmm(h, b[index].transpose(1, 2)) * scaling[index][:, None, None]  # (n, t, out)
         return result + delta.to(result.dtype)
+
+
+    @contextlib.contextmanager
+    def routed(self, root: nn.Module, rows: Tensor):
+        """Within the block, a forward of `root` (for instance the model's encoder, run by its own
+        transformers code) runs each row r of its batch under adapter `rows[r]` (n,): every gathered
+        LoRA layer under `root` computes `linear(module, x, rows)` in place of PEFT's forward, which
+        would mix adapters through `adapter_names` (a Python list per layer and adapter). Meant for
+        one thread that owns the model, as the server's worker does."""
+        layers = self._under.get(id(root))
+        if layers is None:
+            layers = self._under[id(root)] = [m for m in root.modules() if m in self.tables]
+
+        def forward_of(module):
+            return lambda x, *args, **kwargs: self.linear(module, x, rows)
+
+        for module in layers:  # an instance attribute: nn.Module.__call__ calls it instead
+            module.forward = forward_of(module)
+        try:
+            yield
+        finally:
+            for module in layers:
+                del module.forward
 
 
 def _is_lora_linear(module: nn.Module) -> bool:

@@ -350,6 +350,9 @@ class _Running:
     # With job.logprobs: per step, the rows' chosen-token log-probabilities (n,) and the top ones
     # (n, k) with their ids, on the device until the request is answered.
     logprobs: list[tuple] = field(default_factory=list)
+    # Greedy with no logits processor and no log-probabilities asked: its rows take the step's
+    # shared argmax, with no per-request work on the device.
+    plain: bool = False
 
 
 class ContinuousWorker(Worker):
@@ -357,7 +360,7 @@ class ContinuousWorker(Worker):
     steps, queued requests run their encoder pass and their rows join the batch; a finished request's
     rows leave at once, and so do the rows of a request nobody waits for any more (a timed-out or
     disconnected client). Rows of every LoRA adapter and of the base share each step (each slot's
-    adapter gathered per row, flantune.lora_rows; PEFT's adapter names for the encoder pass).
+    adapter gathered per row, flantune.lora_rows, in the encoder pass and in the step).
     Requests with beam search or label restriction, or for adapters that cannot mix, run apart in a
     batch of their own (`Worker._run`) between steps. On a GPU the step is captured as a CUDA graph
     per row bucket at its first use and replayed (`Slots.run`).
@@ -393,6 +396,13 @@ class ContinuousWorker(Worker):
                 if self.stopping and not self.pending and not self.active:
                     return
                 free = self.max_batch - sum(len(run.slots) for run in self.active)
+                # While a batch decodes, requests wait up to batch_wait_ms for others to share their
+                # encoder pass (about the cost of a step, whether it encodes 1 source or 8); an idle
+                # batch, or requests enough to fill the free slots, are admitted at once.
+                fitting = [job for job in self.pending if self.fits(job)]
+                waited = bool(fitting) and time.perf_counter() - fitting[0].queued >= self.wait_s
+                if self.active and not self.stopping and not waited and sum(len(job.inputs) for job in fitting) < free:
+                    free = 0
                 joining, apart = [], []
                 for job in list(self.pending):
                     if not self.fits(job):
@@ -435,10 +445,16 @@ class ContinuousWorker(Worker):
         batch = self.tokenizer(sources, return_tensors="pt", padding=True).to(device)
         start = engine._base_model(self.model).config.decoder_start_token_id
         slots = [[next(free) for _ in job.inputs] for job in jobs]
-        with torch.no_grad(), self._adapter_rows(adapters):
-            hidden = self.model.get_encoder()(**batch).last_hidden_state  # (n, s, d)
+        lora, encoder = self.slots.lora, self.model.get_encoder()
+        # Each row's adapter in the encoder pass: gathered per row by an index tensor where the slots
+        # gather (a few batched products per layer), else PEFT's adapter names (per layer, a Python
+        # loop over the adapters in the batch).
+        rows = lora.indices(adapters, device) if lora is not None else None
+        routing = lora.routed(encoder, rows) if lora is not None else self._adapter_rows(adapters)
+        with torch.no_grad(), routing:  # (PEFT's names route admit's cross-attention projections too)
+            hidden = encoder(**batch).last_hidden_state  # (n, s, d)
             self.slots.admit([slot for group in slots for slot in group], hidden, batch["attention_mask"], start,
-                             adapters=adapters if self.slots.lora is not None else None)  # fmt: skip
+                             adapters=adapters if lora is not None else None)  # fmt: skip
         now = time.perf_counter()
         for job, group in zip(jobs, slots, strict=True):
             cfg = job.cfg
@@ -450,8 +466,9 @@ class ContinuousWorker(Worker):
             n = len(job.inputs)
             history = torch.full((n, 1 + cfg.max_new_tokens), self.tokenizer.pad_token_id, device=device)
             history[:, 0] = start
+            plain = not cfg.do_sample and len(processors) == 0 and job.logprobs is None
             self.active.append(_Running(job, group, torch.tensor(group, device=device), history, processors, now,
-                                        ids=[[start] for _ in range(n)], done=[False] * n))  # fmt: skip
+                                        ids=[[start] for _ in range(n)], done=[False] * n, plain=plain))  # fmt: skip
 
     def _adapter_rows(self, adapters: list[str | None]):
         """PEFT's per-row adapter names for the calls inside ("__base__" for the base)."""
@@ -471,7 +488,11 @@ class ContinuousWorker(Worker):
         rows = 1 + max(slot for run in self.active for slot in run.slots)
         logits = slots.run(rows).float()  # (rows, V); each slot's adapter is in the slots (admit)
         chosen = torch.zeros(self.max_batch, dtype=torch.long, device=logits.device)  # (R,)
-        for run in self.active:  # each request's own processors and choice, on its rows
+        if any(run.plain for run in self.active):  # one argmax for every plain greedy row at once
+            chosen[:rows] = logits.argmax(dim=-1)
+        for run in self.active:  # each other request's own processors and choice, on its rows
+            if run.plain:
+                continue
             index = run.index
             scores = run.processors(run.history[:, : 1 + run.steps], logits[index])  # ids so far (n, 1 + t)
             if run.job.cfg.do_sample:
