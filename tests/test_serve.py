@@ -655,3 +655,52 @@ def test_continuous_rows_apply_processors_that_read_their_history(loaded):
         gen.suppress_tokens = None
         model.set_adapter("alpha")
     assert answer.json()["outputs"] == want
+
+
+def test_requests_arriving_while_a_batch_decodes_share_one_encoder_pass(loaded):
+    """While a long request decodes (slow steps), two requests that arrive 30 ms apart, within
+    batch_wait_ms (300 ms), join in one encoder pass; an idle batch admits its first request at once.
+    Both answers are what each alone generates."""
+    from flantune.continuous import Slots
+
+    model, tokenizer = loaded[0], loaded[1]
+    real_step, real_admit = Slots.step, serve.ContinuousWorker._admit
+    admitted = []
+
+    def slow_step(self, *args):
+        time.sleep(0.01)
+        return real_step(self, *args)
+
+    def admit(self, jobs, engine):
+        admitted.append(sorted(job.adapter for job in jobs))
+        return real_admit(self, jobs, engine)
+
+    gen = model.generation_config
+    gen.suppress_tokens = [tokenizer.eos_token_id]
+    try:
+        want = {}
+        for name in ("beta", "gamma"):
+            model.set_adapter(name)
+            want[name] = generate_texts(model, tokenizer, [SOURCES[1]], GenerationConfig(max_new_tokens=5))
+        model.set_adapter("alpha")
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(Slots, "step", slow_step)
+            patch.setattr(serve.ContinuousWorker, "_admit", admit)
+            app = make_app(loaded, batch_wait_ms=300)
+            worker = app.state.service.worker
+            with TestClient(app) as client, ThreadPoolExecutor(3) as pool:
+                long = pool.submit(ask, client, "alpha", [SOURCES[0]], max_new_tokens=100)
+                deadline = time.monotonic() + 10
+                while not worker.active:
+                    assert time.monotonic() < deadline, "the long request did not start"
+                    time.sleep(0.005)
+                first = pool.submit(ask, client, "beta", [SOURCES[1]], max_new_tokens=5)
+                time.sleep(0.03)
+                second = pool.submit(ask, client, "gamma", [SOURCES[1]], max_new_tokens=5)
+                assert first.result().json()["outputs"] == want["beta"]
+                assert second.result().json()["outputs"] == want["gamma"]
+                assert long.result().status_code == 200
+    finally:
+        gen.suppress_tokens = None
+        model.set_adapter("alpha")
+    assert admitted == [["alpha"], ["beta", "gamma"]], admitted
