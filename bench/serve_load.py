@@ -15,6 +15,11 @@ adapter's) and also records the time to the first token (the first streamed text
 seed (mixed traffic: the same draws on every run). Output tokens come from the server's own count
 (`usage`, or /v1/generate's `output_tokens`).
 
+Where the server's worker spent the timed run (continuous batching; from its /metrics, read before
+and after the timed requests): decoding steps (count, mean ms, mean rows per step) and encoder passes
+of joining requests (count, mean ms, mean sources per pass), and the share of the run's wall time the
+two took (the rest: the worker waiting for requests, and its other host work between steps).
+
     python bench/serve_load.py --shared ../shared --shape tiny --out serve-cpu.json
     python bench/serve_load.py --shared .gpu_shared --shape flan-t5-base --device cuda --dtype bfloat16 --out serve-gpu.json
         [--no-continuous]   (the same load on the server batching in waves, for comparison)
@@ -168,6 +173,40 @@ async def fire(
     return latencies, answers, errors, time.perf_counter() - run_started
 
 
+WORKER_HISTOGRAMS = ("flantune_decode_step_seconds", "flantune_decode_step_rows", "flantune_encoder_pass_seconds",
+                     "flantune_encoder_pass_inputs")  # fmt: skip
+
+
+def worker_totals(url: str) -> dict[str, float]:
+    """The continuous worker's histogram sums and counts from /metrics ({} for a server in waves)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    totals = {}
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=30).text):
+        if family.name in WORKER_HISTOGRAMS:
+            for sample in family.samples:
+                if sample.name.endswith(("_sum", "_count")):
+                    totals[sample.name] = sample.value
+    return totals
+
+
+def worker_time(before: dict[str, float], after: dict[str, float], seconds: float) -> dict | None:
+    """What the worker did between two readings of worker_totals, over `seconds` of wall time."""
+    if not after:
+        return None
+    delta = {key: after[key] - before.get(key, 0.0) for key in after}
+    steps, passes = delta["flantune_decode_step_seconds_count"], delta["flantune_encoder_pass_seconds_count"]
+    step_s, pass_s = delta["flantune_decode_step_seconds_sum"], delta["flantune_encoder_pass_seconds_sum"]
+    return {
+        "steps": int(steps), "steps_per_s": steps / seconds,
+        "mean_step_ms": 1000 * step_s / steps if steps else None,
+        "mean_rows_per_step": delta["flantune_decode_step_rows_sum"] / steps if steps else None,
+        "encoder_passes": int(passes), "mean_encoder_pass_ms": 1000 * pass_s / passes if passes else None,
+        "mean_sources_per_pass": delta["flantune_encoder_pass_inputs_sum"] / passes if passes else None,
+        "share_in_steps": step_s / seconds, "share_in_encoder_passes": pass_s / seconds,
+    }  # fmt: skip
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
@@ -254,9 +293,11 @@ def main() -> None:
                 send = send_generate
             asyncio.run(fire(url, bodies[: 2 * args.concurrency], args.concurrency, send=send))  # warm-up
             say(f"{args.requests} requests at {args.concurrency} concurrent connections ({args.api})")
+            before = worker_totals(url)
             latencies, answers, errors, seconds = asyncio.run(
                 fire(url, bodies, args.concurrency, args.time_limit, send=send)
             )
+            worker = worker_time(before, worker_totals(url), seconds)
             say(f"done in {seconds:.1f} s; stopping the server")
         finally:
             server.send_signal(signal.SIGTERM)
@@ -289,6 +330,7 @@ def main() -> None:
         "mean_models_per_batch": statistics.fmean(a["batch"]["models"] for a in batched) if batched else None,
         "median_generate_ms": statistics.median(a["timing"]["generate_ms"] for a in batched) if batched else None,
         "output_tokens_per_s": sum(a["tokens"] for a in answers) / seconds,
+        "worker": worker,
         # uvicorn re-raises the SIGTERM it caught once shutdown is done: the exit code is -15 either way.
         "server_exit_code": exit_code, "graceful_shutdown": "Application shutdown complete." in server_log,
         "server_log_tail": server_log[-1500:],
@@ -298,7 +340,7 @@ def main() -> None:
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     summary = {k: result[k] for k in ("device_name", "ok", "errors", "p50_ms", "p99_ms", "ttft_p50_ms", "ttft_p99_ms",
                                       "requests_per_s", "output_tokens_per_s", "mean_requests_per_batch",
-                                      "graceful_shutdown")}  # fmt: skip
+                                      "graceful_shutdown", "worker")}  # fmt: skip
     print(json.dumps(summary, indent=2))
 
 

@@ -476,6 +476,13 @@ def test_metrics_count_requests_tokens_and_latency(loaded):
     assert value("flantune_time_to_first_token_seconds_sum") > 0
     assert value("flantune_time_per_output_token_seconds_count") == 2
     assert value("flantune_queue_inputs") == 0 and value("flantune_running_batch_inputs") == 0
+    # Where the continuous worker's time went: one encoder pass per request (they came one after
+    # the other), its sources, and the steps with their rows (2 of alpha's, then beta's).
+    assert value("flantune_encoder_pass_seconds_count") == 2 and value("flantune_encoder_pass_seconds_sum") > 0
+    assert value("flantune_encoder_pass_inputs_sum") == 2 + len(SOURCES)
+    steps = value("flantune_decode_step_seconds_count")
+    assert steps == value("flantune_decode_step_rows_count") and value("flantune_decode_step_seconds_sum") > 0
+    assert 2 * steps < value("flantune_decode_step_rows_sum") < len(SOURCES) * steps
 
 
 def test_streamed_completions_add_up_to_the_answer(loaded, expected):

@@ -375,6 +375,12 @@ class ContinuousWorker(Worker):
         self.max_new_tokens, self.max_source_tokens = max_new_tokens, max_source_tokens
         self.slots = None  # made on the worker thread at its first request (the model's device)
         self.active: list[_Running] = []
+        # Observers of the worker's time (Metrics sets them): each encoder pass (seconds, sources)
+        # and each decoding step (seconds, rows).
+        self.on_encoder_pass = self.on_step = None
+
+    def running_rows(self) -> int:
+        return sum(len(run.slots) for run in self.active)
 
     def fits(self, job: Job) -> bool:
         """Whether the job's rows can decode in the shared batch (else they run apart)."""
@@ -424,9 +430,17 @@ class ContinuousWorker(Worker):
                     self.slots = Slots(self.model, self.max_batch, self.max_new_tokens, self.max_source_tokens,
                                        adapters=adapters)  # fmt: skip
                 if joining:
+                    began = time.perf_counter()
                     self._admit(joining, engine)
+                    if self.slots.positions.is_cuda:
+                        torch.cuda.synchronize()  # the pass's own time (the step would wait for it anyway)
+                    if self.on_encoder_pass is not None:
+                        self.on_encoder_pass(time.perf_counter() - began, sum(len(job.inputs) for job in joining))
                 if self.active:
-                    self._step()
+                    began, rows = time.perf_counter(), self.running_rows()
+                    self._step()  # ends with its one sync
+                    if self.on_step is not None:
+                        self.on_step(time.perf_counter() - began, rows)
             except Exception as e:  # the step failed: answer every request in it; the worker lives on
                 for run in self.active:
                     if not run.job.future.done():
@@ -694,6 +708,30 @@ class Metrics:
                                    "Decoding time of a request's batch after the first step, per step it ran.",
                                    buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1),
                                    registry=self.registry)  # fmt: skip
+
+        if isinstance(worker, ContinuousWorker):  # where the worker's time goes, pass by pass
+            self.encoder_pass = Histogram(
+                "flantune_encoder_pass_seconds", "Encoder passes of requests joining the continuous batch.",
+                buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1), registry=self.registry)  # fmt: skip
+            self.encoder_inputs = Histogram(
+                "flantune_encoder_pass_inputs", "Sources per encoder pass.",
+                buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=self.registry)  # fmt: skip
+            self.step = Histogram(
+                "flantune_decode_step_seconds", "Continuous batching's decoding steps (every row's token).",
+                buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1), registry=self.registry)  # fmt: skip
+            self.step_rows = Histogram(
+                "flantune_decode_step_rows", "Rows per decoding step.",
+                buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=self.registry)  # fmt: skip
+
+            def on_encoder_pass(seconds: float, inputs: int) -> None:
+                self.encoder_pass.observe(seconds)
+                self.encoder_inputs.observe(inputs)
+
+            def on_step(seconds: float, rows: int) -> None:
+                self.step.observe(seconds)
+                self.step_rows.observe(rows)
+
+            worker.on_encoder_pass, worker.on_step = on_encoder_pass, on_step
 
     def observe(self, result: dict, model: str) -> None:
         """A request's timings and tokens, from the worker's result for it."""
