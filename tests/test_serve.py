@@ -711,3 +711,58 @@ def test_requests_arriving_while_a_batch_decodes_share_one_encoder_pass(loaded):
         gen.suppress_tokens = None
         model.set_adapter("alpha")
     assert admitted == [["alpha"], ["beta", "gamma"]], admitted
+
+
+def test_rows_warped_together_equal_transformers_warpers_row_by_row():
+    """warp_rows: each row's scores equal what transformers' temperature, top-k and top-p warpers
+    make of that row alone with its own settings, including ties at the k-th value and rows with
+    no filter."""
+    from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    torch.manual_seed(0)
+    settings = [(1.0, 0, 1.0), (0.7, 0, 1.0), (1.0, 5, 1.0), (1.3, 0, 0.9), (0.5, 40, 0.8), (2.0, 3, 0.5),
+                (1.0, 200, 0.95), (0.9, 1, 1.0)]  # fmt: skip
+    scores = torch.randn(len(settings), 200) * 3
+    scores[2, :8] = scores[2].max() + 1  # 8 tied at the top, top-k 5 keeps all 8 (as transformers does)
+    temperature, top_k, top_p = (torch.tensor(column) for column in zip(*settings, strict=True))
+    ours = serve.warp_rows(scores.clone(), temperature.float(), top_k.long(), top_p.float())
+    for row, (t, k, p) in enumerate(settings):
+        warpers = LogitsProcessorList()
+        if t != 1.0:
+            warpers.append(TemperatureLogitsWarper(t))
+        if k:
+            warpers.append(TopKLogitsWarper(k))
+        if p < 1.0:
+            warpers.append(TopPLogitsWarper(p))
+        expected = warpers(torch.zeros(1, 1, dtype=torch.long), scores[row : row + 1].clone())[0]
+        assert torch.equal(ours[row].isinf(), expected.isinf()), row  # the same tokens kept
+        torch.testing.assert_close(ours[row], expected, rtol=1e-6, atol=0), row
+    assert int((~ours[2].isinf()).sum()) == 8 and int((~ours[7].isinf()).sum()) == 1
+
+
+def test_sampled_rows_of_several_requests_share_a_step(loaded, expected):
+    """Requests sampling with their own settings share the continuous steps with greedy ones: top-k 1
+    is greedy whatever the temperature (so its answer is the greedy one), and rows at a very low
+    temperature with top-p 0.5 keep only the most likely token too."""
+    from flantune.continuous import Slots
+
+    real_step = Slots.step
+
+    def slow_step(self, *args):  # slow enough that the requests overlap
+        time.sleep(0.005)
+        return real_step(self, *args)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Slots, "step", slow_step)
+        app = make_app(loaded)
+        with TestClient(app) as client, ThreadPoolExecutor(3) as pool:
+            asks = [
+                pool.submit(ask, client, "alpha", SOURCES[:2]),
+                pool.submit(ask, client, "beta", SOURCES[:2], do_sample=True, temperature=1.7, top_k=1),
+                pool.submit(ask, client, "gamma", SOURCES[:2], do_sample=True, temperature=0.01, top_p=0.5),
+            ]
+            answers = [done.result() for done in asks]
+    assert all(answer.status_code == 200 for answer in answers), [a.text for a in answers]
+    for answer, name in zip(answers, ("alpha", "beta", "gamma"), strict=True):
+        assert answer.json()["outputs"] == [expected[name][s] for s in SOURCES[:2]], name
+    assert max(answer.json()["batch"]["requests"] for answer in answers) >= 2  # they shared steps

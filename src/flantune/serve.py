@@ -333,6 +333,36 @@ class Worker:
         return generate_outputs(model, self.tokenizer, sources, cfg, **options)
 
 
+def _warpers() -> tuple[type, ...]:
+    from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    return TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+
+_WARPERS = _warpers()
+
+
+def warp_rows(scores: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """(n, V) float scores of rows that each have their own sampling options, processed as
+    transformers' TemperatureLogitsWarper, TopKLogitsWarper and TopPLogitsWarper (in that order,
+    min_tokens_to_keep 1) process each row alone, in one batched computation: temperature (n,)
+    (1.0: none), top_k (n,) long (0: none), top_p (n,) (1.0: none). transformers' warpers take one
+    setting for the whole batch; continuous batching holds rows of many requests in one step.
+
+    One ascending sort serves both filters: top-k only sets values below the k-th largest to -inf,
+    which keeps the sorted order, and top-p then reads the cumulative probabilities of that order."""
+    scores = scores / temperature[:, None]
+    vocab = scores.shape[-1]
+    ascending, order = scores.sort(dim=-1)  # (n, V)
+    k = torch.where(top_k > 0, top_k.clamp(max=vocab), vocab)  # (n,)
+    kth = ascending.gather(1, (vocab - k)[:, None])  # (n, 1) the k-th largest (ties kept, as transformers)
+    ascending = ascending.masked_fill(ascending < kth, float("-inf"))
+    remove = ascending.softmax(dim=-1).cumsum(dim=-1) <= (1 - top_p)[:, None]  # (n, V)
+    remove[:, -1] = False  # the most likely token always stays
+    remove = remove | (ascending == float("-inf"))
+    return scores.masked_fill(remove.scatter(1, order, remove), float("-inf"))
+
+
 @dataclass
 class _Running:
     """A request whose rows are in the continuous batch: their slots, ids so far and state."""
@@ -353,6 +383,10 @@ class _Running:
     # Greedy with no logits processor and no log-probabilities asked: its rows take the step's
     # shared argmax, with no per-request work on the device.
     plain: bool = False
+    # Sampling whose only processors are temperature, top-k and top-p (and no log-probabilities
+    # asked): (n, 3) [temperature, top_k, top_p] per row; these rows are warped and sampled together
+    # (`warp_rows`). None otherwise.
+    warp: torch.Tensor | None = None
 
 
 class ContinuousWorker(Worker):
@@ -481,8 +515,13 @@ class ContinuousWorker(Worker):
             history = torch.full((n, 1 + cfg.max_new_tokens), self.tokenizer.pad_token_id, device=device)
             history[:, 0] = start
             plain = not cfg.do_sample and len(processors) == 0 and job.logprobs is None
+            warp = None
+            if cfg.do_sample and job.logprobs is None and all(isinstance(p, _WARPERS) for p in processors):
+                settings = [cfg.temperature, cfg.top_k or 0, cfg.top_p]
+                warp = torch.tensor([settings] * n, dtype=torch.float32, device=device)  # (n, 3)
             self.active.append(_Running(job, group, torch.tensor(group, device=device), history, processors, now,
-                                        ids=[[start] for _ in range(n)], done=[False] * n, plain=plain))  # fmt: skip
+                                        ids=[[start] for _ in range(n)], done=[False] * n, plain=plain,
+                                        warp=warp))  # fmt: skip
 
     def _adapter_rows(self, adapters: list[str | None]):
         """PEFT's per-row adapter names for the calls inside ("__base__" for the base)."""
@@ -504,8 +543,14 @@ class ContinuousWorker(Worker):
         chosen = torch.zeros(self.max_batch, dtype=torch.long, device=logits.device)  # (R,)
         if any(run.plain for run in self.active):  # one argmax for every plain greedy row at once
             chosen[:rows] = logits.argmax(dim=-1)
+        warped = [run for run in self.active if run.warp is not None]
+        if warped:  # every plainly sampled row at once, each with its own temperature, top-k, top-p
+            index = torch.cat([run.index for run in warped])  # (n,)
+            settings = torch.cat([run.warp for run in warped])  # (n, 3)
+            scores = warp_rows(logits[index], settings[:, 0], settings[:, 1].long(), settings[:, 2])
+            chosen[index] = torch.multinomial(torch.softmax(scores, dim=-1), 1).squeeze(1)
         for run in self.active:  # each other request's own processors and choice, on its rows
-            if run.plain:
+            if run.plain or run.warp is not None:
                 continue
             index = run.index
             scores = run.processors(run.history[:, : 1 + run.steps], logits[index])  # ids so far (n, 1 + t)
