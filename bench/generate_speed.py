@@ -17,6 +17,9 @@ Sides:
   torch._dynamo is reset before each hf-static cell, so each cell's compile time is its own.
 - engine: flantune's own decoding engine (`flantune.engine`, imported lazily in `engine_side`);
   where that module does not exist the side is recorded as "not available" and the run goes on.
+- engine-compiled: the engine with its experimental `COMPILE_STEP` (the decode step compiled by
+  torch.compile before capture; off by default in the product until this side shows it pays);
+  torch._dynamo is reset first, so its warm-up includes its compilation.
 
 Cells (--cells): greedy-32 (batch 32 greedy), greedy-128 (batch 128 greedy), sample-16x8 (16 prompts
 x 8 samples: do_sample, temperature 1.0, top_p 1.0, top_k 0 so that no top-k cut applies,
@@ -77,7 +80,7 @@ import torch
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 MODELS = ("flan-t5-base", "flan-t5-large")
-SIDES = ("hf-default", "hf-static", "engine")
+SIDES = ("hf-default", "hf-static", "engine", "engine-compiled")
 # name -> (prompts per batch, generation settings other than the lengths)
 CELLS = {
     "greedy-32": (32, {"do_sample": False, "num_beams": 1}),
@@ -184,8 +187,7 @@ def undo_static(model) -> None:
 def engine_side(model, batch: dict, settings: dict) -> torch.Tensor:
     """flantune's decoding engine (`flantune.engine.generate`), given model.generate's settings:
     min_new_tokens becomes transformers' MinNewTokensLengthLogitsProcessor (as generate builds it),
-    the ids come back in generate's layout (`Generation.sequences`). Beam search is not in the
-    engine yet: that cell records the side as not available."""
+    the ids come back in generate's layout (`Generation.sequences`)."""
     try:
         engine = importlib.import_module("flantune.engine")
     except ModuleNotFoundError as e:
@@ -193,8 +195,6 @@ def engine_side(model, batch: dict, settings: dict) -> torch.Tensor:
             raise NotAvailable("flantune.engine is not in this checkout") from None
         raise
     settings = dict(settings)
-    if settings.pop("num_beams", 1) > 1:
-        raise NotAvailable("the engine has no beam search yet")
     extra = []
     minimum = settings.pop("min_new_tokens", None)
     if minimum:
@@ -210,6 +210,16 @@ def engine_side(model, batch: dict, settings: dict) -> torch.Tensor:
         model, batch["input_ids"], batch["attention_mask"], logits_processor=extra, **settings
     )
     return out.sequences
+
+
+def compiled_engine_side(model, batch: dict, settings: dict) -> torch.Tensor:
+    """engine_side with flantune.engine.COMPILE_STEP on (and off again after the call)."""
+    engine = importlib.import_module("flantune.engine")
+    engine.COMPILE_STEP = True
+    try:
+        return engine_side(model, batch, settings)
+    finally:
+        engine.COMPILE_STEP = False
 
 
 # ---- timing -----------------------------------------------------------------------------------
@@ -280,8 +290,14 @@ def run_cell(model, sources, cell: str, args, device: str) -> dict:
                 side = hf_default_side
             elif name == "hf-static":
                 side, what = make_hf_static_side(model, args.static_recipe, not args.no_compile)
+            elif name == "engine-compiled":
+                side = compiled_engine_side
+                # No step captured or compiled by an earlier side: this side's warm-up pays for both.
+                importlib.import_module("flantune.engine").clear_graphs()
+                torch._dynamo.reset()
             else:
                 side = engine_side
+                importlib.import_module("flantune.engine").clear_graphs()
             figures = run_side(side, model, batch, settings, args.new_tokens, args.repeats, device)
         except NotAvailable as e:
             figures = {"status": "not available", "why": str(e)}
@@ -299,7 +315,8 @@ def run_cell(model, sources, cell: str, args, device: str) -> dict:
         if cell in DETERMINISTIC and ref is not None and ids is not None and name != "hf-default":
             figures["rows_equal_hf_default"] = rows_equal(ids, ref)
     speed = {n: f["tokens_per_s"] for n, f in result["sides"].items() if f.get("status") == "ran"}
-    pairs = (("engine", "hf-default"), ("engine", "hf-static"), ("hf-static", "hf-default"))
+    pairs = (("engine", "hf-default"), ("engine", "hf-static"), ("hf-static", "hf-default"),
+             ("engine-compiled", "hf-default"), ("engine-compiled", "hf-static"), ("engine-compiled", "engine"))
     result["ratios"] = {f"{a}/{b}": speed[a] / speed[b] for a, b in pairs if a in speed and b in speed}
     return result
 

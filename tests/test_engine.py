@@ -501,6 +501,29 @@ def test_graph_branch_beam_search_on_cpu(setup, graphs_on_cpu):
     assert graphs_on_cpu == {"warm_up": 2, "record": 2}
 
 
+def test_graph_branch_with_the_step_compiled(setup, graphs_on_cpu, monkeypatch):
+    """engine.COMPILE_STEP (experimental): the step goes through torch.compile (dynamo's tracing of
+    the model's forward with the engine's caches; the eager backend on the CPU, inductor's kernels
+    are the GPU's) before capture, and the tokens equal the eager loop's."""
+    model, _, batch = setup
+    traced = []
+
+    def backend(graph_module, example_inputs):  # dynamo's FX graphs, run as traced
+        traced.append(graph_module)
+        return graph_module.forward
+
+    monkeypatch.setattr(engine, "COMPILE_STEP", True)
+    monkeypatch.setattr(engine, "COMPILE_OPTIONS", {"backend": backend, "dynamic": False})
+    torch._dynamo.reset()
+    try:
+        graphed = run(model, batch, graphs=True).sequences
+    finally:
+        torch._dynamo.reset()
+    assert traced  # the step went through dynamo
+    assert torch.equal(graphed, run(model, batch, graphs=False).sequences)
+    assert graphs_on_cpu == {"warm_up": 1, "record": 1}
+
+
 def test_graph_branch_with_lora_and_trainable_tokens(setup, graphs_on_cpu):
     """A LoRA model with trainable token rows (what `model.add_tokens` makes; PEFT wraps the
     embeddings in a wrapper that has no `merged`) goes through the graph branch and equals

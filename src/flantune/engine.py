@@ -296,6 +296,12 @@ class _Decoder:
 WARMUP_STEPS = 2  # eager calls of the step before capture, as torch's CUDA-graph docs do
 GRAPHS_KEPT = 4  # captured steps kept for later calls (each holds its caches and a memory pool)
 SOURCE_MULTIPLE = 64  # sources are padded up to a multiple of this in the graph's cache key
+# Experimental, off: the step compiled by torch.compile (its kernels fused by inductor) before it is
+# captured, so that a replay launches fewer kernels. Each shape bucket compiles anew (seconds to
+# minutes for larger models); bench/generate_speed.py's `engine-compiled` side measures whether it
+# pays before it becomes a default.
+COMPILE_STEP = False
+COMPILE_OPTIONS: dict = {"dynamic": False}
 _GRAPHS: OrderedDict[tuple, _GraphedDecoder] = OrderedDict()
 
 
@@ -404,9 +410,11 @@ class _GraphedDecoder:
         # when the cache has fewer slots left (a write past its end would be an index error).
         warmup = min(WARMUP_STEPS, self.max_new_tokens - 1)
         saved = self.decoder.snapshot(position=1, steps=warmup)
-        stream = _warm_up(self.decoder.step, warmup)
+        # (compiled: the warm-up's first call compiles; the recording captures the fused kernels)
+        step = torch.compile(self.decoder.step, **COMPILE_OPTIONS) if COMPILE_STEP else self.decoder.step
+        stream = _warm_up(step, warmup)
         _Decoder.restore(saved)
-        self.graph, self.logits = _record(self.decoder.step, stream)
+        self.graph, self.logits = _record(step, stream)
         _Decoder.restore(saved)
 
 
