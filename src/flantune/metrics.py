@@ -26,17 +26,8 @@ import sacrebleu
 from rouge_score import rouge_scorer
 from rouge_score import tokenize as rouge_tokenize
 
-METRIC_NAMES = (
-    "rouge",
-    "bleu",
-    "chrf",
-    "exact_match",
-    "f1",
-    "accuracy",
-    "macro_f1",
-    "mc_accuracy",
-    "format_rate",
-)
+from flantune.tasks import METRIC_NAMES  # the names this module computes; tasks.py holds the list
+
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 
 # --- small helpers (also used by the RL rewards) -------------------------------------------------

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, NamedTuple
 
-# Kept in step with flantune.metrics.METRIC_NAMES (a test checks); repeated here so that building a
-# task does not import rouge_score and sacrebleu.
+# The metrics flantune.metrics computes (it imports this list). Held here, so that building a task
+# does not import rouge_score and sacrebleu.
 METRIC_NAMES = (
     "rouge",
     "bleu",
