@@ -845,6 +845,26 @@ def test_two_process_ddp_matches_one_process(tiny_t5, tmp_path, packing):
     assert losses(out) == pytest.approx(losses(tmp_path / "one"), rel=1e-4)
 
 
+def _every_process_in_two_processes():
+    from accelerate import Accelerator
+
+    from flantune.run import every_process
+
+    accelerator = Accelerator(cpu=True)
+    assert accelerator.num_processes == 2
+    # Each process's own number (its GPU's memory peak, in a run), all of them on every process.
+    assert every_process(accelerator, 1.5 + accelerator.process_index) == [1.5, 2.5]
+    assert every_process(accelerator, None) is None
+
+
+def test_every_process_gathers_each_process_number():
+    """result.json's peak_memory_gib_per_process: one number per process, in process order (two
+    CPU processes through Accelerate's test launcher)."""
+    from accelerate import debug_launcher
+
+    debug_launcher(_every_process_in_two_processes, num_processes=2)
+
+
 def test_gradient_accumulation_averages_over_all_target_tokens(tiny_t5, tmp_path):
     """grad_accum=2 x batch 4 takes the same steps as batch 8: the loss is the mean over every target
     token of the step, not a mean of per-micro-batch means (targets here have uneven lengths)."""
@@ -872,7 +892,8 @@ def test_qlora_needs_a_gpu(tiny_t5, tmp_path):
 
 def test_two_process_fsdp_matches_one_process_and_resumes(tiny_t5, tmp_path):
     """FSDP (version 2, parameters sharded over two CPU processes) through `accelerate launch`:
-    the same losses and final weights as one process with the whole batch, and an exact resume."""
+    the same losses and final weights as one process with the whole batch, and an exact resume.
+    On CPU processes Accelerate would run DDP instead: tests.fsdp_cpu makes it shard, as on GPUs."""
     import shutil
 
     model_dir = tmp_path / "model"
@@ -888,14 +909,18 @@ def test_two_process_fsdp_matches_one_process_and_resumes(tiny_t5, tmp_path):
         "group_by_length: false}\n"
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    fsdp = [sys.executable, "-m", "accelerate.commands.launch", "--use_fsdp", "--fsdp_version", "2", "--num_processes", "2", "--main_process_port", free_port(),
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "flantune.cli", "train", str(recipe)]  # fmt: skip
+    # Each T5 block a shard unit of its own (Accelerate finds the class in _no_split_modules).
+    fsdp = [sys.executable, "-m", "accelerate.commands.launch", "--use_fsdp", "--fsdp_version", "2", "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP",
+            "--num_processes", "2", "--main_process_port", free_port(), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "tests.fsdp_cpu", "train", str(recipe)]  # fmt: skip
 
     def run(args):
         result = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
         assert result.returncode == 0, result.stderr[-3000:]
 
     run([*fsdp, f"output_dir={tmp_path / 'fsdp'}"])
+    # Sharded: the checkpoint's optimizer state was gathered from the shards, keyed by parameter name.
+    saved = torch.load(tmp_path / "fsdp" / "checkpoints" / "step-000004" / "optimizer.pt", weights_only=False)
+    assert all(isinstance(name, str) for name in saved["state"]) and saved["state"]
     run(
         [
             sys.executable,

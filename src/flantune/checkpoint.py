@@ -127,10 +127,10 @@ def save_checkpoint(
     torch.save(rng_state(), rank_file)
     fsync_file(rank_file)
     accelerator.wait_for_everyone()
+    weights, optimizer_state = _whole_state(model, optimizer, accelerator)
     if accelerator.is_main_process:
-        weights = trainable_state(accelerator.unwrap_model(model))
         save_file(weights, tmp / "trainable.safetensors")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(optimizer_state, tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         (tmp / "state.json").write_text(json.dumps(asdict(state), indent=2))
         if recipe_text is not None:
@@ -145,6 +145,33 @@ def save_checkpoint(
             fsync_dir(root)
     accelerator.wait_for_everyone()
     return final
+
+
+def _whole_state(model, optimizer, accelerator) -> tuple[dict | None, dict | None]:
+    """(trainable weights, optimizer state) whole, for the main process (None, None elsewhere).
+
+    Under FSDP2 the parameters and the optimizer state are shards (DTensors) on each process:
+    every process takes part in gathering them (a collective), as full state dicts on the CPU
+    (torch.distributed.checkpoint); the optimizer's is keyed by parameter name, not number."""
+    unwrapped = accelerator.unwrap_model(model)
+    if not accelerator.is_fsdp2:
+        if not accelerator.is_main_process:
+            return None, None
+        return trainable_state(unwrapped), optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    # With cpu_offload, only the main process receives the tensors (tied weights under every name).
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    whole = get_model_state_dict(unwrapped, options=options)
+    optimizer_state = get_optimizer_state_dict(unwrapped, optimizer.optimizer, options=options)
+    if not accelerator.is_main_process:
+        return None, None
+    names = [n for n, p in unwrapped.named_parameters() if p.requires_grad]  # trainable_state's names
+    return {n: whole[n].contiguous() for n in names}, optimizer_state
 
 
 REQUIRED_FILES = ("trainable.safetensors", "optimizer.pt", "scheduler.pt", "state.json")
@@ -292,12 +319,26 @@ def load_checkpoint(
     files = files or read_checkpoint(path, accelerator.process_index)
     unwrapped = accelerator.unwrap_model(model)
     check_fits(path, files.weights, unwrapped)
-    params = dict(unwrapped.named_parameters())
-    with torch.no_grad():
-        for name, tensor in files.weights.items():
-            params[name].copy_(tensor)
+    if accelerator.is_fsdp2:
+        # Each process read the whole tensors and keeps its own shards of them.
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        whole = StateDictOptions(full_state_dict=True, strict=False)  # trainable weights only
+        set_model_state_dict(unwrapped, files.weights, options=whole)
+    else:
+        params = dict(unwrapped.named_parameters())
+        with torch.no_grad():
+            for name, tensor in files.weights.items():
+                params[name].copy_(tensor)
     try:
-        optimizer.load_state_dict(files.optimizer)
+        if accelerator.is_fsdp2:
+            set_optimizer_state_dict(unwrapped, optimizer.optimizer, files.optimizer, options=whole)
+        else:
+            optimizer.load_state_dict(files.optimizer)
         scheduler.load_state_dict(files.scheduler)
     except (ValueError, KeyError, RuntimeError) as e:
         raise TrainingError(

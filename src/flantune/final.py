@@ -126,22 +126,24 @@ def write_final(
     recipe: Recipe | None = None,
     result: dict | None = None,
     command: str | None = None,
+    state_dict: dict | None = None,
 ) -> None:
     """Write a run's result to `directory` atomically (a kill leaves the previous one or none):
     a PEFT adapter folder, a bottleneck adapter folder or a full model folder, the tokenizer,
     flantune.json, and the model card made from the run's `recipe` and `result` (what result.json
-    holds) by `command` (train or rl)."""
+    holds) by `command` (train or rl). `state_dict`: the model's whole weights where `model` holds
+    only shards of them (FSDP), gathered by the caller."""
     from peft import PeftModel
 
     with ckpt.atomic_dir(directory) as tmp:
         if isinstance(model, PeftModel):
-            model.save_pretrained(tmp)
+            model.save_pretrained(tmp, state_dict=state_dict)
         elif method_kind == "adapter":
             from flantune import adapters
 
             adapters.save_adapters(model, tmp)
         else:
-            model.save_pretrained(tmp)
+            model.save_pretrained(tmp, state_dict=state_dict)
         save_tokenizer(tokenizer, tmp)
         (tmp / RECORD_FILE).write_text(json.dumps({"method": method_kind, "base": asdict(base)}, indent=2))
         # After PEFT's save_pretrained, which writes a card template of its own (with a local

@@ -7,6 +7,7 @@ Each piece has one owner here, and the commands call it rather than keep copies:
                       user made), the recipe it ran with, seeds
     StopSignals       SIGINT/SIGTERM and time-interval checkpoints
     build_optimizer   AdamW with decay on weight matrices only; build_scheduler, its schedule
+    every_process     a number as each process has it (each GPU's own memory peak)
     MetricsLog        metrics.jsonl, cut back to the checkpoint on resume; its numbers also go to the
                       recipe's experiment trackers (report_to), through Accelerate
     StepProfiler      torch.profiler over a window of optimizer steps
@@ -351,6 +352,18 @@ class StopSignals:
             stop, due = (bool(v) for v in self.accelerator.reduce(flags, "max").tolist())
             self.signal = self.signal or ("SIGINT" if stop else None)
         return stop, due
+
+
+def every_process(accelerator, value: float | None) -> list[float] | None:
+    """`value` as each process has it, in process order (e.g. each GPU's own memory peak: the main
+    process alone knows only its own). A collective: every process calls it, all with a number or
+    all with None (returned as None)."""
+    if value is None:
+        return None
+    if accelerator.num_processes == 1:
+        return [value]
+    values = accelerator.gather(torch.tensor([value], dtype=torch.float64, device=accelerator.device))
+    return values.tolist()  # (processes,)
 
 
 def build_optimizer(model, lr: float, weight_decay: float) -> torch.optim.Optimizer:

@@ -40,6 +40,7 @@ from flantune.run import (
     TrainingError,
     build_optimizer,
     build_scheduler,
+    every_process,
     model_type_of,
     progress_bar,
     start_run,
@@ -72,6 +73,8 @@ class TrainResult:
     recording, compilation inside it included, where the run captures)."""
     peak_memory_gib: float | None = None
     """Peak GPU memory allocated by this process (torch.cuda.max_memory_allocated), in GiB."""
+    peak_memory_gib_per_process: list[float] | None = None
+    """The same peak of every process, in process order (under DDP or FSDP each GPU has its own)."""
     model: object = field(default=None, repr=False)
     """The trained model in memory (unwrapped), for callers that go on using it."""
 
@@ -269,10 +272,22 @@ def setup(recipe: Recipe, console) -> Session:
         # outside torch.compile is a slow reference path).
         packed = PackedLoss(model, plan.attention, plan.compile)
         stepped, loader = accelerator.prepare(packed, loader)
+        optimizer = accelerator.prepare(build_optimizer(model, cfg.lr, cfg.weight_decay))
+    elif accelerator.is_fsdp2:
+        # FSDP2 replaces each module's parameters by shards. transformers 5 gives T5's and BART's
+        # encoder and decoder embeddings modules of their own that share `shared`'s weight: sharded
+        # one by one, they would become three embeddings trained apart. One module in all three
+        # places keeps one weight.
+        model.set_input_embeddings(model.get_input_embeddings())
+        # Prepare points the optimizer at the shards only when both are prepared together (it
+        # refuses a model prepared alone).
+        optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
+        model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+        stepped = model
     else:
         model, loader = accelerator.prepare(model, loader)
         stepped = model
-    optimizer = accelerator.prepare(build_optimizer(model, cfg.lr, cfg.weight_decay))
+        optimizer = accelerator.prepare(build_optimizer(model, cfg.lr, cfg.weight_decay))
     graphed = None
     if plan.cuda_graph:
         from flantune.graphs import CapturedStep
@@ -555,6 +570,7 @@ def finish(session: Session) -> TrainResult:
     best_path = session.checkpoints / f"step-{state.best_step:06d}" if state.best_step is not None else None
     if best_path is not None and state.best_step != state.step and best_path.exists():
         ckpt.load_trainable(best_path, unwrapped)
+    peak = round(torch.cuda.max_memory_allocated() / 2**30, 3) if torch.cuda.is_available() else None
     result = TrainResult(
         output_dir=session.out, final_dir=final_dir, steps=state.step,
         seconds=time.perf_counter() - session.started, train_loss=session.train_loss,
@@ -562,14 +578,17 @@ def finish(session: Session) -> TrainResult:
         best_metric=session.best_name if session.eval_split is not None else None,
         best_value=state.best_metric, best_step=state.best_step, speed=session.plan.as_dict(),
         first_step_s=session.first_step_s, startup=session.startup, model=unwrapped,
-        peak_memory_gib=round(torch.cuda.max_memory_allocated() / 2**30, 3) if torch.cuda.is_available() else None,
+        peak_memory_gib=peak, peak_memory_gib_per_process=every_process(accelerator, peak),
     )  # fmt: skip
     # result.json and the model card in final/ carry the same numbers.
     record = {f.name: getattr(result, f.name) for f in fields(result) if f.name != "model"}
     record = json.loads(json.dumps(record, default=str))
+    # FSDP2: each process holds shards of the weights; all take part in gathering them for final/.
+    whole = accelerator.get_state_dict(session.model) if accelerator.is_fsdp2 else None
     if session.main:
         write_final(unwrapped, session.tokenizer, final_dir, recipe.method.kind,
-                    BaseRecord.of(recipe.model, recipe.train.seed), recipe=recipe, result=record, command="train")  # fmt: skip
+                    BaseRecord.of(recipe.model, recipe.train.seed), recipe=recipe, result=record, command="train",
+                    state_dict=whole)  # fmt: skip
     accelerator.wait_for_everyone()
     session.log.close()
     if session.main:
