@@ -294,6 +294,18 @@ def test_rl_refuses_what_it_cannot_do(sort_data, sft_run, tmp_path):
         run_rl(recipe)
 
 
+def test_rl_under_fsdp_is_refused_before_the_run_folder(sort_data, tmp_path, monkeypatch):
+    """`accelerate launch --use_fsdp ... flantune rl` (Accelerate marks it ACCELERATE_USE_FSDP):
+    one clear error naming the way that works, and no run folder."""
+    from flantune.run import TrainingError
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    recipe = sort_recipe(sort_data, tmp_path / "run", "rl", max_steps=1)
+    with pytest.raises(TrainingError, match=r"not FSDP: .* launch it without --use_fsdp"):
+        run_rl(recipe)
+    assert not (tmp_path / "run").exists()
+
+
 def test_rl_command_line(sort_data, sft_run, tmp_path):
     import subprocess
 

@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -292,6 +293,14 @@ def run_rl(recipe: Recipe, console=None) -> RLResult:
     console = console or Console()
     cfg = recipe.rl
     out = Path(cfg.output_dir or Path(recipe.output_dir) / "rl")
+    # How Accelerate itself tells an FSDP launch (accelerate launch --use_fsdp sets it). Refused
+    # before the run folder is touched: sampling, the reference policy and the log-probability
+    # passes each need the whole policy in every process, which FSDP shards.
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        raise TrainingError(
+            "flantune rl runs in one process or under DDP (`accelerate launch --multi_gpu`), not FSDP: "
+            "each process samples with the whole policy; launch it without --use_fsdp"
+        )
     if cfg.packing is True:
         # Refused before the run folder is touched, from what the recipe and rl.start say; grpo_run
         # decides again on the loaded policy.
