@@ -113,6 +113,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from _steady import log_every_for, log_windows, steady_rate, steady_start, tail
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 DEFAULT_CELLS = {
@@ -284,7 +286,7 @@ class Bench:
                 raise
         run.wall_s = round(time.perf_counter() - start, 2)
         run.exit_code = code
-        run.stdout_tail, run.stderr_tail = tail(stdout), tail(stderr)
+        run.stdout_tail, run.stderr_tail = tail(stdout)[-6000:], tail(stderr)[-6000:]
         if run.status == "killed: time limit":
             pass
         elif run.figures.get("kill", {}).get("killed"):
@@ -393,10 +395,6 @@ def kill_tree(proc: subprocess.Popen) -> None:
     psutil.wait_procs(descendants, timeout=30)
 
 
-def tail(path: Path, lines: int = 40) -> str:
-    text = path.read_text(errors="replace") if path.exists() else ""
-    return "\n".join(text.rstrip().splitlines()[-lines:])[-6000:]
-
 
 # ---- reading a run's files --------------------------------------------------------------------------
 
@@ -415,27 +413,7 @@ def logged_steps(path: Path) -> list[int]:
     return [r["step"] for r in read_records(path) if "loss" in r and not r.get("skipped")]
 
 
-def log_every_for(steps: int) -> int:
-    return max(1, min(10, steps // 10))
 
-
-def steady_start(steps: int, log_every: int) -> int:
-    """Steps left out before steady-state timing: the first 20%, rounded up to a log window
-    (bench/recipe_speed.py's rule)."""
-    skip = -(-math.ceil(steps / 5) // log_every) * log_every
-    return skip if skip < steps else (steps - 1) // log_every * log_every
-
-
-def steady_tokens(records: list[dict], skip: int) -> float | None:
-    """Steady-state tokens/s: the mean of the windows after step `skip`, each weighted by the steps
-    it spans (a window covers the steps after the previous record's, up to its own)."""
-    counted, before = [], 0
-    for r in records:
-        if "tokens_per_s" in r:
-            if before >= skip:
-                counted.append((r["step"] - before, r["tokens_per_s"]))
-            before = r["step"]
-    return sum(n * rate for n, rate in counted) / sum(n for n, _ in counted) if counted else None
 
 
 def curve(records: list[dict], key: str = "loss") -> dict[int, float]:
@@ -462,7 +440,7 @@ def train_figures(run: Run, steps: int, log_every: int) -> dict:
     skip = steady_start(steps, log_every)
     losses = curve(records)
     return {
-        "tokens_per_s": steady_tokens(records, skip), "counted_from_step": skip + 1,
+        "tokens_per_s": steady_rate(log_windows(records), skip), "counted_from_step": skip + 1,
         "first_step_s": result.get("first_step_s"), "startup": result.get("startup"),
         "peak_memory_gib": result.get("peak_memory_gib"),
         "peak_memory_gib_per_process": result.get("peak_memory_gib_per_process"),

@@ -62,7 +62,6 @@ import importlib.metadata
 import inspect
 import itertools
 import json
-import math
 import os
 import shutil
 import signal
@@ -74,6 +73,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from _steady import log_every_for, log_windows, steady_rate, steady_start, tail
 from transformers import TrainerCallback
 
 REPO = Path(__file__).resolve().parents[1]
@@ -132,22 +132,7 @@ def recipe(shared: Path, model: str, method: str, steps: int, batch: int, log_ev
     }  # fmt: skip
 
 
-def steady_rate(windows: list[tuple[int, int, float]], skip: int) -> float | None:
-    """Steady-state tokens/s from (first step before, last step, tokens/s) windows: the mean over the
-    windows after step `skip`, each weighted by the steps it spans."""
-    counted = [(last - before, rate) for before, last, rate in windows if before >= skip]
-    return sum(n * rate for n, rate in counted) / sum(n for n, _ in counted) if counted else None
 
-
-def log_every_for(steps: int) -> int:
-    return max(1, min(10, steps // 10))
-
-
-def steady_start(steps: int, log_every: int) -> int:
-    """Steps left out before steady-state timing: the first 20% (compilation, allocator warm-up),
-    rounded up to a log window so that both sides count the same steps."""
-    skip = -(-math.ceil(steps / 5) // log_every) * log_every
-    return skip if skip < steps else (steps - 1) // log_every * log_every
 
 
 # ---- results --------------------------------------------------------------------------------------
@@ -195,10 +180,6 @@ class SubprocessFailed(RuntimeError):
         super().__init__(f"{name} exited with status {returncode}; the end of its output:\n{tail}")
 
 
-def tail(path: Path, lines: int = 40) -> str:
-    text = path.read_text(errors="replace") if path.exists() else ""
-    return "\n".join(text.rstrip().splitlines()[-lines:])
-
 
 def run_logged(cmd: list[str], env: dict, logs: Path, name: str) -> float:
     """Run `cmd` to its end, its output in logs/name.out and .err; returns its wall-clock seconds.
@@ -242,16 +223,12 @@ def run_flantune(spec: dict, work: Path, name: str, cache: Path) -> SideResult:
     print(f"  flantune train {name} ...", flush=True)
     cmd = [sys.executable, "-m", "flantune.cli", "train", str(path)]
     wall = run_logged(cmd, child_env(**cache_env(cache)), work, name)
-    windows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    windows = [w for w in windows if "tokens_per_s" in w]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     result = json.loads((out / "result.json").read_text())
+    windows = [r for r in records if "tokens_per_s" in r]
     steps, log_every = spec["train"]["max_steps"], spec["train"]["log_every"]
     skip = steady_start(steps, log_every)
-    rates, before = [], 0
-    for w in windows:  # each record covers the steps after the previous one, up to its own
-        rates.append((before, w["step"], w["tokens_per_s"]))
-        before = w["step"]
-    tokens = steady_rate(rates, skip)
+    tokens = steady_rate(log_windows(records), skip)
     shutil.rmtree(out)  # a large model's final/ and last checkpoint: gigabytes
     print(f"    wall {wall:.1f} s, {number(tokens)} real tokens/s, first step {result.get('first_step_s')} s, "
           f"peak {result.get('peak_memory_gib')} GiB; {(result.get('speed') or {}).get('line')}; "

@@ -22,6 +22,8 @@ from .conftest import ROOT, SCIQ, SHARED, need
 
 
 def load_bench():
+    if str(ROOT / "bench") not in sys.path:  # its shared helpers (bench/_steady.py), as when run as a script
+        sys.path.insert(0, str(ROOT / "bench"))
     spec = importlib.util.spec_from_file_location("bench_multi_gpu", ROOT / "bench" / "multi_gpu.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # its dataclasses look their module up
