@@ -301,3 +301,20 @@ def test_gathered_lora_refuses_what_it_cannot_route(t5):
         assert reason in LoraRows.unsupported(other)
         with pytest.raises(ValueError, match=reason):
             LoraRows(other, ["default"], capacity=2)
+
+
+def test_routing_puts_back_a_forward_set_on_the_instance(t5):
+    """LoraRows.routed replaces the LoRA layers' forward for the block only: a layer's own instance
+    forward (as Accelerate's device hooks set one) is back after it, the others have none."""
+    from flantune.lora_rows import LoraRows
+
+    model, _ = t5
+    peft_model = two_adapters(model)
+    rows = LoraRows(peft_model, ["a", "b"], capacity=2)
+    encoder = peft_model.get_encoder()
+    layers = [m for m in encoder.modules() if m in rows.tables]
+    hooked = layers[0].forward = layers[0].forward  # a bound method stored on the instance
+    with rows.routed(encoder, rows.indices(["a"], "cpu")):
+        assert all("forward" in m.__dict__ and m.__dict__["forward"] is not hooked for m in layers)
+    assert layers[0].__dict__["forward"] is hooked
+    assert all("forward" not in m.__dict__ for m in layers[1:])

@@ -112,6 +112,26 @@ def ask(client, adapter, inputs, **options):
     )
 
 
+def slow_steps(patch, seconds: float) -> None:
+    """Each continuous step slowed by `seconds`, so that requests sent one after the other overlap."""
+    from flantune.continuous import Slots
+
+    real_step = Slots.step
+
+    def slow_step(self, *args):
+        time.sleep(seconds)
+        return real_step(self, *args)
+
+    patch.setattr(Slots, "step", slow_step)
+
+
+def wait_until_decoding(worker) -> None:
+    deadline = time.monotonic() + 10
+    while not worker.active:
+        assert time.monotonic() < deadline, "the long request did not start"
+        time.sleep(0.005)
+
+
 def test_each_route(loaded, expected):
     with TestClient(make_app(loaded)) as client:
         assert client.get("/healthz").json() == {"status": "ok"}
@@ -571,15 +591,7 @@ def test_continuous_batching_rows_join_a_running_batch_and_leave_when_done(loade
     """A long request for alpha is decoding (EOS suppressed, 200 tokens, slow steps); a short request
     for beta arrives, joins the running batch at the next step, shares its steps (two requests, two
     models) and is answered while the long one still runs, with what beta alone generates."""
-    from flantune.continuous import Slots
-
     model, tokenizer = loaded[0], loaded[1]
-    real_step = Slots.step
-
-    def slow_step(self, *args):
-        time.sleep(0.01)
-        return real_step(self, *args)
-
     gen = model.generation_config
     gen.suppress_tokens = [tokenizer.eos_token_id]
     try:
@@ -587,16 +599,13 @@ def test_continuous_batching_rows_join_a_running_batch_and_leave_when_done(loade
         want = generate_texts(model, tokenizer, [SOURCES[1]], GenerationConfig(max_new_tokens=5))
         model.set_adapter("alpha")
         with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(Slots, "step", slow_step)
+            slow_steps(patch, 0.01)
             app = make_app(loaded, batch_wait_ms=0)
             worker = app.state.service.worker
             assert isinstance(worker, serve.ContinuousWorker)
             with TestClient(app) as client, ThreadPoolExecutor(2) as pool:
                 long = pool.submit(ask, client, "alpha", [SOURCES[0]], max_new_tokens=200)
-                deadline = time.monotonic() + 10
-                while not worker.active:
-                    assert time.monotonic() < deadline, "the long request did not start"
-                    time.sleep(0.005)
+                wait_until_decoding(worker)
                 short = ask(client, "beta", [SOURCES[1]], max_new_tokens=5)
                 assert not long.done(), "the short request waited for the long one"
                 assert short.status_code == 200
@@ -668,15 +677,9 @@ def test_requests_arriving_while_a_batch_decodes_share_one_encoder_pass(loaded):
     """While a long request decodes (slow steps), two requests that arrive 30 ms apart, within
     batch_wait_ms (300 ms), join in one encoder pass; an idle batch admits its first request at once.
     Both answers are what each alone generates."""
-    from flantune.continuous import Slots
-
     model, tokenizer = loaded[0], loaded[1]
-    real_step, real_admit = Slots.step, serve.ContinuousWorker._admit
+    real_admit = serve.ContinuousWorker._admit
     admitted = []
-
-    def slow_step(self, *args):
-        time.sleep(0.01)
-        return real_step(self, *args)
 
     def admit(self, jobs, engine):
         admitted.append(sorted(job.adapter for job in jobs))
@@ -691,16 +694,13 @@ def test_requests_arriving_while_a_batch_decodes_share_one_encoder_pass(loaded):
             want[name] = generate_texts(model, tokenizer, [SOURCES[1]], GenerationConfig(max_new_tokens=5))
         model.set_adapter("alpha")
         with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(Slots, "step", slow_step)
+            slow_steps(patch, 0.01)
             patch.setattr(serve.ContinuousWorker, "_admit", admit)
             app = make_app(loaded, batch_wait_ms=300)
             worker = app.state.service.worker
             with TestClient(app) as client, ThreadPoolExecutor(3) as pool:
                 long = pool.submit(ask, client, "alpha", [SOURCES[0]], max_new_tokens=100)
-                deadline = time.monotonic() + 10
-                while not worker.active:
-                    assert time.monotonic() < deadline, "the long request did not start"
-                    time.sleep(0.005)
+                wait_until_decoding(worker)
                 first = pool.submit(ask, client, "beta", [SOURCES[1]], max_new_tokens=5)
                 time.sleep(0.03)
                 second = pool.submit(ask, client, "gamma", [SOURCES[1]], max_new_tokens=5)
@@ -744,16 +744,8 @@ def test_sampled_rows_of_several_requests_share_a_step(loaded, expected):
     """Requests sampling with their own settings share the continuous steps with greedy ones: top-k 1
     is greedy whatever the temperature (so its answer is the greedy one), and rows at a very low
     temperature with top-p 0.5 keep only the most likely token too."""
-    from flantune.continuous import Slots
-
-    real_step = Slots.step
-
-    def slow_step(self, *args):  # slow enough that the requests overlap
-        time.sleep(0.005)
-        return real_step(self, *args)
-
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(Slots, "step", slow_step)
+        slow_steps(patch, 0.005)
         app = make_app(loaded)
         with TestClient(app) as client, ThreadPoolExecutor(3) as pool:
             asks = [

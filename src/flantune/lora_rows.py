@@ -126,13 +126,19 @@ class LoraRows:
         def forward_of(module):
             return lambda x, *args, **kwargs: self.linear(module, x, rows)
 
-        for module in layers:  # an instance attribute: nn.Module.__call__ calls it instead
+        # An instance attribute: nn.Module.__call__ calls it instead. A forward some other code set
+        # on the instance (Accelerate's device hooks do) is put back after.
+        own = {module: module.__dict__.get("forward") for module in layers}
+        for module in layers:
             module.forward = forward_of(module)
         try:
             yield
         finally:
-            for module in layers:
-                del module.forward
+            for module, before in own.items():
+                if before is None:
+                    del module.forward
+                else:
+                    module.forward = before
 
 
 def _is_lora_linear(module: nn.Module) -> bool:

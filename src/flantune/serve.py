@@ -755,18 +755,17 @@ class Metrics:
                                    registry=self.registry)  # fmt: skip
 
         if isinstance(worker, ContinuousWorker):  # where the worker's time goes, pass by pass
-            self.encoder_pass = Histogram(
-                "flantune_encoder_pass_seconds", "Encoder passes of requests joining the continuous batch.",
-                buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1), registry=self.registry)  # fmt: skip
-            self.encoder_inputs = Histogram(
-                "flantune_encoder_pass_inputs", "Sources per encoder pass.",
-                buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=self.registry)  # fmt: skip
-            self.step = Histogram(
-                "flantune_decode_step_seconds", "Continuous batching's decoding steps (every row's token).",
-                buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1), registry=self.registry)  # fmt: skip
-            self.step_rows = Histogram(
-                "flantune_decode_step_rows", "Rows per decoding step.",
-                buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=self.registry)  # fmt: skip
+            seconds, counts = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1), tuple(2**i for i in range(9))
+
+            def histogram(name: str, text: str, buckets: tuple) -> Histogram:
+                return Histogram(name, text, buckets=buckets, registry=self.registry)
+
+            self.encoder_pass = histogram("flantune_encoder_pass_seconds",
+                                          "Encoder passes of requests joining the continuous batch.", seconds)  # fmt: skip
+            self.encoder_inputs = histogram("flantune_encoder_pass_inputs", "Sources per encoder pass.", counts)
+            self.step = histogram("flantune_decode_step_seconds",
+                                  "Continuous batching's decoding steps (every row's token).", seconds)  # fmt: skip
+            self.step_rows = histogram("flantune_decode_step_rows", "Rows per decoding step.", counts)
 
             def on_encoder_pass(seconds: float, inputs: int) -> None:
                 self.encoder_pass.observe(seconds)
