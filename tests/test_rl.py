@@ -504,5 +504,5 @@ def test_rl_on_a_gpu_with_its_defaults(sort_data, tmp_path, capsys, method):
     steps = [r for r in steps if "reward" in r]
     assert [r["step"] for r in steps] == [1, 2, 3]
     assert all(math.isfinite(r["kl"]) and math.isfinite(r["reward"]) for r in steps), steps
-    assert result.eval_metrics["eval_exact_match"] >= 0
+    assert "eval_exact_match" in result.eval_metrics  # the final greedy evaluation ran on the engine
     assert (result.final_dir / ("adapter_config.json" if method["kind"] == "lora" else "config.json")).is_file()
