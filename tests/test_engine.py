@@ -639,3 +639,79 @@ def test_cuda_beam_search_with_graphs_equals_generate(cuda_path):
         graphed = run(model, batch, graphs=True, **options).sequences
         expected = reference(model, batch, **options)
     assert torch.equal(graphed, expected), (graphed, expected)
+
+
+def _lora_with_token_rows(model, seed: int = 1):
+    """A LoRA model of `model` (a copy) with trainable token rows 5 and 6, every weight random."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = ["q", "v"] if model.config.model_type == "t5" else ["q_proj", "v_proj"]
+    torch.manual_seed(seed)
+    config = LoraConfig(
+        r=4, lora_alpha=32, target_modules=targets, init_lora_weights=False, task_type="SEQ_2_SEQ_LM",
+        trainable_token_indices=[5, 6],
+    )  # fmt: skip
+    peft_model = get_peft_model(_copy(model), config).eval()
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "trainable_tokens_delta" in name:
+                p.normal_(0, 1)
+    return peft_model
+
+
+def test_capturable_token_rows_give_pefts_values_and_gradients(setup):
+    """Within graphs.capturable_token_rows, PEFT's trainable-token layers (added tokens) read a
+    device-held index instead of building one from a list at each forward (a copy that capture
+    refuses): the logits and the gradients of the token deltas equal PEFT's own, and PEFT's method
+    is back afterwards."""
+    from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
+
+    from flantune.graphs import capturable_token_rows
+
+    model, _, batch = setup
+    peft_model = _lora_with_token_rows(model)
+    decoder_ids = torch.tensor([[0, 5, 6, 7]] * batch["input_ids"].shape[0])
+    inputs = {**batch, "input_ids": batch["input_ids"].clone()}
+    inputs["input_ids"][:, 0] = 6  # the added rows in the encoder's input too
+
+    def logits_and_grads():
+        peft_model.zero_grad()
+        logits = peft_model(**inputs, decoder_input_ids=decoder_ids).logits
+        logits.square().mean().backward()
+        grads = {n: p.grad.clone() for n, p in peft_model.named_parameters() if "trainable_tokens_delta" in n}
+        return logits.detach(), grads
+
+    original = TrainableTokensLayer.get_merged_weights
+    expected, expected_grads = logits_and_grads()
+    with capturable_token_rows():
+        assert TrainableTokensLayer.get_merged_weights is not original
+        ours, grads = logits_and_grads()
+    assert TrainableTokensLayer.get_merged_weights is original
+    assert expected_grads and all(g.abs().sum() > 0 for g in expected_grads.values())
+    torch.testing.assert_close(ours, expected, atol=0, rtol=0)
+    assert grads.keys() == expected_grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected_grads[name], atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.cuda
+def test_cuda_lora_with_token_rows_is_captured_and_sees_updates(cuda_path):
+    """A LoRA policy with added tokens (`flantune rl` of a recipe with model.add_tokens) through the
+    captured step: generate's ids; after the token deltas and LoRA weights change in place (an
+    optimizer step), the kept graph replays with the new values, and gives generate's ids again."""
+    model, _, batch = on_cuda(cuda_path, SOURCES)
+    peft_model = _lora_with_token_rows(model.cpu()).cuda()
+    batch = {**batch, "input_ids": batch["input_ids"].clone()}
+    batch["input_ids"][:, 0] = 6
+    ours = run(peft_model, batch, graphs=True).sequences
+    assert torch.equal(ours, reference(peft_model, batch)), (ours, reference(peft_model, batch))
+    (entry,) = engine._GRAPHS.values()
+    graph = entry.graph
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p), alpha=0.5 if "lora_" in name else 2.0)
+    again = run(peft_model, batch, graphs=True).sequences
+    assert list(engine._GRAPHS.values()) == [entry] and entry.graph is graph  # replayed, not recaptured
+    assert torch.equal(again, reference(peft_model, batch)), (again, reference(peft_model, batch))
+    assert not torch.equal(again, ours)

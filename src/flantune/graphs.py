@@ -100,12 +100,12 @@ class CapturedStep:
         # and lazily created CUDA state (cuBLAS workspaces, autograd streams) exists before capture.
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
+        with torch.cuda.stream(side), capturable_token_rows():
             for _ in range(self.warmup):
                 self._run()
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(self.graph), capturable_token_rows():
             self.loss = self._run()
         with torch.no_grad():
             for p, g in zip(self.params, kept, strict=True):
@@ -135,6 +135,52 @@ class CapturedStep:
         return self.loss.clone()
 
 
+# ---- PEFT's added-token rows under capture -------------------------------------------------------------
+
+
+def _peft_token_layer():
+    try:
+        from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
+    except ImportError:  # a PEFT without trainable tokens has nothing to patch
+        return None
+    return TrainableTokensLayer
+
+
+def _merged_token_weights(self, active_adapters) -> Tensor:
+    """PEFT's TrainableTokensLayer.get_merged_weights (peft 0.17-0.21), with the token index held on the
+    device. PEFT builds it on every forward as torch.tensor(list).to(device): a host-to-device copy,
+    which a CUDA graph capture refuses ("Cannot copy between CPU and CUDA tensors during CUDA graph
+    capture"). The index is made once per layer, adapter and device, on the layer, where it lives as
+    long as the graphs that read it. The deltas stay PEFT's parameters, read at each replay, so an
+    optimizer step between replays (RL) is seen."""
+    weight = self.base_layer.weight  # (V, d)
+    kept = self.__dict__.setdefault("_device_token_index", {})
+    for name in active_adapters:
+        key = (name, weight.device, tuple(self.token_indices[name]))
+        if key not in kept:
+            kept[key] = torch.tensor(self.token_indices[name], device=weight.device)
+        deltas = self.trainable_tokens_delta[name].to(weight)  # (added, d)
+        weight = weight.index_copy(dim=0, index=kept[key], source=deltas)
+    return weight
+
+
+@contextlib.contextmanager
+def capturable_token_rows():
+    """Within it, PEFT's trainable-token layers (a method's added tokens) read a device-held index, so
+    a step through them can be warmed up and captured; outside it, PEFT's own method runs. Its
+    warm-up must run inside it before capture does (the index is made there, outside the capture)."""
+    layer = _peft_token_layer()
+    if layer is None:
+        yield
+        return
+    original = layer.get_merged_weights
+    layer.get_merged_weights = _merged_token_weights
+    try:
+        yield
+    finally:
+        layer.get_merged_weights = original
+
+
 # ---- capturing a decode step ------------------------------------------------------------------------
 
 
@@ -153,7 +199,7 @@ def warm_up(fn: Callable[[], Tensor], times: int) -> torch.cuda.Stream:
     handle is first created mid-capture (torch's make_graphed_callables does the same)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side), capture_context():
+    with torch.cuda.stream(side), capture_context(), capturable_token_rows():
         for _ in range(times):
             fn()
     torch.cuda.current_stream().wait_stream(side)
@@ -165,6 +211,6 @@ def record(fn: Callable[[], Tensor], stream, pool=None) -> tuple[torch.cuda.CUDA
     `output`. pool: a memory pool shared with other graphs that never replay at the same time
     (torch.cuda.graph_pool_handle()), so that several captured shapes share one pool's memory."""
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool, stream=stream), capture_context():
+    with torch.cuda.graph(graph, pool=pool, stream=stream), capture_context(), capturable_token_rows():
         output = fn()
     return graph, output
