@@ -662,8 +662,8 @@ def _lora_with_token_rows(model, seed: int = 1):
 def test_capturable_token_rows_give_pefts_values_and_gradients(setup):
     """Within graphs.capturable_token_rows, PEFT's trainable-token layers (added tokens) read a
     device-held index instead of building one from a list at each forward (a copy that capture
-    refuses): the logits and the gradients of the token deltas equal PEFT's own, and PEFT's method
-    is back afterwards."""
+    refuses; BART's embedding scale likewise): the logits and the gradients of the token deltas
+    equal PEFT's own, and PEFT's methods are back afterwards."""
     from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
 
     from flantune.graphs import capturable_token_rows
@@ -681,12 +681,12 @@ def test_capturable_token_rows_give_pefts_values_and_gradients(setup):
         grads = {n: p.grad.clone() for n, p in peft_model.named_parameters() if "trainable_tokens_delta" in n}
         return logits.detach(), grads
 
-    original = TrainableTokensLayer.get_merged_weights
+    original = TrainableTokensLayer.get_merged_weights, TrainableTokensLayer._get_embed_scale
     expected, expected_grads = logits_and_grads()
     with capturable_token_rows():
-        assert TrainableTokensLayer.get_merged_weights is not original
+        assert TrainableTokensLayer.get_merged_weights is not original[0]
         ours, grads = logits_and_grads()
-    assert TrainableTokensLayer.get_merged_weights is original
+    assert (TrainableTokensLayer.get_merged_weights, TrainableTokensLayer._get_embed_scale) == original
     assert expected_grads and all(g.abs().sum() > 0 for g in expected_grads.values())
     torch.testing.assert_close(ours, expected, atol=0, rtol=0)
     assert grads.keys() == expected_grads.keys()

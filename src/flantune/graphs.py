@@ -164,6 +164,24 @@ def _merged_token_weights(self, active_adapters) -> Tensor:
     return weight
 
 
+def _embed_scale(self):
+    """PEFT's BaseTunerLayer._get_embed_scale, with a scale given as a Python number (BART's scaled
+    embeddings) made into a device tensor once per layer rather than at every forward (the same
+    host-to-device copy as above)."""
+    base = self.get_base_layer()
+    scale = getattr(base, "embed_scale", None)
+    if not isinstance(scale, int | float):
+        return _ORIGINAL_EMBED_SCALE[0](self)
+    kept = self.__dict__.setdefault("_device_embed_scale", {})
+    key = (scale, base.weight.device, base.weight.dtype)
+    if key not in kept:
+        kept[key] = torch.tensor(scale, device=base.weight.device, dtype=base.weight.dtype)
+    return kept[key]
+
+
+_ORIGINAL_EMBED_SCALE: list = []
+
+
 @contextlib.contextmanager
 def capturable_token_rows():
     """Within it, PEFT's trainable-token layers (a method's added tokens) read a device-held index, so
@@ -173,12 +191,20 @@ def capturable_token_rows():
     if layer is None:
         yield
         return
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
     original = layer.get_merged_weights
+    original_scale = BaseTunerLayer.__dict__.get("_get_embed_scale")  # peft >= 0.18
     layer.get_merged_weights = _merged_token_weights
+    if original_scale is not None:
+        _ORIGINAL_EMBED_SCALE[:] = [original_scale]
+        BaseTunerLayer._get_embed_scale = _embed_scale
     try:
         yield
     finally:
         layer.get_merged_weights = original
+        if original_scale is not None:
+            BaseTunerLayer._get_embed_scale = original_scale
 
 
 # ---- capturing a decode step ------------------------------------------------------------------------
