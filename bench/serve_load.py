@@ -247,6 +247,8 @@ def main() -> None:
     parser.add_argument("--no-continuous", action="store_true", help="batch in waves (the server's --no-continuous)")
     parser.add_argument("--out", default="serve-load.json")
     args = parser.parse_args()
+    if args.drain_limit is not None and args.time_limit is None:
+        parser.error("--drain-limit counts from --time-limit: give --time-limit too")
     shared = Path(args.shared)
     low = high = args.max_new_tokens
     if args.new_tokens:

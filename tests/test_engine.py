@@ -684,9 +684,20 @@ def test_capturable_token_rows_give_pefts_values_and_gradients(setup):
     original = TrainableTokensLayer.get_merged_weights, TrainableTokensLayer._get_embed_scale
     expected, expected_grads = logits_and_grads()
     with capturable_token_rows():
-        assert TrainableTokensLayer.get_merged_weights is not original[0]
+        with capturable_token_rows():  # nested (a warm-up inside another): patched once
+            patched = TrainableTokensLayer.get_merged_weights, TrainableTokensLayer._get_embed_scale
+            assert patched[0] is not original[0] and patched[1] is not original[1]
+        assert (TrainableTokensLayer.get_merged_weights, TrainableTokensLayer._get_embed_scale) == patched
         ours, grads = logits_and_grads()
     assert (TrainableTokensLayer.get_merged_weights, TrainableTokensLayer._get_embed_scale) == original
+    # The token layers the forward ran (T5: the encoder's and decoder's embeddings, not the unused
+    # `shared` wrapper; BART: also its tied head) took the device-held index, and BART's embeddings
+    # (BartScaledWordEmbedding, a float scale) the device-held scale.
+    ran = [m for m in peft_model.modules() if isinstance(m, TrainableTokensLayer) and "_device_token_index" in m.__dict__]
+    assert len(ran) >= 2
+    if model.config.model_type == "bart":
+        embeddings = [m for m in ran if isinstance(m.base_layer, torch.nn.Embedding)]  # (the tied head: Linear)
+        assert embeddings and all(m.__dict__.get("_device_embed_scale") for m in embeddings)
     assert expected_grads and all(g.abs().sum() > 0 for g in expected_grads.values())
     torch.testing.assert_close(ours, expected, atol=0, rtol=0)
     assert grads.keys() == expected_grads.keys()

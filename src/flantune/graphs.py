@@ -164,31 +164,33 @@ def _merged_token_weights(self, active_adapters) -> Tensor:
     return weight
 
 
-def _embed_scale(self):
-    """PEFT's BaseTunerLayer._get_embed_scale, with a scale given as a Python number (BART's scaled
-    embeddings) made into a device tensor once per layer rather than at every forward (the same
-    host-to-device copy as above)."""
-    base = self.get_base_layer()
-    scale = getattr(base, "embed_scale", None)
-    if not isinstance(scale, int | float):
-        return _ORIGINAL_EMBED_SCALE[0](self)
-    kept = self.__dict__.setdefault("_device_embed_scale", {})
-    key = (scale, base.weight.device, base.weight.dtype)
-    if key not in kept:
-        kept[key] = torch.tensor(scale, device=base.weight.device, dtype=base.weight.dtype)
-    return kept[key]
+def _embed_scale_once(original):
+    """PEFT's BaseTunerLayer._get_embed_scale (`original`), with a scale given as a Python number
+    (BART's scaled embeddings) made into a device tensor once per layer rather than at every forward
+    (the same host-to-device copy as above); any other scale is PEFT's answer."""
 
+    def embed_scale(self):
+        base = self.get_base_layer()
+        scale = getattr(base, "embed_scale", None)
+        if not isinstance(scale, int | float):
+            return original(self)
+        kept = self.__dict__.setdefault("_device_embed_scale", {})
+        key = (scale, base.weight.device, base.weight.dtype)
+        if key not in kept:
+            kept[key] = torch.tensor(scale, device=base.weight.device, dtype=base.weight.dtype)
+        return kept[key]
 
-_ORIGINAL_EMBED_SCALE: list = []
+    return embed_scale
 
 
 @contextlib.contextmanager
 def capturable_token_rows():
     """Within it, PEFT's trainable-token layers (a method's added tokens) read a device-held index, so
-    a step through them can be warmed up and captured; outside it, PEFT's own method runs. Its
-    warm-up must run inside it before capture does (the index is made there, outside the capture)."""
+    a step through them can be warmed up and captured; outside it, PEFT's own methods run. Its
+    warm-up must run inside it before capture does (the index is made there, outside the capture).
+    Nested uses patch once: the outermost puts PEFT's methods back."""
     layer = _peft_token_layer()
-    if layer is None:
+    if layer is None or layer.get_merged_weights is _merged_token_weights:
         yield
         return
     from peft.tuners.tuners_utils import BaseTunerLayer
@@ -197,8 +199,7 @@ def capturable_token_rows():
     original_scale = BaseTunerLayer.__dict__.get("_get_embed_scale")  # peft >= 0.18
     layer.get_merged_weights = _merged_token_weights
     if original_scale is not None:
-        _ORIGINAL_EMBED_SCALE[:] = [original_scale]
-        BaseTunerLayer._get_embed_scale = _embed_scale
+        BaseTunerLayer._get_embed_scale = _embed_scale_once(original_scale)
     try:
         yield
     finally:
