@@ -487,6 +487,23 @@ def test_graph_branch_on_cpu(setup, graphs_on_cpu):
     assert graphs_on_cpu == {"warm_up": 1, "record": 1}
 
 
+def test_graph_branch_replays_one_step_for_every_cap_in_a_cache_bucket(setup, graphs_on_cpu):
+    """Calls with other max_new_tokens in the same multiple of 64 (a server's requests, each with its
+    own cap) replay the one step recorded for that cache size, each with generate's ids for its
+    own cap; a cap past 64 records another."""
+    model, _, batch = setup
+    for cap in (3, MAX_NEW, 17):
+        ours = engine.generate(model, batch["input_ids"], batch["attention_mask"], max_new_tokens=cap, graphs=True)
+        expected = model.generate(**batch, max_new_tokens=cap, do_sample=False, num_beams=1)
+        assert torch.equal(ours.sequences, expected), (cap, ours.sequences, expected)
+    (entry,) = engine._GRAPHS.values()
+    assert entry.max_new_tokens == engine.NEW_TOKEN_MULTIPLE
+    assert graphs_on_cpu == {"warm_up": 1, "record": 1}
+    engine.generate(model, batch["input_ids"], batch["attention_mask"], max_new_tokens=65, graphs=True)
+    assert sorted(e.max_new_tokens for e in engine._GRAPHS.values()) == [64, 128]
+    assert graphs_on_cpu["record"] == 2
+
+
 def test_graph_branch_beam_search_on_cpu(setup, graphs_on_cpu):
     """Beam search through the graph branch (5 sources x 3 beams padded to 16 rows; the cache
     reordered in place between replays; the stopping check every 8 steps) equals generate's."""
@@ -724,5 +741,61 @@ def test_cuda_lora_with_token_rows_is_captured_and_sees_updates(cuda_path):
                 p.add_(torch.randn_like(p), alpha=0.5 if "lora_" in name else 2.0)
     again = run(peft_model, batch, graphs=True).sequences
     assert list(engine._GRAPHS.values()) == [entry] and entry.graph is graph  # replayed, not recaptured
+    assert torch.equal(again, reference(peft_model, batch)), (again, reference(peft_model, batch))
+    assert not torch.equal(again, ours)
+
+
+@pytest.fixture
+def compiled_step(monkeypatch):
+    """engine.COMPILE_STEP on, with inductor (the GPU's default backend), dynamo's caches reset."""
+    monkeypatch.setattr(engine, "COMPILE_STEP", True)
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.cuda
+def test_cuda_compiled_step_equals_generate(cuda_path, compiled_step):
+    """The step compiled by inductor, then captured, in float32 on the GPU: greedy and beam search
+    give generate's ids token for token; seeded sampling gives the uncompiled graph's samples and
+    log-probabilities (within float32 reassociation: inductor fuses the reductions)."""
+    model, _, batch = on_cuda(cuda_path, SOURCES)
+    ours = run(model, batch, graphs=True).sequences
+    assert torch.equal(ours, reference(model, batch)), (ours, reference(model, batch))
+    options = {"num_beams": 4, "num_return_sequences": 2, "early_stopping": True}
+    with eos_made_likelier(model, batch, 0.5):
+        beams = run(model, batch, graphs=True, **options).sequences
+        expected = reference(model, batch, **options)
+    assert torch.equal(beams, expected), (beams, expected)
+
+    sampler = tiny_model(cuda_path, 1.0).cuda() if model.config.model_type == "t5" else model
+    options = dict(do_sample=True, temperature=2.0, top_p=0.9, num_return_sequences=3, return_logprobs=True)
+    outs = {}
+    for compiled in (True, False):
+        engine.COMPILE_STEP = compiled
+        engine.clear_graphs()
+        outs[compiled] = run(sampler, batch, graphs=True, generator=torch.Generator("cuda").manual_seed(3), **options)
+    assert torch.equal(outs[True].sequences, outs[False].sequences)
+    torch.testing.assert_close(outs[True].logprobs, outs[False].logprobs, atol=1e-4, rtol=0)
+
+
+@pytest.mark.cuda
+def test_cuda_compiled_step_with_lora_sees_updates(cuda_path, compiled_step):
+    """An RL policy (LoRA with added tokens) through the compiled and captured step: generate's ids;
+    after an in-place update of its trainable weights the kept graph replays the new values."""
+    model, _, batch = on_cuda(cuda_path, SOURCES)
+    peft_model = _lora_with_token_rows(model.cpu()).cuda()
+    batch = {**batch, "input_ids": batch["input_ids"].clone()}
+    batch["input_ids"][:, 0] = 6
+    ours = run(peft_model, batch, graphs=True).sequences
+    assert torch.equal(ours, reference(peft_model, batch)), (ours, reference(peft_model, batch))
+    (entry,) = engine._GRAPHS.values()
+    graph = entry.graph
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p), alpha=0.5 if "lora_" in name else 2.0)
+    again = run(peft_model, batch, graphs=True).sequences
+    assert list(engine._GRAPHS.values()) == [entry] and entry.graph is graph
     assert torch.equal(again, reference(peft_model, batch)), (again, reference(peft_model, batch))
     assert not torch.equal(again, ours)

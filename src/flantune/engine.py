@@ -33,9 +33,9 @@ default there) the one-token step is captured as a CUDA graph and replayed for s
 step runs eagerly (it fills the cross-attention cache), a couple of eager warm-up steps run on a side
 stream (their cache writes undone), then `step()` is recorded once with its logits as a static
 tensor; each later step copies the chosen tokens into the step's input and replays. Rows are padded
-up to a batch-size bucket (1, 2, 4, ..., 128, then multiples of 128) and sources up to a multiple of
-64, and the captured step is kept per (model, bucket, source bucket, max_new_tokens, dtype) for the
-next call (`clear_graphs()` frees them). The logits processors, the sampling and the beam bookkeeping
+up to a batch-size bucket (1, 2, 4, ..., 128, then multiples of 128), sources up to a multiple of
+64 and the cache to a multiple of 64 new tokens, and the captured step is kept per (model, bucket,
+source bucket, cache bucket, dtype, compiled) for the next call (`clear_graphs()` frees them). The logits processors, the sampling and the beam bookkeeping
 stay eager. Rows of several LoRA adapters in one batch run every step eagerly. The CUDA path is
 checked by tests/test_engine.py's `cuda` tests, which run on a GPU machine only.
 """
@@ -296,10 +296,17 @@ class _Decoder:
 WARMUP_STEPS = 2  # eager calls of the step before capture, as torch's CUDA-graph docs do
 GRAPHS_KEPT = 4  # captured steps kept for later calls (each holds its caches and a memory pool)
 SOURCE_MULTIPLE = 64  # sources are padded up to a multiple of this in the graph's cache key
-# Experimental, off: the step compiled by torch.compile (its kernels fused by inductor) before it is
-# captured, so that a replay launches fewer kernels. Each shape bucket compiles anew (seconds to
-# minutes for larger models); bench/generate_speed.py's `engine-compiled` side measures whether it
-# pays before it becomes a default.
+# The self-attention cache of a captured step holds a multiple of this many positions, so that calls
+# with other max_new_tokens (a server's requests, each with its own cap) replay one recorded step
+# instead of recording one per cap. The slots past a call's own cap are never written nor attended
+# (the causal mask hides every slot after the current position).
+NEW_TOKEN_MULTIPLE = 64
+# The step compiled by torch.compile (its kernels fused by inductor) before it is captured, so that a
+# replay launches fewer kernels: 1.3-1.6x per step on flan-t5-base (H200), for 13-20 s of compilation
+# per shape bucket. Worth it where the same buckets are replayed for a long time (RL rollouts, step
+# after step), not for a one-off `flantune eval`; callers choose with generate(compile_step=...), this
+# is the default when they do not. dynamo keeps one cache per code object: past its recompile limit
+# (8 buckets recorded in one process) a new bucket's step runs uncompiled, still captured.
 COMPILE_STEP = False
 COMPILE_OPTIONS: dict = {"dynamic": False}
 _GRAPHS: OrderedDict[tuple, _GraphedDecoder] = OrderedDict()
@@ -355,10 +362,12 @@ class _GraphedDecoder:
     Per batch: `load` copies the encoder output and mask in (padding rows and source positions),
     `first()` runs step 1 eagerly (filling the cross-attention cache), `next(tokens)` replays."""
 
-    def __init__(self, model, rows: int, source_len: int, width: int, max_new_tokens: int, dtype, device):
+    def __init__(self, model, rows: int, source_len: int, width: int, max_new_tokens: int, dtype, device,
+                 compiled: bool = False):  # fmt: skip
         self.model_ref = weakref.ref(model)
         self.fingerprint = _fingerprint(model)
         self.rows, self.source_len, self.max_new_tokens = rows, source_len, max_new_tokens
+        self.compiled = compiled
         self.encoder_hidden = torch.zeros(rows, source_len, width, dtype=dtype, device=device)  # (R, S', d)
         self.encoder_mask = torch.zeros(rows, source_len, dtype=torch.long, device=device)  # (R, S')
         self.decoder = _Decoder(model, self.encoder_hidden, self.encoder_mask, max_new_tokens)
@@ -411,27 +420,29 @@ class _GraphedDecoder:
         warmup = min(WARMUP_STEPS, self.max_new_tokens - 1)
         saved = self.decoder.snapshot(position=1, steps=warmup)
         # (compiled: the warm-up's first call compiles; the recording captures the fused kernels)
-        step = torch.compile(self.decoder.step, **COMPILE_OPTIONS) if COMPILE_STEP else self.decoder.step
+        step = torch.compile(self.decoder.step, **COMPILE_OPTIONS) if self.compiled else self.decoder.step
         stream = _warm_up(step, warmup)
         _Decoder.restore(saved)
         self.graph, self.logits = _record(step, stream)
         _Decoder.restore(saved)
 
 
-def _graphed_decoder(model, encoder_hidden: torch.Tensor, max_new_tokens: int) -> _GraphedDecoder:
+def _graphed_decoder(model, encoder_hidden: torch.Tensor, max_new_tokens: int,
+                     compiled: bool = False) -> _GraphedDecoder:  # fmt: skip
     """The kept `_GraphedDecoder` for this model and shape bucket, or a new one (kept, the oldest
-    dropped past GRAPHS_KEPT)."""
+    dropped past GRAPHS_KEPT). Its cache holds max_new_tokens rounded up to NEW_TOKEN_MULTIPLE."""
     rows, source_len, width = encoder_hidden.shape
     autocast = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
     key = (
-        id(model), row_bucket(rows), -(-source_len // SOURCE_MULTIPLE) * SOURCE_MULTIPLE, max_new_tokens,
-        encoder_hidden.dtype, autocast, encoder_hidden.device,
+        id(model), row_bucket(rows), -(-source_len // SOURCE_MULTIPLE) * SOURCE_MULTIPLE,
+        -(-max_new_tokens // NEW_TOKEN_MULTIPLE) * NEW_TOKEN_MULTIPLE, encoder_hidden.dtype, autocast,
+        encoder_hidden.device, compiled,
     )  # fmt: skip
     entry = _GRAPHS.pop(key, None)
     if entry is None or entry.model_ref() is not model or entry.fingerprint != _fingerprint(model):
         entry = None  # dropped first: its caches and graph pool are freed before new ones are made
-        entry = _GraphedDecoder(model, key[1], key[2], width, max_new_tokens, encoder_hidden.dtype,
-                                encoder_hidden.device)  # fmt: skip
+        entry = _GraphedDecoder(model, key[1], key[2], width, key[3], encoder_hidden.dtype,
+                                encoder_hidden.device, compiled)  # fmt: skip
     _GRAPHS[key] = entry
     while len(_GRAPHS) > GRAPHS_KEPT:
         _GRAPHS.popitem(last=False)
@@ -573,6 +584,7 @@ def generate(
     stop: Callable[[], bool] | None = None,
     on_step: Callable[[int, torch.Tensor], None] | None = None,
     graphs: bool | None = None,
+    compile_step: bool | None = None,
 ) -> Generation:
     """Decode `input_ids` (B, S) with `attention_mask` (B, S), padded sources, one token per step.
 
@@ -595,7 +607,8 @@ def generate(
     `graphs`: replay the decode step as a CUDA graph (module docstring). None: on when the model is
     on CUDA and no `adapter_names` are given (a mixed-adapter step runs eagerly); False: every step
     eager; True on another device is an error. The output is the eager loop's (the same kernels;
-    padding rows and source positions change no real row).
+    padding rows and source positions change no real row). `compile_step`: the captured step is
+    compiled by torch.compile first (COMPILE_STEP when None); it only applies with graphs.
     """
     if num_beams < 1:
         raise ValueError(f"num_beams must be at least 1, got {num_beams}")
@@ -654,7 +667,8 @@ def generate(
         encoder_mask = attention_mask.repeat_interleave(copies, dim=0)
         # Everything the loop writes, allocated before it.
         if use_graphs:
-            decoder = _graphed_decoder(model, encoder_hidden, max_new_tokens)
+            compiled = COMPILE_STEP if compile_step is None else compile_step
+            decoder = _graphed_decoder(model, encoder_hidden, max_new_tokens, compiled)
             decoder.load(model, encoder_hidden, encoder_mask, start_id)
         else:
             decoder = _EagerDecoder(model, encoder_hidden, encoder_mask, max_new_tokens, start_id)
