@@ -25,6 +25,12 @@ two took (the rest: the worker waiting for requests, and its other host work bet
         [--no-continuous]   (the same load on the server batching in waves, for comparison)
     python bench/serve_load.py --shared .gpu_shared --shape flan-t5-base --device cuda --dtype bfloat16 \
         --api openai --adapters 8 --requests 2000 --concurrency 64 --new-tokens 8-128 --out serve-openai.json
+
+The server before continuous batching and the OpenAI API (commit 059d8c9: batches in waves on
+transformers' generate, /v1/generate only), under the same load through --api generate:
+
+    git worktree add /tmp/serve-059d8c9 059d8c9
+    python bench/serve_load.py ... --api generate --server-src /tmp/serve-059d8c9/src --out serve-before.json
 """
 
 from __future__ import annotations
@@ -195,7 +201,10 @@ def worker_totals(url: str) -> dict[str, float]:
     from prometheus_client.parser import text_string_to_metric_families
 
     totals = {}
-    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=30).text):
+    response = httpx.get(f"{url}/metrics", timeout=30)
+    if response.status_code == 404:  # a version without /metrics
+        return totals
+    for family in text_string_to_metric_families(response.text):
         if family.name in WORKER_HISTOGRAMS:
             for sample in family.samples:
                 if sample.name.endswith(("_sum", "_count")):
@@ -245,6 +254,9 @@ def main() -> None:
                              "the count (cancelled_in_flight); default: wait for every answer")
     parser.add_argument("--no-mixed-batches", action="store_true", help="batch per adapter only")
     parser.add_argument("--no-continuous", action="store_true", help="batch in waves (the server's --no-continuous)")
+    parser.add_argument("--server-src", default=None,
+                        help="run the server from this source folder (another version's src/, e.g. a git "
+                             "worktree of an earlier release), for a comparison in the same sitting")
     parser.add_argument("--out", default="serve-load.json")
     args = parser.parse_args()
     if args.drain_limit is not None and args.time_limit is None:
@@ -275,7 +287,10 @@ def main() -> None:
         for name, path in adapters.items():
             command += ["--adapter", f"{name}={path}"]
         log = open(folder / "server.log", "w+")  # noqa: SIM115 - read back after the server ends
-        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
+        env = os.environ.copy()
+        if args.server_src:  # that version's flantune first on the server's path
+            env["PYTHONPATH"] = os.pathsep.join([str(Path(args.server_src).resolve()), env.get("PYTHONPATH", "")])
+        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
         url = f"http://127.0.0.1:{port}"
         try:
             deadline = time.monotonic() + 300
@@ -309,7 +324,9 @@ def main() -> None:
                     for i in range(args.requests)
                 ]  # fmt: skip
                 send = send_generate
-            asyncio.run(fire(url, bodies[: 2 * args.concurrency], args.concurrency, send=send))  # warm-up
+            # warm-up (a slow server's within the same limits as the timed run)
+            asyncio.run(fire(url, bodies[: 2 * args.concurrency], args.concurrency, args.time_limit, send=send,
+                             drain=args.drain_limit))  # fmt: skip
             say(f"{args.requests} requests at {args.concurrency} concurrent connections ({args.api})")
             before = worker_totals(url)
             latencies, answers, errors, seconds, cancelled = asyncio.run(
@@ -333,7 +350,7 @@ def main() -> None:
         "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else cpu_name(),
         "cpu_threads": torch.get_num_threads(), "dtype": args.dtype, "max_batch": args.max_batch,
         "batch_wait_ms": args.batch_wait_ms, "mixed_batches": not args.no_mixed_batches,
-        "continuous": not args.no_continuous,
+        "continuous": not args.no_continuous, "server_src": args.server_src,
         "torch": torch.__version__,
         "ok": len(latencies), "errors": len(errors), "error_samples": errors[:5],
         "stopped_by_time_limit": len(latencies) + len(errors) < args.requests,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import copy
 import dataclasses
 import hmac
@@ -24,6 +25,7 @@ import re
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import AsyncIterator
 from concurrent.futures import Future
 from contextlib import asynccontextmanager, contextmanager
@@ -1062,6 +1064,62 @@ def cut_at_stop(text: str, stops: list[str], finished: bool) -> tuple[str, str]:
     return text, "stop" if finished else "length"
 
 
+class _Mailbox:
+    """What the worker thread hands to one event loop's streams, delivered in one wake-up per batch:
+    the worker posts each streaming request's tokens of a step; the first post schedules one
+    delivery on the loop (call_soon_threadsafe writes to the loop's wake-up pipe), later posts before
+    it runs ride along. With dozens of streams that is one wake-up of the loop per decoding step,
+    not one per request (each a syscall and a scheduling round under the GIL the worker needs)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.items: list[tuple[_Inbox, object]] = []
+        self.lock = threading.Lock()
+        self.scheduled = False
+
+    @staticmethod
+    def of(loop: asyncio.AbstractEventLoop) -> _Mailbox:
+        """The loop's mailbox (made at its first stream; called on the loop's own thread)."""
+        box = _MAILBOXES.get(loop)
+        if box is None:
+            box = _MAILBOXES[loop] = _Mailbox(loop)
+        return box
+
+    def post(self, inbox: _Inbox, item) -> None:
+        with self.lock:
+            self.items.append((inbox, item))
+            if self.scheduled:
+                return
+            self.scheduled = True
+        with contextlib.suppress(RuntimeError):  # a closed loop (shutdown): nobody reads these any more
+            self.loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        with self.lock:
+            items, self.items, self.scheduled = self.items, [], False
+        for inbox, item in items:
+            inbox.items.append(item)
+            inbox.ready.set()
+
+
+_MAILBOXES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+class _Inbox:
+    """One stream's deliveries: every step's (row, token) pairs, then None when the job is done."""
+
+    def __init__(self):
+        self.items: list = []
+        self.ready = asyncio.Event()
+
+    async def take(self, timeout: float) -> list:
+        """Everything delivered since the last take (waiting up to `timeout` s for something)."""
+        await asyncio.wait_for(self.ready.wait(), timeout)
+        self.ready.clear()
+        items, self.items = self.items, []
+        return items
+
+
 async def stream_completion(service: Service, request: CompletionRequest, adapter: str | None,
                             inputs: list[str], cfg: GenerationConfig, stops: list[str], prompt_tokens: int):  # fmt: skip
     """Server-sent events for a streaming completion, as OpenAI sends them: a `text_completion`
@@ -1073,16 +1131,13 @@ async def stream_completion(service: Service, request: CompletionRequest, adapte
     last chunk of each choice comes from the worker's final text, so the streamed pieces add up to
     exactly what the same request without streaming answers. A client that disconnects marks its
     request abandoned: its batch stops decoding once no request of it is waited for."""
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue = asyncio.Queue()
+    box, inbox = _Mailbox.of(asyncio.get_running_loop()), _Inbox()
     try:
-        job = service.worker.submit(
-            adapter, inputs, cfg, stream=lambda pairs: loop.call_soon_threadsafe(queue.put_nowait, pairs)
-        )
+        job = service.worker.submit(adapter, inputs, cfg, stream=lambda pairs: box.post(inbox, pairs))
     except RuntimeError:
         yield _event({"error": {"message": "the server is shutting down", "type": "server_error", "code": 503}})
         return
-    job.future.add_done_callback(lambda _: loop.call_soon_threadsafe(queue.put_nowait, None))
+    job.future.add_done_callback(lambda _: box.post(inbox, None))
     tokenizer, ends = service.counter, {service.counter.eos_token_id, service.counter.pad_token_id}
     ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     hold = max((len(s) for s in stops), default=1) - 1
@@ -1097,14 +1152,33 @@ async def stream_completion(service: Service, request: CompletionRequest, adapte
     try:
         while True:
             try:
-                pairs = await asyncio.wait_for(queue.get(), max(deadline - time.perf_counter(), 0))
+                # Every step's tokens delivered since the last round at once (a loop that fell
+                # behind decodes each row once for several steps); None: the worker is done.
+                delivered = await inbox.take(max(deadline - time.perf_counter(), 0))
             except TimeoutError:
                 job.abandoned.set()
                 job.future.cancel()
                 message = f"generation did not finish within the {service.limits.timeout_s:g} s limit"
                 yield _event({"error": {"message": message, "type": "server_error", "code": 504}})
                 break
-            if pairs is None:  # the worker is done with the request
+            done = None in delivered  # (after the request's last step: the future resolves then)
+            pairs = [pair for step in delivered if step is not None for pair in step]
+            touched = []
+            for row, token in pairs:
+                if stopped[row] or token in ends:
+                    continue
+                ids[row].append(token)
+                if row not in touched:
+                    touched.append(row)
+            for row in touched:
+                text, reason = cut_at_stop(decode(tokenizer, ids[row]), stops, False)
+                stopped[row] = reason == "stop"
+                stable = text if stopped[row] else text[: max(len(text) - hold, 0)]
+                stable = stable.rstrip("\ufffd")  # a character whose bytes are not all decoded yet
+                if len(stable) > len(sent[row]) and stable.startswith(sent[row]):
+                    yield chunk(row, stable[len(sent[row]) :])
+                    sent[row] = stable
+            if done:  # the worker is done with the request
                 if job.future.cancelled() or job.future.exception() is not None:
                     error = "cancelled" if job.future.cancelled() else job.future.exception()
                     message = f"generation failed: {type(error).__name__}: {error}"
@@ -1123,17 +1197,6 @@ async def stream_completion(service: Service, request: CompletionRequest, adapte
                                   "completion_tokens": completion_tokens,
                                   "total_tokens": prompt_tokens + completion_tokens}})  # fmt: skip
                 break
-            for row, token in pairs:
-                if stopped[row] or token in ends:
-                    continue
-                ids[row].append(token)
-                text, reason = cut_at_stop(decode(tokenizer, ids[row]), stops, False)
-                stopped[row] = reason == "stop"
-                stable = text if stopped[row] else text[: max(len(text) - hold, 0)]
-                stable = stable.rstrip("\ufffd")  # a character whose bytes are not all decoded yet
-                if len(stable) > len(sent[row]) and stable.startswith(sent[row]):
-                    yield chunk(row, stable[len(sent[row]) :])
-                    sent[row] = stable
         yield "data: [DONE]\n\n"
     finally:
         if not job.future.done():
