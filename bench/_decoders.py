@@ -6,6 +6,8 @@ Every command that generates reaches the model through one call, `flantune.engin
 transformers' `model.generate` with its default dynamic cache (the decoder flantune's commands used
 before the engine) for the duration of a `with` block; everything else the command does (loading,
 tokenizing, batching by length, scoring, writing) is the same code on both sides.
+`decoder("engine-uncompiled")`: the engine with its captured step never compiled (whatever the
+command asks through `compile_step`), to measure what compiling the step buys a command.
 """
 
 from __future__ import annotations
@@ -14,11 +16,12 @@ import contextlib
 
 from flantune import engine
 
-DECODERS = ("transformers", "engine")
+DECODERS = ("transformers", "engine", "engine-uncompiled")
 
 
 def _transformers(model, input_ids, attention_mask, **options) -> engine.Generation:
     """transformers' generate with its default dynamic cache, behind the engine's signature."""
+    options.pop("compile_step", None)  # the engine's own option
     return engine.transformers_generate(model, input_ids, attention_mask, cache="dynamic", **options)
 
 
@@ -31,7 +34,10 @@ def decoder(name: str):
         yield
         return
     original = engine.generate
-    engine.generate = _transformers
+    if name == "transformers":
+        engine.generate = _transformers
+    else:
+        engine.generate = lambda *args, **options: original(*args, **{**options, "compile_step": False})
     try:
         yield
     finally:

@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _decoders import DECODERS, decoder
+from _decoders import decoder
 
 from flantune.config import recipe_from_dict
 from flantune.evaluate import run_eval
@@ -55,7 +55,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1000)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--decoders", default=",".join(DECODERS))
+    parser.add_argument("--decoders", default="transformers,engine")
     args = parser.parse_args()
     shared = Path(args.shared).resolve()
     with tempfile.TemporaryDirectory() as tmp:
