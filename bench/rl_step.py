@@ -73,7 +73,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--group", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--decoders", default="engine", help="engine, engine-uncompiled, transformers (comma-separated)")
+    parser.add_argument("--decoders", default="engine", help="engine, engine-compiled, transformers (comma-separated)")
     args = parser.parse_args()
     results = []
     for method in args.methods.split(","):

@@ -288,8 +288,9 @@ def test_gumbel_noise_is_the_same_on_the_gpu():
 
 @pytest.mark.cuda
 def test_sampled_groups_on_the_gpu_through_the_compiled_step(tmp_path, t5_small_path, monkeypatch):
-    """RL's sampling on a GPU goes through the captured step compiled by inductor (float32): the same
-    completions as the step run eagerly, every step (the keyed streams make samples comparable)."""
+    """RL's sampling on a GPU through the captured step compiled by inductor (engine.COMPILE_STEP,
+    float32): the same completions as the step run eagerly, every step (the keyed streams make the
+    samples comparable)."""
     from flantune import engine
     from flantune.decoding import sample_groups
 
@@ -298,16 +299,14 @@ def test_sampled_groups_on_the_gpu_through_the_compiled_step(tmp_path, t5_small_
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     enc = tokenizer(SOURCES, return_tensors="pt", padding=True).to("cuda")
     options = dict(group_size=4, first_row=0, seed=3, max_new_tokens=6)
-    calls = []
-    real = engine.generate
-    monkeypatch.setattr(engine, "generate", lambda *a, **k: calls.append(k) or real(*a, **k))
+    monkeypatch.setattr(engine, "COMPILE_STEP", True)
     torch._dynamo.reset()
     engine.clear_graphs()
     try:
         compiled = sample_groups(model, enc["input_ids"], enc["attention_mask"], **options)
-        assert calls[-1]["compile_step"] is True
         (entry,) = engine._GRAPHS.values()
         assert entry.compiled and entry.graph is not None
+        real = engine.generate
         monkeypatch.setattr(engine, "generate", lambda *a, **k: real(*a, **{**k, "graphs": False}))
         eager = sample_groups(model, enc["input_ids"], enc["attention_mask"], **options)
     finally:

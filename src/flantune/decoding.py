@@ -246,9 +246,7 @@ def sample_groups(
     sampling = KeyedSampling(row_keys(seed, rows), temperature=temperature, top_p=top_p, top_k=top_k)
     # The engine samples from the processed scores, where KeyedSampling left one token: the keyed
     # choice, drawn with probability 1. temperature 1, top_k 0, top_p 1: the engine adds no filters.
-    # RL samples the same shape buckets step after step: on a GPU the captured step is compiled
-    # (its compilation paid once per bucket, engine.COMPILE_STEP).
     return engine.generate(
         model, input_ids, attention_mask, do_sample=True, num_return_sequences=group_size,
-        max_new_tokens=max_new_tokens, logits_processor=[sampling], compile_step=True,
+        max_new_tokens=max_new_tokens, logits_processor=[sampling],
     ).sequences  # fmt: skip

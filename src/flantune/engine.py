@@ -302,11 +302,12 @@ SOURCE_MULTIPLE = 64  # sources are padded up to a multiple of this in the graph
 # (the causal mask hides every slot after the current position).
 NEW_TOKEN_MULTIPLE = 64
 # The step compiled by torch.compile (its kernels fused by inductor) before it is captured, so that a
-# replay launches fewer kernels: 1.3-1.6x per step on flan-t5-base (H200), for 13-20 s of compilation
-# per shape bucket. Worth it where the same buckets are replayed for a long time (RL rollouts, step
-# after step), not for a one-off `flantune eval`; callers choose with generate(compile_step=...), this
-# is the default when they do not. dynamo keeps one cache per code object: past its recompile limit
-# (8 buckets recorded in one process) a new bucket's step runs uncompiled, still captured.
+# replay launches fewer kernels: 1.3-1.6x per decoding step on flan-t5-base (H200), for 13-20 s of
+# compilation per shape bucket; tokens equal generate's in float32 on a GPU (tests/test_engine.py).
+# Off by default: in `flantune rl` (LoRA) it cut the sampling time of a step by 1.48x but the whole
+# step did not get faster (docs/benchmarks.md), and a one-off `flantune eval` pays its compilation.
+# generate(compile_step=True) asks for it per call. dynamo keeps one cache per code object: past its
+# recompile limit (8 buckets recorded in one process) a new bucket's step runs uncompiled, captured.
 COMPILE_STEP = False
 COMPILE_OPTIONS: dict = {"dynamic": False}
 _GRAPHS: OrderedDict[tuple, _GraphedDecoder] = OrderedDict()
