@@ -193,6 +193,52 @@ def test_interleaved_adapters_are_batched_and_each_gets_its_own_output(loaded, e
         assert worker.batches < len(requests)
 
 
+def test_waves_batch_requests_of_other_caps_each_cut_at_its_own(loaded):
+    """Batching in waves, requests with different max_new_tokens share a batch (decoded to the
+    largest cap); each answer equals generation with its own cap alone, streamed pieces included;
+    beam search keeps its cap in the batch key."""
+    model, tokenizer = loaded[0], loaded[1]
+    caps = [2, 8, 5, 3, 8, 1]
+    jobs = [("alpha" if i % 2 else "beta", SOURCES[i % len(SOURCES)], cap) for i, cap in enumerate(caps)]
+    want = []
+    for name, source, cap in jobs:
+        model.set_adapter(name)
+        want.append(generate_texts(model, tokenizer, [source], GenerationConfig(max_new_tokens=cap))[0])
+    assert len({len(tokenizer(w).input_ids) for w in want}) > 1  # the caps cut the answers differently
+    app = make_app(loaded, mixed=False, continuous=False, batch_wait_ms=200, max_batch=16)
+    with TestClient(app) as client, ThreadPoolExecutor(len(jobs)) as pool:
+        answers = list(pool.map(lambda r: ask(client, r[0], [r[1]], max_new_tokens=r[2]), jobs))
+    assert [a.json()["outputs"][0] for a in answers] == want
+    assert max(a.json()["batch"]["requests"] for a in answers) > 2  # other caps, one batch
+    worker = app.state.service.worker
+    assert worker.caps_mix and not isinstance(worker, serve.ContinuousWorker)
+    one = serve.Job("alpha", ["x"], GenerationConfig(max_new_tokens=4))
+    other = serve.Job("alpha", ["x"], GenerationConfig(max_new_tokens=9))
+    assert one.key(False, caps=True) == other.key(False, caps=True) != one.key(False)
+    beams = [serve.Job("alpha", ["x"], GenerationConfig(max_new_tokens=n, num_beams=2)) for n in (4, 9)]
+    assert beams[0].key(False, caps=True) != beams[1].key(False, caps=True)
+
+
+def test_waves_stream_no_token_past_a_requests_cap(loaded):
+    """A streamed request batched in waves with a longer one: its streamed pieces add up to its
+    own answer (no token past its cap reaches the client)."""
+    openai = pytest.importorskip("openai")
+    model, tokenizer = loaded[0], loaded[1]
+    model.set_adapter("alpha")
+    short = generate_texts(model, tokenizer, [SOURCES[2]], GenerationConfig(max_new_tokens=2))[0]
+    app = make_app(loaded, mixed=False, continuous=False, batch_wait_ms=300)
+    with live_server(app) as (_, _, url):
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        with ThreadPoolExecutor(2) as pool:
+            long = pool.submit(client.completions.create, model="alpha", prompt=SOURCES[2], max_tokens=8,
+                               temperature=0)  # fmt: skip
+            events = list(client.completions.create(model="alpha", prompt=SOURCES[2], max_tokens=2, temperature=0,
+                                                    stream=True))  # fmt: skip
+            long.result()
+    assert app.state.service.worker.batches == 1  # the two shared one batch, decoded to 8 tokens
+    assert "".join(c.text for event in events for c in event.choices) == short
+
+
 def test_beam_search_is_batched_per_adapter(loaded):
     """Beam-search requests never mix adapters in a batch, and answer as each adapter alone does."""
     model, tokenizer = loaded[0], loaded[1]
@@ -649,6 +695,8 @@ def test_a_bart_model_is_served_with_continuous_batching(bart_path):
             "model": "tiny-bart", "prompt": source, "max_tokens": 8, "temperature": 0}).json(), SOURCES))  # fmt: skip
     assert [a["choices"][0]["text"] for a in answers] == want
     assert len(set(want)) > 1
+    # BART forces EOS at the cap: batched in waves, requests of other caps do not share a batch.
+    assert not service.worker.caps_mix and model.generation_config.forced_eos_token_id is not None
 
 
 def test_continuous_rows_apply_processors_that_read_their_history(loaded):

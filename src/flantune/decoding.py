@@ -108,6 +108,7 @@ def generate_outputs(
     adapter_names: list[str] | None = None,
     stop=None,
     on_step=None,
+    caps: list[int] | None = None,
 ) -> list[Output]:
     """Generate one output per source; the result is in the order of `sources`.
 
@@ -118,10 +119,15 @@ def generate_outputs(
     8 with CUDA graphs): True ends the generation there (the server stops work nobody waits for).
     `on_step(t, rows, tokens)` is called as each decoding step is issued (flantune.engine.generate):
     `rows` are the indices into `sources` of the batch's rows, `tokens` (len(rows),) their new tokens.
+    `caps` (one per source, each at most cfg.max_new_tokens): each source's own cap on new tokens, its
+    output cut there (greedy: the output of a run with that cap; the server batches requests of
+    other caps together). Not for models whose generation config forces EOS at the cap.
     """
     sources = list(sources)
     if not sources:
         return []
+    if caps is not None and (len(caps) != len(sources) or not all(1 <= c <= cfg.max_new_tokens for c in caps)):
+        raise ValueError(f"caps: one per source, each in 1..{cfg.max_new_tokens} (max_new_tokens)")
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -146,7 +152,7 @@ def generate_outputs(
             **kwargs,
         ).sequences  # (B, 1 + T)
         for i, ids in zip(index, generated.tolist(), strict=True):
-            ids = ids[1:]  # the decoder start token
+            ids = ids[1:] if caps is None else ids[1 : 1 + caps[i]]  # the decoder start token, the row's cap
             finished = tokenizer.eos_token_id in ids
             if finished:
                 ids = ids[: ids.index(tokenizer.eos_token_id)]

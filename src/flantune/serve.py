@@ -178,11 +178,16 @@ class Job:
     stream: object = None
     logprobs: int | None = None  # per generated token, its log-probability and this many alternatives
 
-    def key(self, mixed: bool) -> tuple:
+    def key(self, mixed: bool, caps: bool = False) -> tuple:
         # Requests share a batch only when the same options serve them and, unless the adapters
         # can mix in one batch, the same adapter. Beam search does not mix: PEFT's per-row adapters
-        # gave other beams than each adapter alone (checked with PEFT 0.21).
-        return (None if self.mixes(mixed) else self.adapter, *dataclasses.astuple(self.cfg))
+        # gave other beams than each adapter alone (checked with PEFT 0.21). caps: requests of other
+        # max_new_tokens share a batch too (decoded to the largest, each cut at its own; not beams,
+        # whose hypotheses depend on the cap).
+        cfg = self.cfg
+        if caps and cfg.num_beams == 1:
+            cfg = dataclasses.replace(cfg, max_new_tokens=0)
+        return (None if self.mixes(mixed) else self.adapter, *dataclasses.astuple(cfg))
 
     def mixes(self, mixed: bool) -> bool:
         return mixed and self.cfg.num_beams == 1
@@ -197,6 +202,10 @@ class Worker:
 
     def __init__(self, model, tokenizer, *, max_batch: int, batch_wait_ms: float, mixed: bool = False):
         self.model, self.tokenizer, self.mixed = model, tokenizer, mixed
+        # Requests of other max_new_tokens share a batch, unless the model forces EOS at the cap
+        # (BART's generation config does: a row's last token then depends on its own cap).
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.caps_mix = getattr(base.generation_config, "forced_eos_token_id", None) is None
         self.max_batch, self.wait_s = max_batch, batch_wait_ms / 1000
         self.pending: list[Job] = []
         self.cond = threading.Condition()
@@ -242,7 +251,7 @@ class Worker:
             while True:
                 batch, size = [], 0
                 for job in self.pending:
-                    if job.key(self.mixed) == first.key(self.mixed) and (
+                    if job.key(self.mixed, self.caps_mix) == first.key(self.mixed, self.caps_mix) and (
                         not batch or size + len(job.inputs) <= self.max_batch
                     ):
                         batch.append(job)
@@ -272,6 +281,10 @@ class Worker:
 
         owners = [(job, row) for job in batch for row in range(len(job.inputs))]  # by source index
         streaming = any(job.stream is not None for job in batch)
+        # Requests of other caps share the batch (Job.key): it decodes to the largest, each row is
+        # cut at its own request's cap (streamed tokens too).
+        caps = [job.cfg.max_new_tokens for job, _ in owners]
+        cfg = dataclasses.replace(batch[0].cfg, max_new_tokens=max(caps))
 
         def on_step(t: int, rows: list[int], tokens: torch.Tensor) -> None:
             if t == 0:
@@ -283,7 +296,7 @@ class Worker:
                 updates: dict[int, tuple[Job, list]] = {}
                 for source, token in zip(rows, ids, strict=True):
                     job, row = owners[source]
-                    if job.stream is not None:
+                    if job.stream is not None and t < caps[source]:
                         updates.setdefault(id(job), (job, []))[1].append((row, token))
                 for job, pairs in updates.values():
                     job.stream(pairs)
@@ -292,10 +305,10 @@ class Worker:
         try:
             if batch[0].mixes(self.mixed):
                 names = [job.adapter or "__base__" for job in batch for _ in job.inputs]
-                outputs = generate_outputs(self.model, self.tokenizer, sources, batch[0].cfg, batch_size=self.max_batch,
-                                           adapter_names=names, stop=stop, on_step=on_step)  # fmt: skip
+                outputs = generate_outputs(self.model, self.tokenizer, sources, cfg, batch_size=self.max_batch,
+                                           adapter_names=names, stop=stop, on_step=on_step, caps=caps)  # fmt: skip
             else:
-                outputs = self._generate(batch[0].adapter, sources, batch[0].cfg, stop, on_step)
+                outputs = self._generate(batch[0].adapter, sources, cfg, stop, on_step, caps)
             texts = [out.text for out in outputs]
             counts = [len(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
         except Exception as e:  # a failed batch answers its requests; the worker lives on
@@ -321,11 +334,12 @@ class Worker:
             })  # fmt: skip
             at += n
 
-    def _generate(self, adapter: str | None, sources: list[str], cfg: GenerationConfig, stop, on_step):
+    def _generate(self, adapter: str | None, sources: list[str], cfg: GenerationConfig, stop, on_step,
+                  caps: list[int] | None = None):  # fmt: skip
         from peft import PeftModel
 
         model = self.model
-        options = {"batch_size": self.max_batch, "stop": stop, "on_step": on_step}
+        options = {"batch_size": self.max_batch, "stop": stop, "on_step": on_step, "caps": caps}
         if not isinstance(model, PeftModel):
             return generate_outputs(model, self.tokenizer, sources, cfg, **options)
         if adapter is None:
