@@ -248,6 +248,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--batch-wait-ms", type=float, default=10.0)
+    parser.add_argument("--stream-interval-ms", type=float, default=None, help="the server's --stream-interval-ms")
     parser.add_argument("--time-limit", type=float, default=None, help="send no request after this many s")
     parser.add_argument("--drain-limit", type=float, default=None,
                         help="with --time-limit: cancel what is still in flight this many s after it, and report "
@@ -282,6 +283,8 @@ def main() -> None:
                    "--batch-wait-ms", str(args.batch_wait_ms), "--max-new-tokens", str(max(high, 512))]  # fmt: skip
         if args.no_mixed_batches:
             command.append("--no-mixed-batches")
+        if args.stream_interval_ms is not None:
+            command += ["--stream-interval-ms", str(args.stream_interval_ms)]
         if args.no_continuous:
             command.append("--no-continuous")
         for name, path in adapters.items():
@@ -349,7 +352,8 @@ def main() -> None:
         "concurrency": args.concurrency, "api": args.api, "new_tokens": [low, high], "device": args.device,
         "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else cpu_name(),
         "cpu_threads": torch.get_num_threads(), "dtype": args.dtype, "max_batch": args.max_batch,
-        "batch_wait_ms": args.batch_wait_ms, "mixed_batches": not args.no_mixed_batches,
+        "batch_wait_ms": args.batch_wait_ms, "stream_interval_ms": args.stream_interval_ms,
+        "mixed_batches": not args.no_mixed_batches,
         "continuous": not args.no_continuous, "server_src": args.server_src,
         "torch": torch.__version__,
         "ok": len(latencies), "errors": len(errors), "error_samples": errors[:5],

@@ -580,6 +580,23 @@ def test_streamed_completions_add_up_to_the_answer(loaded, expected):
         assert streamed[-1][1] == "stop"
 
 
+def test_a_stream_interval_sends_fewer_longer_pieces(loaded, expected):
+    """--stream-interval-ms: the first token at once, the rest handed to the stream at most that
+    often and at the end: fewer streamed pieces, adding up to the same text; 0 hands every step."""
+    openai = pytest.importorskip("openai")
+    counts = {}
+    for interval in (0.0, 60_000.0):
+        with live_server(make_app(loaded, stream_interval_ms=interval)) as (_, _, url):
+            client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+            events = list(client.completions.create(model="beta", prompt=SOURCES[:2], max_tokens=8, temperature=0,
+                                                    stream=True))  # fmt: skip
+        pieces = [c for event in events for c in event.choices if c.text]
+        for i in range(2):
+            assert "".join(c.text for c in pieces if c.index == i) == expected["beta"][SOURCES[i]]
+        counts[interval] = max(sum(c.index == i for c in pieces) for i in range(2))
+    assert counts[60_000.0] <= 3 < counts[0.0], counts  # first token, the rest, the final text
+
+
 @pytest.mark.parametrize("continuous", [False, True], ids=["waves", "continuous"])
 def test_a_client_that_leaves_a_stream_frees_its_rows(loaded, continuous):
     """The model told never to end (EOS suppressed) and 500 tokens asked: the client reads one chunk

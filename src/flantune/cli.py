@@ -456,6 +456,7 @@ def serve_command(
     timeout: Annotated[float, typer.Option(help="Seconds one request may take, queue included.")] = 60.0,
     max_batch: Annotated[int, typer.Option(help="Inputs generated together.")] = 32,
     batch_wait_ms: Annotated[float, typer.Option(help="How long a batch waits for more requests (continuous batching: how long requests wait, while a batch decodes, to share one encoder pass).")] = 10.0,
+    stream_interval_ms: Annotated[float, typer.Option(help="Continuous batching: hand a streamed request its tokens at most this often (its first token and its end at once; 0: every step). Larger: fewer, longer streamed pieces and less work on the HTTP side.")] = 0.0,
     mixed_batches: Annotated[
         bool, typer.Option(help="Let rows of different LoRA adapters (and the base) share one batch.")
     ] = True,
@@ -482,6 +483,7 @@ def serve_command(
     limits = Limits(
         max_input_tokens=max_input_tokens, max_new_tokens=max_new_tokens, max_inputs=max_inputs,
         max_body_bytes=max_body_bytes, timeout_s=timeout, max_batch=max_batch, batch_wait_ms=batch_wait_ms,
+        stream_interval_ms=stream_interval_ms,
     )  # fmt: skip
     from flantune.serve import ServeError
 

@@ -79,11 +79,16 @@ class Limits:
     """Inputs the worker generates together (several requests of one adapter share a batch)."""
     batch_wait_ms: float = 10.0
     """How long the first request of a batch waits for others of the same adapter."""
+    stream_interval_ms: float = 0.0
+    """Continuous batching: a streamed request's tokens are handed to its stream at most this often
+    (its first token and its end at once; 0: every decoding step). Streaming costs the HTTP side
+    work per handed piece, under the interpreter lock the decoding loop needs too; a longer interval
+    sends several tokens a piece (vLLM's --stream-interval does the same, counted in tokens)."""
 
     def check(self) -> list[str]:
         problems = []
         for key, value in dataclasses.asdict(self).items():
-            smallest = 0 if key == "batch_wait_ms" else 1e-9
+            smallest = 0 if key in ("batch_wait_ms", "stream_interval_ms") else 1e-9
             flag = "--timeout" if key == "timeout_s" else f"--{key.replace('_', '-')}"  # the serve flags
             if not value >= smallest:  # NaN too
                 problems.append(
@@ -391,6 +396,9 @@ class _Running:
     started: float
     first_step: float | None = None
     steps: int = 0
+    # Streaming: (row, token) pairs not handed to the stream yet, and when it was last handed some.
+    unsent: list[tuple[int, int]] = field(default_factory=list)
+    sent_at: float | None = None
     ids: list[list[int]] = field(default_factory=list)
     done: list[bool] = field(default_factory=list)
     # With job.logprobs: per step, the rows' chosen-token log-probabilities (n,) and the top ones
@@ -420,8 +428,9 @@ class ContinuousWorker(Worker):
     may ask for (Limits)."""
 
     def __init__(self, model, tokenizer, *, max_batch: int, batch_wait_ms: float, mixed: bool,
-                 max_new_tokens: int, max_source_tokens: int):  # fmt: skip
+                 max_new_tokens: int, max_source_tokens: int, stream_interval_ms: float = 0.0):  # fmt: skip
         super().__init__(model, tokenizer, max_batch=max_batch, batch_wait_ms=batch_wait_ms, mixed=mixed)
+        self.stream_interval_s = stream_interval_ms / 1000
         self.max_new_tokens, self.max_source_tokens = max_new_tokens, max_source_tokens
         self.slots = None  # made on the worker thread at its first request (the model's device)
         self.active: list[_Running] = []
@@ -595,9 +604,15 @@ class ContinuousWorker(Worker):
                     pairs.append((row, token))
                     run.done[row] = token == eos or run.steps >= run.job.cfg.max_new_tokens
                 run.ids[row].append(token)
-            if run.job.stream is not None and pairs:
-                run.job.stream(pairs)
-            if all(run.done) or run.job.abandoned.is_set():
+            ended = all(run.done) or run.job.abandoned.is_set()
+            if run.job.stream is not None:
+                run.unsent += pairs
+                # The first token at once, then at most every stream_interval_s, the rest at the end.
+                due = run.sent_at is None or now - run.sent_at >= self.stream_interval_s or ended
+                if run.unsent and due:
+                    run.job.stream(run.unsent)
+                    run.unsent, run.sent_at = [], now
+            if ended:
                 finished_runs.append(run)
         slots.advance(chosen)
         for run in finished_runs:
@@ -821,7 +836,8 @@ class Service:
         options = {"max_batch": limits.max_batch, "batch_wait_ms": limits.batch_wait_ms, "mixed": mixed}
         if continuous:
             self.worker = ContinuousWorker(model, tokenizer, **options, max_new_tokens=limits.max_new_tokens,
-                                           max_source_tokens=limits.max_input_tokens)  # fmt: skip
+                                           max_source_tokens=limits.max_input_tokens,
+                                           stream_interval_ms=limits.stream_interval_ms)  # fmt: skip
             cache = rows.cache_bytes(model, limits.max_batch, limits.max_new_tokens, limits.max_input_tokens)
             # What the continuous batch reserves at its first request, said at start (and in
             # /v1/models) so that a too large --max-batch / --max-new-tokens / --max-input-tokens is
