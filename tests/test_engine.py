@@ -799,3 +799,38 @@ def test_cuda_compiled_step_with_lora_sees_updates(cuda_path, compiled_step):
     assert list(engine._GRAPHS.values()) == [entry] and entry.graph is graph
     assert torch.equal(again, reference(peft_model, batch)), (again, reference(peft_model, batch))
     assert not torch.equal(again, ours)
+
+
+@pytest.mark.cuda
+def test_cuda_qlora_generates_as_transformers(t5_small_path, tmp_path):
+    """A 4-bit (NF4, double quantization) model as `method: qlora` loads it, plain and with a LoRA
+    adapter, float32 compute: the engine's ids equal transformers' generate on the same model, eager
+    and with the step captured (bitsandbytes' dequantizing matmuls inside the graph)."""
+    pytest.importorskip("bitsandbytes")
+    from peft import LoraConfig, get_peft_model
+    from transformers import BitsAndBytesConfig
+
+    tiny_model(t5_small_path).save_pretrained(tmp_path / "model")
+    quantized = AutoModelForSeq2SeqLM.from_pretrained(
+        tmp_path / "model", device_map={"": 0},
+        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                               bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32),
+    ).eval()  # fmt: skip
+    assert any("4bit" in type(m).__name__ for m in quantized.modules())
+    tokenizer = AutoTokenizer.from_pretrained(t5_small_path)
+    batch = tokenizer(SOURCES, return_tensors="pt", padding=True).to("cuda")
+    engine.clear_graphs()
+    expected = reference(quantized, batch)
+    for graphs in (False, True):
+        ours = run(quantized, batch, graphs=graphs).sequences
+        assert torch.equal(ours, expected), (graphs, ours, expected)
+    torch.manual_seed(1)
+    config = LoraConfig(r=4, lora_alpha=32, target_modules=["q", "v"], init_lora_weights=False,
+                        task_type="SEQ_2_SEQ_LM")  # fmt: skip
+    lora = get_peft_model(quantized, config).eval()
+    expected_lora = reference(lora, batch)
+    assert not torch.equal(expected_lora, expected)  # the adapter changes the answers
+    for graphs in (False, True):
+        ours = run(lora, batch, graphs=graphs).sequences
+        assert torch.equal(ours, expected_lora), (graphs, ours, expected_lora)
+    engine.clear_graphs()
