@@ -25,7 +25,6 @@ import re
 import threading
 import time
 import uuid
-import weakref
 from collections.abc import AsyncIterator
 from concurrent.futures import Future
 from contextlib import asynccontextmanager, contextmanager
@@ -1094,53 +1093,23 @@ def cut_at_stop(text: str, stops: list[str], finished: bool) -> tuple[str, str]:
     return text, "stop" if finished else "length"
 
 
-class _Mailbox:
-    """What the worker thread hands to one event loop's streams, delivered in one wake-up per batch:
-    the worker posts each streaming request's tokens of a step; the first post schedules one
-    delivery on the loop (call_soon_threadsafe writes to the loop's wake-up pipe), later posts before
-    it runs ride along. With dozens of streams that is one wake-up of the loop per decoding step,
-    not one per request (each a syscall and a scheduling round under the GIL the worker needs)."""
+class _Inbox:
+    """One stream's deliveries from the worker thread: each handed piece's (row, token) pairs, then
+    None when the job is done. The stream takes everything delivered since its last round at once."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = loop
-        self.items: list[tuple[_Inbox, object]] = []
-        self.lock = threading.Lock()
-        self.scheduled = False
-
-    @staticmethod
-    def of(loop: asyncio.AbstractEventLoop) -> _Mailbox:
-        """The loop's mailbox (made at its first stream; called on the loop's own thread)."""
-        box = _MAILBOXES.get(loop)
-        if box is None:
-            box = _MAILBOXES[loop] = _Mailbox(loop)
-        return box
-
-    def post(self, inbox: _Inbox, item) -> None:
-        with self.lock:
-            self.items.append((inbox, item))
-            if self.scheduled:
-                return
-            self.scheduled = True
-        with contextlib.suppress(RuntimeError):  # a closed loop (shutdown): nobody reads these any more
-            self.loop.call_soon_threadsafe(self._deliver)
-
-    def _deliver(self) -> None:
-        with self.lock:
-            items, self.items, self.scheduled = self.items, [], False
-        for inbox, item in items:
-            inbox.items.append(item)
-            inbox.ready.set()
-
-
-_MAILBOXES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-class _Inbox:
-    """One stream's deliveries: every step's (row, token) pairs, then None when the job is done."""
-
-    def __init__(self):
         self.items: list = []
         self.ready = asyncio.Event()
+
+    def post(self, item) -> None:
+        """From any thread: `item` delivered on the stream's loop."""
+        with contextlib.suppress(RuntimeError):  # a closed loop (shutdown): nobody reads it any more
+            self.loop.call_soon_threadsafe(self._deliver, item)
+
+    def _deliver(self, item) -> None:
+        self.items.append(item)
+        self.ready.set()
 
     async def take(self, timeout: float) -> list:
         """Everything delivered since the last take (waiting up to `timeout` s for something)."""
@@ -1161,13 +1130,13 @@ async def stream_completion(service: Service, request: CompletionRequest, adapte
     last chunk of each choice comes from the worker's final text, so the streamed pieces add up to
     exactly what the same request without streaming answers. A client that disconnects marks its
     request abandoned: its batch stops decoding once no request of it is waited for."""
-    box, inbox = _Mailbox.of(asyncio.get_running_loop()), _Inbox()
+    inbox = _Inbox(asyncio.get_running_loop())
     try:
-        job = service.worker.submit(adapter, inputs, cfg, stream=lambda pairs: box.post(inbox, pairs))
+        job = service.worker.submit(adapter, inputs, cfg, stream=inbox.post)
     except RuntimeError:
         yield _event({"error": {"message": "the server is shutting down", "type": "server_error", "code": 503}})
         return
-    job.future.add_done_callback(lambda _: box.post(inbox, None))
+    job.future.add_done_callback(lambda _: inbox.post(None))
     tokenizer, ends = service.counter, {service.counter.eos_token_id, service.counter.pad_token_id}
     ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     hold = max((len(s) for s in stops), default=1) - 1
