@@ -563,6 +563,31 @@ def test_graph_branch_with_lora_and_trainable_tokens(setup, graphs_on_cpu):
     assert torch.equal(base, reference(model, batch))
 
 
+def test_graph_branch_with_adapter_rows_gathered(setup, graphs_on_cpu):
+    """Rows of adapters a, b and the base gathered per row (adapter_rows, as the server's waves do)
+    take the graph branch and equal PEFT's adapter_names hooks run eagerly, greedy and with beams; a
+    batch of another mix of adapters replays the recorded step (its rows buffer is re-read). A row
+    buffer smaller than the step's bucket falls back to PEFT's hooks, eagerly."""
+    from flantune.lora_rows import LoraRows
+
+    model, _, batch = setup
+    peft_model = lora_pair(model)
+    gathered = LoraRows(peft_model, ["a", "b"], capacity=16)
+    for names in (["a", "b", "__base__", "b", "a"], ["b", "__base__", "a", "a", "b"]):
+        for options in ({}, {"num_beams": 2}):
+            expected = run(peft_model, batch, adapter_names=names, graphs=False, **options).sequences
+            ours = run(peft_model, batch, adapter_names=names, adapter_rows=gathered, graphs=True, **options)
+            assert torch.equal(ours.sequences, expected), (names, options)
+    # One recording per bucket (8 rows greedy, 16 with two beams), whatever the mix.
+    assert graphs_on_cpu["record"] == 2
+    small = LoraRows(peft_model, ["a", "b"], capacity=4)
+    with pytest.raises(ValueError, match="mixed-adapter step runs eagerly"):
+        run(peft_model, batch, adapter_names=names, adapter_rows=small, graphs=True)
+    ours = run(peft_model, batch, adapter_names=names, adapter_rows=small).sequences
+    assert torch.equal(ours, run(peft_model, batch, adapter_names=names, graphs=False).sequences)
+    assert graphs_on_cpu["record"] == 2
+
+
 def test_graph_branch_sampling_on_cpu(sampling_setup, graphs_on_cpu):
     """Sampling from one seeded generator gives the same samples with and without the graph branch
     (the padding rows draw nothing); a changed model (another mode) is recaptured, not replayed."""
@@ -749,6 +774,23 @@ def test_cuda_lora_with_token_rows_is_captured_and_sees_updates(cuda_path, compi
     assert torch.equal(again, reference(peft_model, batch)), (again, reference(peft_model, batch))
     assert not torch.equal(again, ours)
     torch._dynamo.reset()
+
+
+@pytest.mark.cuda
+def test_cuda_adapter_rows_are_captured(cuda_path):
+    """float32 on the GPU: rows of adapters a, b and the base gathered per row, the step captured and
+    replayed for a second mix, equal PEFT's adapter_names hooks run eagerly."""
+    from flantune.lora_rows import LoraRows
+
+    model, _, batch = on_cuda(cuda_path, SOURCES)
+    peft_model = lora_pair(model)
+    gathered = LoraRows(peft_model, ["a", "b"], capacity=8)
+    for names in (["a", "b", "__base__", "b", "a"], ["b", "__base__", "a", "a", "b"]):
+        expected = run(peft_model, batch, adapter_names=names, graphs=False).sequences
+        ours = run(peft_model, batch, adapter_names=names, adapter_rows=gathered).sequences
+        assert torch.equal(ours, expected), (names, ours, expected)
+    (entry,) = engine._GRAPHS.values()
+    assert entry.graph is not None
 
 
 @pytest.fixture

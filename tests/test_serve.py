@@ -166,14 +166,18 @@ def test_each_route(loaded, expected):
     assert len({tuple(expected[name].values()) for name in expected}) == 4
 
 
-@pytest.mark.parametrize("mixed", [True, False], ids=["mixed-batches", "one-adapter-batches"])
-def test_interleaved_adapters_are_batched_and_each_gets_its_own_output(loaded, expected, mixed):
-    """LoRA adapters mix in one batch (PEFT's adapter_names) by default; either way every request
-    gets the answer of its own adapter, as direct generation with that adapter alone gives it."""
+@pytest.mark.parametrize(("mixed", "continuous"), [(True, None), (True, False), (False, None)],
+                         ids=["mixed-batches", "mixed-waves", "one-adapter-batches"])  # fmt: skip
+def test_interleaved_adapters_are_batched_and_each_gets_its_own_output(loaded, expected, mixed, continuous):
+    """LoRA adapters mix in one batch by default (continuous, or in waves with --no-continuous: each
+    adapter's matrices gathered per row); either way every request gets the answer of its own
+    adapter, as direct generation with that adapter alone gives it."""
+    from flantune.lora_rows import LoraRows
+
     assert serve.mixable(loaded[0])
     rng = random.Random(0)
     requests = [(rng.choice([None, "alpha", "beta", "gamma"]), rng.choice(SOURCES)) for _ in range(40)]
-    app = make_app(loaded, mixed=mixed, batch_wait_ms=30, max_batch=8)
+    app = make_app(loaded, mixed=mixed, continuous=continuous, batch_wait_ms=30, max_batch=8)
     with TestClient(app) as client, ThreadPoolExecutor(12) as pool:
         answers = list(pool.map(lambda r: ask(client, r[0], [r[1]]), requests))
     assert [a.status_code for a in answers] == [200] * len(requests)
@@ -187,8 +191,11 @@ def test_interleaved_adapters_are_batched_and_each_gets_its_own_output(loaded, e
     else:
         assert max(b["models"] for b in batches) == 1
     worker = app.state.service.worker
-    # Mixed LoRA rows decode in the continuous batch; adapters kept apart decode in waves.
-    assert isinstance(worker, serve.ContinuousWorker) == mixed
+    # Mixed LoRA rows decode in the continuous batch unless told otherwise; adapters kept apart
+    # decode in waves.
+    assert isinstance(worker, serve.ContinuousWorker) == (mixed and continuous is None)
+    if continuous is False:
+        assert isinstance(worker._adapter_rows, LoraRows)  # mixed waves gathered rows per adapter
     if not mixed:
         assert worker.batches < len(requests)
 

@@ -106,6 +106,7 @@ def generate_outputs(
     device: torch.device | str | None = None,
     labels: list[str] | None = None,
     adapter_names: list[str] | None = None,
+    adapter_rows=None,
     stop=None,
     on_step=None,
     caps: list[int] | None = None,
@@ -114,7 +115,9 @@ def generate_outputs(
 
     With `labels`, decoding can only produce one of those strings (classification tasks).
     `adapter_names` (one per source) picks the LoRA adapter that answers each row, "__base__" for
-    the base model: PEFT's mixed-adapter batches, so rows of several adapters share a batch.
+    the base model: PEFT's mixed-adapter batches, so rows of several adapters share a batch;
+    `adapter_rows` (flantune.lora_rows.LoraRows of those adapters) gathers them per row instead, a
+    step of fixed shapes that is captured on a GPU (engine.generate).
     `stop` (a function of no arguments) is asked at the engine's stopping checks (every step, every
     8 with CUDA graphs): True ends the generation there (the server stops work nobody waits for).
     `on_step(t, rows, tokens)` is called as each decoding step is issued (flantune.engine.generate):
@@ -148,8 +151,8 @@ def generate_outputs(
         names = None if adapter_names is None else [adapter_names[i] for i in index]
         step = None if on_step is None else (lambda t, tokens, index=index: on_step(t, index, tokens))
         generated = engine.generate(
-            model, batch["input_ids"], batch["attention_mask"], adapter_names=names, stop=stop, on_step=step,
-            **kwargs,
+            model, batch["input_ids"], batch["attention_mask"], adapter_names=names, adapter_rows=adapter_rows,
+            stop=stop, on_step=step, **kwargs,
         ).sequences  # (B, 1 + T)
         for i, ids in zip(index, generated.tolist(), strict=True):
             ids = ids[1:] if caps is None else ids[1 : 1 + caps[i]]  # the decoder start token, the row's cap

@@ -429,21 +429,25 @@ class _GraphedDecoder:
 
 
 def _graphed_decoder(model, encoder_hidden: torch.Tensor, max_new_tokens: int,
-                     compiled: bool = False) -> _GraphedDecoder:  # fmt: skip
+                     compiled: bool = False, routing=None) -> _GraphedDecoder:  # fmt: skip
     """The kept `_GraphedDecoder` for this model and shape bucket, or a new one (kept, the oldest
-    dropped past GRAPHS_KEPT). Its cache holds max_new_tokens rounded up to NEW_TOKEN_MULTIPLE."""
+    dropped past GRAPHS_KEPT). Its cache holds max_new_tokens rounded up to NEW_TOKEN_MULTIPLE.
+    `routing`: the LoraRows the step gathers its rows' adapters through (a step recorded with it
+    reads its tables and `rows` buffer, so it is kept apart from the plain step)."""
     rows, source_len, width = encoder_hidden.shape
     autocast = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
     key = (
         id(model), row_bucket(rows), -(-source_len // SOURCE_MULTIPLE) * SOURCE_MULTIPLE,
         -(-max_new_tokens // NEW_TOKEN_MULTIPLE) * NEW_TOKEN_MULTIPLE, encoder_hidden.dtype, autocast,
-        encoder_hidden.device, compiled,
+        encoder_hidden.device, compiled, None if routing is None else id(routing),
     )  # fmt: skip
     entry = _GRAPHS.pop(key, None)
-    if entry is None or entry.model_ref() is not model or entry.fingerprint != _fingerprint(model):
+    if (entry is None or entry.model_ref() is not model or entry.fingerprint != _fingerprint(model)
+            or (routing is not None and entry.routing_ref() is not routing)):  # fmt: skip
         entry = None  # dropped first: its caches and graph pool are freed before new ones are made
         entry = _GraphedDecoder(model, key[1], key[2], width, key[3], encoder_hidden.dtype,
                                 encoder_hidden.device, compiled)  # fmt: skip
+        entry.routing_ref = weakref.ref(routing) if routing is not None else (lambda: None)
     _GRAPHS[key] = entry
     while len(_GRAPHS) > GRAPHS_KEPT:
         _GRAPHS.popitem(last=False)
@@ -586,6 +590,7 @@ def generate(
     on_step: Callable[[int, torch.Tensor], None] | None = None,
     graphs: bool | None = None,
     compile_step: bool | None = None,
+    adapter_rows=None,
 ) -> Generation:
     """Decode `input_ids` (B, S) with `attention_mask` (B, S), padded sources, one token per step.
 
@@ -599,14 +604,19 @@ def generate(
     `num_beams` > 1: beam search, as `model.generate(num_beams=...)` does it (`length_penalty`, the
     model's generation config's when None; `early_stopping` True, False or "never"); with
     `do_sample`, beam sampling. `adapter_names` (one per source, "__base__" for none): the LoRA
-    adapter of each row, PEFT's mixed-adapter batches. `stop()`, asked at every stopping check,
+    adapter of each row, PEFT's mixed-adapter batches; with `adapter_rows` (a
+    flantune.lora_rows.LoraRows holding those adapters, its `rows` buffer at least the step's row
+    bucket), each LoRA layer gathers its rows' matrices by an index tensor instead, so the step keeps
+    fixed shapes and is captured like any other (the tables are copies: for adapters that do not
+    change, as a server's; its `rows` buffer is overwritten). `stop()`, asked at every stopping check,
     ends the generation early when it returns True (what is decoded so far comes back).
     `on_step(t, tokens)` is called once step t (0-based) is issued, with that step's tokens (N,)
     on the device (pad for finished rows; with beams, each running beam's): its kernels are queued,
     not waited for, so a caller that reads the tokens or times the step synchronizes itself.
 
     `graphs`: replay the decode step as a CUDA graph (module docstring). None: on when the model is
-    on CUDA and no `adapter_names` are given (a mixed-adapter step runs eagerly); False: every step
+    on CUDA, unless `adapter_names` mix through PEFT (without `adapter_rows`: that step runs
+    eagerly); False: every step
     eager; True on another device is an error. The output is the eager loop's (the same kernels;
     padding rows and source positions change no real row). `compile_step`: the captured step is
     compiled by torch.compile first (COMPILE_STEP when None); it only applies with graphs.
@@ -636,9 +646,18 @@ def generate(
             logits_processor=logits_processor,
         )  # fmt: skip
     device = _base_model(model).device
-    if adapter_names is not None and graphs:
+    copies = num_beams if num_beams > 1 else num_return_sequences  # decoder rows per source
+    # Rows of several adapters gathered per row (LoraRows) where its row buffer holds the step's
+    # bucket; else PEFT's adapter_names hooks, eagerly.
+    routing = (
+        adapter_rows
+        if adapter_names is not None and adapter_rows is not None
+        and adapter_rows.rows.numel() >= row_bucket(input_ids.shape[0] * copies)
+        else None
+    )  # fmt: skip
+    if adapter_names is not None and routing is None and graphs:
         raise ValueError("graphs=True with adapter_names: a mixed-adapter step runs eagerly (graphs=None)")
-    use_graphs = adapter_names is None and _use_graphs(graphs, device)
+    use_graphs = (adapter_names is None or routing is not None) and _use_graphs(graphs, device)
     config = _base_model(model).config
     gen = _base_model(model).generation_config
     start_id, pad_id, eos = (
@@ -652,43 +671,51 @@ def generate(
         prefix_allowed_tokens_fn=prefix_allowed_tokens_fn, extra=logits_processor, num_beams=num_beams,
         device=input_ids.device,
     )  # fmt: skip
-    copies = num_beams if num_beams > 1 else num_return_sequences  # decoder rows per source
     # The stopping check reads flags on the host, a sync that stalls the queue of replays: with graphs
     # it is made every 8 steps. Steps run after the loop could have stopped change nothing (finished
     # rows emit pad; beams that can no longer improve are not taken), so the output is the same as
     # checking at every step.
     check_every = 8 if use_graphs else 1
 
-    with _adapter_rows(model, adapter_names, copies):
+    encoder_rows = decoder_rows = contextlib.nullcontext()
+    if routing is not None:
+        source_rows = routing.indices(adapter_names, input_ids.device)  # (B,) each source's adapter index
+        routing.rows.zero_()  # rows past the batch (a captured bucket's padding) run the base
+        routing.rows[: input_ids.shape[0] * copies] = source_rows.repeat_interleave(copies)  # (N,)
+        encoder_rows = routing.routed(model.get_encoder(), source_rows)
+        decoder_rows = routing.routed(model, routing.rows)  # the buffer a recorded step reads
+    with _adapter_rows(model, adapter_names if routing is None else None, copies):
         # The encoder, once per source: (B, S, d_model), then (N, S, d_model) with N = B * copies.
-        encoder_hidden = model.get_encoder()(
-            input_ids=input_ids, attention_mask=attention_mask, return_dict=True
-        )[0]
+        with encoder_rows:
+            encoder_hidden = model.get_encoder()(
+                input_ids=input_ids, attention_mask=attention_mask, return_dict=True
+            )[0]
         encoder_hidden = encoder_hidden.repeat_interleave(copies, dim=0)
         encoder_mask = attention_mask.repeat_interleave(copies, dim=0)
-        # Everything the loop writes, allocated before it.
-        if use_graphs:
-            compiled = COMPILE_STEP if compile_step is None else compile_step
-            decoder = _graphed_decoder(model, encoder_hidden, max_new_tokens, compiled)
-            decoder.load(model, encoder_hidden, encoder_mask, start_id)
-        else:
-            decoder = _EagerDecoder(model, encoder_hidden, encoder_mask, max_new_tokens, start_id)
-        try:
-            if num_beams > 1:
-                return _beam_search(
-                    decoder, processors, sources=input_ids.shape[0], num_beams=num_beams,
-                    max_new_tokens=max_new_tokens, start_id=start_id, pad_id=pad_id, eos_ids=eos_ids,
-                    do_sample=do_sample, generator=generator, num_return_sequences=num_return_sequences,
-                    length_penalty=_length_penalty(gen, length_penalty),
-                    early_stopping=early_stopping, check_every=check_every, stop=stop, on_step=on_step,
+        with decoder_rows:
+            # Everything the loop writes, allocated before it.
+            if use_graphs:
+                compiled = COMPILE_STEP if compile_step is None else compile_step
+                decoder = _graphed_decoder(model, encoder_hidden, max_new_tokens, compiled, routing)
+                decoder.load(model, encoder_hidden, encoder_mask, start_id)
+            else:
+                decoder = _EagerDecoder(model, encoder_hidden, encoder_mask, max_new_tokens, start_id)
+            try:
+                if num_beams > 1:
+                    return _beam_search(
+                        decoder, processors, sources=input_ids.shape[0], num_beams=num_beams,
+                        max_new_tokens=max_new_tokens, start_id=start_id, pad_id=pad_id, eos_ids=eos_ids,
+                        do_sample=do_sample, generator=generator, num_return_sequences=num_return_sequences,
+                        length_penalty=_length_penalty(gen, length_penalty),
+                        early_stopping=early_stopping, check_every=check_every, stop=stop, on_step=on_step,
+                    )  # fmt: skip
+                return _one_token_per_step(
+                    decoder, processors, rows=encoder_hidden.shape[0], max_new_tokens=max_new_tokens,
+                    start_id=start_id, pad_id=pad_id, eos_ids=eos_ids, do_sample=do_sample, generator=generator,
+                    return_logprobs=return_logprobs, check_every=check_every, stop=stop, on_step=on_step,
                 )  # fmt: skip
-            return _one_token_per_step(
-                decoder, processors, rows=encoder_hidden.shape[0], max_new_tokens=max_new_tokens,
-                start_id=start_id, pad_id=pad_id, eos_ids=eos_ids, do_sample=do_sample, generator=generator,
-                return_logprobs=return_logprobs, check_every=check_every, stop=stop, on_step=on_step,
-            )  # fmt: skip
-        finally:
-            decoder.release()
+            finally:
+                decoder.release()
 
 
 def _one_token_per_step(decoder, processors, *, rows: int, max_new_tokens: int, start_id: int, pad_id: int,

@@ -217,6 +217,7 @@ class Worker:
         self.thread = threading.Thread(target=self._loop, name="flantune-generate", daemon=True)
         self.batches = 0
         self.running = 0  # inputs of the batch being generated now (the /metrics gauge)
+        self._adapter_rows = None  # LoraRows of every adapter for mixed batches (`adapter_rows`), made once
 
     def queued_inputs(self) -> int:
         with self.cond:
@@ -310,7 +311,8 @@ class Worker:
             if batch[0].mixes(self.mixed):
                 names = [job.adapter or "__base__" for job in batch for _ in job.inputs]
                 outputs = generate_outputs(self.model, self.tokenizer, sources, cfg, batch_size=self.max_batch,
-                                           adapter_names=names, stop=stop, on_step=on_step, caps=caps)  # fmt: skip
+                                           adapter_names=names, adapter_rows=self.adapter_rows(), stop=stop,
+                                           on_step=on_step, caps=caps)  # fmt: skip
             else:
                 outputs = self._generate(batch[0].adapter, sources, cfg, stop, on_step, caps)
             texts = [out.text for out in outputs]
@@ -337,6 +339,20 @@ class Worker:
                 "queue_ms": (started - job.queued) * 1000, "generate_ms": generate_ms, "first_step_ms": first_ms,
             })  # fmt: skip
             at += n
+
+    def adapter_rows(self):
+        """The adapters' matrices gathered per row (flantune.lora_rows) for mixed batches: the step
+        keeps fixed shapes whatever the mix and is captured on a GPU, where PEFT's adapter names run
+        it eagerly, adapter by adapter. None where the adapters cannot be gathered (PEFT's way then).
+        Made on the worker thread at the first mixed batch; the served adapters never change."""
+        from flantune.engine import row_bucket
+        from flantune.lora_rows import LoraRows
+
+        if self._adapter_rows is None:  # False once found unsupported: asked once
+            supported = LoraRows.unsupported(self.model) is None
+            names = sorted(self.model.peft_config)
+            self._adapter_rows = supported and LoraRows(self.model, names, capacity=row_bucket(self.max_batch))
+        return self._adapter_rows or None
 
     def _generate(self, adapter: str | None, sources: list[str], cfg: GenerationConfig, stop, on_step,
                   caps: list[int] | None = None):  # fmt: skip
