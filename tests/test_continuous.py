@@ -62,22 +62,19 @@ def run_staggered(model, tokenizer, joins: dict[int, int], steps: int, names: di
     adapters = sorted(model.peft_config) if gathered else None
     slots = continuous.Slots(model, capacity=6, max_new_tokens=steps + 2, max_source_tokens=32, adapters=adapters,
                              graphs=graphs)  # fmt: skip
-    encoder = model.get_encoder()
     logits_of = {i: [] for i in joins}
     ids_of = {i: [start] for i in joins}
     slot_of = {}
     for t in range(steps + max(joins.values())):
-        for i, at in joins.items():
-            if at == t:
-                slot = len(slot_of) + 1  # slot 0 stays free: free slots must not disturb live ones
-                slot_of[i] = slot
-                batch = tokenizer([SOURCES[i]], return_tensors="pt")
-                row_adapters = [None if names[i] == "__base__" else names[i]] if gathered else None
-                routing = slots.lora.routed(encoder, slots.lora.indices(row_adapters, slots.positions.device)) \
-                    if gathered else hooks(model, None if names is None else [names[i]])  # fmt: skip
-                with torch.no_grad(), routing:
-                    hidden = encoder(**batch).last_hidden_state
-                    slots.admit([slot], hidden, batch["attention_mask"], start, adapters=row_adapters)
+        joining = [i for i, at in joins.items() if at == t]
+        if joining:  # the sources joining at this step: one pass, padded to the longest
+            for i in joining:
+                slot_of[i] = len(slot_of) + 1  # slot 0 stays free: free slots must not disturb live ones
+            batch = tokenizer([SOURCES[i] for i in joining], return_tensors="pt", padding=True)
+            row_adapters = [None if names[i] == "__base__" else names[i] for i in joining] if gathered else None
+            with hooks(model, None if names is None or gathered else [names[i] for i in joining]):
+                slots.join([slot_of[i] for i in joining], batch["input_ids"], batch["attention_mask"], start,
+                           adapters=row_adapters)  # fmt: skip
         by_slot = ["__base__"] * slots.capacity
         for i, slot in slot_of.items():
             by_slot[slot] = names[i] if names else "__base__"
@@ -139,7 +136,7 @@ def check_each_row(peft_model, tokenizer, names, logits_of, ids_of, close=None) 
 
 
 MIXED = {0: "a", 1: "b", 2: "__base__", 3: "b"}  # each source's adapter
-MIXED_JOINS = {0: 0, 1: 1, 2: 1, 3: 2}  # the step each source joins at
+MIXED_JOINS = {0: 0, 1: 1, 2: 1, 3: 1}  # the step each source joins at (three at once at step 1)
 
 
 class EagerGraph:
@@ -153,16 +150,19 @@ class EagerGraph:
 
 
 def test_the_captured_step_branch_on_cpu(t5, monkeypatch):
-    """`run` with graphs, the capture swapped for eager calls (the CPU has none): rows of two
-    adapters and the base joining at different steps get their own forward's logits, and one
-    capture is made per row bucket used (slots 0-1, then 0-3, then 0-4 of 6: buckets 2, 4 and 6,
-    the capacity), none again when a bucket comes back."""
+    """`run` and `join` with graphs, the capture swapped for eager calls (the CPU has none): rows of
+    two adapters and the base joining at different steps get their own forward's logits. One step
+    capture is made per row bucket used (slots 0-1, then 0-4 of 6: buckets 2 and 6, the capacity),
+    none again when a bucket comes back; one join capture per (row bucket, source length): one
+    source, then three (a bucket of 4: a padding row repeating the last), none for a join that
+    comes back to a bucket."""
     model, tokenizer = t5
     recorded = []
 
     def record(fn, stream, pool=None):
         output = fn().clone()
-        recorded.append(output.shape[0])
+        # a step's logits (rows, V); a join's slot index (rows,)
+        recorded.append(output.shape[0] if output.dim() == 2 else ("join", output.shape[0]))
         return EagerGraph(fn, output), output
 
     monkeypatch.setattr(continuous, "_can_capture", lambda device: True)
@@ -171,7 +171,11 @@ def test_the_captured_step_branch_on_cpu(t5, monkeypatch):
     peft_model = two_adapters(model)
     logits_of, ids_of = run_staggered(peft_model, tokenizer, MIXED_JOINS, 5, MIXED, gathered=True, graphs=True)
     check_each_row(peft_model, tokenizer, MIXED, logits_of, ids_of)
-    assert recorded == [2, 4, 6]
+    assert recorded == [("join", 1), 2, ("join", 4), 6]
+    recorded.clear()
+    logits_of, ids_of = run_staggered(peft_model, tokenizer, {0: 0, 1: 0, 2: 1, 3: 2}, 4, MIXED, gathered=True,
+                                      graphs=True)  # fmt: skip
+    check_each_row(peft_model, tokenizer, MIXED, logits_of, ids_of)
 
 
 def test_with_a_lora_adapter_and_mixed_adapter_rows(t5):

@@ -195,7 +195,7 @@ def test_interleaved_adapters_are_batched_and_each_gets_its_own_output(loaded, e
     # decode in waves.
     assert isinstance(worker, serve.ContinuousWorker) == (mixed and continuous is None)
     if continuous is False:
-        assert isinstance(worker._adapter_rows, LoraRows)  # mixed waves gathered rows per adapter
+        assert isinstance(worker._gathered, LoraRows)  # mixed waves gathered rows per adapter
     if not mixed:
         assert worker.batches < len(requests)
 

@@ -29,6 +29,8 @@ Architectures: T5 (FLAN-T5, mT5) and BART. `supports(model)` says whether a mode
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor
 
@@ -39,6 +41,7 @@ from flantune.lora_rows import LoraRows
 
 MODEL_TYPES = frozenset({"t5", "mt5", "bart"})
 WARMUP_STEPS = 2  # eager calls of the step before its capture (torch's CUDA-graph docs do the same)
+SOURCE_MULTIPLE = 64  # a captured join's source length: the sources' rounded up to this (at most the slots')
 
 
 def _can_capture(device: torch.device) -> bool:
@@ -118,6 +121,7 @@ class Slots:
             raise ValueError(f"graphs=True needs the model on a CUDA device (it is on {device})")
         self.graphs = _can_capture(device) if graphs is None else graphs
         self._captured: dict[int, tuple] = {}  # bucket -> (graph, logits (bucket, V))
+        self._joins: dict[tuple[int, int], _Join] = {}  # (row bucket, source bucket) -> captured pass
         self._pool = None
 
     def _linear(self, module, x: Tensor, rows: Tensor | None = None) -> Tensor:
@@ -125,6 +129,70 @@ class Slots:
         return module(x) if self.lora is None else self.lora.linear(module, x, rows)
 
     # ---- rows joining and leaving --------------------------------------------------------------
+
+    @torch.no_grad()
+    def join(self, slots: list[int], input_ids: Tensor, attention_mask: Tensor, start_id: int,
+             adapters: list[str | None] | None = None) -> None:  # fmt: skip
+        """Rows join in `slots` from their sources (n, s) (token ids and mask, padded): the encoder
+        pass (each row under its adapter, for slots made with `adapters`), then `admit`.
+
+        With graphs, the pass and the cross-attention projections are replayed from a CUDA graph
+        captured per (row bucket, source length rounded up to SOURCE_MULTIPLE), at its first use.
+        Eagerly, flan-t5-base's pass is some 4,000 operator calls, host work that took ~30 ms a
+        join on an H200 while the GPU waited; replayed, the host work is a few copies. Padding rows
+        repeat the last real row (the same inputs, so the same values written to the same slot) and
+        padding source positions are masked, so the rows' values are the eager pass's up to the
+        rounding of products of other shapes. A model whose rows mix through PEFT's adapter names
+        (slots made without `adapters` on a PEFT model with several) runs eagerly under the
+        caller's hooks."""
+        n, s = input_ids.shape
+        if s > self.max_source_tokens:
+            raise ValueError(f"a source of {s} tokens is over this batch's {self.max_source_tokens}")
+        if adapters is not None and self.lora is None:
+            raise ValueError("rows name adapters, but these slots were made without `adapters`")
+        peft = hasattr(self.model, "get_base_model")
+        if not self.graphs or (peft and self.lora is None):
+            encoder = self.model.get_encoder()
+            rows = None if self.lora is None else self.lora.indices(adapters or [None] * n, input_ids.device)
+            with self.lora.routed(encoder, rows) if rows is not None else contextlib.nullcontext():
+                hidden = encoder(input_ids=input_ids, attention_mask=attention_mask, return_dict=True)[0]  # (n, s, d)
+            self.admit(slots, hidden, attention_mask, start_id, adapters=adapters)
+            return
+        key = (self.bucket(n), min(-(-s // SOURCE_MULTIPLE) * SOURCE_MULTIPLE, self.max_source_tokens))
+        entry = self._joins.get(key)
+        if entry is None:
+            entry = self._joins[key] = _Join(*key, input_ids.device)
+        index = torch.tensor(slots, device=input_ids.device)  # (n,)
+        rows = self.lora.indices(adapters or [None] * n, index.device) if self.lora is not None else None
+        entry.load(input_ids, attention_mask, index, rows)
+        if entry.graph is None:
+            if self._pool is None and torch.cuda.is_available():
+                self._pool = torch.cuda.graph_pool_handle()
+            stream = _warm_up(lambda: self._encode(entry), WARMUP_STEPS)
+            entry.graph, _ = _record(lambda: self._encode(entry), stream, self._pool)
+        entry.graph.replay()
+        if self.lora is not None:
+            self.lora.rows[index] = rows
+        self._start(index, attention_mask, start_id)
+
+    def _encode(self, entry: _Join) -> Tensor:
+        """The captured part of `join`: the encoder over the entry's static inputs and each decoder
+        layer's cross-attention keys/values written into the entry's slots. Returns a token tensor
+        (record wants an output; nothing reads it)."""
+        encoder = self.model.get_encoder()
+        rows = entry.rows if self.lora is not None else None
+        with self.lora.routed(encoder, rows) if rows is not None else contextlib.nullcontext():
+            hidden = encoder(input_ids=entry.ids, attention_mask=entry.mask, return_dict=True)[0]  # (n', s', d)
+        n, s = entry.ids.shape
+        for i, (project_keys, project_values) in enumerate(self._cross_projections()):
+            shape = (n, s, self.heads, self.head_dim)
+            keys = self._linear(project_keys, hidden, rows).view(shape).transpose(1, 2)  # (n', H, s', dk)
+            values = self._linear(project_values, hidden, rows).view(shape).transpose(1, 2)
+            self.cross_keys[i][entry.index] = 0  # past s' too: no earlier row's values stay behind
+            self.cross_values[i][entry.index] = 0
+            self.cross_keys[i][entry.index, :, :s] = keys.to(self.cross_keys[i].dtype)
+            self.cross_values[i][entry.index, :, :s] = values.to(self.cross_values[i].dtype)
+        return entry.index
 
     def admit(self, slots: list[int], encoder_hidden: Tensor, encoder_mask: Tensor, start_id: int,
               adapters: list[str | None] | None = None) -> None:  # fmt: skip
@@ -149,6 +217,11 @@ class Slots:
             self.cross_values[i][index] = 0
             self.cross_keys[i][index, :, :s] = keys.to(self.cross_keys[i].dtype)
             self.cross_values[i][index, :, :s] = values.to(self.cross_values[i].dtype)
+        self._start(index, encoder_mask, start_id)
+
+    def _start(self, index: Tensor, encoder_mask: Tensor, start_id: int) -> None:
+        """Rows `index` (n,) with source mask (n, s): live at position 0 with the decoder start token."""
+        s = encoder_mask.shape[1]
         self.source_mask[index] = False
         self.source_mask[index, :s] = encoder_mask.bool()
         self.positions[index] = 0
@@ -318,6 +391,34 @@ def _bart_step(self: Slots, R: int) -> Tensor:
         hidden = layer.final_layer_norm(hidden + feed)
     logits = self._linear(base.lm_head, hidden)[:, 0]  # (R, V)
     return logits + base.final_logits_bias.to(logits.dtype)
+
+
+class _Join:
+    """Static inputs of a captured join (`Slots.join`) for up to `rows` sources of up to `source_len`
+    tokens: ids and mask (rows, source_len), each row's slot and adapter index (rows,); the graph."""
+
+    def __init__(self, rows: int, source_len: int, device):
+        self.ids = torch.zeros(rows, source_len, dtype=torch.long, device=device)
+        self.mask = torch.zeros(rows, source_len, dtype=torch.long, device=device)
+        self.index = torch.zeros(rows, dtype=torch.long, device=device)
+        self.rows = torch.zeros(rows, dtype=torch.long, device=device)
+        self.graph = None
+
+    def load(self, input_ids: Tensor, attention_mask: Tensor, index: Tensor, rows: Tensor | None) -> None:
+        """This join's n sources (n, s) in; the padding rows repeat the last real one (the same slot,
+        the same values), padding positions are masked."""
+        n, s = input_ids.shape
+        self.ids.zero_()
+        self.mask.zero_()
+        self.ids[:n, :s] = input_ids
+        self.mask[:n, :s] = attention_mask
+        self.ids[n:] = self.ids[n - 1]
+        self.mask[n:] = self.mask[n - 1]
+        self.index[:n] = index
+        self.index[n:] = index[-1]
+        if rows is not None:
+            self.rows[:n] = rows
+            self.rows[n:] = rows[-1]
 
 
 def _attend(query: Tensor, keys: Tensor, values: Tensor, bias: Tensor) -> Tensor:

@@ -217,7 +217,7 @@ class Worker:
         self.thread = threading.Thread(target=self._loop, name="flantune-generate", daemon=True)
         self.batches = 0
         self.running = 0  # inputs of the batch being generated now (the /metrics gauge)
-        self._adapter_rows = None  # LoraRows of every adapter for mixed batches (`adapter_rows`), made once
+        self._gathered = None  # LoraRows of every adapter for mixed batches (`gathered_rows`), made once
 
     def queued_inputs(self) -> int:
         with self.cond:
@@ -311,7 +311,7 @@ class Worker:
             if batch[0].mixes(self.mixed):
                 names = [job.adapter or "__base__" for job in batch for _ in job.inputs]
                 outputs = generate_outputs(self.model, self.tokenizer, sources, cfg, batch_size=self.max_batch,
-                                           adapter_names=names, adapter_rows=self.adapter_rows(), stop=stop,
+                                           adapter_names=names, adapter_rows=self.gathered_rows(), stop=stop,
                                            on_step=on_step, caps=caps)  # fmt: skip
             else:
                 outputs = self._generate(batch[0].adapter, sources, cfg, stop, on_step, caps)
@@ -340,7 +340,7 @@ class Worker:
             })  # fmt: skip
             at += n
 
-    def adapter_rows(self):
+    def gathered_rows(self):
         """The adapters' matrices gathered per row (flantune.lora_rows) for mixed batches: the step
         keeps fixed shapes whatever the mix and is captured on a GPU, where PEFT's adapter names run
         it eagerly, adapter by adapter. None where the adapters cannot be gathered (PEFT's way then).
@@ -348,11 +348,11 @@ class Worker:
         from flantune.engine import row_bucket
         from flantune.lora_rows import LoraRows
 
-        if self._adapter_rows is None:  # False once found unsupported: asked once
+        if self._gathered is None:  # False once found unsupported: asked once
             supported = LoraRows.unsupported(self.model) is None
             names = sorted(self.model.peft_config)
-            self._adapter_rows = supported and LoraRows(self.model, names, capacity=row_bucket(self.max_batch))
-        return self._adapter_rows or None
+            self._gathered = supported and LoraRows(self.model, names, capacity=row_bucket(self.max_batch))
+        return self._gathered or None
 
     def _generate(self, adapter: str | None, sources: list[str], cfg: GenerationConfig, stop, on_step,
                   caps: list[int] | None = None):  # fmt: skip
@@ -533,16 +533,14 @@ class ContinuousWorker(Worker):
         batch = self.tokenizer(sources, return_tensors="pt", padding=True).to(device)
         start = engine._base_model(self.model).config.decoder_start_token_id
         slots = [[next(free) for _ in job.inputs] for job in jobs]
-        lora, encoder = self.slots.lora, self.model.get_encoder()
+        lora = self.slots.lora
         # Each row's adapter in the encoder pass: gathered per row by an index tensor where the slots
-        # gather (a few batched products per layer), else PEFT's adapter names (per layer, a Python
-        # loop over the adapters in the batch).
-        rows = lora.indices(adapters, device) if lora is not None else None
-        routing = lora.routed(encoder, rows) if lora is not None else self._adapter_rows(adapters)
-        with torch.no_grad(), routing:  # (PEFT's names route admit's cross-attention projections too)
-            hidden = encoder(**batch).last_hidden_state  # (n, s, d)
-            self.slots.admit([slot for group in slots for slot in group], hidden, batch["attention_mask"], start,
-                             adapters=adapters if lora is not None else None)  # fmt: skip
+        # gather (a few batched products per layer; the pass is then captured on a GPU, Slots.join),
+        # else PEFT's adapter names (per layer, a Python loop over the adapters in the batch).
+        routing = contextlib.nullcontext() if lora is not None else self._adapter_rows(adapters)
+        with torch.no_grad(), routing:  # (PEFT's names route the cross-attention projections too)
+            self.slots.join([slot for group in slots for slot in group], batch["input_ids"], batch["attention_mask"],
+                            start, adapters=adapters if lora is not None else None)  # fmt: skip
         now = time.perf_counter()
         for job, group in zip(jobs, slots, strict=True):
             cfg = job.cfg
@@ -565,8 +563,6 @@ class ContinuousWorker(Worker):
 
     def _adapter_rows(self, adapters: list[str | None]):
         """PEFT's per-row adapter names for the calls inside ("__base__" for the base)."""
-        import contextlib
-
         if not self._is_peft():
             return contextlib.nullcontext()
         return self.model._enable_peft_forward_hooks(adapter_names=[name or "__base__" for name in adapters])
