@@ -30,6 +30,7 @@ Architectures: T5 (FLAN-T5, mT5) and BART. `supports(model)` says whether a mode
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import torch
 from torch import Tensor
@@ -151,7 +152,7 @@ class Slots:
         if adapters is not None and self.lora is None:
             raise ValueError("rows name adapters, but these slots were made without `adapters`")
         peft = hasattr(self.model, "get_base_model")
-        if not self.graphs or (peft and self.lora is None):
+        if not self.graphs or (peft and self.lora is None) or self._joins is None:
             encoder = self.model.get_encoder()
             rows = None if self.lora is None else self.lora.indices(adapters or [None] * n, input_ids.device)
             with self.lora.routed(encoder, rows) if rows is not None else contextlib.nullcontext():
@@ -168,8 +169,15 @@ class Slots:
         if entry.graph is None:
             if self._pool is None and torch.cuda.is_available():
                 self._pool = torch.cuda.graph_pool_handle()
-            stream = _warm_up(lambda: self._encode(entry), WARMUP_STEPS)
-            entry.graph, _ = _record(lambda: self._encode(entry), stream, self._pool)
+            try:
+                stream = _warm_up(lambda: self._encode(entry), WARMUP_STEPS)
+                entry.graph, _ = _record(lambda: self._encode(entry), stream, self._pool)
+            except RuntimeError as e:  # an encoder whose forward cannot be captured: joins run eagerly
+                warnings.warn(f"continuous batching: the encoder pass could not be captured ({e}); "
+                              "joining requests run it eagerly", stacklevel=2)  # fmt: skip
+                self._joins = None
+                self.join(slots, input_ids, attention_mask, start_id, adapters)
+                return
         entry.graph.replay()
         if self.lora is not None:
             self.lora.rows[index] = rows
