@@ -558,6 +558,31 @@ def test_metrics_count_requests_tokens_and_latency(loaded):
     assert 2 * steps < value("flantune_decode_step_rows_sum") < len(SOURCES) * steps
 
 
+@pytest.mark.parametrize("which", ["t5", "bart"])
+def test_the_incremental_detokenizer_gives_the_whole_decode(which, t5_small_path, bart_path):
+    """A stream's text, token by token (each decoded once in a short window), is at every step a
+    prefix of decoding every token so far at once (the tokenizer's space clean-up, the strip) and
+    equal to it once no character waits for more bytes: real text with punctuation the clean-up
+    rewrites (" ." -> "."), and random ids (BART's byte-level pieces can split a character)."""
+    from transformers import AutoTokenizer
+
+    from flantune.decoding import decode
+
+    tokenizer = AutoTokenizer.from_pretrained(t5_small_path if which == "t5" else bart_path)
+    text = "Hello , world . It 's a test : do n't stop ! Ünïcödé ✓ 漢字 and 42 + 7 = 49 ?  Done ."
+    rng = random.Random(0)
+    sequences = [tokenizer(text, add_special_tokens=False).input_ids]
+    sequences += [[rng.randrange(len(tokenizer)) for _ in range(60)] for _ in range(20)]
+    for ids in sequences:
+        stream = serve.Detokenizer(tokenizer)
+        for n, token in enumerate(ids, 1):
+            stream.add(token)
+            whole, got = decode(tokenizer, ids[:n]), stream.text()
+            assert whole.startswith(got), (ids[:n], whole, got)
+            if not whole.endswith("\ufffd"):
+                assert got == whole, (ids[:n], whole, got)
+
+
 def test_streamed_completions_add_up_to_the_answer(loaded, expected):
     """stream=True through the openai client: server-sent chunks per choice, arriving as the worker
     decodes (more chunks than choices), adding up to the non-streamed text, each choice ending with

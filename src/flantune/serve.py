@@ -49,7 +49,7 @@ from prometheus_client import (
 from pydantic import BaseModel, ConfigDict, Field
 
 from flantune.config import GenerationConfig
-from flantune.decoding import decode, generate_outputs
+from flantune.decoding import generate_outputs
 
 STATIC = Path(str(resources.files("flantune") / "static"))
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -1105,6 +1105,41 @@ def cut_at_stop(text: str, stops: list[str], finished: bool) -> tuple[str, str]:
     return text, "stop" if finished else "length"
 
 
+class Detokenizer:
+    """A streamed row's text as its tokens come, each token decoded once in a window of a few (vLLM's
+    and TGI's incremental detokenization): decoding the whole row again at every step costs the
+    event loop, which shares the interpreter with the decoding loop, time that grows with the row.
+    `text()` equals `decoding.decode` of the tokens so far, except that a character whose bytes
+    are not all there yet waits for the next token: the raw pieces are decoded without the
+    tokenizer's clean-up of spaces, which is applied to the joined text (it looks at a few
+    characters around a space), and the text is stripped as `decode` strips it."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.drop = {tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id}
+        self.ids: list[int] = []
+        self.raw = ""
+        self.prefix = self.read = 0  # ids[prefix:read]: the window already decoded into raw
+
+    def add(self, token: int) -> None:
+        if token not in self.drop:
+            self.ids.append(token)
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    def text(self) -> str:
+        if self.read < len(self.ids):
+            # The window's first token decodes the same in both (a leading space dropped or not), so
+            # the difference is what the new tokens add.
+            before, after = self._decode(self.ids[self.prefix : self.read]), self._decode(self.ids[self.prefix :])
+            if len(after) > len(before) and not after.endswith("\ufffd"):
+                self.raw += after[len(before) :]
+                self.prefix, self.read = self.read, len(self.ids)
+        clean = self.tokenizer.clean_up_tokenization_spaces
+        return (self.tokenizer.clean_up_tokenization(self.raw) if clean else self.raw).strip()
+
+
 class _Inbox:
     """One stream's deliveries from the worker thread: each handed piece's (row, token) pairs, then
     None when the job is done. The stream takes everything delivered since its last round at once."""
@@ -1152,7 +1187,7 @@ async def stream_completion(service: Service, request: CompletionRequest, adapte
     tokenizer, ends = service.counter, {service.counter.eos_token_id, service.counter.pad_token_id}
     ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     hold = max((len(s) for s in stops), default=1) - 1
-    ids: list[list[int]] = [[] for _ in inputs]
+    texts = [Detokenizer(tokenizer) for _ in inputs]
     sent, stopped = [""] * len(inputs), [False] * len(inputs)
 
     def chunk(index: int, text: str, reason: str | None = None) -> str:
@@ -1178,11 +1213,11 @@ async def stream_completion(service: Service, request: CompletionRequest, adapte
             for row, token in pairs:
                 if stopped[row] or token in ends:
                     continue
-                ids[row].append(token)
+                texts[row].add(token)
                 if row not in touched:
                     touched.append(row)
             for row in touched:
-                text, reason = cut_at_stop(decode(tokenizer, ids[row]), stops, False)
+                text, reason = cut_at_stop(texts[row].text(), stops, False)
                 stopped[row] = reason == "stop"
                 stable = text if stopped[row] else text[: max(len(text) - hold, 0)]
                 stable = stable.rstrip("\ufffd")  # a character whose bytes are not all decoded yet
