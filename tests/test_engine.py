@@ -137,7 +137,7 @@ def test_greedy_under_autocast(setup):
 
 
 def _copy(model):
-    clone = AutoModelForSeq2SeqLM.from_config(model.config).eval()
+    clone = AutoModelForSeq2SeqLM.from_config(model.config).eval().to(model.device)
     clone.load_state_dict(model.state_dict())
     return clone
 

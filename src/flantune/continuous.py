@@ -189,8 +189,14 @@ class Slots:
         (record wants an output; nothing reads it)."""
         encoder = self.model.get_encoder()
         rows = entry.rows if self.lora is not None else None
+        # The mask as the additive (n', 1, 1, s') one transformers would make from it: given a 2-D
+        # mask, its mask functions may ask the host whether any position is padding (a sync that
+        # capture refuses); a 4-D mask is used as it is.
+        dtype = self.cross_keys[0].dtype
+        mask = torch.zeros(entry.mask.shape, dtype=dtype, device=entry.mask.device)
+        mask = mask.masked_fill(entry.mask == 0, torch.finfo(dtype).min)[:, None, None, :]
         with self.lora.routed(encoder, rows) if rows is not None else contextlib.nullcontext():
-            hidden = encoder(input_ids=entry.ids, attention_mask=entry.mask, return_dict=True)[0]  # (n', s', d)
+            hidden = encoder(input_ids=entry.ids, attention_mask=mask, return_dict=True)[0]  # (n', s', d)
         n, s = entry.ids.shape
         for i, (project_keys, project_values) in enumerate(self._cross_projections()):
             shape = (n, s, self.heads, self.head_dim)
