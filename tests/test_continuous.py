@@ -244,7 +244,9 @@ def test_a_step_over_the_lowest_slots_equals_the_full_step(t5):
 @pytest.mark.cuda
 def test_cuda_rows_joining_at_different_steps_match_their_own_forward(t5):
     """On the GPU in float32: the staggered rows' logits equal each row's own forward (float32
-    matrix products of other shapes round differently: within 1e-5 of the largest logit)."""
+    products of other shapes round differently, and two sources joining together are padded to the
+    longer: within 1e-4 of the largest logit; on the CPU in float32 the padded row is off by 9.4e-6
+    of it at this weight scale, in float64 by less than 1e-9, the CPU tests' bound)."""
     model, tokenizer = t5
     model = AutoModelForSeq2SeqLM.from_config(model.config).eval().cuda()
     model.load_state_dict({k: v.float() for k, v in t5[0].state_dict().items()})
@@ -258,7 +260,7 @@ def test_cuda_rows_joining_at_different_steps_match_their_own_forward(t5):
     for i in joins:
         expected = reference_logits(model, OnCuda(), SOURCES[i], ids_of[i][:-1])
         got = torch.stack(logits_of[i])
-        torch.testing.assert_close(got, expected, atol=float(1e-5 * expected.abs().max()), rtol=0)
+        torch.testing.assert_close(got, expected, atol=float(1e-4 * expected.abs().max()), rtol=0)
 
 
 @pytest.mark.cuda
@@ -267,8 +269,8 @@ def test_cuda_captured_mixed_adapter_rows_match_their_own_forward(t5):
     """On the GPU in float32, the step captured per row bucket and replayed, and each join's encoder
     pass captured per bucket: rows of two LoRA adapters and the base, gathered per row, joining at
     different steps (three at once: a padded join), each get the logits of its own forward under its
-    own adapter (within 1e-5 of the largest logit: float32 products of other shapes round
-    differently)."""
+    own adapter (within 1e-4 of the largest logit: float32 products of other shapes and padded
+    sources round differently, as in the test above)."""
     model, tokenizer = t5
     on_gpu = AutoModelForSeq2SeqLM.from_config(model.config).eval().cuda()
     on_gpu.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
@@ -281,7 +283,7 @@ def test_cuda_captured_mixed_adapter_rows_match_their_own_forward(t5):
     logits_of, ids_of = run_staggered(peft_model, OnCuda(), MIXED_JOINS, 5, MIXED, gathered=True, graphs=None)
 
     def close(got, expected):
-        torch.testing.assert_close(got, expected, atol=float(1e-5 * expected.abs().max()), rtol=0)
+        torch.testing.assert_close(got, expected, atol=float(1e-4 * expected.abs().max()), rtol=0)
 
     check_each_row(peft_model, OnCuda(), MIXED, logits_of, ids_of, close)
 
