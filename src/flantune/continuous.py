@@ -197,16 +197,22 @@ class Slots:
         mask = mask.masked_fill(entry.mask == 0, torch.finfo(dtype).min)[:, None, None, :]
         with self.lora.routed(encoder, rows) if rows is not None else contextlib.nullcontext():
             hidden = encoder(input_ids=entry.ids, attention_mask=mask, return_dict=True)[0]  # (n', s', d)
-        n, s = entry.ids.shape
+        self._write_cross(entry.index, hidden, rows)
+        return entry.index
+
+    def _write_cross(self, index: Tensor, encoder_hidden: Tensor, rows: Tensor | None) -> None:
+        """Each decoder layer's cross-attention keys/values of encoder_hidden (n, s, d) into slots
+        `index` (n,), zeroed past s first (no earlier row's values stay behind); `rows` (n,): each
+        row's adapter index, where the slots gather LoRA."""
+        n, s = encoder_hidden.shape[:2]
         for i, (project_keys, project_values) in enumerate(self._cross_projections()):
             shape = (n, s, self.heads, self.head_dim)
-            keys = self._linear(project_keys, hidden, rows).view(shape).transpose(1, 2)  # (n', H, s', dk)
-            values = self._linear(project_values, hidden, rows).view(shape).transpose(1, 2)
-            self.cross_keys[i][entry.index] = 0  # past s' too: no earlier row's values stay behind
-            self.cross_values[i][entry.index] = 0
-            self.cross_keys[i][entry.index, :, :s] = keys.to(self.cross_keys[i].dtype)
-            self.cross_values[i][entry.index, :, :s] = values.to(self.cross_values[i].dtype)
-        return entry.index
+            keys = self._linear(project_keys, encoder_hidden, rows).view(shape).transpose(1, 2)  # (n, H, s, dk)
+            values = self._linear(project_values, encoder_hidden, rows).view(shape).transpose(1, 2)
+            self.cross_keys[i][index] = 0
+            self.cross_values[i][index] = 0
+            self.cross_keys[i][index, :, :s] = keys.to(self.cross_keys[i].dtype)
+            self.cross_values[i][index, :, :s] = values.to(self.cross_values[i].dtype)
 
     def admit(self, slots: list[int], encoder_hidden: Tensor, encoder_mask: Tensor, start_id: int,
               adapters: list[str | None] | None = None) -> None:  # fmt: skip
@@ -223,14 +229,7 @@ class Slots:
         if self.lora is not None:
             rows = self.lora.indices(adapters or [None] * n, index.device)  # (n,)
             self.lora.rows[index] = rows
-        for i, (project_keys, project_values) in enumerate(self._cross_projections()):
-            shape = (n, s, self.heads, self.head_dim)
-            keys = self._linear(project_keys, encoder_hidden, rows).view(shape).transpose(1, 2)  # (n, H, s, dk)
-            values = self._linear(project_values, encoder_hidden, rows).view(shape).transpose(1, 2)
-            self.cross_keys[i][index] = 0
-            self.cross_values[i][index] = 0
-            self.cross_keys[i][index, :, :s] = keys.to(self.cross_keys[i].dtype)
-            self.cross_values[i][index, :, :s] = values.to(self.cross_values[i].dtype)
+        self._write_cross(index, encoder_hidden, rows)
         self._start(index, encoder_mask, start_id)
 
     def _start(self, index: Tensor, encoder_mask: Tensor, start_id: int) -> None:
