@@ -166,6 +166,7 @@ def test_the_captured_step_branch_on_cpu(t5, monkeypatch):
         return EagerGraph(fn, output), output
 
     monkeypatch.setattr(continuous, "_can_capture", lambda device: True)
+    monkeypatch.setattr(continuous, "CAPTURE_JOINS", True)
     monkeypatch.setattr(continuous, "_warm_up", lambda fn, times: [fn() for _ in range(times)])
     monkeypatch.setattr(continuous, "_record", record)
     peft_model = two_adapters(model)
@@ -265,12 +266,13 @@ def test_cuda_rows_joining_at_different_steps_match_their_own_forward(t5):
 
 @pytest.mark.cuda
 @pytest.mark.filterwarnings("error:continuous batching")  # a join that could not be captured fails here
-def test_cuda_captured_mixed_adapter_rows_match_their_own_forward(t5):
+def test_cuda_captured_mixed_adapter_rows_match_their_own_forward(t5, monkeypatch):
     """On the GPU in float32, the step captured per row bucket and replayed, and each join's encoder
     pass captured per bucket: rows of two LoRA adapters and the base, gathered per row, joining at
     different steps (three at once: a padded join), each get the logits of its own forward under its
     own adapter (within 1e-4 of the largest logit: float32 products of other shapes and padded
     sources round differently, as in the test above)."""
+    monkeypatch.setattr(continuous, "CAPTURE_JOINS", True)
     model, tokenizer = t5
     on_gpu = AutoModelForSeq2SeqLM.from_config(model.config).eval().cuda()
     on_gpu.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
