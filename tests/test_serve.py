@@ -200,6 +200,23 @@ def test_interleaved_adapters_are_batched_and_each_gets_its_own_output(loaded, e
         assert worker.batches < len(requests)
 
 
+def test_mixed_waves_fall_back_to_pefts_adapter_names(loaded, expected, monkeypatch):
+    """Adapters whose rows cannot be gathered (LoraRows.unsupported says why: modules of their own,
+    a LoRA variant) still mix in a wave through PEFT's adapter names, each request answered by its
+    own adapter."""
+    from flantune.lora_rows import LoraRows
+
+    monkeypatch.setattr(LoraRows, "unsupported", staticmethod(lambda model: "not gatherable (test)"))
+    requests = [(name, source) for name in (None, "alpha", "beta", "gamma") for source in SOURCES[:2]]
+    app = make_app(loaded, mixed=True, continuous=False, batch_wait_ms=200, max_batch=16)
+    with TestClient(app) as client, ThreadPoolExecutor(len(requests)) as pool:
+        answers = list(pool.map(lambda r: ask(client, r[0], [r[1]]), requests))
+    for (adapter, source), answer in zip(requests, answers, strict=True):
+        assert answer.json()["outputs"] == [expected[adapter][source]], (adapter, source)
+    assert max(a.json()["batch"]["models"] for a in answers) > 1  # adapters shared a wave
+    assert app.state.service.worker._gathered is False
+
+
 def test_waves_batch_requests_of_other_caps_each_cut_at_its_own(loaded):
     """Batching in waves, requests with different max_new_tokens share a batch (decoded to the
     largest cap); each answer equals generation with its own cap alone, streamed pieces included;
