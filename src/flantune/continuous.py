@@ -30,6 +30,7 @@ Architectures: T5 (FLAN-T5, mT5) and BART. `supports(model)` says whether a mode
 from __future__ import annotations
 
 import contextlib
+import os
 import warnings
 
 import torch
@@ -45,8 +46,9 @@ WARMUP_STEPS = 2  # eager calls of the step before its capture (torch's CUDA-gra
 SOURCE_MULTIPLE = 64  # a captured join's source length: the sources' rounded up to this (at most the slots')
 # Joins captured as CUDA graphs (`Slots.join`). Off until its cuda test
 # (tests/test_continuous.py::test_cuda_captured_mixed_adapter_rows_match_their_own_forward, which
-# turns it on) has passed on a GPU: the pass then runs eagerly, as before.
-CAPTURE_JOINS = False
+# turns it on) has passed on a GPU: the pass then runs eagerly, as before. FLANTUNE_CAPTURE_JOINS=1
+# turns it on for a process (a server under bench/serve_load.py inherits it), for comparing both.
+CAPTURE_JOINS = os.environ.get("FLANTUNE_CAPTURE_JOINS", "0") == "1"
 
 
 def _can_capture(device: torch.device) -> bool:
