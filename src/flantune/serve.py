@@ -629,9 +629,11 @@ class ContinuousWorker(Worker):
         for run in finished_runs:
             self.active.remove(run)
             slots.release(run.slots)
+        # The gauge first: a client that reads /metrics right after its answer sees its rows gone.
+        self.running = sum(len(run.slots) for run in self.active)
+        for run in finished_runs:
             if not run.job.abandoned.is_set():
                 self._answer(run, shared)
-        self.running = sum(len(run.slots) for run in self.active)
 
     def _logprobs(self, run: _Running) -> list[dict]:
         """Per row, OpenAI's completion logprobs: each generated token (EOS included, as the model
