@@ -146,8 +146,8 @@ class Slots:
         With graphs and CAPTURE_JOINS, the pass and the cross-attention projections are replayed from
         a CUDA graph captured per (row bucket, source length rounded up to SOURCE_MULTIPLE), at its
         first use.
-        Eagerly, flan-t5-base's pass is some 4,000 operator calls, host work that took ~30 ms a
-        join on an H200 while the GPU waited; replayed, the host work is a few copies. Padding rows
+        Eagerly, flan-t5-base's pass with LoRA is some 4,400 operator calls, host work that took
+        33-38 ms a join on an H200 while the GPU waited (docs/benchmarks.md); replayed, the host work is a few copies. Padding rows
         repeat the last real row (the same inputs, so the same values written to the same slot) and
         padding source positions are masked, so the rows' values are the eager pass's up to the
         rounding of products of other shapes. A model whose rows mix through PEFT's adapter names
@@ -159,19 +159,18 @@ class Slots:
         if adapters is not None and self.lora is None:
             raise ValueError("rows name adapters, but these slots were made without `adapters`")
         peft = hasattr(self.model, "get_base_model")
+        index = torch.tensor(slots, device=input_ids.device)  # (n,)
+        rows = self.lora.indices(adapters or [None] * n, index.device) if self.lora is not None else None  # (n,)
         if not (self.graphs and CAPTURE_JOINS) or (peft and self.lora is None) or self._joins is None:
             encoder = self.model.get_encoder()
-            rows = None if self.lora is None else self.lora.indices(adapters or [None] * n, input_ids.device)
             with self.lora.routed(encoder, rows) if rows is not None else contextlib.nullcontext():
                 hidden = encoder(input_ids=input_ids, attention_mask=attention_mask, return_dict=True)[0]  # (n, s, d)
-            self.admit(slots, hidden, attention_mask, start_id, adapters=adapters)
+            self._admit(index, hidden, attention_mask, start_id, rows)
             return
         key = (self.bucket(n), min(-(-s // SOURCE_MULTIPLE) * SOURCE_MULTIPLE, self.max_source_tokens))
         entry = self._joins.get(key)
         if entry is None:
             entry = self._joins[key] = _Join(*key, input_ids.device)
-        index = torch.tensor(slots, device=input_ids.device)  # (n,)
-        rows = self.lora.indices(adapters or [None] * n, index.device) if self.lora is not None else None
         entry.load(input_ids, attention_mask, index, rows)
         if entry.graph is None:
             if self._pool is None and torch.cuda.is_available():
@@ -186,9 +185,7 @@ class Slots:
                 self.join(slots, input_ids, attention_mask, start_id, adapters)
                 return
         entry.graph.replay()
-        if self.lora is not None:
-            self.lora.rows[index] = rows
-        self._start(index, attention_mask, start_id)
+        self._start(index, attention_mask, start_id, rows)
 
     def _encode(self, entry: _Join) -> Tensor:
         """The captured part of `join`: the encoder over the entry's static inputs and each decoder
@@ -234,15 +231,19 @@ class Slots:
         if adapters is not None and self.lora is None:
             raise ValueError("rows name adapters, but these slots were made without `adapters`")
         index = torch.tensor(slots, device=self.positions.device)
-        rows = None
-        if self.lora is not None:
-            rows = self.lora.indices(adapters or [None] * n, index.device)  # (n,)
-            self.lora.rows[index] = rows
-        self._write_cross(index, encoder_hidden, rows)
-        self._start(index, encoder_mask, start_id)
+        rows = self.lora.indices(adapters or [None] * n, index.device) if self.lora is not None else None  # (n,)
+        self._admit(index, encoder_hidden, encoder_mask, start_id, rows)
 
-    def _start(self, index: Tensor, encoder_mask: Tensor, start_id: int) -> None:
-        """Rows `index` (n,) with source mask (n, s): live at position 0 with the decoder start token."""
+    def _admit(self, index: Tensor, encoder_hidden: Tensor, encoder_mask: Tensor, start_id: int,
+               rows: Tensor | None) -> None:  # fmt: skip
+        self._write_cross(index, encoder_hidden, rows)
+        self._start(index, encoder_mask, start_id, rows)
+
+    def _start(self, index: Tensor, encoder_mask: Tensor, start_id: int, rows: Tensor | None) -> None:
+        """Rows `index` (n,) with source mask (n, s) and adapter indices `rows` (n,) (slots that gather
+        LoRA): live at position 0 with the decoder start token."""
+        if rows is not None:
+            self.lora.rows[index] = rows
         s = encoder_mask.shape[1]
         self.source_mask[index] = False
         self.source_mask[index, :s] = encoder_mask.bool()

@@ -36,7 +36,9 @@ tensor; each later step copies the chosen tokens into the step's input and repla
 up to a batch-size bucket (1, 2, 4, ..., 128, then multiples of 128), sources up to a multiple of
 64 and the cache to a multiple of 64 new tokens, and the captured step is kept per (model, bucket,
 source bucket, cache bucket, dtype, compiled) for the next call (`clear_graphs()` frees them). The logits processors, the sampling and the beam bookkeeping
-stay eager. Rows of several LoRA adapters in one batch run every step eagerly. The CUDA path is
+stay eager. Rows of several LoRA adapters in one batch are captured too when the caller hands their
+matrices gathered per row (`adapter_rows`, flantune.lora_rows); through PEFT's adapter names every
+step runs eagerly. The CUDA path is
 checked by tests/test_engine.py's `cuda` tests, which run on a GPU machine only.
 """
 
@@ -364,8 +366,10 @@ class _GraphedDecoder:
     `first()` runs step 1 eagerly (filling the cross-attention cache), `next(tokens)` replays."""
 
     def __init__(self, model, rows: int, source_len: int, width: int, max_new_tokens: int, dtype, device,
-                 compiled: bool = False):  # fmt: skip
+                 compiled: bool = False, routing=None):  # fmt: skip
         self.model_ref = weakref.ref(model)
+        # The LoraRows the recorded step gathers adapters through (its tables and rows buffer), or None.
+        self.routing_ref = weakref.ref(routing) if routing is not None else (lambda: None)
         self.fingerprint = _fingerprint(model)
         self.rows, self.source_len, self.max_new_tokens = rows, source_len, max_new_tokens
         self.compiled = compiled
@@ -446,8 +450,7 @@ def _graphed_decoder(model, encoder_hidden: torch.Tensor, max_new_tokens: int,
             or (routing is not None and entry.routing_ref() is not routing)):  # fmt: skip
         entry = None  # dropped first: its caches and graph pool are freed before new ones are made
         entry = _GraphedDecoder(model, key[1], key[2], width, key[3], encoder_hidden.dtype,
-                                encoder_hidden.device, compiled)  # fmt: skip
-        entry.routing_ref = weakref.ref(routing) if routing is not None else (lambda: None)
+                                encoder_hidden.device, compiled, routing)  # fmt: skip
     _GRAPHS[key] = entry
     while len(_GRAPHS) > GRAPHS_KEPT:
         _GRAPHS.popitem(last=False)

@@ -1186,7 +1186,7 @@ async def stream_completion(service: Service, request: CompletionRequest, adapte
         yield _event({"error": {"message": "the server is shutting down", "type": "server_error", "code": 503}})
         return
     job.future.add_done_callback(lambda _: inbox.post(None))
-    tokenizer, ends = service.counter, {service.counter.eos_token_id, service.counter.pad_token_id}
+    tokenizer = service.counter
     ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     hold = max((len(s) for s in stops), default=1) - 1
     texts = [Detokenizer(tokenizer) for _ in inputs]
@@ -1213,9 +1213,9 @@ async def stream_completion(service: Service, request: CompletionRequest, adapte
             pairs = [pair for step in delivered if step is not None for pair in step]
             touched = []
             for row, token in pairs:
-                if stopped[row] or token in ends:
+                if stopped[row]:
                     continue
-                texts[row].add(token)
+                texts[row].add(token)  # (EOS, pad and BOS add nothing)
                 if row not in touched:
                     touched.append(row)
             for row in touched:
