@@ -44,11 +44,11 @@ from flantune.lora_rows import LoraRows
 MODEL_TYPES = frozenset({"t5", "mt5", "bart"})
 WARMUP_STEPS = 2  # eager calls of the step before its capture (torch's CUDA-graph docs do the same)
 SOURCE_MULTIPLE = 64  # a captured join's source length: the sources' rounded up to this (at most the slots')
-# Joins captured as CUDA graphs (`Slots.join`). Off until its cuda test
-# (tests/test_continuous.py::test_cuda_captured_mixed_adapter_rows_match_their_own_forward, which
-# turns it on) has passed on a GPU: the pass then runs eagerly, as before. FLANTUNE_CAPTURE_JOINS=1
-# turns it on for a process (a server under bench/serve_load.py inherits it), for comparing both.
-CAPTURE_JOINS = os.environ.get("FLANTUNE_CAPTURE_JOINS", "0") == "1"
+# Joins captured as CUDA graphs (`Slots.join`), on a GPU. On issue 21's serving load (H200,
+# docs/benchmarks.md) a captured join took 5.6 ms against 30 ms eagerly, and the server went from
+# 36 to 67 requests/s. FLANTUNE_CAPTURE_JOINS=0 runs joins eagerly for a process (a server under
+# bench/serve_load.py inherits it), for comparing both or for ruling the capture out.
+CAPTURE_JOINS = os.environ.get("FLANTUNE_CAPTURE_JOINS", "1") != "0"
 
 
 def _can_capture(device: torch.device) -> bool:
@@ -143,7 +143,7 @@ class Slots:
         """Rows join in `slots` from their sources (n, s) (token ids and mask, padded): the encoder
         pass (each row under its adapter, for slots made with `adapters`), then `admit`.
 
-        With graphs and CAPTURE_JOINS, the pass and the cross-attention projections are replayed from
+        With graphs (and CAPTURE_JOINS, the default), the pass and the cross-attention projections are replayed from
         a CUDA graph captured per (row bucket, source length rounded up to SOURCE_MULTIPLE), at its
         first use.
         Eagerly, flan-t5-base's pass with LoRA is some 4,400 operator calls, host work that took
