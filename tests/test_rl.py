@@ -200,12 +200,19 @@ def sft_run(sort_data):
     return result
 
 
-def test_rl_beats_the_supervised_model_it_starts_from(sort_data, sft_run):
+def test_rl_beats_the_supervised_model_it_starts_from(sort_data, sft_run, monkeypatch):
     """SFT learned from targets of which 60% are deliberately wrong (reverse-sorted), so it answers
     correctly only some of the time; GRPO with a verifier reward (exact match with the true sort)
-    must raise held-out exact match far above that. Seeds are fixed; it takes about 10 s."""
+    must raise held-out exact match far above that. Seeds are fixed; it takes about 10 s. Its
+    unpacked log-probability passes run with SDPA's cuDNN backend off (flantune.speed.unpacked_attention)."""
+    from flantune import rl as rl_module
+
+    cudnn_on, logprobs = [], rl_module._logprobs
+    monkeypatch.setattr(rl_module, "_logprobs", lambda *a, **k: (
+        cudnn_on.append(torch.backends.cuda.cudnn_sdp_enabled()), logprobs(*a, **k))[1])  # fmt: skip
     sft_em = sft_run.eval_metrics["eval_exact_match"]
     result = run_rl(sort_recipe(sort_data, sort_data / "run", "rl"))
+    assert cudnn_on and not any(cudnn_on), cudnn_on
     rl_em = result.eval_metrics["eval_exact_match"]
     assert rl_em >= sft_em + 20, (sft_em, rl_em)  # measured: 9 → 44
     log = [json.loads(line) for line in (sort_data / "run" / "rl" / "metrics.jsonl").read_text().splitlines()]

@@ -191,3 +191,38 @@ def test_auto_resolves_to_the_fastest_path_that_works(facts, train_kw, line):
 def test_an_explicit_setting_that_cannot_be_honoured_is_an_error(facts, train_kw, message):
     with pytest.raises(TrainingError, match=re.escape(message)):
         plan_of(facts, **train_kw)
+
+
+def test_unpacked_training_forwards_keep_sdpa_off_cudnn(bart_path):
+    """An unpacked micro-step runs the model's forward with SDPA's cuDNN backend off (on a GPU it
+    builds a plan per batch shape, seconds each: flantune.speed.unpacked_attention) and leaves the
+    process's SDPA settings as they were. Real tiny BART (sdpa attention), real backward."""
+    import torch
+    from transformers import AutoModelForSeq2SeqLM
+
+    from flantune.train import make_micro_step
+
+    from .conftest import tiny_config
+
+    model = AutoModelForSeq2SeqLM.from_config(tiny_config(bart_path), attn_implementation="sdpa")
+    seen = []
+    model.model.encoder.layers[0].self_attn.register_forward_pre_hook(
+        lambda *_: seen.append(torch.backends.cuda.cudnn_sdp_enabled())
+    )
+
+    class Accelerator:
+        num_processes = 1
+
+        def backward(self, loss):
+            loss.backward()
+
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    step = make_micro_step(model, Accelerator(), packed=False)
+    ids = torch.randint(4, 100, (2, 7))
+    labels = torch.randint(4, 100, (2, 5))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+             "decoder_input_ids": model.prepare_decoder_input_ids_from_labels(labels=labels)}  # fmt: skip
+    loss = step(batch, labels, 0.1)
+    assert seen == [False] and torch.isfinite(loss)
+    assert torch.backends.cuda.cudnn_sdp_enabled()  # restored after the forward
+    assert model.model.encoder.layers[0].self_attn.q_proj.weight.grad is not None

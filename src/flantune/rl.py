@@ -67,7 +67,7 @@ from flantune.run import (
 )
 from flantune.samplers import EpochSampler
 from flantune.scoring import best_metric_name, evaluate_in_run
-from flantune.speed import RunFacts, packing_problem, run_facts, use_compile_cache
+from flantune.speed import RunFacts, packing_problem, run_facts, unpacked_attention, use_compile_cache
 
 # ---- the math (unit-tested against hand-computed values) -----------------------------------------
 
@@ -517,7 +517,8 @@ def grpo_step(model, unwrapped, reference, rows, tokenizer, rewards, optimizer, 
     if packed is None:
 
         def logprobs(module, c: int) -> torch.Tensor:  # (chunk's b*G, T)
-            return _logprobs(module, enc, sequences, *chunks[c], G)
+            with unpacked_attention():  # every step brings new shapes: no cuDNN plans per shape
+                return _logprobs(module, enc, sequences, *chunks[c], G)
 
     else:
         # Packed once per step on the CPU: the old, reference and new passes read the same rows.

@@ -12,7 +12,8 @@ speed" and "Default path"):
   QLoRA, gradient checkpointing or train.compile=false).
 - Everything else runs transformers' unpacked forward with length-grouped batches, so that no
   default path pads more than it must, and the model's own attention (sdpa where transformers has
-  it), except T5-family models on a GPU, which run eager attention (3x sdpa's speed there).
+  it), except T5-family models on a GPU, which run eager attention (3x sdpa's speed there). Its
+  SDPA runs without the cuDNN backend (`unpacked_attention`): each new batch shape costs a plan.
 
 An explicit `true` that cannot be honoured stays an error with its reason; an explicit `false` is
 obeyed. The plan's `line()` is printed at start and its `as_dict()` is written to metrics.jsonl,
@@ -260,3 +261,16 @@ def use_compile_cache() -> str:
 
     default = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "flantune" / "inductor"
     return os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(default))
+
+
+def unpacked_attention():
+    """The context of an unpacked forward: SDPA may pick flash, memory-efficient or math kernels,
+    not cuDNN's. On an H200 (torch 2.11, cuDNN 9.19) SDPA sends BART's masked attention to cuDNN,
+    which builds a plan for every new batch shape: 2-4 s for the first shapes, ~0.3 s for each
+    later one, against a 50-60 ms step of bart-base at 32 rows (docs/benchmarks.md, "Fast by
+    default"). Length-grouped batches bring a new (source, target) shape at most steps, so cuDNN's
+    faster step (51 against 62 ms once planned) pays off only after tens of thousands of steps.
+    The backward runs the kernel its forward picked, so the forward alone needs the context."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])

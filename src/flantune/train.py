@@ -48,7 +48,14 @@ from flantune.run import (
 )
 from flantune.samplers import EpochSampler, LengthGroupedBatches
 from flantune.scoring import best_metric_name, evaluate_in_run, token_loss_sum
-from flantune.speed import SpeedPlan, compile_seconds, resolve_speed, run_facts, use_compile_cache
+from flantune.speed import (
+    SpeedPlan,
+    compile_seconds,
+    resolve_speed,
+    run_facts,
+    unpacked_attention,
+    use_compile_cache,
+)
 
 
 @dataclass
@@ -119,7 +126,11 @@ def make_micro_step(stepped, accelerator, *, packed: bool, graphed=None) -> Call
         if graphed is not None:
             return graphed({**batch, "labels": labels}, scale)
         # Packed: PackedLoss returns the summed loss itself; else the logits (B, T, V) are scored here.
-        loss = stepped(batch, labels) if packed else token_loss_sum(stepped(**batch).logits, labels)
+        if packed:
+            loss = stepped(batch, labels)
+        else:
+            with unpacked_attention():
+                loss = token_loss_sum(stepped(**batch).logits, labels)
         # DDP averages gradients over processes; scale so the result is the token mean.
         accelerator.backward(loss * accelerator.num_processes * scale)
         return loss.detach()
