@@ -6,8 +6,10 @@ Per cell (model x method) both sides train for --steps optimizer steps on the sa
 tokens, targets to 32), --batch examples per optimizer step (no accumulation), random weights of
 the published shape (seed 42; FLAN-T5's lm_head untied, as flantune's `init: random` builds it),
 lr 3e-4 on a linear schedule without warm-up, clipping at 1.0, fused AdamW, bf16 autocast over fp32
-weights on a GPU (fp32 on the CPU). No evaluation and no checkpoints during the run; each side
-writes its final model at the end. LoRA: r 16, alpha 32, dropout 0.05 on q and v (T5) or q_proj and
+weights on a GPU (fp32 on the CPU). No evaluation and no checkpoints during the run; each side ends
+with the same writes: a resumable checkpoint of the last step (weights, optimizer, scheduler, RNG;
+`flantune train` always writes one, and Seq2SeqTrainer does at its last step under its default
+save_strategy "steps") and the final model. LoRA: r 16, alpha 32, dropout 0.05 on q and v (T5) or q_proj and
 v_proj (BART); full: every weight trains.
 
 - flantune: the real command in a subprocess, `python -m flantune.cli train recipe.yaml`, the recipe
@@ -16,7 +18,9 @@ v_proj (BART); full: every weight trains.
   `flantune train` always writes beside final/.
 - transformers: `Seq2SeqTrainer` in a subprocess of this script (--hf-worker), on the rows that
   flantune's own `load_splits` makes, DataCollatorForSeq2Seq with the model, length-grouped batches,
-  the default pinned loader, `optim="adamw_torch_fused"` (GPU), `bf16=True`, then `save_model()`.
+  the default pinned loader, `optim="adamw_torch_fused"` (GPU), `bf16=True`, the checkpoint its
+  default save strategy writes at the last step (save_steps = --steps, so no earlier one), then
+  `save_model()`. (Before 2026-12-03, fourth sitting, it ran with save_strategy "no": no checkpoint.)
   Its attention is the faster of sdpa and eager by a short trial of each (--trial-steps, 15: the
   last two thirds timed); both trial figures are kept. --hf-attention sdpa|eager skips the trials
   and uses the one given (recorded as given, not measured).
@@ -318,7 +322,10 @@ def hf_worker(spec: dict) -> None:
         gradient_accumulation_steps=1, learning_rate=LR, lr_scheduler_type="linear", warmup_steps=0,
         max_grad_norm=MAX_GRAD_NORM, weight_decay=0.0, seed=SEED, bf16=bf16,
         optim="adamw_torch_fused" if cuda else "adamw_torch",
-        eval_strategy="no", save_strategy="no", logging_steps=10**6, report_to=[], disable_tqdm=True,
+        eval_strategy="no", logging_steps=10**6, report_to=[], disable_tqdm=True,
+        # The measured run ends with a checkpoint, as flantune's does (the trainer's default
+        # strategy saves one at the last step); the attention trials write nothing.
+        save_strategy="steps" if spec["save"] else "no", save_steps=spec["steps"],
         **grouping,
     )  # fmt: skip
     trainer = Seq2SeqTrainer(model=model, args=args, train_dataset=train_set, data_collator=collator,
