@@ -45,6 +45,9 @@ What is timed, per side per cell (torch.cuda.synchronize before and after every 
 - ms_per_step: (wall_s - ttft_s) / (new_tokens - 1) in milliseconds (a difference of two medians
   of separate calls: on a busy CPU with a few new tokens it can even come out negative).
 - tokens_per_s: output sequences x new tokens / wall_s (sequences: batch rows, x8 when sampling).
+- ttft_profile (--profile-ttft): one more max_new_tokens=1 call under torch.profiler: the engine's
+  named ranges (encoder; load: the cross-attention keys and values), the operators with the most
+  self time on the GPU and on the CPU, and the operator count (host-bound or GPU-bound).
 - peak_gib: CUDA peak allocated memory over the side's calls in the cell, the weights included
   (None on the CPU).
 Ratios per cell (of tokens/s, > 1: the first side is faster): engine/hf-default,
@@ -56,6 +59,7 @@ on the timed batch, per side (bf16 kernels may differ, so it is recorded and pri
         [--models flan-t5-base,flan-t5-large] [--cells greedy-32,greedy-128,sample-16x8,beam-8x4]
         [--sides hf-default,hf-static,engine] [--new-tokens 64] [--repeats 3]
         [--static-recipe docs|generate] [--no-compile] [--attn eager|sdpa] [--rows N] [--batch N]
+        [--profile-ttft]
 
 CPU check (tiny): --models flan-t5-small --cells greedy-32 --new-tokens 4 --repeats 1 --rows 8
 --no-compile (--rows caps the rows read, so the batch; --batch sets every cell's prompts).
@@ -240,9 +244,42 @@ def timed_call(side, model, batch, settings, device) -> tuple[float, torch.Tenso
     return time.perf_counter() - start, ids
 
 
-def run_side(side, model, batch, settings, new_tokens: int, repeats: int, device: str) -> dict:
+def ttft_profile(side, model, batch, first: dict, device: str, top: int = 15) -> dict:
+    """One more max_new_tokens=1 call under torch.profiler: its wall time, the engine's named
+    ranges (flantune.engine.encoder, .load; CPU and GPU milliseconds), and the operators with the
+    most self time on the GPU and on the CPU, to say where the time to the first token goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        wall, _ = timed_call(side, model, batch, first, device)
+    events = prof.key_averages()
+
+    def device_ms(e, own: bool) -> float:
+        name = ("self_" if own else "") + "device_time_total"
+        legacy = ("self_" if own else "") + "cuda_time_total"
+        return getattr(e, name, getattr(e, legacy, 0.0)) / 1000
+
+    def row(e) -> dict:
+        return {"op": e.key[:100], "calls": e.count, "self_cpu_ms": e.self_cpu_time_total / 1000,
+                "self_gpu_ms": device_ms(e, True)}  # fmt: skip
+
+    ranges = {e.key: {"cpu_ms": e.cpu_time_total / 1000, "gpu_ms": device_ms(e, False)}
+              for e in events if e.key.startswith("flantune.")}  # fmt: skip
+    return {
+        "wall_ms": wall * 1000,
+        "ranges": ranges,
+        "top_gpu": [row(e) for e in sorted(events, key=lambda e: -device_ms(e, True))[:top]],
+        "top_cpu": [row(e) for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:top]],
+        "operator_calls": sum(e.count for e in events),
+    }
+
+
+def run_side(side, model, batch, settings, new_tokens: int, repeats: int, device: str,
+             profile: bool = False) -> dict:  # fmt: skip
     """Warm-up call (timed apart), an untimed call, `repeats` timed full calls, one untimed and
-    `repeats` timed max_new_tokens=1 calls; figures from the medians."""
+    `repeats` timed max_new_tokens=1 calls; figures from the medians. `profile`: one more
+    max_new_tokens=1 call under torch.profiler (`ttft_profile`)."""
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     warmup, _ = timed_call(side, model, batch, settings, device)
@@ -256,7 +293,9 @@ def run_side(side, model, batch, settings, new_tokens: int, repeats: int, device
     ttfts = [timed_call(side, model, batch, first, device)[0] for _ in range(repeats)]
     wall, ttft = statistics.median(walls), statistics.median(ttfts)
     sequences = ids.shape[0]
+    profiled = {"ttft_profile": ttft_profile(side, model, batch, first, device)} if profile else {}
     return {
+        **profiled,
         "status": "ran", "warmup_s": warmup, "wall_s": wall, "ttft_s": ttft,
         "ms_per_step": 1000 * (wall - ttft) / (new_tokens - 1) if new_tokens > 1 else None,
         "tokens_per_s": sequences * new_tokens / wall, "sequences": sequences,
@@ -298,7 +337,8 @@ def run_cell(model, sources, cell: str, args, device: str) -> dict:
             else:
                 side = engine_side
                 importlib.import_module("flantune.engine").clear_graphs()
-            figures = run_side(side, model, batch, settings, args.new_tokens, args.repeats, device)
+            figures = run_side(side, model, batch, settings, args.new_tokens, args.repeats, device,
+                               args.profile_ttft)
         except NotAvailable as e:
             figures = {"status": "not available", "why": str(e)}
         except Exception as e:  # a side that fails is recorded, the run goes on
@@ -363,6 +403,8 @@ def main() -> None:
     parser.add_argument("--attn", choices=("eager", "sdpa"), default=None)
     parser.add_argument("--rows", type=int, default=128, help="SciQ rows read (caps every cell's batch)")
     parser.add_argument("--batch", type=int, default=None, help="prompts per cell, for quick checks")
+    parser.add_argument("--profile-ttft", action="store_true",
+                        help="profile one more time-to-first-token call per side (ttft_profile in --out)")
     args = parser.parse_args()
     args.sides = args.sides.split(",")
     cells = args.cells.split(",")

@@ -689,7 +689,8 @@ def generate(
         decoder_rows = routing.routed(model, routing.rows)  # the buffer a recorded step reads
     with _adapter_rows(model, adapter_names if routing is None else None, copies):
         # The encoder, once per source: (B, S, d_model), then (N, S, d_model) with N = B * copies.
-        with encoder_rows:
+        # Named ranges for torch.profiler (bench/generate_speed.py --profile-ttft reads them).
+        with encoder_rows, torch.profiler.record_function("flantune.engine.encoder"):
             encoder_hidden = model.get_encoder()(
                 input_ids=input_ids, attention_mask=attention_mask, return_dict=True
             )[0]
@@ -697,12 +698,13 @@ def generate(
         encoder_mask = attention_mask.repeat_interleave(copies, dim=0)
         with decoder_rows:
             # Everything the loop writes, allocated before it.
-            if use_graphs:
-                compiled = COMPILE_STEP if compile_step is None else compile_step
-                decoder = _graphed_decoder(model, encoder_hidden, max_new_tokens, compiled, routing)
-                decoder.load(model, encoder_hidden, encoder_mask, start_id)
-            else:
-                decoder = _EagerDecoder(model, encoder_hidden, encoder_mask, max_new_tokens, start_id)
+            with torch.profiler.record_function("flantune.engine.load"):  # cross-attention keys/values
+                if use_graphs:
+                    compiled = COMPILE_STEP if compile_step is None else compile_step
+                    decoder = _graphed_decoder(model, encoder_hidden, max_new_tokens, compiled, routing)
+                    decoder.load(model, encoder_hidden, encoder_mask, start_id)
+                else:
+                    decoder = _EagerDecoder(model, encoder_hidden, encoder_mask, max_new_tokens, start_id)
             try:
                 if num_beams > 1:
                     return _beam_search(
