@@ -487,6 +487,54 @@ def test_graph_branch_on_cpu(setup, graphs_on_cpu):
     assert graphs_on_cpu == {"warm_up": 1, "record": 1}
 
 
+def test_graph_branch_replays_step_one_with_cross_attention_written_before(setup, graphs_on_cpu, monkeypatch):
+    """With graphs, `load` writes every layer's cross-attention keys/values (`_Decoder.fill_cross`),
+    so every call of the step, step 1 included, reads them from the cache: step 1 is a replay of the
+    recorded step, not transformers' eager first step (~4,000 operator calls for flan-t5-base).
+    Greedy and 2 beams equal generate's ids."""
+    model, _, batch = setup
+    seen = []
+    step = engine._Decoder.step
+
+    def recording_step(self):
+        seen.append(all(self.cache.is_updated.values()))
+        return step(self)
+
+    monkeypatch.setattr(engine._Decoder, "step", recording_step)
+    for beams in (1, 2):
+        ours = run(model, batch, graphs=True, num_beams=beams).sequences
+        expected = model.generate(**batch, max_new_tokens=MAX_NEW, do_sample=False, num_beams=beams)
+        assert torch.equal(ours, expected), (beams, ours, expected)
+    assert seen and all(seen), seen
+    seen.clear()
+    run(model, batch, graphs=False)  # the eager loop keeps transformers' own first step
+    assert seen[0] is False and all(seen[1:])
+
+
+def test_graph_branch_when_step_one_cannot_be_captured(setup, graphs_on_cpu, monkeypatch):
+    """A recording of step 1 that fails (a capture refused): step 1 runs eagerly, step 2 is recorded
+    as before cross-attention keys/values were written up front, with a warning; the ids equal the
+    eager loop's."""
+    model, _, batch = setup
+    record = engine._record
+    failures = []
+
+    def refuse_once(fn, stream):
+        if not failures:
+            failures.append(1)
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return record(fn, stream)
+
+    monkeypatch.setattr(engine, "_record", refuse_once)
+    eager = run(model, batch, graphs=False).sequences
+    with pytest.warns(UserWarning, match="step 1 could not be captured"):
+        graphed = run(model, batch, graphs=True).sequences
+    assert torch.equal(graphed, eager), (graphed, eager)
+    assert graphs_on_cpu == {"warm_up": 2, "record": 1}
+    assert torch.equal(run(model, batch, graphs=True).sequences, eager)  # the kept recording replays
+    assert graphs_on_cpu == {"warm_up": 2, "record": 1}
+
+
 def test_graph_branch_replays_one_step_for_every_cap_in_a_cache_bucket(setup, graphs_on_cpu):
     """Calls with other max_new_tokens in the same multiple of 64 (a server's requests, each with its
     own cap) replay the one step recorded for that cache size, each with generate's ids for its

@@ -9,8 +9,8 @@ seq2seq model (T5, mT5, FLAN-T5, BART, loaded with AutoModelForSeq2SeqLM, PEFT-w
        cross-attention cache (transformers' StaticCache, initialised ahead of time), the output ids,
        the per-token log-probabilities, the finished flags;
     3. the loop feeds the decoder one token per step (the previous token of every row) with the
-       encoder output and the cache; the cross-attention keys/values are computed at the first step
-       and reused after it;
+       encoder output and the cache; the cross-attention keys/values are computed once (at the first
+       step, or before it on CUDA) and reused after it;
     4. the next token is chosen by greedy argmax or by sampling, after transformers' own logits
        processors (repetition penalty, no-repeat n-grams, a prefix-allowed-tokens function such as
        LabelTrie.allowed, the model's forced BOS/EOS, temperature, top-k, top-p).
@@ -29,10 +29,12 @@ classes of transformers and owns only the loop, so that the step is one fixed-sh
 Status. Every command decodes through here (flantune.decoding calls `generate`, nothing calls
 `model.generate`). On the CPU the loop is checked token for token against `model.generate` (greedy,
 beams, label restriction, the processors, LoRA and mixed-adapter rows). On CUDA (`graphs`, on by
-default there) the one-token step is captured as a CUDA graph and replayed for steps 2..T: the first
-step runs eagerly (it fills the cross-attention cache), a couple of eager warm-up steps run on a side
-stream (their cache writes undone), then `step()` is recorded once with its logits as a static
-tensor; each later step copies the chosen tokens into the step's input and replays. Rows are padded
+default there) the one-token step is captured as a CUDA graph and replayed for steps 1..T: the
+cross-attention keys/values are written into their cache before step 1 (`_Decoder.fill_cross`, the
+layers' own projections), so step 1 is the same call as the others; a couple of eager warm-up steps
+run on a side stream (their cache writes undone), then `step()` is recorded once with its logits as
+a static tensor; each step copies the chosen tokens into the step's input and replays. (A step 1
+that cannot be recorded runs eagerly and step 2 is recorded, with a warning.) Rows are padded
 up to a batch-size bucket (1, 2, 4, ..., 128, then multiples of 128), sources up to a multiple of
 64 and the cache to a multiple of 64 new tokens, and the captured step is kept per (model, bucket,
 source bucket, cache bucket, dtype, compiled) for the next call (`clear_graphs()` frees them). The logits processors, the sampling and the beam bookkeeping
@@ -111,6 +113,15 @@ def _decoder_head_shape(config) -> tuple[int, int]:
         return config.num_heads, config.d_kv
     heads = config.decoder_attention_heads
     return heads, config.d_model // heads
+
+
+def cross_projections(model) -> list[tuple]:
+    """Per decoder layer, its cross-attention's key and value projections (PEFT's wrappers
+    included): T5's EncDecAttention.k / .v, BART's encoder_attn.k_proj / .v_proj."""
+    decoder = _base_model(model).get_decoder()
+    if hasattr(decoder, "block"):  # T5, mT5
+        return [(block.layer[1].EncDecAttention.k, block.layer[1].EncDecAttention.v) for block in decoder.block]
+    return [(layer.encoder_attn.k_proj, layer.encoder_attn.v_proj) for layer in decoder.layers]
 
 
 # Generation-config settings that `generate` would apply and the engine does not: a checkpoint that
@@ -249,6 +260,23 @@ class _Decoder:
         )
         return out.logits[:, -1]  # (N, V)
 
+    def fill_cross(self) -> None:
+        """Every decoder layer's cross-attention keys/values of the encoder output, written into the
+        cross cache and marked computed, as the first step's cross-attention would do it (the layer's
+        own projections, the cache's own update): every step, the first one included, then only
+        reads them, so the first step is the same call as the others and replays the same graph.
+        (Eagerly, transformers' first step is ~4,000 operator calls for flan-t5-base, host time
+        while the GPU waits.)"""
+        hidden = self.encoder_outputs.last_hidden_state  # (N, S, d_model)
+        rows, source_len = hidden.shape[:2]
+        head_dim = _decoder_head_shape(_base_model(self.model).config)[1]
+        cross = self.cache.cross_attention_cache
+        for layer_idx, (keys, values) in enumerate(cross_projections(self.model)):
+            shape = (rows, source_len, -1, head_dim)
+            cross.update(keys(hidden).view(shape).transpose(1, 2), values(hidden).view(shape).transpose(1, 2),
+                         layer_idx)  # (N, H, S, dk) each  # fmt: skip
+            self.cache.is_updated[layer_idx] = True
+
     def reset(self) -> None:
         """Back to before the first step, in place (a captured graph keeps these tensors): positions
         0 in both caches and the cross-attention marked not computed, so that the next first step
@@ -362,8 +390,9 @@ class _GraphedDecoder:
     """A `_Decoder` of `rows` x `source_len` (the buckets) over static encoder inputs, and its step
     recorded as a CUDA graph at the first call that needs it, for this and later batches.
 
-    Per batch: `load` copies the encoder output and mask in (padding rows and source positions),
-    `first()` runs step 1 eagerly (filling the cross-attention cache), `next(tokens)` replays."""
+    Per batch: `load` copies the encoder output and mask in (padding rows and source positions) and
+    writes the cross-attention keys/values (`_Decoder.fill_cross`); `first()` and `next(tokens)`
+    replay the recorded step."""
 
     def __init__(self, model, rows: int, source_len: int, width: int, max_new_tokens: int, dtype, device,
                  compiled: bool = False, routing=None):  # fmt: skip
@@ -394,6 +423,7 @@ class _GraphedDecoder:
         self.encoder_mask[rows:, 0] = 1
         self.decoder.reset()
         self.decoder.tokens.fill_(start_id)
+        self.decoder.fill_cross()
 
     def release(self) -> None:
         self.decoder.model = None
@@ -402,28 +432,41 @@ class _GraphedDecoder:
         self.decoder.reorder(rows)
 
     def first(self) -> torch.Tensor:
-        """(N, V) logits of step 1, eager: writes the cross-attention keys/values into the cache
-        tensors the graph reads and marks them computed (EncoderDecoderCache.is_updated)."""
-        return self.decoder.step()[: self.real]
-
-    def next(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(N, V) logits after `tokens` (N,), by replaying the recorded step (recording it first if
-        this entry has none)."""
-        self.decoder.tokens[: self.real].copy_(tokens[:, None])
+        """(N, V) logits of step 1 (the start tokens in place, the cross-attention keys/values
+        written by `load`): a replay of the recorded step, recording it first if this entry has none.
+        If recording at step 1 fails, step 1 runs eagerly and step 2 records (the step before
+        cross-attention keys/values were written by `load`), with a warning."""
         if self.graph is None:
-            self._capture()
+            try:
+                self._capture(position=0)
+            except RuntimeError as e:
+                import warnings
+
+                warnings.warn(f"decoding engine: step 1 could not be captured ({e}); it runs eagerly and "
+                              "step 2 is captured", stacklevel=2)  # fmt: skip
+                self.graph = None
+                return self.decoder.step()[: self.real]
         self.graph.replay()
         return self.logits[: self.real]
 
-    def _capture(self) -> None:
-        # Called after step 1 and with step 2's tokens in place, so the warm-up steps run on real
+    def next(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(N, V) logits after `tokens` (N,), by replaying the recorded step (recording it first if
+        step 1 ran eagerly)."""
+        self.decoder.tokens[: self.real].copy_(tokens[:, None])
+        if self.graph is None:
+            self._capture(position=1)
+        self.graph.replay()
+        return self.logits[: self.real]
+
+    def _capture(self, position: int) -> None:
+        # Called with the tokens of the step at `position` in place, so the warm-up steps run on real
         # inputs. Each warm-up call advances every self-attention layer's position (cumulative_length,
         # a 0-dim tensor the step adds to in place) and writes its key/value slot: those positions and
-        # slots are saved before and copied back after, so the first replay is step 2 again. Capture
-        # itself only records (nothing runs), the copy after it is for certainty. Fewer warm-up steps
-        # when the cache has fewer slots left (a write past its end would be an index error).
-        warmup = min(WARMUP_STEPS, self.max_new_tokens - 1)
-        saved = self.decoder.snapshot(position=1, steps=warmup)
+        # slots are saved before and copied back after, so the first replay is that step again.
+        # Capture itself only records (nothing runs), the copy after it is for certainty. Fewer
+        # warm-up steps when the cache has fewer slots left (a write past its end: an index error).
+        warmup = min(WARMUP_STEPS, self.max_new_tokens - position)
+        saved = self.decoder.snapshot(position=position, steps=warmup)
         # (compiled: the warm-up's first call compiles; the recording captures the fused kernels)
         step = torch.compile(self.decoder.step, **COMPILE_OPTIONS) if self.compiled else self.decoder.step
         stream = _warm_up(step, warmup)
