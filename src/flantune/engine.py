@@ -558,7 +558,12 @@ class _CapturedEncoder:
 
     def _encode(self, model, routing) -> torch.Tensor:
         encoder = model.get_encoder()
-        dtype = encoder.get_input_embeddings().weight.dtype  # the dtype transformers makes its mask in
+        # The dtype transformers makes its mask in (inputs_embeds'): T5's and BART's encoders both keep
+        # `embed_tokens` (possibly in PEFT's trainable-tokens wrapper, whose first parameter is it).
+        embed = encoder.embed_tokens
+        dtype = embed.weight.dtype if isinstance(getattr(embed, "weight", None), torch.Tensor) else next(
+            embed.parameters()
+        ).dtype
         mask = torch.zeros(self.mask.shape, dtype=dtype, device=self.mask.device)
         mask = mask.masked_fill(self.mask == 0, torch.finfo(dtype).min)[:, None, None, :]  # (R, 1, 1, S')
         with routing.routed(encoder, self.rows) if routing is not None else contextlib.nullcontext():
