@@ -35,8 +35,8 @@ layers' own projections), so step 1 is the same call as the others; a couple of 
 run on a side stream (their cache writes undone), then `step()` is recorded once with its logits as
 a static tensor; each step copies the chosen tokens into the step's input and replays. (A step 1
 that cannot be recorded runs eagerly and step 2 is recorded, with a warning.) The encoder pass is
-captured too, per (model, row bucket, source bucket), and kept (`_CapturedEncoder`; one that cannot
-be captured warns and runs eagerly). Rows are padded
+captured too, per (model, row bucket, source bucket), at the second use of those buckets, and kept
+(`_CapturedEncoder`; one that cannot be captured warns and runs eagerly). Rows are padded
 up to a batch-size bucket (1, 2, 4, ..., 128, then multiples of 128), sources up to a multiple of
 64 and the cache to a multiple of 64 new tokens, and the captured step is kept per (model, bucket,
 source bucket, cache bucket, dtype, compiled) for the next call (`clear_graphs()` frees them). The logits processors, the sampling and the beam bookkeeping
@@ -505,7 +505,10 @@ def _graphed_decoder(model, encoder_hidden: torch.Tensor, max_new_tokens: int,
     return entry
 
 
-_ENCODERS: OrderedDict[tuple, _CapturedEncoder | None] = OrderedDict()  # None: capture failed for that key
+# Kept encoder passes (None: capture failed for that key), up to ENCODERS_KEPT: one per source bucket
+# of 64 up to 512 tokens.
+ENCODERS_KEPT = 8
+_ENCODERS: OrderedDict[tuple, _CapturedEncoder | None] = OrderedDict()
 # One memory pool for every kept encoder pass of a device: they never replay at the same time and
 # each output is copied out (into the step's static inputs) before another replays, so their
 # intermediates can share memory (a pass of flan-t5-large over 128 x 512 sources peaks at GBs).
@@ -534,6 +537,9 @@ class _CapturedEncoder:
         self.rows = torch.zeros(rows, dtype=torch.long, device=device)  # (R,) adapter index per row
         self.graph = None
         self.hidden: torch.Tensor | None = None  # (R, S', d) the recorded output, rewritten by replay
+        # Used once already (eagerly). A recording costs a few eager passes (the warm-up), so a shape
+        # seen once (an eval's length-sorted batches pass through each source bucket once) stays eager.
+        self.seen = False
 
     def run(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, source_rows, routing):
         """(n, s, d): the encoder output of these n sources (n, s), a view of the static output
@@ -573,8 +579,8 @@ class _CapturedEncoder:
 def _encode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, source_rows, routing,
             captured: bool) -> torch.Tensor:  # fmt: skip
     """(B, S, d): the encoder over the sources, once each; `captured`: replayed from the kept
-    `_CapturedEncoder` of its buckets (recorded first if none), else eager. A capture that fails
-    warns once per buckets and runs eagerly."""
+    `_CapturedEncoder` of its buckets (recorded at their second use; the first runs eagerly), else
+    eager. A capture that fails warns once per buckets and runs eagerly."""
     encoder = model.get_encoder()
     if captured:
         rows, source_len = input_ids.shape
@@ -588,9 +594,11 @@ def _encode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, source
         if entry == "new":
             entry = _CapturedEncoder(model, key[1], key[2], input_ids.device, routing)
         _ENCODERS[key] = entry
-        while len(_ENCODERS) > GRAPHS_KEPT:
+        while len(_ENCODERS) > ENCODERS_KEPT:
             _ENCODERS.popitem(last=False)
-        if entry is not None:
+        if entry is not None and not entry.seen:
+            entry.seen = True  # recorded at the second use of these buckets: one-off shapes stay eager
+        elif entry is not None:
             try:
                 return entry.run(model, input_ids, attention_mask, source_rows, routing)
             except RuntimeError as e:
