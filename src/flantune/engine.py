@@ -517,7 +517,7 @@ _ENCODER_POOLS: dict = {}
 
 class _CapturedEncoder:
     """The encoder pass over up to `rows` sources of up to `source_len` tokens (the buckets), recorded
-    as a CUDA graph at its first use and replayed for later batches of the same buckets. Eagerly,
+    as a CUDA graph at the second use of those buckets and replayed for later batches. Eagerly,
     flan-t5-base's encoder is ~2,500 operator calls of host time while the GPU waits; the server's
     captured joins, the same idea, took a join from 30 to 5.6 ms on an H200 (docs/benchmarks.md).
 
