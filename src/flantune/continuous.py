@@ -36,7 +36,9 @@ import warnings
 import torch
 from torch import Tensor
 
+from flantune.engine import cross_projections
 from flantune.fast_t5 import relative_bucket
+from flantune.graphs import StaticSources
 from flantune.graphs import record as _record
 from flantune.graphs import warm_up as _warm_up
 from flantune.lora_rows import LoraRows
@@ -191,16 +193,8 @@ class Slots:
         """The captured part of `join`: the encoder over the entry's static inputs and each decoder
         layer's cross-attention keys/values written into the entry's slots. Returns a token tensor
         (record wants an output; nothing reads it)."""
-        encoder = self.model.get_encoder()
-        rows = entry.rows if self.lora is not None else None
-        # The mask as the additive (n', 1, 1, s') one transformers would make from it: given a 2-D
-        # mask, its mask functions may ask the host whether any position is padding (a sync that
-        # capture refuses); a 4-D mask is used as it is.
-        dtype = self.cross_keys[0].dtype
-        mask = torch.zeros(entry.mask.shape, dtype=dtype, device=entry.mask.device)
-        mask = mask.masked_fill(entry.mask == 0, torch.finfo(dtype).min)[:, None, None, :]
-        with self.lora.routed(encoder, rows) if rows is not None else contextlib.nullcontext():
-            hidden = encoder(input_ids=entry.ids, attention_mask=mask, return_dict=True)[0]  # (n', s', d)
+        rows = entry.sources.rows if self.lora is not None else None
+        hidden = entry.sources.encode(self.model.get_encoder(), self.lora if rows is not None else None)  # (n', s', d)
         self._write_cross(entry.index, hidden, rows)
         return entry.index
 
@@ -209,7 +203,7 @@ class Slots:
         `index` (n,), zeroed past s first (no earlier row's values stay behind); `rows` (n,): each
         row's adapter index, where the slots gather LoRA."""
         n, s = encoder_hidden.shape[:2]
-        for i, (project_keys, project_values) in enumerate(self._cross_projections()):
+        for i, (project_keys, project_values) in enumerate(cross_projections(self.model)):
             shape = (n, s, self.heads, self.head_dim)
             keys = self._linear(project_keys, encoder_hidden, rows).view(shape).transpose(1, 2)  # (n, H, s, dk)
             values = self._linear(project_values, encoder_hidden, rows).view(shape).transpose(1, 2)
@@ -250,13 +244,6 @@ class Slots:
         self.positions[index] = 0
         self.tokens[index] = start_id
         self.live[index] = True
-
-    def _cross_projections(self) -> list[tuple]:
-        """Per decoder layer, the cross-attention's key and value projections."""
-        decoder = _base_model(self.model).get_decoder()
-        if self.bart:
-            return [(layer.encoder_attn.k_proj, layer.encoder_attn.v_proj) for layer in decoder.layers]
-        return [(block.layer[1].EncDecAttention.k, block.layer[1].EncDecAttention.v) for block in decoder.block]
 
     def release(self, slots: list[int]) -> None:
         index = torch.tensor(slots, device=self.positions.device)
@@ -418,30 +405,21 @@ def _bart_step(self: Slots, R: int) -> Tensor:
 
 class _Join:
     """Static inputs of a captured join (`Slots.join`) for up to `rows` sources of up to `source_len`
-    tokens: ids and mask (rows, source_len), each row's slot and adapter index (rows,); the graph."""
+    tokens: the sources (flantune.graphs.StaticSources: ids, mask, adapter indices), each row's slot
+    (rows,); the graph."""
 
     def __init__(self, rows: int, source_len: int, device):
-        self.ids = torch.zeros(rows, source_len, dtype=torch.long, device=device)
-        self.mask = torch.zeros(rows, source_len, dtype=torch.long, device=device)
+        self.sources = StaticSources(rows, source_len, device)
         self.index = torch.zeros(rows, dtype=torch.long, device=device)
-        self.rows = torch.zeros(rows, dtype=torch.long, device=device)
         self.graph = None
 
     def load(self, input_ids: Tensor, attention_mask: Tensor, index: Tensor, rows: Tensor | None) -> None:
         """This join's n sources (n, s) in; the padding rows repeat the last real one (the same slot,
         the same values), padding positions are masked."""
-        n, s = input_ids.shape
-        self.ids.zero_()
-        self.mask.zero_()
-        self.ids[:n, :s] = input_ids
-        self.mask[:n, :s] = attention_mask
-        self.ids[n:] = self.ids[n - 1]
-        self.mask[n:] = self.mask[n - 1]
+        self.sources.load(input_ids, attention_mask, rows)
+        n = input_ids.shape[0]
         self.index[:n] = index
         self.index[n:] = index[-1]
-        if rows is not None:
-            self.rows[:n] = rows
-            self.rows[n:] = rows[-1]
 
 
 def _attend(query: Tensor, keys: Tensor, values: Tensor, bias: Tensor) -> Tensor:

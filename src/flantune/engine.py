@@ -76,6 +76,7 @@ from transformers import (
 )
 from transformers.modeling_outputs import BaseModelOutput
 
+from flantune.graphs import StaticSources
 from flantune.graphs import record as _record
 from flantune.graphs import warm_up as _warm_up
 
@@ -391,6 +392,21 @@ def _fingerprint(model) -> tuple:
     return model.training, tuple(sorted(adapters)), tuple(p.data_ptr() for p in model.parameters())
 
 
+def _kept(kept: OrderedDict, key: tuple, limit: int, model, routing, fingerprint: tuple, make: Callable):
+    """The entry kept under `key` (a recorded step or encoder pass) while it still belongs to this
+    model, its parameters and adapter state (`fingerprint`) and its routing; else a new one from
+    `make()`. Kept as the most recent, the oldest dropped past `limit`."""
+    entry = kept.pop(key, None)
+    if (entry is None or entry.model_ref() is not model or entry.fingerprint != fingerprint
+            or (routing is not None and entry.routing_ref() is not routing)):  # fmt: skip
+        entry = None  # dropped first: its buffers and graph pool are freed before new ones are made
+        entry = make()
+    kept[key] = entry
+    while len(kept) > limit:
+        kept.popitem(last=False)
+    return entry
+
+
 class _GraphedDecoder:
     """A `_Decoder` of `rows` x `source_len` (the buckets) over static encoder inputs, and its step
     recorded as a CUDA graph at the first call that needs it, for this and later batches.
@@ -400,11 +416,11 @@ class _GraphedDecoder:
     replay the recorded step."""
 
     def __init__(self, model, rows: int, source_len: int, width: int, max_new_tokens: int, dtype, device,
-                 compiled: bool = False, routing=None):  # fmt: skip
+                 fingerprint: tuple, compiled: bool = False, routing=None):  # fmt: skip
         self.model_ref = weakref.ref(model)
         # The LoraRows the recorded step gathers adapters through (its tables and rows buffer), or None.
         self.routing_ref = weakref.ref(routing) if routing is not None else (lambda: None)
-        self.fingerprint = _fingerprint(model)
+        self.fingerprint = fingerprint  # _fingerprint(model) when recorded
         self.rows, self.source_len, self.max_new_tokens = rows, source_len, max_new_tokens
         self.compiled = compiled
         self.encoder_hidden = torch.zeros(rows, source_len, width, dtype=dtype, device=device)  # (R, S', d)
@@ -480,7 +496,7 @@ class _GraphedDecoder:
         _Decoder.restore(saved)
 
 
-def _graphed_decoder(model, encoder_hidden: torch.Tensor, max_new_tokens: int,
+def _graphed_decoder(model, encoder_hidden: torch.Tensor, max_new_tokens: int, fingerprint: tuple,
                      compiled: bool = False, routing=None) -> _GraphedDecoder:  # fmt: skip
     """The kept `_GraphedDecoder` for this model and shape bucket, or a new one (kept, the oldest
     dropped past GRAPHS_KEPT). Its cache holds max_new_tokens rounded up to NEW_TOKEN_MULTIPLE.
@@ -493,22 +509,15 @@ def _graphed_decoder(model, encoder_hidden: torch.Tensor, max_new_tokens: int,
         -(-max_new_tokens // NEW_TOKEN_MULTIPLE) * NEW_TOKEN_MULTIPLE, encoder_hidden.dtype, autocast,
         encoder_hidden.device, compiled, None if routing is None else id(routing),
     )  # fmt: skip
-    entry = _GRAPHS.pop(key, None)
-    if (entry is None or entry.model_ref() is not model or entry.fingerprint != _fingerprint(model)
-            or (routing is not None and entry.routing_ref() is not routing)):  # fmt: skip
-        entry = None  # dropped first: its caches and graph pool are freed before new ones are made
-        entry = _GraphedDecoder(model, key[1], key[2], width, key[3], encoder_hidden.dtype,
-                                encoder_hidden.device, compiled, routing)  # fmt: skip
-    _GRAPHS[key] = entry
-    while len(_GRAPHS) > GRAPHS_KEPT:
-        _GRAPHS.popitem(last=False)
-    return entry
+    return _kept(_GRAPHS, key, GRAPHS_KEPT, model, routing, fingerprint, lambda: _GraphedDecoder(
+        model, key[1], key[2], width, key[3], encoder_hidden.dtype, encoder_hidden.device, fingerprint, compiled,
+        routing))  # fmt: skip
 
 
-# Kept encoder passes (None: capture failed for that key), up to ENCODERS_KEPT: one per source bucket
-# of 64 up to 512 tokens.
+# Kept encoder passes, up to ENCODERS_KEPT (8: every source bucket of 64 up to 512 tokens, for one
+# row bucket).
 ENCODERS_KEPT = 8
-_ENCODERS: OrderedDict[tuple, _CapturedEncoder | None] = OrderedDict()
+_ENCODERS: OrderedDict[tuple, _CapturedEncoder] = OrderedDict()
 # One memory pool for every kept encoder pass of a device: they never replay at the same time and
 # each output is copied out (into the step's static inputs) before another replays, so their
 # intermediates can share memory (a pass of flan-t5-large over 128 x 512 sources peaks at GBs).
@@ -516,89 +525,55 @@ _ENCODER_POOLS: dict = {}
 
 
 class _CapturedEncoder:
-    """The encoder pass over up to `rows` sources of up to `source_len` tokens (the buckets), recorded
-    as a CUDA graph at the second use of those buckets and replayed for later batches. Eagerly,
-    flan-t5-base's encoder is ~2,500 operator calls of host time while the GPU waits; the server's
-    captured joins, the same idea, took a join from 30 to 5.6 ms on an H200 (docs/benchmarks.md).
+    """The encoder pass over up to `rows` sources of up to `source_len` tokens (the buckets,
+    `flantune.graphs.StaticSources`), recorded as a CUDA graph at the second use of those buckets
+    and replayed for later batches. Eagerly, flan-t5-base's encoder is ~2,500 operator calls of
+    host time while the GPU waits; the server's captured joins, the same idea, took a join from 30
+    to 5.6 ms on an H200 (docs/benchmarks.md)."""
 
-    The static inputs are the ids, the mask and (for gathered LoRA rows) each row's adapter index;
-    padding rows repeat the last real row (an all-masked row would be a softmax over nothing) and
-    padding positions are masked, so real rows get the eager pass's values up to the rounding of
-    products of other shapes. The mask goes in as the additive 4-D one transformers would build
-    from it: from a 2-D mask its mask functions may ask the host whether any position is padding, a
-    sync that capture refuses."""
-
-    def __init__(self, model, rows: int, source_len: int, device, routing=None):
+    def __init__(self, model, rows: int, source_len: int, device, fingerprint: tuple, routing=None):
         self.model_ref = weakref.ref(model)
         self.routing_ref = weakref.ref(routing) if routing is not None else (lambda: None)
-        self.fingerprint = _fingerprint(model)
-        self.ids = torch.zeros(rows, source_len, dtype=torch.long, device=device)  # (R, S')
-        self.mask = torch.zeros(rows, source_len, dtype=torch.long, device=device)  # (R, S')
-        self.rows = torch.zeros(rows, dtype=torch.long, device=device)  # (R,) adapter index per row
+        self.fingerprint = fingerprint  # _fingerprint(model) when recorded
+        self.sources = StaticSources(rows, source_len, device)
         self.graph = None
         self.hidden: torch.Tensor | None = None  # (R, S', d) the recorded output, rewritten by replay
         # Used once already (eagerly). A recording costs a few eager passes (the warm-up), so a shape
         # seen once (an eval's length-sorted batches pass through each source bucket once) stays eager.
         self.seen = False
+        self.failed = False  # its recording failed: these buckets run eagerly from then on
 
     def run(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, source_rows, routing):
         """(n, s, d): the encoder output of these n sources (n, s), a view of the static output
         (valid until the next replay)."""
         n, s = input_ids.shape
-        self.ids.zero_()
-        self.mask.zero_()
-        self.ids[:n, :s] = input_ids
-        self.mask[:n, :s] = attention_mask
-        self.ids[n:] = self.ids[n - 1]
-        self.mask[n:] = self.mask[n - 1]
-        if source_rows is not None:
-            self.rows[:n] = source_rows
-            self.rows[n:] = source_rows[-1]
+        self.sources.load(input_ids, attention_mask, source_rows)
         if self.graph is None:
-            device = self.ids.device
+            device = self.sources.ids.device
             pool = _ENCODER_POOLS.setdefault(device, torch.cuda.graph_pool_handle()) if device.type == "cuda" else None
-            stream = _warm_up(lambda: self._encode(model, routing), WARMUP_STEPS)
-            self.graph, self.hidden = _record(lambda: self._encode(model, routing), stream, pool)
+            encode = lambda: self.sources.encode(model.get_encoder(), routing)  # noqa: E731
+            stream = _warm_up(encode, WARMUP_STEPS)
+            self.graph, self.hidden = _record(encode, stream, pool)
         self.graph.replay()
         return self.hidden[:n, :s]
 
-    def _encode(self, model, routing) -> torch.Tensor:
-        encoder = model.get_encoder()
-        # The dtype transformers makes its mask in (inputs_embeds'): T5's and BART's encoders both keep
-        # `embed_tokens` (possibly in PEFT's trainable-tokens wrapper, whose first parameter is it).
-        embed = encoder.embed_tokens
-        dtype = embed.weight.dtype if isinstance(getattr(embed, "weight", None), torch.Tensor) else next(
-            embed.parameters()
-        ).dtype
-        mask = torch.zeros(self.mask.shape, dtype=dtype, device=self.mask.device)
-        mask = mask.masked_fill(self.mask == 0, torch.finfo(dtype).min)[:, None, None, :]  # (R, 1, 1, S')
-        with routing.routed(encoder, self.rows) if routing is not None else contextlib.nullcontext():
-            return encoder(input_ids=self.ids, attention_mask=mask, return_dict=True)[0]  # (R, S', d)
-
 
 def _encode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, source_rows, routing,
-            captured: bool) -> torch.Tensor:  # fmt: skip
-    """(B, S, d): the encoder over the sources, once each; `captured`: replayed from the kept
-    `_CapturedEncoder` of its buckets (recorded at their second use; the first runs eagerly), else
-    eager. A capture that fails warns once per buckets and runs eagerly."""
+            fingerprint: tuple | None) -> torch.Tensor:  # fmt: skip
+    """(B, S, d): the encoder over the sources, once each. With a `fingerprint` (graphs): replayed
+    from the kept `_CapturedEncoder` of its buckets (recorded at their second use; the first runs
+    eagerly); else eager. A recording that fails warns once per buckets, which then run eagerly."""
     encoder = model.get_encoder()
-    if captured:
+    if fingerprint is not None:
         rows, source_len = input_ids.shape
         autocast = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
         key = (id(model), row_bucket(rows), -(-source_len // SOURCE_MULTIPLE) * SOURCE_MULTIPLE, autocast,
                input_ids.device, None if routing is None else id(routing))  # fmt: skip
-        entry = _ENCODERS.pop(key, "new")
-        if entry not in ("new", None) and (entry.model_ref() is not model or entry.fingerprint != _fingerprint(model)
-                                           or (routing is not None and entry.routing_ref() is not routing)):  # fmt: skip
-            entry = "new"
-        if entry == "new":
-            entry = _CapturedEncoder(model, key[1], key[2], input_ids.device, routing)
-        _ENCODERS[key] = entry
-        while len(_ENCODERS) > ENCODERS_KEPT:
-            _ENCODERS.popitem(last=False)
-        if entry is not None and not entry.seen:
+        entry = _kept(_ENCODERS, key, ENCODERS_KEPT, model, routing, fingerprint, lambda: _CapturedEncoder(
+            model, key[1], key[2], input_ids.device, fingerprint, routing))  # fmt: skip
+        if not entry.seen:
             entry.seen = True  # recorded at the second use of these buckets: one-off shapes stay eager
-        elif entry is not None:
+        elif not entry.failed:
             try:
                 return entry.run(model, input_ids, attention_mask, source_rows, routing)
             except RuntimeError as e:
@@ -606,7 +581,7 @@ def _encode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, source
 
                 warnings.warn(f"decoding engine: the encoder pass could not be captured ({e}); it runs eagerly",
                               stacklevel=3)  # fmt: skip
-                _ENCODERS[key] = None
+                entry.failed = True
     with routing.routed(encoder, source_rows) if routing is not None else contextlib.nullcontext():
         return encoder(input_ids=input_ids, attention_mask=attention_mask, return_dict=True)[0]
 
@@ -834,6 +809,8 @@ def generate(
     # checking at every step.
     check_every = 8 if use_graphs else 1
 
+    # What a kept recording bakes in besides shapes (`_fingerprint`), read once per call.
+    fingerprint = _fingerprint(model) if use_graphs else None
     source_rows, decoder_rows = None, contextlib.nullcontext()
     if routing is not None:
         source_rows = routing.indices(adapter_names, input_ids.device)  # (B,) each source's adapter index
@@ -844,7 +821,7 @@ def generate(
         # The encoder, once per source: (B, S, d_model), then (N, S, d_model) with N = B * copies.
         # Named ranges for torch.profiler (bench/generate_speed.py --profile-ttft reads them).
         with torch.profiler.record_function("flantune.engine.encoder"):
-            encoder_hidden = _encode(model, input_ids, attention_mask, source_rows, routing, use_graphs)
+            encoder_hidden = _encode(model, input_ids, attention_mask, source_rows, routing, fingerprint)
         encoder_hidden = encoder_hidden.repeat_interleave(copies, dim=0)
         encoder_mask = attention_mask.repeat_interleave(copies, dim=0)
         with decoder_rows:
@@ -852,7 +829,7 @@ def generate(
             with torch.profiler.record_function("flantune.engine.load"):  # cross-attention keys/values
                 if use_graphs:
                     compiled = COMPILE_STEP if compile_step is None else compile_step
-                    decoder = _graphed_decoder(model, encoder_hidden, max_new_tokens, compiled, routing)
+                    decoder = _graphed_decoder(model, encoder_hidden, max_new_tokens, fingerprint, compiled, routing)
                     decoder.load(model, encoder_hidden, encoder_mask, start_id)
                 else:
                     decoder = _EagerDecoder(model, encoder_hidden, encoder_mask, max_new_tokens, start_id)

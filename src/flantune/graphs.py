@@ -1,6 +1,7 @@
 """CUDA graphs: a packed micro-batch's forward and backward captured once and replayed (training),
 and the capture of a one-token decode step (`warm_up`, `record`: the decoding engine's and
-continuous batching's steps).
+continuous batching's steps) and of an encoder pass over static sources (`StaticSources`: the
+engine's and continuous batching's joins).
 
 Why: at 32 SciQ examples a step, flan-t5-large runs about 60 ms of GPU kernels per step, and
 launching them one by one from Python (48 blocks, their LoRA layers, autograd) costs about 100 ms
@@ -241,3 +242,46 @@ def record(fn: Callable[[], Tensor], stream, pool=None) -> tuple[torch.cuda.CUDA
     with torch.cuda.graph(graph, pool=pool, stream=stream), capture_context(), capturable_token_rows():
         output = fn()
     return graph, output
+
+
+class StaticSources:
+    """The static inputs of a captured encoder pass over up to `rows` sources of up to `source_len`
+    tokens (the buckets): ids and mask (rows, source_len), and each row's LoRA adapter index (rows,)
+    where rows gather their adapters (flantune.lora_rows).
+
+    `load` copies a batch in: padding rows repeat the last real row (an all-masked row would be a
+    softmax over nothing) and padding positions are masked, so real rows get the eager pass's values
+    up to the rounding of products of other shapes. `encode` runs the encoder on them with the mask
+    as the additive 4-D one transformers would build from it: from a 2-D mask its mask functions may
+    ask the host whether any position is padding, a sync that capture refuses."""
+
+    def __init__(self, rows: int, source_len: int, device):
+        self.ids = torch.zeros(rows, source_len, dtype=torch.long, device=device)  # (R, S')
+        self.mask = torch.zeros(rows, source_len, dtype=torch.long, device=device)  # (R, S')
+        self.rows = torch.zeros(rows, dtype=torch.long, device=device)  # (R,)
+
+    def load(self, input_ids: Tensor, attention_mask: Tensor, rows: Tensor | None = None) -> None:
+        """n sources (n, s) in, and their adapter indices (n,) where given."""
+        n, s = input_ids.shape
+        self.ids.zero_()
+        self.mask.zero_()
+        self.ids[:n, :s] = input_ids
+        self.mask[:n, :s] = attention_mask
+        self.ids[n:] = self.ids[n - 1]
+        self.mask[n:] = self.mask[n - 1]
+        if rows is not None:
+            self.rows[:n] = rows
+            self.rows[n:] = rows[-1]
+
+    def encode(self, encoder, routing=None) -> Tensor:
+        """(R, S', d): `encoder` (T5Stack, BartEncoder) over the static sources; `routing` (a
+        LoraRows): each row under adapter `self.rows[r]`."""
+        # The dtype transformers makes its mask in (inputs_embeds'): T5's and BART's encoders both
+        # keep `embed_tokens` (possibly in PEFT's trainable-tokens wrapper, whose first parameter is it).
+        embed = encoder.embed_tokens
+        weight = getattr(embed, "weight", None)
+        dtype = weight.dtype if isinstance(weight, Tensor) else next(embed.parameters()).dtype
+        mask = torch.zeros(self.mask.shape, dtype=dtype, device=self.mask.device)
+        mask = mask.masked_fill(self.mask == 0, torch.finfo(dtype).min)[:, None, None, :]  # (R, 1, 1, S')
+        with routing.routed(encoder, self.rows) if routing is not None else contextlib.nullcontext():
+            return encoder(input_ids=self.ids, attention_mask=mask, return_dict=True)[0]
