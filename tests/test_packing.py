@@ -411,7 +411,8 @@ def test_captured_step_equals_the_plain_step(tiny, pairs):
     reference = (float(loss), [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in params])
     del loss  # its graph holds gradient accumulators made on the default stream: none may live at capture
     model.zero_grad(set_to_none=True)
-    block_fn = packing.PackedLoss(model, "flex", compile=True).block_fn  # compiled as train.cuda_graph compiles it
+    # compiled as train.cuda_graph compiles it (static: every captured batch has one shape)
+    block_fn = packing.PackedLoss(model, "flex", compile=True, compile_options={"dynamic": False}).block_fn
     step = CapturedStep(
         lambda b: fast_t5.packed_loss_sum(model, b, "flex", block_fn=block_fn, select_targets=False),
         params, dtype=None,
