@@ -697,6 +697,98 @@ def test_graph_branch_sampling_on_cpu(sampling_setup, graphs_on_cpu):
     assert graphs_on_cpu["record"] == 2 and len(engine._GRAPHS) == 1
 
 
+# --- The packed encoder (T5) ---------------------------------------------------------------------------
+
+
+def _uneven_sources(vocab: int, side: str, lengths=(40, 7, 300, 129, 1, 64)):
+    """(ids, mask): sources of these lengths, padded on `side`, one longer than a packed row of 128."""
+    gen = torch.Generator().manual_seed(0)
+    width = max(lengths)
+    ids, mask = torch.zeros(len(lengths), width, dtype=torch.long), torch.zeros(len(lengths), width, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        cols = slice(0, n) if side == "right" else slice(width - n, width)
+        ids[i, cols], mask[i, cols] = torch.randint(5, vocab, (n,), generator=gen), 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_packed_encoder_equals_transformers_encoder(t5_small_path, side):
+    """Sources packed first fit into rows of 128 (one longer than that gets a row of its own), each
+    with its bias and attention restarted: every real token's output equals transformers' encoder
+    over the padded batch; padding positions come back as zeros."""
+    from flantune import fast_t5
+
+    model = tiny_model(t5_small_path)
+    ids, mask = _uneven_sources(model.config.vocab_size, side)
+    with torch.no_grad():
+        expected = model.get_encoder()(input_ids=ids, attention_mask=mask)[0]
+        sources = fast_t5.PackedSources(ids, mask, width=128, block=None)
+        got = fast_t5.packed_encoder_output(model, sources, "eager")
+    real = mask.bool()
+    assert (sources.rows, sources.width) == (2, 384)  # 300 -> a row of 384; the rest share the other
+    assert got.shape == expected.shape and not got[~real].any()
+    torch.testing.assert_close(got[real], expected[real], atol=2e-5, rtol=1e-5)
+
+
+def test_packed_block_mask_tensors_match_torchs(t5_small_path):
+    """The block-mask tensors a PackedSources copies to the device are the ones FlexAttention's own
+    construction gives for its pair ids (q side from BlockMask.from_kv_blocks)."""
+    from flantune import fast_t5
+
+    ids, mask = _uneven_sources(1000, "right")
+    sources = fast_t5.PackedSources(ids, mask, width=128)
+    pattern = fast_t5.Pattern(sources.pair, sources.pair, sources.pos, sources.pos, causal=False)
+    for got, want in zip(sources.blocks, fast_t5.block_mask_tensors(pattern, fast_t5.BLOCK, q_side="torch"), strict=True):
+        assert torch.equal(got, want)
+
+
+def test_engine_with_the_packed_encoder_equals_generate(setup, monkeypatch):
+    """PACKED_ENCODER="eager" (the packed layout and its materialized attention, on the CPU): greedy
+    and beam ids equal transformers' generate for T5; BART keeps transformers' encoder."""
+    model, _, batch = setup
+    monkeypatch.setattr(engine, "PACKED_ENCODER", "eager")
+    calls = []
+    from flantune import fast_t5
+
+    real = fast_t5.packed_encoder_output
+    monkeypatch.setattr(fast_t5, "packed_encoder_output", lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert torch.equal(run(model, batch).sequences, reference(model, batch))
+    options = {"num_beams": 3, "num_return_sequences": 2}
+    assert torch.equal(run(model, batch, **options).sequences, reference(model, batch, **options))
+    assert len(calls) == (2 if model.config.model_type == "t5" else 0)
+
+
+def test_packed_encoder_policy(t5_small_path, bart_path, monkeypatch):
+    """auto: the packed FlexAttention encoder on CUDA in 16-bit for T5-family models of one adapter
+    and the kinds the packed forward drives; transformers' encoder otherwise."""
+    from peft import LoraConfig, PrefixTuningConfig, get_peft_model
+
+    from flantune.adapters import AdapterConfig, add_adapters
+
+    t5, bart = tiny_model(t5_small_path), tiny_model(bart_path)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    mode = engine._packed_encoder_mode
+    assert mode(t5, cpu, False) is None  # CPU: not by default
+    assert mode(t5, cuda, False) is None  # float32 weights, no autocast
+    half = copy.deepcopy(t5).to(torch.bfloat16)
+    assert mode(half, cuda, False) == "flex"
+    assert mode(half, cuda, True) is None  # rows of several adapters (PEFT's per-row hooks)
+    assert mode(bart.to(torch.bfloat16), cuda, False) is None  # not T5-family
+    lora = get_peft_model(copy.deepcopy(half), LoraConfig(r=2, target_modules=["q", "v"], task_type="SEQ_2_SEQ_LM"))
+    assert mode(lora, cuda, False) == "flex"
+    prefix = get_peft_model(copy.deepcopy(half), PrefixTuningConfig(num_virtual_tokens=4, task_type="SEQ_2_SEQ_LM"))
+    assert mode(prefix, cuda, False) is None  # prompt learning changes the attention itself
+    adapted = copy.deepcopy(half)
+    add_adapters(adapted, AdapterConfig(reduction_factor=4))
+    assert mode(adapted, cuda, False) is None  # bottleneck adapters wrap the attention modules
+    monkeypatch.setattr(engine, "PACKED_ENCODER", "eager")
+    assert mode(t5, cpu, False) == "eager" and mode(bart, cpu, False) is None
+    monkeypatch.setattr(engine, "PACKED_ENCODER", "off")
+    assert mode(half, cuda, False) is None
+    monkeypatch.setattr(engine, "PACKED_ENCODER", "fast")
+    with pytest.raises(ValueError, match="FLANTUNE_PACKED_ENCODER"):
+        mode(half, cuda, False)
+
 # --- On the GPU: the step captured as a real CUDA graph ----------------------------------------------
 
 
@@ -715,7 +807,7 @@ def cuda_path(request, t5_small_path, bart_path):
 
 
 @pytest.mark.cuda
-@pytest.mark.filterwarnings("error:decoding engine. (step 1|the encoder pass)")  # a capture that fell back fails
+@pytest.mark.filterwarnings("error:decoding engine. (step 1|the encoder pass|the packed encoder)")  # a capture that fell back fails
 def test_cuda_greedy_with_graphs_equals_generate(cuda_path):
     """The captured step replayed gives generate's greedy ids; graphs=None picks it on CUDA (the
     second call replays the kept graph)."""
@@ -731,7 +823,7 @@ def test_cuda_greedy_with_graphs_equals_generate(cuda_path):
 
 
 @pytest.mark.cuda
-@pytest.mark.filterwarnings("error:decoding engine. (step 1|the encoder pass)")  # a capture that fell back fails
+@pytest.mark.filterwarnings("error:decoding engine. (step 1|the encoder pass|the packed encoder)")  # a capture that fell back fails
 def test_cuda_sampling_with_and_without_graphs(cuda_path):
     """One seeded CUDA generator, the same samples and log-probabilities with and without graphs."""
     model, _, batch = on_cuda(cuda_path, SOURCES, t5_scale=1.0)
@@ -764,7 +856,7 @@ def test_cuda_another_batch_replays_the_kept_graph(cuda_path):
 
 
 @pytest.mark.cuda
-@pytest.mark.filterwarnings("error:decoding engine. (step 1|the encoder pass)")  # a capture that fell back fails
+@pytest.mark.filterwarnings("error:decoding engine. (step 1|the encoder pass|the packed encoder)")  # a capture that fell back fails
 def test_cuda_beam_search_with_graphs_equals_generate(cuda_path):
     """float32 on the GPU, the step replayed and the cache reordered between replays: the beams
     equal transformers' beam search on the same device."""
@@ -841,7 +933,7 @@ def test_capturable_token_rows_give_pefts_values_and_gradients(setup):
 
 
 @pytest.mark.cuda
-@pytest.mark.filterwarnings("error:decoding engine. (step 1|the encoder pass)")  # a capture that fell back fails
+@pytest.mark.filterwarnings("error:decoding engine. (step 1|the encoder pass|the packed encoder)")  # a capture that fell back fails
 @pytest.mark.parametrize("compiled", [False, True], ids=["captured", "compiled"])
 def test_cuda_lora_with_token_rows_is_captured_and_sees_updates(cuda_path, compiled, monkeypatch):
     """A LoRA policy with added tokens (`flantune rl` of a recipe with model.add_tokens) through the
@@ -871,7 +963,7 @@ def test_cuda_lora_with_token_rows_is_captured_and_sees_updates(cuda_path, compi
 
 
 @pytest.mark.cuda
-@pytest.mark.filterwarnings("error:decoding engine. (step 1|the encoder pass)")  # a capture that fell back fails
+@pytest.mark.filterwarnings("error:decoding engine. (step 1|the encoder pass|the packed encoder)")  # a capture that fell back fails
 def test_cuda_adapter_rows_are_captured(cuda_path):
     """float32 on the GPU: rows of adapters a, b and the base gathered per row, the step captured and
     replayed for a second mix, equal PEFT's adapter_names hooks run eagerly."""
@@ -898,7 +990,7 @@ def compiled_step(monkeypatch):
 
 
 @pytest.mark.cuda
-@pytest.mark.filterwarnings("error:decoding engine. (step 1|the encoder pass)")  # a capture that fell back fails
+@pytest.mark.filterwarnings("error:decoding engine. (step 1|the encoder pass|the packed encoder)")  # a capture that fell back fails
 def test_cuda_compiled_step_equals_generate(cuda_path, compiled_step):
     """The step compiled by inductor, then captured, in float32 on the GPU: greedy and beam search
     give generate's ids token for token; seeded sampling gives the uncompiled graph's samples and
@@ -956,3 +1048,47 @@ def test_cuda_qlora_generates_as_transformers(t5_small_path, tmp_path):
         ours = run(lora, batch, graphs=graphs).sequences
         assert torch.equal(ours, expected_lora), (graphs, ours, expected_lora)
     engine.clear_graphs()
+
+
+@pytest.mark.cuda
+@pytest.mark.filterwarnings("error:decoding engine. (step 1|the encoder pass|the packed encoder)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_packed_flex_encoder_equals_transformers(t5_small_path, dtype):
+    """FlexAttention over the packed layout, the block compiled (what `auto` runs in 16-bit on a
+    GPU): every real token's output equals transformers' encoder over the padded batch (float32
+    within 1e-4; bfloat16 within 3 % of the output's largest value, kernels of other shapes rounding
+    differently)."""
+    from flantune import fast_t5
+
+    model = tiny_model(t5_small_path).cuda().to(dtype)
+    ids, mask = _uneven_sources(model.config.vocab_size, "right", lengths=(40, 7, 600, 129, 1, 64, 500, 300))
+    ids, mask = ids.cuda(), mask.cuda()
+    with torch.no_grad():
+        expected = model.get_encoder()(input_ids=ids, attention_mask=mask)[0].float()
+        sources = fast_t5.PackedSources(ids, mask, width=512)
+        got = fast_t5.packed_encoder_output(model, sources, "flex", block_fn=engine._packed_block()).float()
+    real = mask.bool()
+    assert not got[~real].any()
+    limit = 1e-4 if dtype == torch.float32 else 0.03 * float(expected[real].abs().max())
+    assert float((got - expected)[real].abs().max()) <= limit
+
+
+@pytest.mark.cuda
+@pytest.mark.filterwarnings("error:decoding engine. (step 1|the encoder pass|the packed encoder)")
+def test_cuda_generate_with_the_packed_flex_encoder(t5_small_path, monkeypatch):
+    """float32 with the packed FlexAttention encoder forced: generate's greedy and beam ids; in
+    bfloat16 `auto` takes it (the compiled block runs, nothing falls back)."""
+    from flantune import fast_t5
+
+    model, _, batch = on_cuda(t5_small_path, SOURCES)
+    calls = []
+    real = fast_t5.packed_encoder_output
+    monkeypatch.setattr(fast_t5, "packed_encoder_output", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    monkeypatch.setattr(engine, "PACKED_ENCODER", "flex")
+    assert torch.equal(run(model, batch).sequences, reference(model, batch))
+    options = {"num_beams": 3, "num_return_sequences": 2}
+    assert torch.equal(run(model, batch, **options).sequences, reference(model, batch, **options))
+    monkeypatch.setattr(engine, "PACKED_ENCODER", "auto")
+    half = model.to(torch.bfloat16)
+    ours = run(half, batch).sequences
+    assert calls == ["flex"] * 3 and ours.shape[0] == len(SOURCES) and not engine._PACKED_FAILED
