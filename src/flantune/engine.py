@@ -6,7 +6,7 @@ seq2seq model (T5, mT5, FLAN-T5, BART, loaded with AutoModelForSeq2SeqLM, PEFT-w
     1. the encoder runs once per source; for `num_return_sequences` copies its output is expanded
        (repeat_interleave), never recomputed. For T5-family models in 16-bit on a GPU it runs on
        the sources' packed layout, no padding, with FlexAttention and T5's bias per source
-       (`PACKED_ENCODER`, flantune.fast_t5.PackedSources);
+       (`PACKED_ENCODER`, flantune.packing.PackedSources);
     2. every tensor the loop needs is allocated before it: the decoder's self-attention cache and the
        cross-attention cache (transformers' StaticCache, initialised ahead of time), the output ids,
        the per-token log-probabilities, the finished flags;
@@ -563,7 +563,7 @@ class _CapturedEncoder:
 
 # --- The packed encoder (T5) ---------------------------------------------------------------------------
 
-# T5-family encoders run on the sources' packed layout (flantune.fast_t5.PackedSources: no padding,
+# T5-family encoders run on the sources' packed layout (flantune.packing.PackedSources: no padding,
 # the relative bias restarted per source) with FlexAttention in one compiled block, the kernels
 # training uses. transformers' T5 attention materializes a (B, H, S, S) bias and SDPA runs it on its
 # math path in float32: flan-t5-base's encoder over 32 SciQ sources padded to 512 took 48 ms on an
@@ -618,9 +618,9 @@ def _packed_block():
 
 def _encode_packed(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, mode: str) -> torch.Tensor | None:
     """(B, S, d): the packed encoder's output, or None where its compiled kernels failed (warned once)."""
-    from flantune import fast_t5
+    from flantune import fast_t5, packing
 
-    sources = fast_t5.PackedSources(input_ids, attention_mask, width=PACKED_WIDTH,
+    sources = packing.PackedSources(input_ids, attention_mask, width=PACKED_WIDTH,
                                     block=fast_t5.BLOCK if mode == "flex" else None)  # fmt: skip
     if mode != "flex":
         return fast_t5.packed_encoder_output(model, sources, mode)

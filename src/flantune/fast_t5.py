@@ -406,71 +406,9 @@ def decoder_hidden(
     return hidden * model.model_dim**-0.5 if scale else hidden
 
 
-class PackedSources:
-    """Padded sources (B, S) laid out packed: each source's real tokens (wherever its mask has
-    them, so left or right padding alike) placed first fit decreasing into `rows` rows of `width`
-    tokens, one pair per source. Planned on the host (one copy of the mask to the CPU); the device
-    gets the ids, pair ids, positions and the encoder's block-mask tensors.
-
-    `src` (N,) indexes the N real tokens in the flattened (B*S) input, `dst` (N,) the same tokens
-    in the flattened packed (rows*width) layout: `unpack` scatters an output back to (B, S, ...).
-    """
-
-    def __init__(self, input_ids: Tensor, attention_mask: Tensor, *, width: int = 512, row_multiple: int = 1,
-                 block: int | None = BLOCK):  # fmt: skip
-        import numpy as np
-
-        from flantune.packing import assign_rows, round_up
-
-        batch, length = input_ids.shape
-        device = input_ids.device
-        mask = attention_mask.detach().to("cpu", torch.bool).numpy()  # (B, S); sync: planned on the host
-        rows_of, cols = np.nonzero(mask)  # row-major: each source's tokens in order
-        lengths = mask.sum(1)  # (B,)
-        self.width = max(width, round_up(int(lengths.max(initial=1)), BLOCK))
-        groups = assign_rows(lengths.tolist(), self.width)
-        self.rows = round_up(len(groups), row_multiple)
-        row = np.zeros(batch, dtype=np.int64)  # packed row and start of every source
-        start = np.zeros(batch, dtype=np.int64)
-        pair = np.full((self.rows, self.width), PAD_PAIR, dtype=np.int64)
-        pos = np.zeros((self.rows, self.width), dtype=np.int64)
-        for r, members in enumerate(groups):
-            at = 0
-            for j, i in enumerate(members):  # pair ids 0, 1, ... in row order (block_mask_tensors)
-                n = int(lengths[i])
-                row[i], start[i] = r, at
-                pair[r, at:at + n] = j
-                pos[r, at:at + n] = np.arange(n)
-                at += n
-        first = np.concatenate([[0], np.cumsum(lengths)[:-1]])  # index of each source's first token in rows_of
-        offset = np.arange(len(rows_of)) - first[rows_of]  # position of every real token in its source
-        src = rows_of * length + cols
-        dst = row[rows_of] * self.width + start[rows_of] + offset
-        self.src = torch.from_numpy(src).to(device)
-        self.dst = torch.from_numpy(dst).to(device)
-        pair_t, pos_t = torch.from_numpy(pair), torch.from_numpy(pos)
-        self.blocks = None
-        if block is not None:  # on the CPU, as packing does, then copied: no per-layer work on the GPU
-            cpu = Pattern(pair_t, pair_t, pos_t, pos_t, causal=False)
-            self.blocks = tuple(t.to(device) for t in block_mask_tensors(cpu, block))
-        self.pair, self.pos = pair_t.to(device), pos_t.to(device)
-        self.ids = torch.zeros(self.rows * self.width, dtype=input_ids.dtype, device=device)
-        self.ids[self.dst] = input_ids.reshape(-1)[self.src]
-        self.ids = self.ids.view(self.rows, self.width)  # (R, W); padding id 0, pair PAD_PAIR
-        self.shape = (batch, length)
-
-    def unpack(self, packed: Tensor) -> Tensor:
-        """(R, W, ...) -> (B, S, ...): every real token's row back in its source's place, zeros at
-        padding (which no query of the decoder attends)."""
-        batch, length = self.shape
-        flat = packed.reshape(self.rows * self.width, *packed.shape[2:])
-        out = flat.new_zeros(batch * length, *packed.shape[2:])
-        out[self.src] = flat[self.dst]
-        return out.view(batch, length, *packed.shape[2:])
-
-
-def packed_encoder_output(model, sources: PackedSources, attention: str = "flex", block_fn=None) -> Tensor:
-    """(B, S, d_model): T5's encoder over padded sources, run on their packed layout: no work on
+def packed_encoder_output(model, sources, attention: str = "flex", block_fn=None) -> Tensor:
+    """(B, S, d_model): T5's encoder over padded sources (`sources`, a flantune.packing.PackedSources),
+    run on their packed layout: no work on
     padding, each source's relative bias and attention restarted at its pair (what the encoder gives
     each source alone). For inference (the decoding engine): the bias table is read, not trained."""
     t5 = t5_model(model)
