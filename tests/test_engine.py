@@ -712,7 +712,8 @@ def _uneven_sources(vocab: int, side: str, lengths=(40, 7, 300, 129, 1, 64)):
 
 
 @pytest.mark.parametrize("side", ["right", "left"])
-def test_packed_encoder_equals_transformers_encoder(t5_small_path, side):
+@pytest.mark.parametrize("first_fit", [True, False])
+def test_packed_encoder_equals_transformers_encoder(t5_small_path, side, first_fit):
     """Sources packed first fit into rows of 128 (one longer than that gets a row of its own), each
     with its bias and attention restarted: every real token's output equals transformers' encoder
     over the padded batch; padding positions come back as zeros."""
@@ -722,10 +723,11 @@ def test_packed_encoder_equals_transformers_encoder(t5_small_path, side):
     ids, mask = _uneven_sources(model.config.vocab_size, side)
     with torch.no_grad():
         expected = model.get_encoder()(input_ids=ids, attention_mask=mask)[0]
-        sources = packing.PackedSources(ids, mask, width=128, block=None)
+        sources = packing.PackedSources(ids, mask, width=128, block=None, first_fit=first_fit)
         got = fast_t5.packed_encoder_output(model, sources, "eager")
     real = mask.bool()
-    assert (sources.rows, sources.width) == (2, 384)  # 300 -> a row of 384; the rest share the other
+    # 300 -> rows of 384; first fit: the rest share one row; else a row each (the padded layout)
+    assert (sources.rows, sources.width) == ((2, 384) if first_fit else (6, 384))
     assert got.shape == expected.shape and not got[~real].any()
     torch.testing.assert_close(got[real], expected[real], atol=2e-5, rtol=1e-5)
 

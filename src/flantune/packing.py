@@ -260,7 +260,7 @@ class PackedSources:
     """
 
     def __init__(self, input_ids: Tensor, attention_mask: Tensor, *, width: int = 512, row_multiple: int = 1,
-                 block: int | None = BLOCK):  # fmt: skip
+                 block: int | None = BLOCK, first_fit: bool = True):  # fmt: skip
         import numpy as np
 
         batch, length = input_ids.shape
@@ -269,7 +269,8 @@ class PackedSources:
         rows_of, cols = np.nonzero(mask)  # row-major: each source's tokens in order
         lengths = mask.sum(1)  # (B,)
         self.width = max(width, round_up(int(lengths.max(initial=1)), BLOCK))
-        groups = assign_rows(lengths.tolist(), self.width)
+        # first_fit False: each source in a row of its own (the padded layout, for comparisons)
+        groups = assign_rows(lengths.tolist(), self.width) if first_fit else [[i] for i in range(batch)]
         self.rows = round_up(len(groups), row_multiple)
         row = np.zeros(batch, dtype=np.int64)  # packed row and start of every source
         start = np.zeros(batch, dtype=np.int64)
