@@ -762,7 +762,8 @@ def test_engine_with_the_packed_encoder_equals_generate(setup, monkeypatch):
 
 def test_packed_encoder_policy(t5_small_path, bart_path, monkeypatch):
     """auto: the packed FlexAttention encoder on CUDA in 16-bit for T5-family models of one adapter
-    and the kinds the packed forward drives; transformers' encoder otherwise."""
+    and the kinds the packed forward drives, from PACKED_MIN_TOKENS padded source tokens;
+    transformers' encoder otherwise."""
     from peft import LoraConfig, PrefixTuningConfig, get_peft_model
 
     from flantune.adapters import AdapterConfig, add_adapters
@@ -770,26 +771,28 @@ def test_packed_encoder_policy(t5_small_path, bart_path, monkeypatch):
     t5, bart = tiny_model(t5_small_path), tiny_model(bart_path)
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     mode = engine._packed_encoder_mode
-    assert mode(t5, cpu, False) is None  # CPU: not by default
-    assert mode(t5, cuda, False) is None  # float32 weights, no autocast
+    assert mode(t5, cpu, False, 16384) is None  # CPU: not by default
+    assert mode(t5, cuda, False, 16384) is None  # float32 weights, no autocast
     half = copy.deepcopy(t5).to(torch.bfloat16)
-    assert mode(half, cuda, False) == "flex"
-    assert mode(half, cuda, True) is None  # rows of several adapters (PEFT's per-row hooks)
-    assert mode(bart.to(torch.bfloat16), cuda, False) is None  # not T5-family
+    assert mode(half, cuda, False, 16384) == "flex"
+    assert mode(half, cuda, False, engine.PACKED_MIN_TOKENS - 1) is None  # a small batch: transformers'
+    assert mode(half, cuda, True, 16384) is None  # rows of several adapters (PEFT's per-row hooks)
+    assert mode(bart.to(torch.bfloat16), cuda, False, 16384) is None  # not T5-family
     lora = get_peft_model(copy.deepcopy(half), LoraConfig(r=2, target_modules=["q", "v"], task_type="SEQ_2_SEQ_LM"))
-    assert mode(lora, cuda, False) == "flex"
+    assert mode(lora, cuda, False, 16384) == "flex"
     prefix = get_peft_model(copy.deepcopy(half), PrefixTuningConfig(num_virtual_tokens=4, task_type="SEQ_2_SEQ_LM"))
-    assert mode(prefix, cuda, False) is None  # prompt learning changes the attention itself
+    assert mode(prefix, cuda, False, 16384) is None  # prompt learning changes the attention itself
     adapted = copy.deepcopy(half)
     add_adapters(adapted, AdapterConfig(reduction_factor=4))
-    assert mode(adapted, cuda, False) is None  # bottleneck adapters wrap the attention modules
+    assert mode(adapted, cuda, False, 16384) is None  # bottleneck adapters wrap the attention modules
     monkeypatch.setattr(engine, "PACKED_ENCODER", "eager")
-    assert mode(t5, cpu, False) == "eager" and mode(bart, cpu, False) is None
+    assert mode(t5, cpu, False, 16384) == "eager" and mode(bart, cpu, False, 16384) is None
+    assert mode(t5, cpu, False, 8) == "eager"  # forced: any batch
     monkeypatch.setattr(engine, "PACKED_ENCODER", "off")
-    assert mode(half, cuda, False) is None
+    assert mode(half, cuda, False, 16384) is None
     monkeypatch.setattr(engine, "PACKED_ENCODER", "fast")
     with pytest.raises(ValueError, match="FLANTUNE_PACKED_ENCODER"):
-        mode(half, cuda, False)
+        mode(half, cuda, False, 16384)
 
 # --- On the GPU: the step captured as a real CUDA graph ----------------------------------------------
 
@@ -1096,6 +1099,7 @@ def test_cuda_generate_with_the_packed_flex_encoder(t5_small_path, monkeypatch):
     options = {"num_beams": 3, "num_return_sequences": 2}
     assert torch.equal(run(model, batch, **options).sequences, reference(model, batch, **options))
     monkeypatch.setattr(engine, "PACKED_ENCODER", "auto")
+    monkeypatch.setattr(engine, "PACKED_MIN_TOKENS", 0)  # these few short sources: packed all the same
     half = model.to(torch.bfloat16)
     ours = run(half, batch).sequences
     assert calls == ["flex"] * 3 and ours.shape[0] == len(SOURCES) and not engine._PACKED_FAILED

@@ -574,12 +574,18 @@ class _CapturedEncoder:
 # force it where it applies; "off" keeps transformers' encoder. FLANTUNE_PACKED_ENCODER sets it.
 PACKED_ENCODER = os.environ.get("FLANTUNE_PACKED_ENCODER", "auto")
 PACKED_WIDTH = 512  # packed row length (longer sources get rows of their own length, rounded to 128)
+# Under "auto", batches of fewer padded source tokens (rows x length) keep transformers' encoder
+# (captured from its second use): there the packed pass gained nothing or lost (H200, flan-t5-base:
+# 16 x 269 tokens, first token 24.8 against 25.5 ms; 8 x 177, 24.0 against 12.1 ms; 32 x 512: 17.1
+# against 53.9 ms), and a short call need not pay the block's compilation.
+PACKED_MIN_TOKENS = 8192
 _PACKED_BLOCK: list = []  # the compiled fast_t5.t5_block, made at first use
 _PACKED_FAILED: list[str] = []  # why the compiled packed encoder failed, once: then transformers' runs
 
 
-def _packed_encoder_mode(model, device: torch.device, mixed_adapters: bool) -> str | None:
-    """"flex", "eager" or None (transformers' encoder) for this model and call (PACKED_ENCODER)."""
+def _packed_encoder_mode(model, device: torch.device, mixed_adapters: bool, source_tokens: int) -> str | None:
+    """"flex", "eager" or None (transformers' encoder) for this model and call (PACKED_ENCODER);
+    `source_tokens`: the batch's padded source tokens (rows x length)."""
     mode = PACKED_ENCODER
     if mode not in ("auto", "flex", "eager", "off"):
         raise ValueError(f"FLANTUNE_PACKED_ENCODER / engine.PACKED_ENCODER must be auto, flex, eager or off, "
@@ -597,7 +603,7 @@ def _packed_encoder_mode(model, device: torch.device, mixed_adapters: bool) -> s
         return None
     if mode != "auto":
         return mode
-    if device.type != "cuda" or _PACKED_FAILED:
+    if device.type != "cuda" or _PACKED_FAILED or source_tokens < PACKED_MIN_TOKENS:
         return None
     weight = base.get_encoder().embed_tokens.weight
     sixteen = (torch.bfloat16, torch.float16)
@@ -909,7 +915,8 @@ def generate(
         # The encoder, once per source: (B, S, d_model), then (N, S, d_model) with N = B * copies.
         # Named ranges for torch.profiler (bench/generate_speed.py --profile-ttft reads them).
         with torch.profiler.record_function("flantune.engine.encoder"):
-            packed = None if routing is not None else _packed_encoder_mode(model, device, adapter_names is not None)
+            packed = None if routing is not None else _packed_encoder_mode(
+                model, device, adapter_names is not None, input_ids.numel())
             encoder_hidden = _encode(model, input_ids, attention_mask, source_rows, routing, fingerprint, packed)
         encoder_hidden = encoder_hidden.repeat_interleave(copies, dim=0)
         encoder_mask = attention_mask.repeat_interleave(copies, dim=0)
