@@ -20,9 +20,13 @@ Sides:
 - engine-compiled: the engine with its experimental `COMPILE_STEP` (the decode step compiled by
   torch.compile before capture; off by default in the product until this side shows it pays);
   torch._dynamo is reset first, so its warm-up includes its compilation.
+- engine-packed: the engine as a caller with much work calls it (`packed_encoder=True`): for T5 in
+  16-bit on a GPU, batches of engine.PACKED_MIN_TOKENS padded source tokens and more run the encoder
+  packed with FlexAttention (its block compiled in the first call, the side's warm-up). A plain call
+  (engine) takes it only once the block is compiled in the process; each engine side starts as a
+  fresh process would.
 - engine-padded: the engine with transformers' encoder over the padded sources
-  (`flantune.engine.PACKED_ENCODER = "off"`): for T5 in 16-bit on a GPU the engine's default encoder
-  runs packed with FlexAttention (its block compiled in the first call, the side's warm-up).
+  (`flantune.engine.PACKED_ENCODER = "off"`).
 
 Cells (--cells): greedy-32 (batch 32 greedy), greedy-128 (batch 128 greedy), sample-16x8 (16 prompts
 x 8 samples: do_sample, temperature 1.0, top_p 1.0, top_k 0 so that no top-k cut applies,
@@ -87,7 +91,7 @@ import torch
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 MODELS = ("flan-t5-base", "flan-t5-large")
-SIDES = ("hf-default", "hf-static", "engine", "engine-compiled", "engine-padded")
+SIDES = ("hf-default", "hf-static", "engine", "engine-compiled", "engine-packed", "engine-padded")
 # name -> (prompts per batch, generation settings other than the lengths)
 CELLS = {
     "greedy-32": (32, {"do_sample": False, "num_beams": 1}),
@@ -229,6 +233,12 @@ def compiled_engine_side(model, batch: dict, settings: dict) -> torch.Tensor:
         engine.COMPILE_STEP = False
 
 
+def packed_engine_side(model, batch: dict, settings: dict) -> torch.Tensor:
+    """engine_side as a caller that decodes many large batches calls it (`packed_encoder=True`: RL's
+    rollouts; `flantune generate` over PACKED_PAYS_TOKENS padded tokens and more)."""
+    return engine_side(model, batch, {**settings, "packed_encoder": True})
+
+
 def padded_engine_side(model, batch: dict, settings: dict) -> torch.Tensor:
     """engine_side with transformers' encoder over the padded sources (flantune.engine.PACKED_ENCODER
     "off"): what the packed encoder changes, in the same run."""
@@ -349,8 +359,11 @@ def run_cell(model, sources, cell: str, args, device: str) -> dict:
                 importlib.import_module("flantune.engine").clear_graphs()
                 torch._dynamo.reset()
             else:
-                side = padded_engine_side if name == "engine-padded" else engine_side
-                importlib.import_module("flantune.engine").clear_graphs()
+                side = {"engine-padded": padded_engine_side, "engine-packed": packed_engine_side}.get(name, engine_side)
+                engine = importlib.import_module("flantune.engine")
+                engine.clear_graphs()
+                # As in a fresh process: a block an earlier side compiled does not make this side packed.
+                engine._PACKED_COMPILED.clear()
             figures = run_side(side, model, batch, settings, args.new_tokens, args.repeats, device,
                                args.profile_ttft)
         except NotAvailable as e:
@@ -370,7 +383,8 @@ def run_cell(model, sources, cell: str, args, device: str) -> dict:
             figures["rows_equal_hf_default"] = rows_equal(ids, ref)
     speed = {n: f["tokens_per_s"] for n, f in result["sides"].items() if f.get("status") == "ran"}
     pairs = (("engine", "hf-default"), ("engine", "hf-static"), ("hf-static", "hf-default"),
-             ("engine-compiled", "hf-default"), ("engine-compiled", "hf-static"), ("engine-compiled", "engine"), ("engine", "engine-padded"))
+             ("engine-compiled", "hf-default"), ("engine-compiled", "hf-static"), ("engine-compiled", "engine"), ("engine", "engine-padded"),
+             ("engine-packed", "hf-default"), ("engine-packed", "engine-padded"))
     result["ratios"] = {f"{a}/{b}": speed[a] / speed[b] for a, b in pairs if a in speed and b in speed}
     return result
 

@@ -776,6 +776,10 @@ def test_packed_encoder_policy(t5_small_path, bart_path, monkeypatch):
     half = copy.deepcopy(t5).to(torch.bfloat16)
     assert mode(half, cuda, False, 16384) == "flex"
     assert mode(half, cuda, False, engine.PACKED_MIN_TOKENS - 1) is None  # a small batch: transformers'
+    monkeypatch.setattr(engine, "_PACKED_COMPILED", [])
+    assert mode(half, cuda, False, 16384, pays=False) is None  # a compilation the call would not repay
+    monkeypatch.setattr(engine, "_PACKED_COMPILED", [True])
+    assert mode(half, cuda, False, 16384, pays=False) == "flex"  # compiled already: free from now on
     assert mode(half, cuda, True, 16384) is None  # rows of several adapters (PEFT's per-row hooks)
     assert mode(bart.to(torch.bfloat16), cuda, False, 16384) is None  # not T5-family
     lora = get_peft_model(copy.deepcopy(half), LoraConfig(r=2, target_modules=["q", "v"], task_type="SEQ_2_SEQ_LM"))
@@ -793,6 +797,31 @@ def test_packed_encoder_policy(t5_small_path, bart_path, monkeypatch):
     monkeypatch.setattr(engine, "PACKED_ENCODER", "fast")
     with pytest.raises(ValueError, match="FLANTUNE_PACKED_ENCODER"):
         mode(half, cuda, False, 16384)
+
+
+def test_generate_outputs_asks_for_the_packed_encoder_where_it_pays(setup, monkeypatch):
+    """generate_outputs passes packed_encoder=True when its batches of at least PACKED_MIN_TOKENS
+    padded source tokens hold PACKED_PAYS_TOKENS in all, False otherwise; RL's sample_groups always."""
+    from flantune import decoding
+    from flantune.config import GenerationConfig
+
+    model, tokenizer, _ = setup
+    asked = []
+    real = engine.generate
+    monkeypatch.setattr(engine, "generate", lambda *a, **k: asked.append(k["packed_encoder"]) or real(*a, **k))
+    cfg = GenerationConfig(max_new_tokens=2)
+    longest = len(tokenizer(SOURCES[2])["input_ids"])  # the first batch (sorted) starts with it
+    monkeypatch.setattr(engine, "PACKED_MIN_TOKENS", 2 * longest)  # the first batch of 2 counts, not the rest
+    for pays, expected in ((2 * longest, True), (2 * longest + 1, False)):
+        monkeypatch.setattr(engine, "PACKED_PAYS_TOKENS", pays)
+        asked.clear()
+        decoding.generate_outputs(model, tokenizer, SOURCES, cfg, batch_size=2)
+        assert asked == [expected] * 3
+    asked.clear()
+    batch = tokenizer(SOURCES[:2], return_tensors="pt", padding=True)
+    decoding.sample_groups(model, batch["input_ids"], batch["attention_mask"], group_size=2, first_row=0, seed=0,
+                           max_new_tokens=2)  # fmt: skip
+    assert asked == [True]
 
 # --- On the GPU: the step captured as a real CUDA graph ----------------------------------------------
 
@@ -1101,5 +1130,5 @@ def test_cuda_generate_with_the_packed_flex_encoder(t5_small_path, monkeypatch):
     monkeypatch.setattr(engine, "PACKED_ENCODER", "auto")
     monkeypatch.setattr(engine, "PACKED_MIN_TOKENS", 0)  # these few short sources: packed all the same
     half = model.to(torch.bfloat16)
-    ours = run(half, batch).sequences
+    ours = run(half, batch, packed_encoder=True).sequences
     assert calls == ["flex"] * 3 and ours.shape[0] == len(SOURCES) and not engine._PACKED_FAILED

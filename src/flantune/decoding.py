@@ -110,6 +110,7 @@ def generate_outputs(
     stop=None,
     on_step=None,
     caps: list[int] | None = None,
+    packed_encoder: bool | None = None,
 ) -> list[Output]:
     """Generate one output per source; the result is in the order of `sources`.
 
@@ -125,6 +126,8 @@ def generate_outputs(
     `caps` (one per source, each at most cfg.max_new_tokens): each source's own cap on new tokens, its
     output cut there (greedy: the output of a run with that cap; the server batches requests of
     other caps together). Not for models whose generation config forces EOS at the cap.
+    `packed_encoder` (engine.generate's): None decides from the work, True where the batches of at
+    least engine.PACKED_MIN_TOKENS padded source tokens hold engine.PACKED_PAYS_TOKENS in all.
     """
     sources = list(sources)
     if not sources:
@@ -145,6 +148,9 @@ def generate_outputs(
         trie = LabelTrie(tokenizer, labels, config.decoder_start_token_id)
         kwargs["prefix_allowed_tokens_fn"] = trie.allowed
     ends = {tokenizer.eos_token_id, tokenizer.pad_token_id}
+    if packed_encoder is None:  # the padded source tokens of the large batches (sorted: longest first)
+        sizes = [len(order[s : s + batch_size]) * len(encoded[order[s]]) for s in range(0, len(order), batch_size)]
+        packed_encoder = sum(n for n in sizes if n >= engine.PACKED_MIN_TOKENS) >= engine.PACKED_PAYS_TOKENS
     for start in range(0, len(order), batch_size):
         index = order[start : start + batch_size]
         batch = tokenizer.pad({"input_ids": [encoded[i] for i in index]}, return_tensors="pt").to(device)
@@ -152,7 +158,7 @@ def generate_outputs(
         step = None if on_step is None else (lambda t, tokens, index=index: on_step(t, index, tokens))
         generated = engine.generate(
             model, batch["input_ids"], batch["attention_mask"], adapter_names=names, adapter_rows=adapter_rows,
-            stop=stop, on_step=step, **kwargs,
+            stop=stop, on_step=step, packed_encoder=packed_encoder, **kwargs,
         ).sequences  # (B, 1 + T)
         for i, ids in zip(index, generated.tolist(), strict=True):
             ids = ids[1:] if caps is None else ids[1 : 1 + caps[i]]  # the decoder start token, the row's cap
@@ -258,4 +264,5 @@ def sample_groups(
     return engine.generate(
         model, input_ids, attention_mask, do_sample=True, num_return_sequences=group_size,
         max_new_tokens=max_new_tokens, logits_processor=[sampling],
+        packed_encoder=True,  # RL samples at every step of a long run: the one compilation pays
     ).sequences  # fmt: skip

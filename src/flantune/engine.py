@@ -577,15 +577,23 @@ PACKED_WIDTH = 512  # packed row length (longer sources get rows of their own le
 # Under "auto", batches of fewer padded source tokens (rows x length) keep transformers' encoder
 # (captured from its second use): there the packed pass gained nothing or lost (H200, flan-t5-base:
 # 16 x 269 tokens, first token 24.8 against 25.5 ms; 8 x 177, 24.0 against 12.1 ms; 32 x 512: 17.1
-# against 53.9 ms), and a short call need not pay the block's compilation.
+# against 53.9 ms).
 PACKED_MIN_TOKENS = 8192
+# ... and the block's compilation (11.2 s from an empty cache, once per process) must pay: a call
+# takes the packed encoder once the block is compiled in this process, or when its caller expects
+# enough work (generate(packed_encoder=True): RL's rollouts; flantune.decoding.generate_outputs from
+# PACKED_PAYS_TOKENS padded tokens in large batches, ~2.2-2.5 us saved per padded token on the H200).
+PACKED_PAYS_TOKENS = 4_000_000
 _PACKED_BLOCK: list = []  # the compiled fast_t5.t5_block, made at first use
 _PACKED_FAILED: list[str] = []  # why the compiled packed encoder failed, once: then transformers' runs
+_PACKED_COMPILED: list[bool] = []  # [True] once a packed pass ran compiled in this process
 
 
-def _packed_encoder_mode(model, device: torch.device, mixed_adapters: bool, source_tokens: int) -> str | None:
+def _packed_encoder_mode(model, device: torch.device, mixed_adapters: bool, source_tokens: int,
+                        pays: bool = True) -> str | None:  # fmt: skip
     """"flex", "eager" or None (transformers' encoder) for this model and call (PACKED_ENCODER);
-    `source_tokens`: the batch's padded source tokens (rows x length)."""
+    `source_tokens`: the batch's padded source tokens (rows x length); `pays`: the caller expects
+    enough work for the block's compilation to pay (else auto waits until it is compiled)."""
     mode = PACKED_ENCODER
     if mode not in ("auto", "flex", "eager", "off"):
         raise ValueError(f"FLANTUNE_PACKED_ENCODER / engine.PACKED_ENCODER must be auto, flex, eager or off, "
@@ -604,6 +612,8 @@ def _packed_encoder_mode(model, device: torch.device, mixed_adapters: bool, sour
     if mode != "auto":
         return mode
     if device.type != "cuda" or _PACKED_FAILED or source_tokens < PACKED_MIN_TOKENS:
+        return None
+    if not (pays or _PACKED_COMPILED):
         return None
     weight = base.get_encoder().embed_tokens.weight
     sixteen = (torch.bfloat16, torch.float16)
@@ -635,7 +645,9 @@ def _encode_packed(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
 
         use_compile_cache()  # a later process compiles the block from the cache
     try:
-        return fast_t5.packed_encoder_output(model, sources, "flex", block_fn=_packed_block())
+        hidden = fast_t5.packed_encoder_output(model, sources, "flex", block_fn=_packed_block())
+        _PACKED_COMPILED[:] = [True]
+        return hidden
     except Exception as e:  # inductor and triton fail with many types: say which, go on eagerly
         if PACKED_ENCODER != "auto":
             raise
@@ -817,6 +829,7 @@ def generate(
     graphs: bool | None = None,
     compile_step: bool | None = None,
     adapter_rows=None,
+    packed_encoder: bool = False,
 ) -> Generation:
     """Decode `input_ids` (B, S) with `attention_mask` (B, S), padded sources, one token per step.
 
@@ -846,6 +859,8 @@ def generate(
     eager; True on another device is an error. The output is the eager loop's (the same kernels;
     padding rows and source positions change no real row). `compile_step`: the captured step is
     compiled by torch.compile first (COMPILE_STEP when None); it only applies with graphs.
+    `packed_encoder`: the caller decodes enough large batches in this process for the packed
+    encoder's one compilation to pay (PACKED_ENCODER "auto" takes it then, or once compiled).
     """
     if num_beams < 1:
         raise ValueError(f"num_beams must be at least 1, got {num_beams}")
@@ -916,7 +931,7 @@ def generate(
         # Named ranges for torch.profiler (bench/generate_speed.py --profile-ttft reads them).
         with torch.profiler.record_function("flantune.engine.encoder"):
             packed = None if routing is not None else _packed_encoder_mode(
-                model, device, adapter_names is not None, input_ids.numel())
+                model, device, adapter_names is not None, input_ids.numel(), packed_encoder)
             encoder_hidden = _encode(model, input_ids, attention_mask, source_rows, routing, fingerprint, packed)
         encoder_hidden = encoder_hidden.repeat_interleave(copies, dim=0)
         encoder_mask = attention_mask.repeat_interleave(copies, dim=0)
