@@ -784,6 +784,9 @@ def test_packed_encoder_policy(t5_small_path, bart_path, monkeypatch):
     assert mode(bart.to(torch.bfloat16), cuda, False, 16384) is None  # not T5-family
     lora = get_peft_model(copy.deepcopy(half), LoraConfig(r=2, target_modules=["q", "v"], task_type="SEQ_2_SEQ_LM"))
     assert mode(lora, cuda, False, 16384) == "flex"
+    tokens = get_peft_model(copy.deepcopy(half), LoraConfig(r=2, target_modules=["q", "v"], task_type="SEQ_2_SEQ_LM",
+                                                             trainable_token_indices=[5, 6]))  # fmt: skip
+    assert mode(tokens, cuda, False, 16384) == "flex"  # added tokens: the embedding is PEFT's wrapper
     prefix = get_peft_model(copy.deepcopy(half), PrefixTuningConfig(num_virtual_tokens=4, task_type="SEQ_2_SEQ_LM"))
     assert mode(prefix, cuda, False, 16384) is None  # prompt learning changes the attention itself
     adapted = copy.deepcopy(half)

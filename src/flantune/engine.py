@@ -615,10 +615,12 @@ def _packed_encoder_mode(model, device: torch.device, mixed_adapters: bool, sour
         return None
     if not (pays or _PACKED_COMPILED):
         return None
-    weight = base.get_encoder().embed_tokens.weight
+    embed = base.get_encoder().embed_tokens  # possibly PEFT's trainable-token wrapper (added tokens)
+    weight = getattr(embed, "weight", None)
+    dtype = weight.dtype if isinstance(weight, torch.Tensor) else next(embed.parameters()).dtype
     sixteen = (torch.bfloat16, torch.float16)
     autocast = torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") in sixteen
-    return "flex" if weight.dtype in sixteen or autocast else None
+    return "flex" if dtype in sixteen or autocast else None
 
 
 def _packed_block():
