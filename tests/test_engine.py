@@ -760,13 +760,15 @@ def test_engine_with_the_packed_encoder_equals_generate(setup, monkeypatch):
     assert len(calls) == (2 if model.config.model_type == "t5" else 0)
 
 
-def test_packed_encoder_policy(t5_small_path, bart_path, monkeypatch):
+def test_packed_encoder_policy(t5_small_path, bart_path, monkeypatch, capsys):
     """auto: the packed FlexAttention encoder on CUDA in 16-bit for T5-family models of one adapter
     and the kinds the packed forward drives, from PACKED_MIN_TOKENS padded source tokens;
     transformers' encoder otherwise."""
     from peft import LoraConfig, PrefixTuningConfig, get_peft_model
 
     from flantune.adapters import AdapterConfig, add_adapters
+    from flantune.cli import user_errors
+    from flantune.errors import SettingError
 
     t5, bart = tiny_model(t5_small_path), tiny_model(bart_path)
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
@@ -798,8 +800,12 @@ def test_packed_encoder_policy(t5_small_path, bart_path, monkeypatch):
     monkeypatch.setattr(engine, "PACKED_ENCODER", "off")
     assert mode(half, cuda, False, 16384) is None
     monkeypatch.setattr(engine, "PACKED_ENCODER", "fast")
-    with pytest.raises(ValueError, match="FLANTUNE_PACKED_ENCODER"):
+    with pytest.raises(SettingError, match="FLANTUNE_PACKED_ENCODER='fast'"):
         mode(half, cuda, False, 16384)
+    # On the command line: one line naming the variable, exit status 2, no traceback.
+    with pytest.raises(SystemExit) as stopped:
+        user_errors(lambda: mode(half, cuda, False, 16384))()
+    assert stopped.value.code == 2 and "FLANTUNE_PACKED_ENCODER='fast'" in capsys.readouterr().err
 
 
 def test_generate_outputs_asks_for_the_packed_encoder_where_it_pays(setup, monkeypatch):

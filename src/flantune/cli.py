@@ -78,6 +78,7 @@ def flag_problems(problems: list[str], section: str) -> list[str]:
 def user_errors(fn):
     """Print user-fixable errors as one line on stderr and exit 2; let real bugs raise."""
     from flantune.data import DataError
+    from flantune.errors import SettingError
     from flantune.export import ExportError
     from flantune.generate import GenerateError
     from flantune.methods import MethodError
@@ -104,6 +105,7 @@ def user_errors(fn):
             MethodError,
             ModelLoadError,
             RewardError,
+            SettingError,
             TaskError,
             TrainingError,
         ) as e:

@@ -79,7 +79,8 @@ from transformers import (
 )
 from transformers.modeling_outputs import BaseModelOutput
 
-from flantune.graphs import StaticSources
+from flantune.errors import SettingError
+from flantune.graphs import StaticSources, embedding_dtype
 from flantune.graphs import record as _record
 from flantune.graphs import warm_up as _warm_up
 
@@ -530,9 +531,10 @@ _ENCODER_POOLS: dict = {}
 class _CapturedEncoder:
     """The encoder pass over up to `rows` sources of up to `source_len` tokens (the buckets,
     `flantune.graphs.StaticSources`), recorded as a CUDA graph at the second use of those buckets
-    and replayed for later batches. Eagerly, flan-t5-base's encoder is ~2,500 operator calls of
-    host time while the GPU waits; the server's captured joins, the same idea, took a join from 30
-    to 5.6 ms on an H200 (docs/benchmarks.md)."""
+    and replayed for later batches. Eagerly, flan-t5-base's encoder is ~2,500 operator calls, which
+    small batches wait on (the server's captured joins, the same idea, took a join from 30 to 5.6 ms
+    on an H200; docs/benchmarks.md); large T5 batches are GPU-bound and take the packed encoder
+    instead where it pays (below)."""
 
     def __init__(self, model, rows: int, source_len: int, device, fingerprint: tuple, routing=None):
         self.model_ref = weakref.ref(model)
@@ -593,34 +595,33 @@ def _packed_encoder_mode(model, device: torch.device, mixed_adapters: bool, sour
                         pays: bool = True) -> str | None:  # fmt: skip
     """"flex", "eager" or None (transformers' encoder) for this model and call (PACKED_ENCODER);
     `source_tokens`: the batch's padded source tokens (rows x length); `pays`: the caller expects
-    enough work for the block's compilation to pay (else auto waits until it is compiled)."""
+    enough work for the block's compilation to pay (else auto waits until it is compiled). Asked at
+    every call: the cheap refusals come first, the walk over the model's modules last."""
     mode = PACKED_ENCODER
     if mode not in ("auto", "flex", "eager", "off"):
-        raise ValueError(f"FLANTUNE_PACKED_ENCODER / engine.PACKED_ENCODER must be auto, flex, eager or off, "
-                         f"not {mode!r}")  # fmt: skip
+        raise SettingError(f"FLANTUNE_PACKED_ENCODER={mode!r}: the decoding engine's packed encoder takes "
+                           "auto, flex, eager or off")  # fmt: skip
     if mode == "off" or mixed_adapters:
         return None
+    base = _base_model(model)
+    if mode == "auto":
+        if device.type != "cuda" or _PACKED_FAILED or source_tokens < PACKED_MIN_TOKENS:
+            return None
+        if not (pays or _PACKED_COMPILED):
+            return None
+        sixteen = (torch.bfloat16, torch.float16)
+        autocast = torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") in sixteen
+        if not (autocast or embedding_dtype(base.get_encoder().embed_tokens) in sixteen):
+            return None
     from flantune.adapters import has_adapters
     from flantune.speed import PACKED_MODEL_TYPES
 
-    base = _base_model(model)
     if base.config.model_type not in PACKED_MODEL_TYPES or has_adapters(base):
         return None
     kinds = {str(getattr(c, "peft_type", "")).split(".")[-1] for c in (getattr(model, "peft_config", None) or {}).values()}
     if kinds - {"LORA", "IA3"}:
         return None
-    if mode != "auto":
-        return mode
-    if device.type != "cuda" or _PACKED_FAILED or source_tokens < PACKED_MIN_TOKENS:
-        return None
-    if not (pays or _PACKED_COMPILED):
-        return None
-    embed = base.get_encoder().embed_tokens  # possibly PEFT's trainable-token wrapper (added tokens)
-    weight = getattr(embed, "weight", None)
-    dtype = weight.dtype if isinstance(weight, torch.Tensor) else next(embed.parameters()).dtype
-    sixteen = (torch.bfloat16, torch.float16)
-    autocast = torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") in sixteen
-    return "flex" if dtype in sixteen or autocast else None
+    return "flex" if mode == "auto" else mode
 
 
 def _packed_block():

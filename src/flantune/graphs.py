@@ -244,6 +244,13 @@ def record(fn: Callable[[], Tensor], stream, pool=None) -> tuple[torch.cuda.CUDA
     return graph, output
 
 
+def embedding_dtype(embed) -> torch.dtype:
+    """The dtype of an embedding's weight, also inside PEFT's trainable-tokens wrapper (whose first
+    parameter is the wrapped embedding's)."""
+    weight = getattr(embed, "weight", None)
+    return weight.dtype if isinstance(weight, Tensor) else next(embed.parameters()).dtype
+
+
 class StaticSources:
     """The static inputs of a captured encoder pass over up to `rows` sources of up to `source_len`
     tokens (the buckets): ids and mask (rows, source_len), and each row's LoRA adapter index (rows,)
@@ -277,10 +284,8 @@ class StaticSources:
         """(R, S', d): `encoder` (T5Stack, BartEncoder) over the static sources; `routing` (a
         LoraRows): each row under adapter `self.rows[r]`."""
         # The dtype transformers makes its mask in (inputs_embeds'): T5's and BART's encoders both
-        # keep `embed_tokens` (possibly in PEFT's trainable-tokens wrapper, whose first parameter is it).
-        embed = encoder.embed_tokens
-        weight = getattr(embed, "weight", None)
-        dtype = weight.dtype if isinstance(weight, Tensor) else next(embed.parameters()).dtype
+        # keep `embed_tokens`.
+        dtype = embedding_dtype(encoder.embed_tokens)
         mask = torch.zeros(self.mask.shape, dtype=dtype, device=self.mask.device)
         mask = mask.masked_fill(self.mask == 0, torch.finfo(dtype).min)[:, None, None, :]  # (R, 1, 1, S')
         with routing.routed(encoder, self.rows) if routing is not None else contextlib.nullcontext():

@@ -259,8 +259,8 @@ class PackedSources:
     in the flattened packed (rows*width) layout: `unpack` scatters an output back to (B, S, ...).
     """
 
-    def __init__(self, input_ids: Tensor, attention_mask: Tensor, *, width: int = 512, row_multiple: int = 1,
-                 block: int | None = BLOCK, first_fit: bool = True):  # fmt: skip
+    def __init__(self, input_ids: Tensor, attention_mask: Tensor, *, width: int = 512, block: int | None = BLOCK,
+                 first_fit: bool = True):  # fmt: skip
         import numpy as np
 
         batch, length = input_ids.shape
@@ -271,7 +271,7 @@ class PackedSources:
         self.width = max(width, round_up(int(lengths.max(initial=1)), BLOCK))
         # first_fit False: each source in a row of its own (the padded layout, for comparisons)
         groups = assign_rows(lengths.tolist(), self.width) if first_fit else [[i] for i in range(batch)]
-        self.rows = round_up(len(groups), row_multiple)
+        self.rows = len(groups)
         row = np.zeros(batch, dtype=np.int64)  # packed row and start of every source
         start = np.zeros(batch, dtype=np.int64)
         pair = np.full((self.rows, self.width), PAD_PAIR, dtype=np.int64)

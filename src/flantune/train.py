@@ -283,7 +283,7 @@ def setup(recipe: Recipe, console) -> Session:
         # outside torch.compile is a slow reference path). Under graphs every batch has one shape,
         # so the blocks compile static (dynamic=False): with torch's default, the decoder block's
         # recompile marks a dimension dynamic, and the first step compiled 45.8 s against 35.6 s
-        # static (flan-t5-base LoRA, H200, docs/benchmarks.md "Compilation").
+        # static (flan-t5-base LoRA, H200; docs/benchmarks.md, "Compiling static under graphs").
         options = {"dynamic": False} if plan.cuda_graph else None
         packed = PackedLoss(model, plan.attention, plan.compile, options)
         stepped, loader = accelerator.prepare(packed, loader)
