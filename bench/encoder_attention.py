@@ -1,7 +1,8 @@
-"""T5's encoder pass, four ways, on a GPU: transformers' encoder with sdpa (its default) and with
+"""T5's encoder pass, six ways, on a GPU: transformers' encoder with sdpa (its default) and with
 eager attention, over SciQ sources padded to the batch's longest; flantune's T5 blocks with
-FlexAttention (the block compiled) over the same padded rows and over the sources packed first fit
-into rows of 512 (flantune.packing.PackedSources, what the decoding engine runs). Per batch size:
+FlexAttention (the block compiled) and with SDPA (uncompiled; the bias as an additive mask in the
+weights' dtype), each over the same padded rows and over the sources packed first fit into rows of
+512 (flantune.packing.PackedSources, what the decoding engine runs). Per batch size:
 the median of 10 timed calls after 3 (CUDA events), the first packed call's seconds (compilation),
 the largest difference of a real token's output from the sdpa encoder's, and whether SDPA's
 memory-efficient kernel takes the call (forced: its error, if any).
@@ -77,13 +78,15 @@ def main() -> None:
             cell["eager_ms"] = timed(plain)
             cell["eager_maxdiff"] = float((plain() - ref)[real].abs().max())
             model.set_attn_implementation("sdpa")
-            for label, width in (("flex_packed", 512), ("flex_padded", None)):
+            for label, width in (("flex_packed", 512), ("flex_padded", None), ("sdpa_packed", 512), ("sdpa_padded", None)):
                 # width None: one source per row, the padded layout (padding blocks skipped)
                 sources = PackedSources(batch["input_ids"], batch["attention_mask"],
                                         width=width or batch["input_ids"].shape[1], first_fit=width is not None)  # fmt: skip
+                attention = label.split("_")[0]
+                block = engine._packed_block() if attention == "flex" else None
 
-                def packed(sources=sources):
-                    return fast_t5.packed_encoder_output(model, sources, "flex", block_fn=engine._packed_block())
+                def packed(sources=sources, attention=attention, block=block):
+                    return fast_t5.packed_encoder_output(model, sources, attention, block_fn=block)
 
                 start = time.perf_counter()
                 got = packed()

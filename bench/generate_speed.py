@@ -25,6 +25,8 @@ Sides:
   packed with FlexAttention (its block compiled in the first call, the side's warm-up). A plain call
   (engine) takes it only once the block is compiled in the process; each engine side starts as a
   fresh process would.
+- engine-packed-compiled: engine-packed with the step compiled (COMPILE_STEP), torch._dynamo reset
+  first as for engine-compiled.
 - engine-padded: the engine with transformers' encoder over the padded sources
   (`flantune.engine.PACKED_ENCODER = "off"`).
 
@@ -91,7 +93,8 @@ import torch
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 MODELS = ("flan-t5-base", "flan-t5-large")
-SIDES = ("hf-default", "hf-static", "engine", "engine-compiled", "engine-packed", "engine-padded")
+SIDES = ("hf-default", "hf-static", "engine", "engine-compiled", "engine-packed", "engine-padded",
+         "engine-packed-compiled")
 # name -> (prompts per batch, generation settings other than the lengths)
 CELLS = {
     "greedy-32": (32, {"do_sample": False, "num_beams": 1}),
@@ -239,6 +242,11 @@ def packed_engine_side(model, batch: dict, settings: dict) -> torch.Tensor:
     return engine_side(model, batch, {**settings, "packed_encoder": True})
 
 
+def packed_compiled_engine_side(model, batch: dict, settings: dict) -> torch.Tensor:
+    """engine-packed with the step compiled (COMPILE_STEP): a long-lived caller's fastest settings."""
+    return compiled_engine_side(model, batch, {**settings, "packed_encoder": True})
+
+
 def padded_engine_side(model, batch: dict, settings: dict) -> torch.Tensor:
     """engine_side with transformers' encoder over the padded sources (flantune.engine.PACKED_ENCODER
     "off"): what the packed encoder changes, in the same run."""
@@ -353,8 +361,8 @@ def run_cell(model, sources, cell: str, args, device: str) -> dict:
                 side = hf_default_side
             elif name == "hf-static":
                 side, what = make_hf_static_side(model, args.static_recipe, not args.no_compile)
-            elif name == "engine-compiled":
-                side = compiled_engine_side
+            elif name in ("engine-compiled", "engine-packed-compiled"):
+                side = compiled_engine_side if name == "engine-compiled" else packed_compiled_engine_side
                 # No step captured or compiled by an earlier side: this side's warm-up pays for both.
                 importlib.import_module("flantune.engine").clear_graphs()
                 torch._dynamo.reset()
@@ -384,7 +392,8 @@ def run_cell(model, sources, cell: str, args, device: str) -> dict:
     speed = {n: f["tokens_per_s"] for n, f in result["sides"].items() if f.get("status") == "ran"}
     pairs = (("engine", "hf-default"), ("engine", "hf-static"), ("hf-static", "hf-default"),
              ("engine-compiled", "hf-default"), ("engine-compiled", "hf-static"), ("engine-compiled", "engine"), ("engine", "engine-padded"),
-             ("engine-packed", "hf-default"), ("engine-packed", "engine-padded"))
+             ("engine-packed", "hf-default"), ("engine-packed", "engine-padded"),
+             ("engine-packed-compiled", "hf-default"), ("engine-packed-compiled", "engine-packed"))
     result["ratios"] = {f"{a}/{b}": speed[a] / speed[b] for a, b in pairs if a in speed and b in speed}
     return result
 

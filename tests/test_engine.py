@@ -711,12 +711,14 @@ def _uneven_sources(vocab: int, side: str, lengths=(40, 7, 300, 129, 1, 64)):
     return ids, mask
 
 
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
 @pytest.mark.parametrize("side", ["right", "left"])
 @pytest.mark.parametrize("first_fit", [True, False])
-def test_packed_encoder_equals_transformers_encoder(t5_small_path, side, first_fit):
+def test_packed_encoder_equals_transformers_encoder(t5_small_path, side, first_fit, attention):
     """Sources packed first fit into rows of 128 (one longer than that gets a row of its own), each
     with its bias and attention restarted: every real token's output equals transformers' encoder
-    over the padded batch; padding positions come back as zeros."""
+    over the padded batch; padding positions come back as zeros. eager: the materialized scores;
+    sdpa: the bias as SDPA's additive mask."""
     from flantune import fast_t5, packing
 
     model = tiny_model(t5_small_path)
@@ -724,7 +726,7 @@ def test_packed_encoder_equals_transformers_encoder(t5_small_path, side, first_f
     with torch.no_grad():
         expected = model.get_encoder()(input_ids=ids, attention_mask=mask)[0]
         sources = packing.PackedSources(ids, mask, width=128, block=None, first_fit=first_fit)
-        got = fast_t5.packed_encoder_output(model, sources, "eager")
+        got = fast_t5.packed_encoder_output(model, sources, attention)
     real = mask.bool()
     # 300 -> rows of 384; first fit: the rest share one row; else a row each (the padded layout)
     assert (sources.rows, sources.width) == ((2, 384) if first_fit else (6, 384))
@@ -1094,10 +1096,12 @@ def test_cuda_qlora_generates_as_transformers(t5_small_path, tmp_path):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("attention", ["flex", "sdpa"])
 @pytest.mark.filterwarnings("error:decoding engine. (step 1|the encoder pass|the packed encoder)")
-def test_cuda_packed_flex_encoder_equals_transformers(t5_small_path):
+def test_cuda_packed_flex_encoder_equals_transformers(t5_small_path, attention):
     """FlexAttention over the packed layout, the block compiled (what `auto` runs in 16-bit on a
-    GPU), against transformers' encoder over the padded batch in float32: in float32 every real
+    GPU; sdpa: the uncompiled blocks with the bias as SDPA's additive mask), against transformers'
+    encoder over the padded batch in float32: in float32 every real
     token's output within 5e-5 of the output's largest value; in bfloat16 no farther from the
     float32 output than twice transformers' own bfloat16 encoder is (bf16 alone moves this tiny,
     large-weighted model's outputs by a third of their range on the CPU)."""
@@ -1113,7 +1117,8 @@ def test_cuda_packed_flex_encoder_equals_transformers(t5_small_path):
         scale = float(expected[real].abs().max())
         for dtype in (torch.float32, torch.bfloat16):
             cast = copy.deepcopy(model).to(dtype)
-            got = fast_t5.packed_encoder_output(cast, sources, "flex", block_fn=engine._packed_block()).float()
+            block = engine._packed_block() if attention == "flex" else None
+            got = fast_t5.packed_encoder_output(cast, sources, attention, block_fn=block).float()
             theirs = cast.get_encoder()(input_ids=ids, attention_mask=mask)[0].float()
             assert not got[~real].any()
             errors[dtype] = (float((got - expected)[real].abs().max()), float((theirs - expected)[real].abs().max()))

@@ -118,6 +118,19 @@ class Pattern:
         ) + reach  # (B, Lq, Lk)
         return self.bias[:, relative].permute(1, 0, 2, 3)
 
+    def additive_mask(self, dtype: torch.dtype) -> Tensor:
+        """(B, H, Lq, Lk) (or (B, 1, Lq, Lk) without a bias) in `dtype`: the relative bias where the
+        pattern allows, dtype's lowest value elsewhere (the SDPA path). Made once per pattern and
+        dtype, shared by every layer, as transformers shares its position bias."""
+        cached = self.__dict__.setdefault("_additive", {})
+        if dtype not in cached:
+            allowed = self.allowed()  # (B, 1, Lq, Lk)
+            base = self.dense_bias() if self.bias is not None else torch.zeros(allowed.shape, device=allowed.device)
+            # The lowest finite value, not -inf: a query with no allowed key (padding) gets a
+            # uniform average instead of NaN; its output is dropped.
+            cached[dtype] = base.masked_fill(~allowed, torch.finfo(dtype).min).to(dtype)
+        return cached[dtype]
+
 
 def mask_mod_of(pattern: Pattern):
     """The exact per-score rule, for FlexAttention's partial blocks."""
@@ -277,6 +290,13 @@ def attend(module, hidden: Tensor, context: Tensor, pattern: Pattern, attention:
     v = module.v(context).view(batch, -1, heads, head_dim).transpose(1, 2)
     if attention == "flex":
         out = _flex(q, k, v, pattern)
+    elif attention == "sdpa":
+        # The bias as an additive mask in q's dtype: SDPA's memory-efficient kernel takes it (a
+        # float32 mask beside 16-bit q sends SDPA to its float32 math path, which is what
+        # transformers' T5 gets). No compilation: the inference encoder's uncompiled path.
+        dropout = module.dropout if module.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=pattern.additive_mask(q.dtype),
+                                             dropout_p=dropout, scale=1.0)  # fmt: skip
     else:
         # T5 does not scale q·k: the 1/sqrt(d) is folded into its initialisation.
         scores = torch.matmul(q, k.transpose(2, 3))  # (B, H, Lq, Lk)
