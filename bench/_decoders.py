@@ -21,7 +21,8 @@ DECODERS = ("transformers", "engine", "engine-compiled")
 
 def _transformers(model, input_ids, attention_mask, **options) -> engine.Generation:
     """transformers' generate with its default dynamic cache, behind the engine's signature."""
-    options.pop("compile_step", None)  # the engine's own option
+    for own in ("compile_step", "packed_encoder"):  # the engine's own options
+        options.pop(own, None)
     return engine.transformers_generate(model, input_ids, attention_mask, cache="dynamic", **options)
 
 

@@ -746,11 +746,13 @@ def test_packed_block_mask_tensors_match_torchs(t5_small_path):
         assert torch.equal(got, want)
 
 
-def test_engine_with_the_packed_encoder_equals_generate(setup, monkeypatch):
-    """PACKED_ENCODER="eager" (the packed layout and its materialized attention, on the CPU): greedy
-    and beam ids equal transformers' generate for T5; BART keeps transformers' encoder."""
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+def test_engine_with_the_packed_encoder_equals_generate(setup, monkeypatch, attention):
+    """PACKED_ENCODER="eager" or "sdpa" (the packed layout, its attention materialized or through
+    SDPA, on the CPU): greedy and beam ids equal transformers' generate for T5; BART keeps
+    transformers' encoder."""
     model, _, batch = setup
-    monkeypatch.setattr(engine, "PACKED_ENCODER", "eager")
+    monkeypatch.setattr(engine, "PACKED_ENCODER", attention)
     calls = []
     from flantune import fast_t5
 
@@ -763,9 +765,9 @@ def test_engine_with_the_packed_encoder_equals_generate(setup, monkeypatch):
 
 
 def test_packed_encoder_policy(t5_small_path, bart_path, monkeypatch, capsys):
-    """auto: the packed FlexAttention encoder on CUDA in 16-bit for T5-family models of one adapter
-    and the kinds the packed forward drives, from PACKED_MIN_TOKENS padded source tokens;
-    transformers' encoder otherwise."""
+    """auto: the packed encoder on CUDA in 16-bit for T5-family models of one adapter and the kinds
+    the packed forward drives, from PACKED_MIN_TOKENS padded source tokens (FlexAttention where its
+    compilation pays or is done and did not fail, else SDPA); transformers' encoder otherwise."""
     from peft import LoraConfig, PrefixTuningConfig, get_peft_model
 
     from flantune.adapters import AdapterConfig, add_adapters
@@ -781,9 +783,12 @@ def test_packed_encoder_policy(t5_small_path, bart_path, monkeypatch, capsys):
     assert mode(half, cuda, False, 16384) == "flex"
     assert mode(half, cuda, False, engine.PACKED_MIN_TOKENS - 1) is None  # a small batch: transformers'
     monkeypatch.setattr(engine, "_PACKED_COMPILED", [])
-    assert mode(half, cuda, False, 16384, pays=False) is None  # a compilation the call would not repay
+    assert mode(half, cuda, False, 16384, pays=False) == "sdpa"  # a compilation the call would not repay
     monkeypatch.setattr(engine, "_PACKED_COMPILED", [True])
     assert mode(half, cuda, False, 16384, pays=False) == "flex"  # compiled already: free from now on
+    monkeypatch.setattr(engine, "_PACKED_FAILED", ["InductorError: ..."])
+    assert mode(half, cuda, False, 16384) == "sdpa"  # the compilation failed in this process
+    monkeypatch.setattr(engine, "_PACKED_FAILED", [])
     assert mode(half, cuda, True, 16384) is None  # rows of several adapters (PEFT's per-row hooks)
     assert mode(bart.to(torch.bfloat16), cuda, False, 16384) is None  # not T5-family
     lora = get_peft_model(copy.deepcopy(half), LoraConfig(r=2, target_modules=["q", "v"], task_type="SEQ_2_SEQ_LM"))
@@ -799,6 +804,8 @@ def test_packed_encoder_policy(t5_small_path, bart_path, monkeypatch, capsys):
     monkeypatch.setattr(engine, "PACKED_ENCODER", "eager")
     assert mode(t5, cpu, False, 16384) == "eager" and mode(bart, cpu, False, 16384) is None
     assert mode(t5, cpu, False, 8) == "eager"  # forced: any batch
+    monkeypatch.setattr(engine, "PACKED_ENCODER", "sdpa")
+    assert mode(t5, cpu, False, 8) == "sdpa" and mode(bart, cpu, False, 16384) is None
     monkeypatch.setattr(engine, "PACKED_ENCODER", "off")
     assert mode(half, cuda, False, 16384) is None
     monkeypatch.setattr(engine, "PACKED_ENCODER", "fast")

@@ -5,8 +5,8 @@ seq2seq model (T5, mT5, FLAN-T5, BART, loaded with AutoModelForSeq2SeqLM, PEFT-w
 
     1. the encoder runs once per source; for `num_return_sequences` copies its output is expanded
        (repeat_interleave), never recomputed. For T5-family models in 16-bit on a GPU it runs on
-       the sources' packed layout, no padding, with FlexAttention and T5's bias per source
-       (`PACKED_ENCODER`, flantune.packing.PackedSources);
+       the sources' packed layout, no padding, T5's bias per source, with FlexAttention where its
+       compilation pays, else SDPA (`PACKED_ENCODER`, flantune.packing.PackedSources);
     2. every tensor the loop needs is allocated before it: the decoder's self-attention cache and the
        cross-attention cache (transformers' StaticCache, initialised ahead of time), the output ids,
        the per-token log-probabilities, the finished flags;
@@ -566,23 +566,27 @@ class _CapturedEncoder:
 # --- The packed encoder (T5) ---------------------------------------------------------------------------
 
 # T5-family encoders run on the sources' packed layout (flantune.packing.PackedSources: no padding,
-# the relative bias restarted per source) with FlexAttention in one compiled block, the kernels
-# training uses. transformers' T5 attention materializes a (B, H, S, S) bias and SDPA runs it on its
-# math path in float32: flan-t5-base's encoder over 32 SciQ sources padded to 512 took 48 ms on an
-# H200, packed 6.3 ms (128 sources: 178 against 12.8 ms; docs/benchmarks.md, "The packed encoder").
+# the relative bias restarted per source). transformers' T5 attention materializes a (B, H, S, S)
+# float32 bias and SDPA runs it on its math path in float32: flan-t5-base's encoder over 32 SciQ
+# sources padded to 512 took 48.7 ms on an H200; packed with FlexAttention in one compiled block (the
+# kernels training uses) 4.3 ms, packed with SDPA and the bias as an additive mask in the weights'
+# dtype (its memory-efficient kernel, nothing compiled) 8.0 ms (128 sources: 177.9, 12.5 and 20.2 ms;
+# docs/benchmarks.md, "The packed encoder" and "An encoder without compilation").
 # "auto": on CUDA, in 16-bit (weights or autocast), for T5-family models whose layers the packed
 # forward drives (LoRA and IA3 through PEFT, full weights, QLoRA; not prompt learning nor bottleneck
-# adapters) and batches of one adapter; "flex" or "eager" (the materialized reference, any device)
-# force it where it applies; "off" keeps transformers' encoder. FLANTUNE_PACKED_ENCODER sets it.
+# adapters) and batches of one adapter: "flex" where its compilation pays (below), "sdpa" otherwise;
+# "flex", "sdpa" or "eager" (the materialized reference, any device) force one where it applies;
+# "off" keeps transformers' encoder. FLANTUNE_PACKED_ENCODER sets it.
 PACKED_ENCODER = os.environ.get("FLANTUNE_PACKED_ENCODER", "auto")
+PACKED_MODES = ("auto", "flex", "sdpa", "eager", "off")
 PACKED_WIDTH = 512  # packed row length (longer sources get rows of their own length, rounded to 128)
 # Under "auto", batches of fewer padded source tokens (rows x length) keep transformers' encoder
 # (captured from its second use): there the packed pass gained nothing or lost (H200, flan-t5-base:
 # 16 x 269 tokens, first token 24.8 against 25.5 ms; 8 x 177, 24.0 against 12.1 ms; 32 x 512: 17.1
 # against 53.9 ms).
 PACKED_MIN_TOKENS = 8192
-# ... and the block's compilation (11.2 s from an empty cache, once per process) must pay: a call
-# takes the packed encoder once the block is compiled in this process, or when its caller expects
+# FlexAttention's block compilation (11.2 s from an empty cache, once per process) must pay: a call
+# takes it once the block is compiled in this process, or when its caller expects
 # enough work (generate(packed_encoder=True): RL's rollouts; flantune.decoding.generate_outputs from
 # PACKED_PAYS_TOKENS padded tokens in large batches, ~2.2-2.5 us saved per padded token on the H200).
 PACKED_PAYS_TOKENS = 4_000_000
@@ -593,21 +597,20 @@ _PACKED_COMPILED: list[bool] = []  # [True] once a packed pass ran compiled in t
 
 def _packed_encoder_mode(model, device: torch.device, mixed_adapters: bool, source_tokens: int,
                         pays: bool = True) -> str | None:  # fmt: skip
-    """"flex", "eager" or None (transformers' encoder) for this model and call (PACKED_ENCODER);
-    `source_tokens`: the batch's padded source tokens (rows x length); `pays`: the caller expects
-    enough work for the block's compilation to pay (else auto waits until it is compiled). Asked at
-    every call: the cheap refusals come first, the walk over the model's modules last."""
+    """"flex", "sdpa", "eager" or None (transformers' encoder) for this model and call
+    (PACKED_ENCODER); `source_tokens`: the batch's padded source tokens (rows x length); `pays`: the
+    caller expects enough work for the flex block's compilation to pay (else auto takes sdpa until
+    the block is compiled). Asked at every call: the cheap refusals come first, the walk over the
+    model's modules last."""
     mode = PACKED_ENCODER
-    if mode not in ("auto", "flex", "eager", "off"):
+    if mode not in PACKED_MODES:
         raise SettingError(f"FLANTUNE_PACKED_ENCODER={mode!r}: the decoding engine's packed encoder takes "
-                           "auto, flex, eager or off")  # fmt: skip
+                           f"{', '.join(PACKED_MODES[:-1])} or off")  # fmt: skip
     if mode == "off" or mixed_adapters:
         return None
     base = _base_model(model)
     if mode == "auto":
-        if device.type != "cuda" or _PACKED_FAILED or source_tokens < PACKED_MIN_TOKENS:
-            return None
-        if not (pays or _PACKED_COMPILED):
+        if device.type != "cuda" or source_tokens < PACKED_MIN_TOKENS:
             return None
         sixteen = (torch.bfloat16, torch.float16)
         autocast = torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") in sixteen
@@ -621,7 +624,9 @@ def _packed_encoder_mode(model, device: torch.device, mixed_adapters: bool, sour
     kinds = {str(getattr(c, "peft_type", "")).split(".")[-1] for c in (getattr(model, "peft_config", None) or {}).values()}
     if kinds - {"LORA", "IA3"}:
         return None
-    return "flex" if mode == "auto" else mode
+    if mode == "auto":
+        return "flex" if (pays or _PACKED_COMPILED) and not _PACKED_FAILED else "sdpa"
+    return mode
 
 
 def _packed_block():
@@ -658,13 +663,13 @@ def _encode_packed(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
 
         _PACKED_FAILED.append(f"{type(e).__name__}: {e}")
         warnings.warn(f"decoding engine: the packed encoder could not be compiled ({_PACKED_FAILED[0][:300]}); "
-                      "transformers' encoder runs instead", stacklevel=3)  # fmt: skip
-        return None
+                      "it runs uncompiled with SDPA instead", stacklevel=3)  # fmt: skip
+        return fast_t5.packed_encoder_output(model, sources, "sdpa")
 
 
 def _encode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, source_rows, routing,
             fingerprint: tuple | None, packed: str | None = None) -> torch.Tensor:  # fmt: skip
-    """(B, S, d): the encoder over the sources, once each. `packed` ("flex", "eager"): on their
+    """(B, S, d): the encoder over the sources, once each. `packed` ("flex", "sdpa", "eager"): on their
     packed layout (`_encode_packed`). Else, with a `fingerprint` (graphs): replayed from the kept
     `_CapturedEncoder` of its buckets (recorded at their second use; the first runs eagerly); else
     eager. A recording that fails warns once per buckets, which then run eagerly."""
@@ -863,7 +868,8 @@ def generate(
     padding rows and source positions change no real row). `compile_step`: the captured step is
     compiled by torch.compile first (COMPILE_STEP when None); it only applies with graphs.
     `packed_encoder`: the caller decodes enough large batches in this process for the packed
-    encoder's one compilation to pay (PACKED_ENCODER "auto" takes it then, or once compiled).
+    FlexAttention encoder's one compilation to pay (PACKED_ENCODER "auto" takes it then, or once
+    compiled; else the uncompiled SDPA packed encoder).
     """
     if num_beams < 1:
         raise ValueError(f"num_beams must be at least 1, got {num_beams}")
