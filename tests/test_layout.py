@@ -52,3 +52,20 @@ def test_every_module_says_its_role_on_its_first_line():
     for path in PACKAGE.glob("*.py"):
         doc = ast.get_docstring(ast.parse(path.read_text()))
         assert doc and len(doc.splitlines()[0]) > 20, path.name
+
+
+def test_the_cli_and_the_metrics_load_no_heavy_library_at_import():
+    """Every command starts by importing the CLI, which decorates each command with the user-error
+    handler: that import loads none of torch, transformers, peft, accelerate, datasets, rouge_score
+    (nltk, scipy) — the errors it catches live in flantune.errors. flantune.metrics (imported by
+    training's scoring) loads rouge_score only when a ROUGE score is computed: ~2 s of every
+    training run's start otherwise."""
+    import subprocess
+    import sys
+
+    heavy = ("torch", "transformers", "peft", "accelerate", "datasets", "rouge_score", "nltk", "scipy")
+    probe = ("import sys, {module}; print(','.join(m for m in {heavy!r} if m in sys.modules))")
+    for module in ("flantune.cli", "flantune.metrics"):
+        code = probe.format(module=module, heavy=heavy)
+        loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+        assert loaded == "", (module, loaded)

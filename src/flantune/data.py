@@ -24,14 +24,11 @@ from typing import Any
 import numpy as np
 
 from flantune.config import DataConfig, DataSource, parse_rows
+from flantune.errors import DataError  # re-exported: flantune.data.DataError
 from flantune.tasks import Example, RowError, Task, build_task
 
 LOCAL_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 DEFAULT_SPLITS = {"train": "train", "eval": "validation", "test": "test"}
-
-
-class DataError(ValueError):
-    """A data file, hub dataset or row cannot be used; the message names it and says what to do."""
 
 
 @dataclass

@@ -16,12 +16,9 @@ from pathlib import Path
 from transformers import AutoConfig
 
 from flantune import checkpoint as ckpt
+from flantune.errors import ExportError  # re-exported: flantune.export.ExportError
 from flantune.final import ensure_card, load_final, read_final, run_record, save_tokenizer, write_card
 from flantune.models import load_tokenizer
-
-
-class ExportError(ValueError):
-    """The adapter cannot be merged; the message says why."""
 
 
 def merge(adapter: str, out: str, base: str | None = None, other_base: bool = False) -> Path:

@@ -11,10 +11,7 @@ import sys
 from pathlib import Path
 
 from flantune.config import GenerationConfig
-
-
-class GenerateError(ValueError):
-    """The model, adapter or input cannot be used; the message says which and what to do."""
+from flantune.errors import GenerateError  # re-exported: flantune.generate.GenerateError
 
 
 def read_inputs(path: str, field: str = "source") -> list[str]:

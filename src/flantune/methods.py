@@ -19,14 +19,11 @@ from pathlib import Path
 import torch
 
 from flantune.config import MethodConfig
+from flantune.errors import MethodError  # re-exported: flantune.methods.MethodError
 from flantune.models import count_parameters
 
 PEFT_KINDS = ("lora", "qlora", "ia3", "prefix")
 FEED_FORWARD_NAMES = {"wi", "wi_0", "wi_1", "wo", "fc1", "fc2", "dense"}
-
-
-class MethodError(ValueError):
-    """The method cannot be applied to this model or machine; the message says why and what to do."""
 
 
 def quantization_config(method: MethodConfig):

@@ -23,8 +23,6 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 
 import sacrebleu
-from rouge_score import rouge_scorer
-from rouge_score import tokenize as rouge_tokenize
 
 from flantune.tasks import METRIC_NAMES  # the names this module computes; tasks.py holds the list
 
@@ -97,6 +95,8 @@ def _split_sentences(text: str) -> str:
 
 
 def _rouge_rows(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> list[dict[str, float]]:
+    from rouge_score import rouge_scorer  # here, not at import: rouge_score pulls in nltk and scipy (~2 s)
+
     scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
     _warn_if_rouge_blind(references)
     rows = []
@@ -112,6 +112,8 @@ def _rouge_rows(predictions: Sequence[str], references: Sequence[Sequence[str]])
 
 def _warn_if_rouge_blind(references: Sequence[Sequence[str]]) -> None:
     """rouge_score's tokenizer keeps only [a-z0-9]: non-Latin text scores 0 without a word of warning."""
+    from rouge_score import tokenize as rouge_tokenize
+
     blind = sum(1 for refs in references if refs[0].strip() and not rouge_tokenize.tokenize(refs[0], None))
     if blind:
         warnings.warn(

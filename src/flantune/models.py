@@ -21,11 +21,9 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer, PretrainedConfig
 
+from flantune.errors import ModelLoadError  # re-exported: flantune.models.ModelLoadError
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class ModelLoadError(RuntimeError):
-    """The model or tokenizer named in the recipe cannot be loaded; the message says why and what to do."""
 
 
 @dataclass

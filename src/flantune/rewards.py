@@ -25,11 +25,8 @@ from dataclasses import dataclass
 from numbers import Real
 
 from flantune.config import RewardSpec
+from flantune.errors import RewardError  # re-exported: flantune.rewards.RewardError
 from flantune.metrics import extract_answer, is_well_formed, normalize_answer, row_scores
-
-
-class RewardError(RuntimeError):
-    """A reward function failed or returned something that is not a number."""
 
 
 @dataclass

@@ -30,7 +30,8 @@ from pathlib import Path
 import torch
 
 from flantune import checkpoint as ckpt
-from flantune.errors import TrainingError
+from flantune.errors import RunInterrupted as RunInterrupted  # re-exported for train and rl
+from flantune.errors import TrainingError  # re-exported: flantune.run.TrainingError
 
 
 def model_type_of(path: str, revision: str | None = None) -> str:
@@ -304,10 +305,6 @@ def write_recipe(out: Path, text: str, resume: bool) -> None:
     latest = earlier[-1] if earlier else first
     if latest.read_text() != text:
         (out / f"recipe.resume-{len(earlier) + 1}.yaml").write_text(text)
-
-
-class RunInterrupted(TrainingError):
-    """SIGINT or SIGTERM stopped the run after a checkpoint; the message says how to continue."""
 
 
 class StopSignals:
