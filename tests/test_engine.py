@@ -765,9 +765,10 @@ def test_engine_with_the_packed_encoder_equals_generate(setup, monkeypatch, atte
 
 
 def test_packed_encoder_policy(t5_small_path, bart_path, monkeypatch, capsys):
-    """auto: the packed encoder on CUDA in 16-bit for T5-family models of one adapter and the kinds
-    the packed forward drives, from PACKED_MIN_TOKENS padded source tokens (FlexAttention where its
-    compilation pays or is done and did not fail, else SDPA); transformers' encoder otherwise."""
+    """auto: the packed encoder on CUDA for T5-family models of one adapter and the kinds the packed
+    forward drives, from PACKED_MIN_TOKENS padded source tokens (in 16-bit FlexAttention where its
+    compilation pays or is done and did not fail, else SDPA; in float32 SDPA); transformers'
+    encoder otherwise."""
     from peft import LoraConfig, PrefixTuningConfig, get_peft_model
 
     from flantune.adapters import AdapterConfig, add_adapters
@@ -778,7 +779,8 @@ def test_packed_encoder_policy(t5_small_path, bart_path, monkeypatch, capsys):
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     mode = engine._packed_encoder_mode
     assert mode(t5, cpu, False, 16384) is None  # CPU: not by default
-    assert mode(t5, cuda, False, 16384) is None  # float32 weights, no autocast
+    assert mode(t5, cuda, False, 16384) == "sdpa"  # float32 weights, no autocast: never flex
+    assert mode(t5, cuda, False, 16384, pays=False) == "sdpa"
     half = copy.deepcopy(t5).to(torch.bfloat16)
     assert mode(half, cuda, False, 16384) == "flex"
     assert mode(half, cuda, False, engine.PACKED_MIN_TOKENS - 1) is None  # a small batch: transformers'
