@@ -72,19 +72,30 @@ def stops(ids: torch.Tensor, eos: int) -> list[int | None]:
     return [row.index(eos) if eos in row else None for row in ids[:, 1:].tolist()]
 
 
-def test_greedy_equals_generate_and_the_cache_stays_put(setup, monkeypatch):
-    """Rows stop at different steps (EOS made likelier), so the pad-after-EOS rule is exercised; the
-    cache's key/value tensors are the same storage at every step (nothing reallocated in the loop)."""
-    model, tokenizer, batch = setup
+@contextlib.contextmanager
+def early_eos(model, batch, tokenizer, quantile: float = 0.3):
+    """An EOS logit bias that makes EOS win at about `quantile` of greedy's steps: rows end at
+    different steps."""
     eos, head = tokenizer.eos_token_id, model.get_output_embeddings()
-    # An EOS logit bias that makes EOS win at about a third of greedy's steps: some rows end early.
     with torch.no_grad():
         plain = run(model, batch).sequences
         logits = model(**batch, decoder_input_ids=plain[:, :-1]).logits[:, : MAX_NEW - 2]  # (B, T, V)
     head.bias = torch.nn.Parameter(torch.zeros(head.out_features, device=head.weight.device))
     with torch.no_grad():
-        head.bias[eos] = (logits.max(-1).values - logits[..., eos]).flatten().quantile(0.3)
+        head.bias[eos] = (logits.max(-1).values - logits[..., eos]).flatten().quantile(quantile)
     try:
+        yield
+    finally:
+        head.bias = None
+
+
+def test_greedy_equals_generate_and_the_cache_stays_put(setup, monkeypatch):
+    """Rows stop at different steps (EOS made likelier), so the pad-after-EOS rule is exercised; the
+    cache's key/value tensors are the same storage at every step (nothing reallocated in the loop)."""
+    model, tokenizer, batch = setup
+    eos = tokenizer.eos_token_id
+    # EOS wins at about a third of greedy's steps: some rows end early.
+    with early_eos(model, batch, tokenizer, quantile=0.3):
         pointers = []
         step = engine._Decoder.step
 
@@ -94,10 +105,9 @@ def test_greedy_equals_generate_and_the_cache_stays_put(setup, monkeypatch):
             return logits
 
         monkeypatch.setattr(engine._Decoder, "step", recording_step)
+        monkeypatch.setattr(engine, "COMPACT_FROM_ROWS", 10**9)  # one decoder: its cache stays put
         ours = run(model, batch).sequences
         expected = reference(model, batch)
-    finally:
-        head.bias = None
     assert torch.equal(ours, expected), (ours, expected)
     ends = stops(ours, eos)
     assert any(e is not None and e < MAX_NEW - 1 for e in ends), ends  # some row ended early: pads follow
@@ -107,6 +117,72 @@ def test_greedy_equals_generate_and_the_cache_stays_put(setup, monkeypatch):
             assert set(row[end + 2 :]) <= {tokenizer.pad_token_id}, row
     assert len(pointers) == ours.shape[1] - 1 and all(p == pointers[0] for p in pointers)
     assert all(p != 0 for p in pointers[0])
+
+
+@pytest.mark.parametrize("sampled", [False, True])
+def test_finished_rows_leave_the_batch(setup, monkeypatch, sampled):
+    """Compaction (COMPACT_FROM_ROWS lowered to these small batches): at the stopping checks the rows
+    still decoding move to a decoder of the smaller bucket with their caches. Greedy: ids equal
+    transformers' generate and the engine without compaction; RL's keyed sampling (per-row streams,
+    three completions a source): the same completions, log-probabilities within 1e-5. The
+    compaction ran (greedy: more than once)."""
+    from flantune.decoding import KeyedSampling, row_keys
+
+    model, tokenizer, batch = setup
+    compactions = []
+    real = engine._EagerDecoder.compact
+    monkeypatch.setattr(engine._EagerDecoder, "compact", lambda self, keep, position, bucket: compactions.append(
+        (keep.numel(), position)) or real(self, keep, position, bucket))  # fmt: skip
+    monkeypatch.setattr(engine, "COMPACT_FLOOR", 1)
+    group = 3 if sampled else 1
+    rows = torch.arange(len(SOURCES) * group)
+
+    def decode():
+        if not sampled:
+            return run(model, batch)
+        keyed = KeyedSampling(row_keys(7, rows), temperature=0.8, top_k=20)
+        return run(model, batch, do_sample=True, num_return_sequences=group, logits_processor=[keyed],
+                   return_logprobs=True)  # fmt: skip
+
+    with early_eos(model, batch, tokenizer, quantile=0.4):
+        monkeypatch.setattr(engine, "COMPACT_FROM_ROWS", 10**9)
+        plain = decode()
+        assert not compactions
+        monkeypatch.setattr(engine, "COMPACT_FROM_ROWS", 1)
+        compacted = decode()
+        expected = None if sampled else reference(model, batch)
+    assert len(compactions) >= (1 if sampled else 2), compactions
+    assert torch.equal(compacted.sequences, plain.sequences), (compacted.sequences, plain.sequences)
+    if sampled:
+        # Smaller batches round differently (float32 matrix products of another shape).
+        torch.testing.assert_close(compacted.logprobs, plain.logprobs, atol=1e-5, rtol=0)
+    else:
+        assert torch.equal(compacted.sequences, expected)
+
+
+def test_which_processors_let_rows_leave_the_batch(setup):
+    """transformers' row-wise processors and KeyedSampling (it selects its rows' streams) allow
+    compaction; a prefix function (its batch_id is the row's place) or an unknown processor do not."""
+    from transformers import LogitsProcessor
+
+    from flantune.decoding import KeyedSampling, row_keys
+
+    model, tokenizer, _ = setup
+    options = {"max_new_tokens": 4, "repetition_penalty": 1.2, "no_repeat_ngram_size": 2, "do_sample": True,
+               "temperature": 0.7, "top_k": 5, "top_p": 0.9}  # fmt: skip
+    assert engine._compactable(engine.logits_processors(model, **options))
+    keyed = KeyedSampling(row_keys(1, torch.arange(4)))
+    assert engine._compactable(engine.logits_processors(model, max_new_tokens=4, extra=[keyed]))
+    picked = engine._select_rows([keyed], torch.tensor([3, 1]))[0]
+    assert torch.equal(picked.keys, keyed.keys[[3, 1]])
+    trie = LabelTrie(tokenizer, ["yes", "no"], model.config.decoder_start_token_id)
+    assert not engine._compactable(engine.logits_processors(model, max_new_tokens=4, prefix_allowed_tokens_fn=trie.allowed))
+
+    class Custom(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            return scores
+
+    assert not engine._compactable(engine.logits_processors(model, max_new_tokens=4, extra=[Custom()]))
 
 
 def test_greedy_with_a_lora_adapter(setup):
@@ -889,6 +965,36 @@ def test_cuda_sampling_with_and_without_graphs(cuda_path):
     assert torch.equal(outs[True].sequences, outs[False].sequences)
     torch.testing.assert_close(outs[True].logprobs, outs[False].logprobs, atol=1e-4, rtol=0)
     assert (outs[True].sequences.shape[0], engine.row_bucket(15)) == (15, 16)
+
+
+@pytest.mark.cuda
+@pytest.mark.filterwarnings("error:decoding engine. (step 1|the encoder pass|the packed encoder)")  # a capture that fell back fails
+def test_cuda_finished_rows_leave_the_captured_batch(cuda_path, monkeypatch):
+    """Compaction under CUDA graphs (float32, COMPACT_FROM_ROWS lowered): at the checks (every 8
+    steps) the rows still decoding move to the kept decoder of a smaller bucket, whose step is
+    recorded at the position they join at; greedy ids equal generate's and the uncompacted run's,
+    keyed samples (RL's streams) equal the uncompacted run's."""
+    from flantune.decoding import KeyedSampling, row_keys
+
+    sources = SOURCES * 3  # 15 rows: bucket 16, then 8 or less
+    model, tokenizer, batch = on_cuda(cuda_path, sources)
+    compacted = []
+    real = engine._GraphedDecoder.compact
+    monkeypatch.setattr(engine._GraphedDecoder, "compact", lambda self, keep, position, bucket: compacted.append(
+        (keep.numel(), position, bucket)) or real(self, keep, position, bucket))  # fmt: skip
+    monkeypatch.setattr(engine, "COMPACT_FLOOR", 4)  # 16 rows, then a bucket of 8 or 4
+    keyed = KeyedSampling(row_keys(5, torch.arange(len(sources), device="cuda")), temperature=0.8, top_k=20)
+    out = {}
+    with early_eos(model, batch, tokenizer, quantile=0.45):
+        expected = model.generate(**batch, max_new_tokens=24, do_sample=False, num_beams=1)
+        for lowest in (10**9, 1):
+            monkeypatch.setattr(engine, "COMPACT_FROM_ROWS", lowest)
+            out[lowest] = (engine.generate(model, batch["input_ids"], batch["attention_mask"], max_new_tokens=24).sequences,
+                           engine.generate(model, batch["input_ids"], batch["attention_mask"], max_new_tokens=24,
+                                           do_sample=True, logits_processor=[keyed]).sequences)  # fmt: skip
+    assert compacted and all(position % 8 == 0 and bucket >= 4 for _, position, bucket in compacted), compacted
+    assert torch.equal(out[1][0], expected) and torch.equal(out[10**9][0], expected)
+    assert torch.equal(out[1][1], out[10**9][1])
 
 
 @pytest.mark.cuda

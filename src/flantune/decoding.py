@@ -226,6 +226,13 @@ class KeyedSampling:
         if top_p < 1.0:
             self.warpers.append(TopPLogitsWarper(top_p))
 
+    def select_rows(self, rows: torch.Tensor) -> KeyedSampling:
+        """The same sampling for the batch's rows `rows` (n,) only (the engine's compaction: finished
+        rows leave the batch, the others keep their streams)."""
+        chosen = KeyedSampling.__new__(KeyedSampling)
+        chosen.keys, chosen.warpers = self.keys.to(rows.device).index_select(0, rows), self.warpers
+        return chosen
+
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         # input_ids (N, t): the decoder ids so far (start token first); scores (N, V) float.
         for warper in self.warpers:

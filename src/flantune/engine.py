@@ -42,7 +42,8 @@ captured too, per (model, row bucket, source bucket), at the second use of those
 up to a batch-size bucket (1, 2, 4, ..., 128, then multiples of 128), sources up to a multiple of
 64 and the cache to a multiple of 64 new tokens, and the captured step is kept per (model, bucket,
 source bucket, cache bucket, dtype, compiled) for the next call (`clear_graphs()` frees them). The logits processors, the sampling and the beam bookkeeping
-stay eager. Rows of several LoRA adapters in one batch are captured too when the caller hands their
+stay eager. From COMPACT_FROM_ROWS rows, finished rows leave the batch at the stopping checks: the
+rest move, caches and all, to the kept decoder of a smaller bucket. Rows of several LoRA adapters in one batch are captured too when the caller hands their
 matrices gathered per row (`adapter_rows`, flantune.lora_rows); through PEFT's adapter names every
 step runs eagerly. The CUDA path is
 checked by tests/test_engine.py's `cuda` tests, which run on a GPU machine only.
@@ -322,6 +323,20 @@ class _Decoder:
             layer.keys[:n].copy_(layer.keys[:n].index_select(0, rows))
             layer.values[:n].copy_(layer.values[:n].index_select(0, rows))
 
+    def take_rows(self, other: _Decoder, keep: torch.Tensor) -> None:
+        """Rows `keep` (n,) of `other`'s caches into this decoder's first n rows, with its positions and
+        its cross-attention marked computed as there (compaction: the rows still decoding move to a
+        smaller batch and go on from the same position)."""
+        n = keep.shape[0]
+        pairs = zip((*self.cache.self_attention_cache.layers, *self.cache.cross_attention_cache.layers),
+                    (*other.cache.self_attention_cache.layers, *other.cache.cross_attention_cache.layers), strict=True)  # fmt: skip
+        for mine, theirs in pairs:
+            mine.keys[:n].copy_(theirs.keys.index_select(0, keep))  # (n, H, L, D)
+            mine.values[:n].copy_(theirs.values.index_select(0, keep))
+            mine.cumulative_length.copy_(theirs.cumulative_length)
+        for layer_idx, done in other.cache.is_updated.items():
+            self.cache.is_updated[layer_idx] = done
+
     def cache_tensors(self) -> list[torch.Tensor]:
         """Every key/value tensor of both caches (tests check that the loop never reallocates them)."""
         layers = [*self.cache.self_attention_cache.layers, *self.cache.cross_attention_cache.layers]
@@ -434,6 +449,7 @@ class _GraphedDecoder:
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None  # (R, V) the recorded step's output, rewritten by replay
         self.real = 0  # the rows of the current batch
+        self.position = 1  # the position of the step `next` runs when it has to record first
 
     def load(self, model, encoder_hidden: torch.Tensor, encoder_mask: torch.Tensor, start_id: int) -> None:
         """This batch's encoder output (N, S, d) and mask (N, S) into the static inputs, the caches reset.
@@ -449,9 +465,27 @@ class _GraphedDecoder:
         self.decoder.reset()
         self.decoder.tokens.fill_(start_id)
         self.decoder.fill_cross()
+        self.position = 1
 
     def release(self) -> None:
         self.decoder.model = None
+
+    def compact(self, keep: torch.Tensor, position: int, bucket: int) -> _GraphedDecoder:
+        """The kept decoder of row bucket `bucket` (at least the one `keep` (n,) fits), holding those
+        rows' encoder inputs and caches as of `position` (this one released). Its step is recorded at
+        its first use if that bucket has none yet."""
+        model, n = self.decoder.model, keep.shape[0]
+        hidden = self.encoder_hidden[: self.real].index_select(0, keep)  # (n, S', d)
+        new = _graphed_decoder(model, hidden, self.max_new_tokens, self.fingerprint, self.compiled, rows=bucket)
+        new.decoder.model, new.real, new.position = model, n, position
+        new.encoder_hidden.zero_()
+        new.encoder_hidden[:n].copy_(hidden)
+        new.encoder_mask.zero_()
+        new.encoder_mask[:n].copy_(self.encoder_mask[: self.real].index_select(0, keep))
+        new.encoder_mask[n:, 0] = 1  # padding rows, as `load` leaves them
+        new.decoder.take_rows(self.decoder, keep)
+        self.release()
+        return new
 
     def reorder(self, rows: torch.Tensor) -> None:
         self.decoder.reorder(rows)
@@ -479,7 +513,7 @@ class _GraphedDecoder:
         step 1 ran eagerly)."""
         self.decoder.tokens[: self.real].copy_(tokens[:, None])
         if self.graph is None:
-            self._capture(position=1)
+            self._capture(position=self.position)
         self.graph.replay()
         return self.logits[: self.real]
 
@@ -501,15 +535,16 @@ class _GraphedDecoder:
 
 
 def _graphed_decoder(model, encoder_hidden: torch.Tensor, max_new_tokens: int, fingerprint: tuple,
-                     compiled: bool = False, routing=None) -> _GraphedDecoder:  # fmt: skip
-    """The kept `_GraphedDecoder` for this model and shape bucket, or a new one (kept, the oldest
-    dropped past GRAPHS_KEPT). Its cache holds max_new_tokens rounded up to NEW_TOKEN_MULTIPLE.
+                     compiled: bool = False, routing=None, rows: int = 0) -> _GraphedDecoder:  # fmt: skip
+    """The kept `_GraphedDecoder` for this model and shape bucket (a row bucket of at least `rows`),
+    or a new one (kept, the oldest dropped past GRAPHS_KEPT). Its cache holds max_new_tokens rounded
+    up to NEW_TOKEN_MULTIPLE.
     `routing`: the LoraRows the step gathers its rows' adapters through (a step recorded with it
     reads its tables and `rows` buffer, so it is kept apart from the plain step)."""
-    rows, source_len, width = encoder_hidden.shape
+    n, source_len, width = encoder_hidden.shape
     autocast = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
     key = (
-        id(model), row_bucket(rows), -(-source_len // SOURCE_MULTIPLE) * SOURCE_MULTIPLE,
+        id(model), max(row_bucket(n), rows), -(-source_len // SOURCE_MULTIPLE) * SOURCE_MULTIPLE,
         -(-max_new_tokens // NEW_TOKEN_MULTIPLE) * NEW_TOKEN_MULTIPLE, encoder_hidden.dtype, autocast,
         encoder_hidden.device, compiled, None if routing is None else id(routing),
     )  # fmt: skip
@@ -722,6 +757,15 @@ class _EagerDecoder:
 
     def release(self) -> None:
         pass
+
+    def compact(self, keep: torch.Tensor, position: int, bucket: int = 0) -> _EagerDecoder:
+        """A decoder of the rows `keep` (n,) only, their caches as of now (no buckets eagerly)."""
+        old = self.decoder
+        new = _EagerDecoder.__new__(_EagerDecoder)
+        new.decoder = _Decoder(old.model, old.encoder_outputs.last_hidden_state.index_select(0, keep),
+                               old.encoder_mask.index_select(0, keep), old.decoder_mask.shape[1])  # fmt: skip
+        new.decoder.take_rows(old, keep)
+        return new
 
 
 # The architectures whose decoder the engine drives (their cache layout, head shapes and position
@@ -964,47 +1008,105 @@ def generate(
                         length_penalty=_length_penalty(gen, length_penalty),
                         early_stopping=early_stopping, check_every=check_every, stop=stop, on_step=on_step,
                     )  # fmt: skip
+                compact = (adapter_names is None and not getattr(decoder, "compiled", False)
+                           and _compactable(processors))  # fmt: skip
                 return _one_token_per_step(
                     decoder, processors, rows=encoder_hidden.shape[0], max_new_tokens=max_new_tokens,
                     start_id=start_id, pad_id=pad_id, eos_ids=eos_ids, do_sample=do_sample, generator=generator,
                     return_logprobs=return_logprobs, check_every=check_every, stop=stop, on_step=on_step,
+                    compact=compact,
                 )  # fmt: skip
             finally:
                 decoder.release()
 
 
+# Finished rows stop costing work: at a stopping check, when the rows still decoding fit a row
+# bucket at most half the current one, they move to a decoder of that bucket (their caches copied,
+# `compact`) and the rest of the call runs the smaller step. Only from COMPACT_FROM_ROWS rows and
+# down to COMPACT_FLOOR: the step is launch-bound below that (flan-t5-base on an H200: 2.65 ms a step
+# at 32 rows, 3.95 ms at 128; docs/benchmarks.md), so a smaller bucket would save less than its
+# recording costs, and few buckets stay among the GRAPHS_KEPT recordings (128, 64, 32).
+# Greedy decoding and sampling, with transformers' row-wise processors or ones that take
+# `select_rows(index)` (flantune.decoding.KeyedSampling); not with beams, a prefix function (its
+# batch_id is the row's place in the batch), mixed adapters or the compiled step (a new bucket would
+# compile again).
+COMPACT_FROM_ROWS = 64
+COMPACT_FLOOR = 32
+_ROW_WISE = (RepetitionPenaltyLogitsProcessor, NoRepeatNGramLogitsProcessor, NoBadWordsLogitsProcessor,
+             MinLengthLogitsProcessor, MinNewTokensLengthLogitsProcessor, ForcedBOSTokenLogitsProcessor,
+             ForcedEOSTokenLogitsProcessor, SuppressTokensLogitsProcessor, SuppressTokensAtBeginLogitsProcessor,
+             TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)  # fmt: skip
+
+
+def _compactable(processors) -> bool:
+    """Whether every processor scores a row from that row alone (so rows can leave the batch)."""
+    return all(isinstance(p, _ROW_WISE) or hasattr(p, "select_rows") for p in processors)
+
+
+def _select_rows(processors, keep: torch.Tensor) -> LogitsProcessorList:
+    return LogitsProcessorList([p.select_rows(keep) if hasattr(p, "select_rows") else p for p in processors])
+
+
 def _one_token_per_step(decoder, processors, *, rows: int, max_new_tokens: int, start_id: int, pad_id: int,
                         eos_ids: torch.Tensor, do_sample: bool, generator, return_logprobs: bool,
-                        check_every: int, stop, on_step) -> Generation:  # fmt: skip
-    """Greedy decoding or sampling: each row picks its next token from its own processed scores."""
+                        check_every: int, stop, on_step, compact: bool = False) -> Generation:  # fmt: skip
+    """Greedy decoding or sampling: each row picks its next token from its own processed scores.
+    `compact`: finished rows leave the batch at the stopping checks (COMPACT_FROM_ROWS)."""
     device = eos_ids.device
     sequences = torch.full((rows, 1 + max_new_tokens), pad_id, dtype=torch.long, device=device)  # (N, 1+T)
     sequences[:, 0] = start_id
     logprobs = torch.zeros(rows, max_new_tokens, dtype=torch.float32, device=device)  # (N, T)
-    unfinished = torch.ones(rows, dtype=torch.bool, device=device)  # (N,)
+    # The decoder's rows: (n,) indices into the N rows, None while they are all of them.
+    live: torch.Tensor | None = None
+    unfinished = torch.ones(rows, dtype=torch.bool, device=device)  # (n,) of the decoder's rows
     steps = torch.zeros((), dtype=torch.long, device=device)  # the last step any row was generating at
     next_tokens = None
-    for t in range(max_new_tokens):
-        # (N, V), float32 as generate scores them
-        logits = (decoder.first() if t == 0 else decoder.next(next_tokens)).float()
-        # The processors see the ids so far (N, 1+t), start token first, as in generate.
-        scores = processors(sequences[:, : 1 + t], logits)
-        if do_sample:
-            probs = torch.softmax(scores, dim=-1)
-            next_tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (N,)
-        else:
-            next_tokens = scores.argmax(dim=-1)  # (N,)
-        next_tokens = torch.where(unfinished, next_tokens, pad_id)
-        if return_logprobs:
-            raw = torch.log_softmax(logits, dim=-1).gather(1, next_tokens[:, None]).squeeze(1)  # (N,)
-            logprobs[:, t] = torch.where(unfinished, raw, 0.0)
-        sequences[:, 1 + t] = next_tokens
-        steps = torch.where(unfinished.any(), t + 1, steps)
-        unfinished &= ~torch.isin(next_tokens, eos_ids)
-        if on_step is not None:
-            on_step(t, next_tokens)
-        if (t + 1) % check_every == 0 and (not unfinished.any() or (stop is not None and stop())):  # sync
-            break
+    first = decoder
+    try:
+        for t in range(max_new_tokens):
+            # (n, V), float32 as generate scores them
+            logits = (decoder.first() if t == 0 else decoder.next(next_tokens)).float()
+            # The processors see the ids so far (n, 1+t), start token first, as in generate.
+            ids = sequences[:, : 1 + t] if live is None else sequences[live, : 1 + t]
+            scores = processors(ids, logits)
+            if do_sample:
+                probs = torch.softmax(scores, dim=-1)
+                next_tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (n,)
+            else:
+                next_tokens = scores.argmax(dim=-1)  # (n,)
+            next_tokens = torch.where(unfinished, next_tokens, pad_id)
+            if return_logprobs:
+                raw = torch.log_softmax(logits, dim=-1).gather(1, next_tokens[:, None]).squeeze(1)  # (n,)
+                raw = torch.where(unfinished, raw, 0.0)
+                if live is None:
+                    logprobs[:, t] = raw
+                else:
+                    logprobs[live, t] = raw
+            if live is None:
+                sequences[:, 1 + t] = next_tokens
+            else:
+                sequences[live, 1 + t] = next_tokens
+            steps = torch.where(unfinished.any(), t + 1, steps)
+            unfinished &= ~torch.isin(next_tokens, eos_ids)
+            if on_step is not None:  # (N,) tokens, pad for the rows that left
+                on_step(t, next_tokens if live is None else sequences[:, 1 + t])
+            if (t + 1) % check_every == 0:
+                if not unfinished.any() or (stop is not None and stop()):  # sync
+                    break
+                n = unfinished.shape[0]
+                if compact and row_bucket(n) >= COMPACT_FROM_ROWS and t + 1 < max_new_tokens:
+                    keep = unfinished.nonzero().squeeze(1)  # (n',) sync (made at the check above already)
+                    bucket = max(row_bucket(keep.shape[0]), COMPACT_FLOOR)
+                    if bucket <= row_bucket(n) // 2:
+                        old, decoder = decoder, decoder.compact(keep, position=t + 1, bucket=bucket)
+                        if old is not first:
+                            old.release()
+                        live = keep if live is None else live[keep]
+                        unfinished, next_tokens = unfinished[keep], next_tokens[keep]
+                        processors = _select_rows(processors, keep)
+    finally:
+        if decoder is not first:
+            decoder.release()
     steps = int(steps)
     return Generation(
         sequences=sequences[:, : 1 + steps],
