@@ -13,7 +13,7 @@ decoder; each decoder runs once untimed first (CUDA context, kernels chosen, gra
 --repeats timed runs (median). The share of predictions equal between the two decoders is printed.
 
     PYTHONPATH=src python bench/eval_speed.py --shared ../shared --out eval.json [--rows 1000]
-        [--shape flan-t5-base] [--max-new-tokens 32] [--repeats 2]
+        [--shape flan-t5-base] [--max-new-tokens 32] [--repeats 2] [--dtype bfloat16]
 """
 
 from __future__ import annotations
@@ -56,6 +56,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--decoders", default="transformers,engine")
+    parser.add_argument("--dtype", default="float32", help="flantune eval's --dtype (float32, bfloat16, float16)")
     args = parser.parse_args()
     shared = Path(args.shared).resolve()
     with tempfile.TemporaryDirectory() as tmp:
@@ -77,7 +78,7 @@ def main() -> None:
                 with decoder(name):
                     torch.cuda.synchronize() if torch.cuda.is_available() else None
                     start = time.perf_counter()
-                    report = run_eval(recipe, str(folder), out=out)
+                    report = run_eval(recipe, str(folder), out=out, dtype=args.dtype)
                     torch.cuda.synchronize() if torch.cuda.is_available() else None
                     seconds = time.perf_counter() - start
                 if i:
@@ -89,7 +90,7 @@ def main() -> None:
             results[name] = {"wall_s": wall, "rows_per_s": report["rows"] / wall, "first_run_s": None}
         names = list(results)
         summary = {
-            "shape": args.shape, "rows": args.rows, "max_new_tokens": args.max_new_tokens,
+            "shape": args.shape, "rows": args.rows, "max_new_tokens": args.max_new_tokens, "dtype": args.dtype,
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
             "torch": torch.__version__, "results": results,
         }  # fmt: skip

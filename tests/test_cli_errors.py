@@ -153,6 +153,7 @@ CASES: dict[str, Case] = {
     "serve adapter spec": Case(["serve", "--adapter", "sciq"], ["--adapter: expected NAME=PATH"]),
     "serve dtype": Case(["serve", "--model", str(T5), "--dtype", "fp8"], ["--dtype: expected"]),
     "eval without model": Case(["eval", R], ["--model: give the model"]),
+    "eval dtype": Case(["eval", R, "--model", str(T5), "--dtype", "fp8"], ["--dtype: expected float32, bfloat16 or float16, got 'fp8'"]),
     "eval model missing": Case(["eval", R, "--model", "{w}/no/model"], ["--model: {w}/no/model"]),
     "merge not an adapter": Case(["merge", "{w}/empty", "--out", "{w}/merged"], ["{w}/empty", "adapter"]),
     # ---- run folders ----------------------------------------------------------------------------

@@ -149,6 +149,28 @@ def test_eval_command_end_to_end(tuned_run, tmp_path):
     assert len(read_predictions(tmp_path / "r")) == 5  # eval.max_rows: the first 5 rows, for both models
 
 
+def test_eval_in_bfloat16(tuned_run, tmp_path, monkeypatch):
+    """--dtype bfloat16: the evaluated model and its comparison generate with bf16 weights (half the
+    memory), metrics.json records it, and this model that sorts letters still scores as it does in
+    float32 (a near-perfect exact match)."""
+    import flantune.evaluate as evaluate
+
+    recipe, model_dir, final = tuned_run
+    seen = []
+    real = evaluate.score_split
+    monkeypatch.setattr(evaluate, "score_split", lambda model, *a, **k: seen.append(
+        {p.dtype for p in model.parameters()}) or real(model, *a, **k))  # fmt: skip
+    full = run_eval(recipe, str(final), out=tmp_path / "fp32")
+    half = run_eval(recipe, str(final), compare=str(model_dir), out=tmp_path / "bf16", dtype="bfloat16")
+    import torch
+
+    assert seen == [{torch.float32}, {torch.bfloat16}, {torch.bfloat16}]
+    metrics = json.loads((tmp_path / "bf16" / "metrics.json").read_text())
+    assert (metrics["dtype"], full["dtype"]) == ("bfloat16", "float32")
+    em = half["models"]["fine-tuned"]["exact_match"]
+    assert em >= 90 and abs(em - full["models"]["fine-tuned"]["exact_match"]) <= 10, (em, full["models"])
+
+
 def test_eval_errors(tuned_run, tmp_path):
     recipe, model_dir, final = tuned_run
     with pytest.raises(ModelLoadError, match="does not exist"):

@@ -36,6 +36,7 @@ def run_eval(
     split_name: str = "test",
     out: Path | str | None = None,
     other_base: bool = False,
+    dtype: str = "float32",
 ) -> dict:
     """Evaluate `model` (+ `adapter`), and each `compare` model, on the same rows; write the report.
 
@@ -44,17 +45,19 @@ def run_eval(
 
     Both models generate with the recipe's generation settings on exactly the same rows (the first
     `eval.max_rows` of the split); each uses its own tokenizer, so a fine-tuned model with added
-    tokens compares fairly against a base without them.
+    tokens compares fairly against a base without them. `dtype`: the weights every model is loaded
+    in (float32: the scores evaluation during training gives; recorded in metrics.json).
     """
     if split_name not in SPLIT_ROLES:
         raise ConfigError([f"--split: expected one of {', '.join(SPLIT_ROLES)}, got {split_name!r}"])
     role = SPLIT_ROLES[split_name]
     if adapter:
         tuned = load_final(
-            {"default": adapter}, base=model, what="--adapter", base_what="--model", other_base=other_base
-        )
+            {"default": adapter}, base=model, what="--adapter", base_what="--model", other_base=other_base,
+            dtype=dtype,
+        )  # fmt: skip
     else:
-        tuned = load_final(model, what="--model")
+        tuned = load_final(model, what="--model", dtype=dtype)
     split = load_split(recipe.data, role, tuned.tokenizer, seed=recipe.train.seed)
     if split is None:
         raise ConfigError([f"data.{role}: the recipe names no {split_name} split to evaluate on"])
@@ -63,7 +66,8 @@ def run_eval(
     _check_out(out)
     others = compare_models(compare)
     results = {"model": model, "adapter": adapter, "compare": dict(others), "split": split_name,
-               "rows": len(split.dataset), "generation": asdict(recipe.generation), "models": {}}  # fmt: skip
+               "rows": len(split.dataset), "dtype": dtype, "generation": asdict(recipe.generation),
+               "models": {}}  # fmt: skip
 
     def score(loaded) -> tuple:
         scores = score_split(loaded.model, loaded.tokenizer, split, recipe.generation, recipe.eval,
@@ -75,7 +79,7 @@ def run_eval(
     scored = {}
     for label, path in others:
         # A comparison that names the base of a random-init adapter is rebuilt from its record.
-        scored[label] = score(load_final(path, recorded_by=adapter or model, what="--compare"))
+        scored[label] = score(load_final(path, recorded_by=adapter or model, what="--compare", dtype=dtype))
     runs = {**scored, **runs}
     for label, (_, metrics, _) in runs.items():
         results["models"][label] = metrics
