@@ -73,10 +73,11 @@ def stops(ids: torch.Tensor, eos: int) -> list[int | None]:
 
 
 @contextlib.contextmanager
-def early_eos(model, batch, tokenizer, quantile: float = 0.3):
-    """An EOS logit bias that makes EOS win at about `quantile` of greedy's steps: rows end at
-    different steps."""
-    eos, head = tokenizer.eos_token_id, model.get_output_embeddings()
+def eos_made_likelier(model, batch, quantile: float):
+    """An EOS logit bias on the output layer, sized from greedy's own logits so that EOS wins at about
+    `quantile` of the steps: hypotheses end at different steps (beam search's finished set fills
+    while other beams run on)."""
+    eos, head = model.config.eos_token_id, model.get_output_embeddings()
     with torch.no_grad():
         plain = run(model, batch).sequences
         logits = model(**batch, decoder_input_ids=plain[:, :-1]).logits[:, : MAX_NEW - 2]  # (B, T, V)
@@ -95,7 +96,7 @@ def test_greedy_equals_generate_and_the_cache_stays_put(setup, monkeypatch):
     model, tokenizer, batch = setup
     eos = tokenizer.eos_token_id
     # EOS wins at about a third of greedy's steps: some rows end early.
-    with early_eos(model, batch, tokenizer, quantile=0.3):
+    with eos_made_likelier(model, batch, quantile=0.3):
         pointers = []
         step = engine._Decoder.step
 
@@ -128,7 +129,7 @@ def test_finished_rows_leave_the_batch(setup, monkeypatch, sampled):
     compaction ran (greedy: more than once)."""
     from flantune.decoding import KeyedSampling, row_keys
 
-    model, tokenizer, batch = setup
+    model, _, batch = setup
     compactions = []
     real = engine._EagerDecoder.compact
     monkeypatch.setattr(engine._EagerDecoder, "compact", lambda self, keep, position, bucket: compactions.append(
@@ -144,7 +145,7 @@ def test_finished_rows_leave_the_batch(setup, monkeypatch, sampled):
         return run(model, batch, do_sample=True, num_return_sequences=group, logits_processor=[keyed],
                    return_logprobs=True)  # fmt: skip
 
-    with early_eos(model, batch, tokenizer, quantile=0.4):
+    with eos_made_likelier(model, batch, quantile=0.4):
         monkeypatch.setattr(engine, "COMPACT_FROM_ROWS", 10**9)
         plain = decode()
         assert not compactions
@@ -241,24 +242,6 @@ def test_repetition_penalty_and_no_repeat_ngrams(setup):
         row = [i for i in row if i not in (tokenizer.pad_token_id, tokenizer.eos_token_id)]
         bigrams = list(itertools.pairwise(row))
         assert len(bigrams) == len(set(bigrams)), row
-
-
-@contextlib.contextmanager
-def eos_made_likelier(model, batch, quantile: float):
-    """An EOS logit bias on the output layer, sized from greedy's own logits so that EOS wins at about
-    `quantile` of the steps: hypotheses end at different steps (beam search's finished set fills
-    while other beams run on)."""
-    eos, head = model.config.eos_token_id, model.get_output_embeddings()
-    with torch.no_grad():
-        plain = run(model, batch).sequences
-        logits = model(**batch, decoder_input_ids=plain[:, :-1]).logits[:, : MAX_NEW - 2]  # (B, T, V)
-    head.bias = torch.nn.Parameter(torch.zeros(head.out_features, device=head.weight.device))
-    with torch.no_grad():
-        head.bias[eos] = (logits.max(-1).values - logits[..., eos]).flatten().quantile(quantile)
-    try:
-        yield
-    finally:
-        head.bias = None
 
 
 BEAMS = [  # num_beams, early_stopping, length_penalty, num_return_sequences
@@ -977,7 +960,7 @@ def test_cuda_finished_rows_leave_the_captured_batch(cuda_path, monkeypatch):
     from flantune.decoding import KeyedSampling, row_keys
 
     sources = SOURCES * 3  # 15 rows: bucket 16, then 8 or less
-    model, tokenizer, batch = on_cuda(cuda_path, sources)
+    model, _, batch = on_cuda(cuda_path, sources)
     compacted = []
     real = engine._GraphedDecoder.compact
     monkeypatch.setattr(engine._GraphedDecoder, "compact", lambda self, keep, position, bucket: compacted.append(
@@ -985,7 +968,7 @@ def test_cuda_finished_rows_leave_the_captured_batch(cuda_path, monkeypatch):
     monkeypatch.setattr(engine, "COMPACT_FLOOR", 4)  # 16 rows, then a bucket of 8 or 4
     keyed = KeyedSampling(row_keys(5, torch.arange(len(sources), device="cuda")), temperature=0.8, top_k=20)
     out = {}
-    with early_eos(model, batch, tokenizer, quantile=0.45):
+    with eos_made_likelier(model, batch, quantile=0.45):
         expected = model.generate(**batch, max_new_tokens=24, do_sample=False, num_beams=1)
         for lowest in (10**9, 1):
             monkeypatch.setattr(engine, "COMPACT_FROM_ROWS", lowest)
