@@ -521,6 +521,41 @@ def graphs_on_cpu(monkeypatch):
     return calls
 
 
+def test_finished_rows_leave_the_graph_branch_on_cpu(setup, graphs_on_cpu, monkeypatch):
+    """Compaction on the graph branch (captures swapped for eager calls): 15 rows in a bucket of 16;
+    at the checks every 8 steps the live rows move to kept decoders of smaller buckets (their
+    encoder inputs, both caches and positions copied), each step recorded at the position the rows
+    join at (its warm-up and capture run there, then the positions are restored). Greedy ids equal
+    the eager loop's and transformers' generate; keyed samples equal the uncompacted run's."""
+    from flantune.decoding import KeyedSampling, row_keys
+
+    model, tokenizer, _ = setup
+    batch = tokenizer(SOURCES * 3, return_tensors="pt", padding=True)
+    monkeypatch.setattr(engine, "COMPACT_FROM_ROWS", 1)
+    monkeypatch.setattr(engine, "COMPACT_FLOOR", 1)
+    moved = []
+    real = engine._GraphedDecoder.compact
+    monkeypatch.setattr(engine._GraphedDecoder, "compact", lambda self, keep, position, bucket: moved.append(
+        (self.rows, keep.numel(), position, bucket)) or real(self, keep, position, bucket))  # fmt: skip
+    keyed = KeyedSampling(row_keys(3, torch.arange(15)), temperature=0.8, top_k=20)
+    options = {"max_new_tokens": 24}
+    with eos_made_likelier(model, batch, 0.3):
+        expected = model.generate(**batch, do_sample=False, num_beams=1, **options)
+        eager = engine.generate(model, batch["input_ids"], batch["attention_mask"], graphs=False, **options)
+        graphed = engine.generate(model, batch["input_ids"], batch["attention_mask"], graphs=True, **options)
+        greedy_moves = list(moved)
+        sampled = engine.generate(model, batch["input_ids"], batch["attention_mask"], graphs=True,
+                                  do_sample=True, logits_processor=[keyed], **options).sequences  # fmt: skip
+        monkeypatch.setattr(engine, "COMPACT_FROM_ROWS", 10**9)
+        whole = engine.generate(model, batch["input_ids"], batch["attention_mask"], graphs=True,
+                                do_sample=True, logits_processor=[keyed], **options).sequences  # fmt: skip
+    assert greedy_moves and all(p % 8 == 0 and b < rows for rows, _, p, b in greedy_moves), greedy_moves
+    assert len(moved) > len(greedy_moves)  # the sampled call compacted too
+    assert torch.equal(graphed.sequences, eager.sequences), (graphed.sequences, eager.sequences)
+    assert torch.equal(graphed.sequences, expected)
+    assert torch.equal(sampled, whole)
+
+
 class Calls(dict):
     """Counts of warm-ups and recordings of the decode step; `encoder`: those of the encoder pass."""
 

@@ -483,6 +483,7 @@ class _GraphedDecoder:
         new.encoder_mask.zero_()
         new.encoder_mask[:n].copy_(self.encoder_mask[: self.real].index_select(0, keep))
         new.encoder_mask[n:, 0] = 1  # padding rows, as `load` leaves them
+        new.decoder.tokens.zero_()  # a valid id for the padding rows (a fresh entry's are uninitialized)
         new.decoder.take_rows(self.decoder, keep)
         self.release()
         return new
