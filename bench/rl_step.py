@@ -9,7 +9,7 @@ same command sampling with transformers' generate (the decoder it used before th
 bench/_decoders.py) and with flantune's engine, and prints the ratio of prompts/s.
 
     python bench/rl_step.py --shared ../shared --out rl.json [--shape flan-t5-base] [--steps 6]
-        [--methods lora,full] [--decoders engine]
+        [--methods lora,full] [--decoders engine] [--separate]
 """
 
 from __future__ import annotations
@@ -63,6 +63,20 @@ def run_case(
     }  # fmt: skip
 
 
+def separate_case(args, method: str, name: str) -> dict:
+    """run_case in a fresh interpreter (this script with one method and one decoder)."""
+    import subprocess
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "case.json"
+        command = [sys.executable, __file__, "--shared", args.shared, "--out", str(out), "--shape", args.shape,
+                   "--methods", method, "--decoders", name, "--steps", str(args.steps), "--prompts",
+                   str(args.prompts), "--group", str(args.group), "--max-new-tokens", str(args.max_new_tokens)]  # fmt: skip
+        subprocess.run(command, check=True)
+        (result,) = json.loads(out.read_text())
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shared", default="../shared")
@@ -74,13 +88,19 @@ def main() -> None:
     parser.add_argument("--group", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--decoders", default="engine", help="engine, engine-compiled, transformers (comma-separated)")
+    parser.add_argument("--separate", action="store_true",
+                        help="each (method, decoder) case in a process of its own: no case finds what an "
+                             "earlier one compiled (dynamo's caches, the training passes' recompilations)")
     args = parser.parse_args()
     results = []
     for method in args.methods.split(","):
         by_decoder = {}
         for name in args.decoders.split(","):
-            r = run_case(Path(args.shared), args.shape, method, args.steps, args.prompts, args.group,
-                         args.max_new_tokens, name)  # fmt: skip
+            if args.separate:
+                r = separate_case(args, method, name)
+            else:
+                r = run_case(Path(args.shared), args.shape, method, args.steps, args.prompts, args.group,
+                             args.max_new_tokens, name)  # fmt: skip
             print(json.dumps(r), flush=True)
             results.append(r)
             by_decoder[name] = r
