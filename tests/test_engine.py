@@ -132,8 +132,8 @@ def test_finished_rows_leave_the_batch(setup, monkeypatch, sampled):
     model, _, batch = setup
     compactions = []
     real = engine._EagerDecoder.compact
-    monkeypatch.setattr(engine._EagerDecoder, "compact", lambda self, keep, position, bucket: compactions.append(
-        (keep.numel(), position)) or real(self, keep, position, bucket))  # fmt: skip
+    monkeypatch.setattr(engine._EagerDecoder, "compact", lambda self, keep, position, bucket, tokens: compactions.append(
+        (keep.numel(), position)) or real(self, keep, position, bucket, tokens))  # fmt: skip
     monkeypatch.setattr(engine, "COMPACT_FLOOR", 1)
     group = 3 if sampled else 1
     rows = torch.arange(len(SOURCES) * group)
@@ -535,8 +535,8 @@ def test_finished_rows_leave_the_graph_branch_on_cpu(setup, graphs_on_cpu, monke
     monkeypatch.setattr(engine, "COMPACT_FLOOR", 1)
     moved = []
     real = engine._GraphedDecoder.compact
-    monkeypatch.setattr(engine._GraphedDecoder, "compact", lambda self, keep, position, bucket: moved.append(
-        (self.rows, keep.numel(), position, bucket)) or real(self, keep, position, bucket))  # fmt: skip
+    monkeypatch.setattr(engine._GraphedDecoder, "compact", lambda self, keep, position, bucket, tokens: moved.append(
+        (self.rows, keep.numel(), position, bucket)) or real(self, keep, position, bucket, tokens))  # fmt: skip
     keyed = KeyedSampling(row_keys(3, torch.arange(15)), temperature=0.8, top_k=20)
     options = {"max_new_tokens": 24}
     with eos_made_likelier(model, batch, 0.3):
@@ -554,6 +554,31 @@ def test_finished_rows_leave_the_graph_branch_on_cpu(setup, graphs_on_cpu, monke
     assert torch.equal(graphed.sequences, eager.sequences), (graphed.sequences, eager.sequences)
     assert torch.equal(graphed.sequences, expected)
     assert torch.equal(sampled, whole)
+
+
+def test_a_compaction_that_cannot_be_recorded_keeps_the_batch(setup, graphs_on_cpu, monkeypatch):
+    """Where the smaller bucket's step cannot be recorded, the call warns once and decodes on at its
+    size: the ids are the eager loop's."""
+    model, tokenizer, _ = setup
+    batch = tokenizer(SOURCES * 3, return_tensors="pt", padding=True)
+    monkeypatch.setattr(engine, "COMPACT_FROM_ROWS", 1)
+    monkeypatch.setattr(engine, "COMPACT_FLOOR", 1)
+    record = engine._record
+
+    def refuse_small(fn, stream, pool=None):
+        graph, output = record(fn, stream, pool)
+        if output.dim() == 2 and output.shape[0] < 16:  # a decode step of a compacted bucket
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return graph, output
+
+    monkeypatch.setattr(engine, "_record", refuse_small)
+    options = {"max_new_tokens": 24}
+    with eos_made_likelier(model, batch, 0.3):
+        eager = engine.generate(model, batch["input_ids"], batch["attention_mask"], graphs=False, **options)
+        with pytest.warns(UserWarning, match="finished rows could not leave the batch") as caught:
+            graphed = engine.generate(model, batch["input_ids"], batch["attention_mask"], graphs=True, **options)
+    assert torch.equal(graphed.sequences, eager.sequences)
+    assert sum("could not leave" in str(w.message) for w in caught) == 1
 
 
 class Calls(dict):
@@ -998,8 +1023,8 @@ def test_cuda_finished_rows_leave_the_captured_batch(cuda_path, monkeypatch):
     model, _, batch = on_cuda(cuda_path, sources)
     compacted = []
     real = engine._GraphedDecoder.compact
-    monkeypatch.setattr(engine._GraphedDecoder, "compact", lambda self, keep, position, bucket: compacted.append(
-        (keep.numel(), position, bucket)) or real(self, keep, position, bucket))  # fmt: skip
+    monkeypatch.setattr(engine._GraphedDecoder, "compact", lambda self, keep, position, bucket, tokens: compacted.append(
+        (keep.numel(), position, bucket)) or real(self, keep, position, bucket, tokens))  # fmt: skip
     monkeypatch.setattr(engine, "COMPACT_FLOOR", 4)  # 16 rows, then a bucket of 8 or 4
     keyed = KeyedSampling(row_keys(5, torch.arange(len(sources), device="cuda")), temperature=0.8, top_k=20)
     out = {}

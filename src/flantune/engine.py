@@ -470,10 +470,11 @@ class _GraphedDecoder:
     def release(self) -> None:
         self.decoder.model = None
 
-    def compact(self, keep: torch.Tensor, position: int, bucket: int) -> _GraphedDecoder:
+    def compact(self, keep: torch.Tensor, position: int, bucket: int, tokens: torch.Tensor) -> _GraphedDecoder:
         """The kept decoder of row bucket `bucket` (at least the one `keep` (n,) fits), holding those
-        rows' encoder inputs and caches as of `position` (this one released). Its step is recorded at
-        its first use if that bucket has none yet."""
+        rows' encoder inputs and caches as of `position` and their next `tokens` (n,), its step
+        recorded now if that bucket has none yet (this one released once that worked; a recording
+        that fails raises RuntimeError and leaves this one as it was)."""
         model, n = self.decoder.model, keep.shape[0]
         hidden = self.encoder_hidden[: self.real].index_select(0, keep)  # (n, S', d)
         new = _graphed_decoder(model, hidden, self.max_new_tokens, self.fingerprint, self.compiled, rows=bucket)
@@ -484,7 +485,14 @@ class _GraphedDecoder:
         new.encoder_mask[:n].copy_(self.encoder_mask[: self.real].index_select(0, keep))
         new.encoder_mask[n:, 0] = 1  # padding rows, as `load` leaves them
         new.decoder.tokens.zero_()  # a valid id for the padding rows (a fresh entry's are uninitialized)
+        new.decoder.tokens[:n].copy_(tokens[:, None])
         new.decoder.take_rows(self.decoder, keep)
+        if new.graph is None:
+            try:
+                new._capture(position=position)
+            except RuntimeError:
+                new.release()
+                raise
         self.release()
         return new
 
@@ -759,8 +767,9 @@ class _EagerDecoder:
     def release(self) -> None:
         pass
 
-    def compact(self, keep: torch.Tensor, position: int, bucket: int = 0) -> _EagerDecoder:
-        """A decoder of the rows `keep` (n,) only, their caches as of now (no buckets eagerly)."""
+    def compact(self, keep: torch.Tensor, position: int, bucket: int = 0, tokens=None) -> _EagerDecoder:
+        """A decoder of the rows `keep` (n,) only, their caches as of now (no buckets eagerly; the
+        next tokens come with `next`)."""
         old = self.decoder
         new = _EagerDecoder.__new__(_EagerDecoder)
         new.decoder = _Decoder(old.model, old.encoder_outputs.last_hidden_state.index_select(0, keep),
@@ -1099,12 +1108,21 @@ def _one_token_per_step(decoder, processors, *, rows: int, max_new_tokens: int, 
                     keep = unfinished.nonzero().squeeze(1)  # (n',) sync (made at the check above already)
                     bucket = max(row_bucket(keep.shape[0]), COMPACT_FLOOR)
                     if bucket <= row_bucket(n) // 2:
-                        old, decoder = decoder, decoder.compact(keep, position=t + 1, bucket=bucket)
-                        if old is not first:
-                            old.release()
-                        live = keep if live is None else live[keep]
-                        unfinished, next_tokens = unfinished[keep], next_tokens[keep]
-                        processors = _select_rows(processors, keep)
+                        try:
+                            smaller = decoder.compact(keep, position=t + 1, bucket=bucket, tokens=next_tokens[keep])
+                        except RuntimeError as e:  # the smaller bucket's step could not be recorded
+                            import warnings
+
+                            warnings.warn(f"decoding engine: finished rows could not leave the batch ({e}); "
+                                          "it decodes at its size", stacklevel=3)  # fmt: skip
+                            compact = False
+                        else:
+                            if decoder is not first:
+                                decoder.release()
+                            decoder = smaller
+                            live = keep if live is None else live[keep]
+                            unfinished, next_tokens = unfinished[keep], next_tokens[keep]
+                            processors = _select_rows(processors, keep)
     finally:
         if decoder is not first:
             decoder.release()
