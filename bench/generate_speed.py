@@ -23,7 +23,8 @@ Sides:
 - engine-packed: the engine as a caller with much work calls it (`packed_encoder=True`): for T5 in
   16-bit on a GPU, batches of engine.PACKED_MIN_TOKENS padded source tokens and more run the encoder
   packed with FlexAttention (its block compiled in the first call, the side's warm-up). A plain call
-  (engine) takes it only once the block is compiled in the process; each engine side starts as a
+  (engine) takes FlexAttention only once the block is compiled in the process, and until then the
+  packed encoder with SDPA, uncompiled (engine.PACKED_ENCODER "auto"); each engine side starts as a
   fresh process would.
 - engine-packed-compiled: engine-packed with the step compiled (COMPILE_STEP), torch._dynamo reset
   first as for engine-compiled.
