@@ -47,6 +47,39 @@ def model_folder(shared: Path, shape: str, folder: Path) -> Path:
     return folder
 
 
+PARTS = {  # what run_eval spends its time in: (file, function) as cProfile names them
+    "load model": ("final.py", "load_final"),
+    "load and tokenize rows": ("data.py", "load_split"),
+    "score_split (generate + metrics)": ("scoring.py", "score_split"),
+    "generate_outputs": ("decoding.py", "generate_outputs"),
+    "decoding (engine or transformers)": ("engine.py", "generate"),
+    "encoder": ("engine.py", "_encode"),
+    "metrics": ("metrics.py", "compute_metrics"),
+    "report and figures": ("figures.py", "draw_report"),
+}
+
+
+def profile_parts(recipe, folder: Path, out: Path) -> dict:
+    """Cumulative seconds of eval's parts in one run under cProfile (its overhead included: read the
+    shares, not the sum against the timed runs)."""
+    import cProfile
+    import pstats
+
+    profiler = cProfile.Profile()
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    start = time.perf_counter()
+    profiler.enable()
+    run_eval(recipe, str(folder), out=out)
+    sync()
+    profiler.disable()
+    parts = {"total": time.perf_counter() - start}
+    stats = pstats.Stats(profiler).stats  # {(file, line, function): (cc, nc, tottime, cumtime, callers)}
+    for label, (file, function) in PARTS.items():
+        found = [v[3] for (f, _, fn), v in stats.items() if f.endswith(file) and fn == function]
+        parts[label] = max(found) if found else None
+    return parts
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shared", default="../shared")
@@ -57,6 +90,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--decoders", default="transformers,engine")
     parser.add_argument("--dtype", default="float32", help="flantune eval's --dtype (float32, bfloat16, float16)")
+    parser.add_argument("--profile", action="store_true",
+                        help="one more run per decoder under cProfile: the seconds of eval's parts (loading, "
+                             "tokenizing, generating, scoring, the report) into the result file")
     args = parser.parse_args()
     shared = Path(args.shared).resolve()
     with tempfile.TemporaryDirectory() as tmp:
@@ -88,6 +124,10 @@ def main() -> None:
                 print(f"{name} run {i}: {seconds:.1f} s{' (untimed first run)' if not i else ''}", flush=True)
             wall = statistics.median(times)
             results[name] = {"wall_s": wall, "rows_per_s": report["rows"] / wall, "first_run_s": None}
+            if args.profile:
+                with decoder(name):
+                    results[name]["parts_s"] = profile_parts(recipe, folder, Path(tmp) / f"eval-{name}-profile")
+                print(f"{name} parts: {json.dumps(results[name]['parts_s'])}", flush=True)
         names = list(results)
         summary = {
             "shape": args.shape, "rows": args.rows, "max_new_tokens": args.max_new_tokens, "dtype": args.dtype,
