@@ -79,17 +79,7 @@ def user_errors(fn):
     """Print user-fixable errors as one line on stderr and exit 2; let real bugs raise."""
     # flantune.errors holds them all, so that decorating the commands imports none of the modules
     # that raise them (torch, transformers, rouge: seconds of every command's start).
-    from flantune.errors import (
-        DataError,
-        ExportError,
-        GenerateError,
-        MethodError,
-        ModelLoadError,
-        RewardError,
-        RunInterrupted,
-        SettingError,
-        TrainingError,
-    )  # fmt: skip
+    from flantune.errors import USER_ERRORS, RunInterrupted
     from flantune.tasks import TaskError
 
     @functools.wraps(fn)
@@ -101,19 +91,7 @@ def user_errors(fn):
                 Text.assemble(("stopped:", "bold"), " ", str(e)), highlight=False, soft_wrap=True
             )
             sys.exit(130)
-        except (
-            UsageError,
-            ConfigError,
-            DataError,
-            ExportError,
-            GenerateError,
-            MethodError,
-            ModelLoadError,
-            RewardError,
-            SettingError,
-            TaskError,
-            TrainingError,
-        ) as e:
+        except (UsageError, ConfigError, TaskError, *USER_ERRORS) as e:
             fail(str(e))
 
     return wrapper

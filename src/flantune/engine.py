@@ -636,7 +636,7 @@ PACKED_MIN_TOKENS = 8192
 # PACKED_PAYS_TOKENS padded tokens in large batches, ~2.2-2.5 us saved per padded token on the H200).
 PACKED_PAYS_TOKENS = 4_000_000
 _PACKED_BLOCK: list = []  # the compiled fast_t5.t5_block, made at first use
-_PACKED_FAILED: list[str] = []  # why the compiled packed encoder failed, once: then transformers' runs
+_PACKED_FAILED: list[str] = []  # why the compiled packed encoder failed, once: then the SDPA one runs
 _PACKED_COMPILED: list[bool] = []  # [True] once a packed pass ran compiled in this process
 
 
@@ -1066,8 +1066,9 @@ def _one_token_per_step(decoder, processors, *, rows: int, max_new_tokens: int, 
     sequences = torch.full((rows, 1 + max_new_tokens), pad_id, dtype=torch.long, device=device)  # (N, 1+T)
     sequences[:, 0] = start_id
     logprobs = torch.zeros(rows, max_new_tokens, dtype=torch.float32, device=device)  # (N, T)
-    # The decoder's rows: (n,) indices into the N rows, None while they are all of them.
-    live: torch.Tensor | None = None
+    # The decoder's rows among the N: all of them (a slice: views, no gather) until rows leave, then
+    # their (n,) indices.
+    live: slice | torch.Tensor = slice(None)
     unfinished = torch.ones(rows, dtype=torch.bool, device=device)  # (n,) of the decoder's rows
     steps = torch.zeros((), dtype=torch.long, device=device)  # the last step any row was generating at
     next_tokens = None
@@ -1077,7 +1078,7 @@ def _one_token_per_step(decoder, processors, *, rows: int, max_new_tokens: int, 
             # (n, V), float32 as generate scores them
             logits = (decoder.first() if t == 0 else decoder.next(next_tokens)).float()
             # The processors see the ids so far (n, 1+t), start token first, as in generate.
-            ids = sequences[:, : 1 + t] if live is None else sequences[live, : 1 + t]
+            ids = sequences[live, : 1 + t]
             scores = processors(ids, logits)
             if do_sample:
                 probs = torch.softmax(scores, dim=-1)
@@ -1087,19 +1088,12 @@ def _one_token_per_step(decoder, processors, *, rows: int, max_new_tokens: int, 
             next_tokens = torch.where(unfinished, next_tokens, pad_id)
             if return_logprobs:
                 raw = torch.log_softmax(logits, dim=-1).gather(1, next_tokens[:, None]).squeeze(1)  # (n,)
-                raw = torch.where(unfinished, raw, 0.0)
-                if live is None:
-                    logprobs[:, t] = raw
-                else:
-                    logprobs[live, t] = raw
-            if live is None:
-                sequences[:, 1 + t] = next_tokens
-            else:
-                sequences[live, 1 + t] = next_tokens
+                logprobs[live, t] = torch.where(unfinished, raw, 0.0)
+            sequences[live, 1 + t] = next_tokens
             steps = torch.where(unfinished.any(), t + 1, steps)
             unfinished &= ~torch.isin(next_tokens, eos_ids)
             if on_step is not None:  # (N,) tokens, pad for the rows that left
-                on_step(t, next_tokens if live is None else sequences[:, 1 + t])
+                on_step(t, sequences[:, 1 + t])
             if (t + 1) % check_every == 0:
                 if not unfinished.any() or (stop is not None and stop()):  # sync
                     break
@@ -1120,7 +1114,7 @@ def _one_token_per_step(decoder, processors, *, rows: int, max_new_tokens: int, 
                             if decoder is not first:
                                 decoder.release()
                             decoder = smaller
-                            live = keep if live is None else live[keep]
+                            live = keep if isinstance(live, slice) else live[keep]
                             unfinished, next_tokens = unfinished[keep], next_tokens[keep]
                             processors = _select_rows(processors, keep)
     finally:

@@ -41,3 +41,8 @@ class RewardError(RuntimeError):
 
 class RunInterrupted(TrainingError):
     """SIGINT or SIGTERM stopped the run after a checkpoint; the message says how to continue."""
+
+
+USER_ERRORS = (TrainingError, SettingError, DataError, ExportError, GenerateError, MethodError, ModelLoadError,
+               RewardError)  # fmt: skip
+"""What the CLI prints as one line (with its own UsageError, the recipe's ConfigError and TaskError)."""
