@@ -128,7 +128,8 @@ class Pattern:
             base = self.dense_bias() if self.bias is not None else torch.zeros(allowed.shape, device=allowed.device)
             # The lowest finite value, not -inf: a query with no allowed key (padding) gets a
             # uniform average instead of NaN; its output is dropped.
-            cached[dtype] = base.masked_fill(~allowed, torch.finfo(dtype).min).to(dtype)
+            # Cast first, then fill in place: one (B, H, Lq, Lk) tensor in `dtype`, not two float32 ones.
+            cached[dtype] = base.to(dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
         return cached[dtype]
 
 
