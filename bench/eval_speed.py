@@ -13,7 +13,7 @@ decoder; each decoder runs once untimed first (CUDA context, kernels chosen, gra
 --repeats timed runs (median). The share of predictions equal between the two decoders is printed.
 
     PYTHONPATH=src python bench/eval_speed.py --shared ../shared --out eval.json [--rows 1000]
-        [--shape flan-t5-base] [--max-new-tokens 32] [--repeats 2] [--dtype bfloat16]
+        [--shape flan-t5-base] [--max-new-tokens 32] [--repeats 2] [--dtype bfloat16] [--profile]
 """
 
 from __future__ import annotations
@@ -47,37 +47,64 @@ def model_folder(shared: Path, shape: str, folder: Path) -> Path:
     return folder
 
 
-PARTS = {  # what run_eval spends its time in: (file, function) as cProfile names them
-    "load model": ("final.py", "load_final"),
-    "load and tokenize rows": ("data.py", "load_split"),
-    "score_split (generate + metrics)": ("scoring.py", "score_split"),
-    "generate_outputs": ("decoding.py", "generate_outputs"),
-    "decoding (engine or transformers)": ("engine.py", "generate"),
-    "encoder": ("engine.py", "_encode"),
-    "metrics": ("metrics.py", "compute_metrics"),
-    "report and figures": ("figures.py", "draw_report"),
+# What run_eval spends its time in: (module, attribute) of the calls timed, by a label. Each is wrapped
+# for one run with a timer that synchronizes CUDA at its start and end, so a part's seconds include
+# the GPU work it launched (cProfile cannot say that: kernels run after their Python calls return).
+# Nested parts ("decoding" holds "encoder" and "step captures") are not added up.
+PARTS = {
+    "load model": ("flantune.evaluate", "load_final"),
+    "load and tokenize rows": ("flantune.evaluate", "load_split"),
+    "score_split (generate + metrics)": ("flantune.evaluate", "score_split"),
+    "decoding (engine or transformers)": ("flantune.engine", "generate"),
+    "encoder (engine)": ("flantune.engine", "_encode"),
+    "decode step captures (engine)": ("flantune.engine._GraphedDecoder", "_capture"),
+    "graph recordings (engine: steps and encoders)": ("flantune.engine", "_record"),
+    "metrics": ("flantune.scoring", "compute_metrics"),
+    "report and figures": ("flantune.figures", "draw_report"),
 }
 
 
-def profile_parts(recipe, folder: Path, out: Path) -> dict:
-    """Cumulative seconds of eval's parts in one run under cProfile (its overhead included: read the
-    shares, not the sum against the timed runs)."""
-    import cProfile
-    import pstats
+def timed_parts(recipe, folder: Path, out: Path, dtype: str) -> dict:
+    """Seconds and calls of eval's parts (PARTS) in one more run of run_eval, each part timed between
+    CUDA synchronizations; "total" is the run's wall time with the timers' synchronizations in it."""
+    import importlib
 
-    profiler = cProfile.Profile()
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    start = time.perf_counter()
-    profiler.enable()
-    run_eval(recipe, str(folder), out=out)
-    sync()
-    profiler.disable()
-    parts = {"total": time.perf_counter() - start}
-    stats = pstats.Stats(profiler).stats  # {(file, line, function): (cc, nc, tottime, cumtime, callers)}
-    for label, (file, function) in PARTS.items():
-        found = [v[3] for (f, _, fn), v in stats.items() if f.endswith(file) and fn == function]
-        parts[label] = max(found) if found else None
-    return parts
+    seconds = {label: 0.0 for label in PARTS}
+    calls = {label: 0 for label in PARTS}
+    patched = []
+
+    def timer(label, fn):
+        def timed(*args, **kwargs):
+            sync()
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                sync()
+                seconds[label] += time.perf_counter() - start
+                calls[label] += 1
+
+        return timed
+
+    for label, (module, name) in PARTS.items():
+        path, _, cls = module.partition("._")  # a class of the module: "flantune.engine._GraphedDecoder"
+        owner = importlib.import_module(path)
+        owner = getattr(owner, "_" + cls) if cls else owner
+        original = getattr(owner, name)
+        patched.append((owner, name, original))
+        setattr(owner, name, timer(label, original))
+    try:
+        sync()
+        start = time.perf_counter()
+        run_eval(recipe, str(folder), out=out, dtype=dtype)
+        sync()
+        total = time.perf_counter() - start
+    finally:
+        for owner, name, original in reversed(patched):
+            setattr(owner, name, original)
+    return {"total": round(total, 3),
+            **{label: {"s": round(seconds[label], 3), "calls": calls[label]} for label in PARTS}}  # fmt: skip
 
 
 def main() -> None:
@@ -91,8 +118,9 @@ def main() -> None:
     parser.add_argument("--decoders", default="transformers,engine")
     parser.add_argument("--dtype", default="float32", help="flantune eval's --dtype (float32, bfloat16, float16)")
     parser.add_argument("--profile", action="store_true",
-                        help="one more run per decoder under cProfile: the seconds of eval's parts (loading, "
-                             "tokenizing, generating, scoring, the report) into the result file")
+                        help="one more run per decoder with eval's parts timed between CUDA synchronizations "
+                             "(loading, tokenizing, encoding, decoding, captures, scoring, the report) into the "
+                             "result file")
     args = parser.parse_args()
     shared = Path(args.shared).resolve()
     with tempfile.TemporaryDirectory() as tmp:
@@ -126,7 +154,8 @@ def main() -> None:
             results[name] = {"wall_s": wall, "rows_per_s": report["rows"] / wall, "first_run_s": None}
             if args.profile:
                 with decoder(name):
-                    results[name]["parts_s"] = profile_parts(recipe, folder, Path(tmp) / f"eval-{name}-profile")
+                    results[name]["parts_s"] = timed_parts(recipe, folder, Path(tmp) / f"eval-{name}-profile",
+                                                           args.dtype)
                 print(f"{name} parts: {json.dumps(results[name]['parts_s'])}", flush=True)
         names = list(results)
         summary = {

@@ -185,22 +185,32 @@ class SubprocessFailed(RuntimeError):
 
 
 
-def run_logged(cmd: list[str], env: dict, logs: Path, name: str) -> float:
-    """Run `cmd` to its end, its output in logs/name.out and .err; returns its wall-clock seconds.
+def run_logged(cmd: list[str], env: dict, logs: Path, name: str) -> tuple[float, list[tuple[float, str]]]:
+    """Run `cmd` to its end, its output in logs/name.out and .err; returns its wall-clock seconds and
+    its timeline: each stdout line with the seconds since launch it was read at (also in name.out),
+    then ("exit") at the end, so the start-up and the end of a run can be read apart.
     A failure raises with the end of its stderr (of its stdout when stderr is empty)."""
     out, err = logs / f"{name}.out", logs / f"{name}.err"
+    timeline: list[tuple[float, str]] = []
     start = time.perf_counter()
     with open(out, "w") as stdout, open(err, "w") as stderr:
-        code = subprocess.run(cmd, env=env, cwd=REPO, stdout=stdout, stderr=stderr).returncode
+        process = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=stderr, text=True)
+        for line in process.stdout:
+            at = time.perf_counter() - start
+            if line.strip():
+                timeline.append((round(at, 2), line.rstrip()[:160]))
+            stdout.write(f"{at:8.2f} {line}")
+        code = process.wait()
     seconds = time.perf_counter() - start
+    timeline.append((round(seconds, 2), "(exit)"))
     if code != 0:
         raise SubprocessFailed(name, code, tail(err) or tail(out))
-    return seconds
+    return seconds, timeline
 
 
 def child_env(**extra: str) -> dict:
     """This environment with src/ importable (the subprocesses import flantune from this checkout)."""
-    env = dict(os.environ, **extra)
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **extra)  # lines arrive as printed: the timeline
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO / "src"), env.get("PYTHONPATH")) if p)
     return env
 
@@ -226,7 +236,7 @@ def run_flantune(spec: dict, work: Path, name: str, cache: Path) -> SideResult:
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     print(f"  flantune train {name} ...", flush=True)
     cmd = [sys.executable, "-m", "flantune.cli", "train", str(path)]
-    wall = run_logged(cmd, child_env(**cache_env(cache)), work, name)
+    wall, timeline = run_logged(cmd, child_env(**cache_env(cache)), work, name)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     result = json.loads((out / "result.json").read_text())
     windows = [r for r in records if "tokens_per_s" in r]
@@ -237,10 +247,13 @@ def run_flantune(spec: dict, work: Path, name: str, cache: Path) -> SideResult:
     print(f"    wall {wall:.1f} s, {number(tokens)} real tokens/s, first step {result.get('first_step_s')} s, "
           f"peak {result.get('peak_memory_gib')} GiB; {(result.get('speed') or {}).get('line')}; "
           f"start-up {result.get('startup')}", flush=True)  # fmt: skip
+    for at, line in timeline:
+        print(f"      {at:7.2f} s  {line[:100]}", flush=True)
     return SideResult(
         wall_s=wall, tokens_per_s=tokens, first_step_s=result.get("first_step_s"),
         peak_memory_gib=result.get("peak_memory_gib"),
-        details={"speed": result.get("speed"), "startup": result.get("startup"), "steps": result.get("steps"),
+        details={"timeline": timeline, "speed": result.get("speed"), "startup": result.get("startup"),
+                 "steps": result.get("steps"),
                  "train_loss": result.get("train_loss"),
                  "seconds_in_train": result.get("seconds"), "counted_from_step": skip + 1, "windows": windows},
     )  # fmt: skip
@@ -255,13 +268,14 @@ def run_hf(spec: dict, work: Path, name: str) -> SideResult:
     spec = {**spec, "output_dir": str(work / name / "run"), "result": str(work / f"{name}.json"),
             "launched": time.time()}  # fmt: skip
     cmd = [sys.executable, str(Path(__file__).resolve()), "--hf-worker", json.dumps(spec)]
-    wall = run_logged(cmd, child_env(), work, name)
+    wall, timeline = run_logged(cmd, child_env(), work, name)
     figures = json.loads(Path(spec["result"]).read_text())
     shutil.rmtree(work / name, ignore_errors=True)
     print(f"    wall {wall:.1f} s, {number(figures['tokens_per_s'])} real tokens/s, first step "
           f"{figures['first_step_s']} s, peak {figures['peak_memory_gib']} GiB", flush=True)  # fmt: skip
     return SideResult(wall_s=wall, tokens_per_s=figures.pop("tokens_per_s"), first_step_s=figures.pop("first_step_s"),
-                      peak_memory_gib=figures.pop("peak_memory_gib"), details=figures)  # fmt: skip
+                      peak_memory_gib=figures.pop("peak_memory_gib"),
+                      details={**figures, "timeline": timeline})  # fmt: skip
 
 
 def hf_worker(spec: dict) -> None:

@@ -2,7 +2,9 @@
 
 Runs the real RL loop on SciQ prompts in the think/answer format: sampling G completions per
 prompt, rewards, old/reference log-probabilities and the inner optimizer steps; reports prompts/s
-and completions/s per step (median over the steps after the first) and the time spent sampling.
+and completions/s per step (median over the steps after the first) and where a step's time goes:
+sampling, rewards (decoding the texts included), the old and reference passes (packing included),
+the inner steps (flantune.rl records each phase between CUDA synchronizations).
 Random weights rarely emit EOS, so completions run to max_new_tokens: the figures are for the
 longest completions the setting allows. --decoders transformers,engine runs each case twice: the
 same command sampling with transformers' generate (the decoder it used before the engine;
@@ -57,7 +59,9 @@ def run_case(
         "shape": shape, "method": method, "decoder": decoder_name, "prompts_per_step": prompts, "group_size": group,
         "max_new_tokens": new_tokens, "prompts_per_s": med("prompts_per_s"),
         "completions_per_s": med("completions_per_s"), "step_seconds": med("step_seconds"),
-        "generate_seconds": med("generate_seconds"), "completion_tokens": med("completion_tokens"),
+        "generate_seconds": med("generate_seconds"), "rewards_seconds": med("rewards_seconds"),
+        "logprob_seconds": med("logprob_seconds"), "update_seconds": med("update_seconds"),
+        "completion_tokens": med("completion_tokens"),
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
     }  # fmt: skip

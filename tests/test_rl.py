@@ -221,6 +221,10 @@ def test_rl_beats_the_supervised_model_it_starts_from(sort_data, sft_run, monkey
                 "prompts_per_s", "completions_per_s", "lr"):  # fmt: skip
         assert key in steps[0], key
     assert [r["step"] for r in log if "eval_exact_match" in r] == [20, 40]
+    phases = ("generate_seconds", "rewards_seconds", "logprob_seconds", "update_seconds")
+    for r in steps:  # where each step went: every phase timed, together within the step's time
+        assert all(r[k] > 0 for k in phases), r
+        assert sum(r[k] for k in phases) <= r["step_seconds"], r
     assert any(r["kl"] > 0 for r in steps[1:])  # the policy moves away from the reference
     from transformers import AutoModelForSeq2SeqLM
 

@@ -496,13 +496,13 @@ def grpo_step(model, unwrapped, reference, rows, tokenizer, rewards, optimizer, 
     enc = tokenizer.pad({"input_ids": [row["input_ids"] for row in rows]}, return_tensors="pt").to(device)
 
     # -- sample G completions per prompt (the encoder runs once per prompt inside generate)
-    sample_start = time.perf_counter()
+    sample_start = _clock(device)
     with torch.no_grad(), accelerator.autocast():
         sequences = sample_groups(
             unwrapped, enc["input_ids"], enc["attention_mask"], group_size=G, first_row=first_prompt, seed=seed,
             max_new_tokens=max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
         )  # (b*G, 1 + T): decoder start token, then the completion  # fmt: skip
-    sample_seconds = time.perf_counter() - sample_start
+    rewards_start = _clock(device)
     completions = [decode(tokenizer, ids) for ids in sequences.tolist()]
     group_rows = [row for row in rows for _ in range(G)]
     totals, components = score_all(rewards, [p for p in prompts for _ in range(G)], completions, group_rows)
@@ -511,6 +511,7 @@ def grpo_step(model, unwrapped, reference, rows, tokenizer, rewards, optimizer, 
     mask = completion_mask(sequences, tokenizer.eos_token_id)  # (b*G, T)
     # Every process divides by the completion tokens of the whole step.
     n_tokens = accelerator.reduce(mask.sum(), "sum").clamp(min=1)
+    logprobs_start = _clock(device)
 
     # -- old (sampling) and reference log-probabilities, no gradients
     chunks = _chunks(len(prompts), max(1, cfg.micro_batch_size // G))
@@ -542,6 +543,7 @@ def grpo_step(model, unwrapped, reference, rows, tokenizer, rewards, optimizer, 
                 ref_lp = torch.cat([logprobs(ref_model, c) for c in range(len(chunks))])
 
     # -- inner optimizer steps on the clipped objective
+    update_start = _clock(device)
     sums = torch.zeros(3, device=device)  # loss, clipped tokens, KL (summed over tokens)
     first_norm = None
     for inner in range(cfg.inner_steps):
@@ -569,6 +571,7 @@ def grpo_step(model, unwrapped, reference, rows, tokenizer, rewards, optimizer, 
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+    update_end = _clock(device)
 
     # -- the step's statistics over every process (shares may differ in size: sums, not gathers)
     sums = accelerator.reduce(sums, "sum") / n_tokens
@@ -583,9 +586,22 @@ def grpo_step(model, unwrapped, reference, rows, tokenizer, rewards, optimizer, 
         "loss": sums[0].item(), "reward": mean, "reward_std": std,
         **{f"reward_{name}": value / count for name, value in zip(names, parts, strict=True)},
         "kl": sums[2].item(), "clip_fraction": sums[1].item(), "completion_tokens": float(n_tokens) / count,
-        "generate_seconds": sample_seconds, "prompts_per_process": shares,
+        # Where this process's step went (each phase ends at a CUDA synchronization, so it holds its
+        # GPU work): sampling; decoding the texts and the rewards; packing and the old and
+        # reference passes; the inner steps (new passes, backward, optimizer).
+        "generate_seconds": rewards_start - sample_start, "rewards_seconds": logprobs_start - rewards_start,
+        "logprob_seconds": update_start - logprobs_start, "update_seconds": update_end - update_start,
+        "prompts_per_process": shares,
         **({"grad_norm": first_norm} if first_norm is not None else {}),
     }  # fmt: skip
+
+
+def _clock(device: torch.device) -> float:
+    """The time once the device's queued work is done (a phase timed by two of these holds its GPU
+    work; one synchronization per phase, four per step)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def _chunks(n: int, size: int) -> list[tuple[int, int]]:

@@ -260,7 +260,28 @@ def use_compile_cache() -> str:
     from pathlib import Path
 
     default = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "flantune" / "inductor"
-    return os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(default))
+    folder = os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(default))
+    start_compile_workers()
+    return folder
+
+
+def start_compile_workers() -> None:
+    """Start inductor's compile worker processes now, so that they import torch and Triton while the
+    run loads its model and data. Inductor starts them at its first compilation and, until they
+    answer, compiles each Triton kernel in this process, one after the other: the first compiled
+    step's kernels then compile serially while the workers start. GPU only (the workers compile
+    Triton kernels); TORCHINDUCTOR_COMPILE_THREADS=1 or TORCH_WARM_POOL=0 keep them off, as in
+    inductor. A private API: a torch without it starts its workers as before."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return
+    try:
+        from torch._inductor.async_compile import maybe_warm_pool
+
+        maybe_warm_pool()
+    except Exception:  # another torch's layout, or no process pool allowed here: inductor's own start
+        return
 
 
 def unpacked_attention():
