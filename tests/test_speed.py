@@ -227,33 +227,3 @@ def test_unpacked_training_forwards_keep_sdpa_off_cudnn(bart_path):
     assert torch.backends.cuda.cudnn_sdp_enabled()  # restored after the forward
     assert model.model.encoder.layers[0].self_attn.q_proj.weight.grad is not None
 
-
-@pytest.mark.parametrize("cuda", [True, False])
-def test_the_compile_cache_starts_inductors_workers_on_a_gpu_only(monkeypatch, tmp_path, cuda):
-    """A run that compiles starts inductor's compile workers as it sets up (they import torch while
-    the model loads), and keeps its cache folder; without CUDA it starts nothing."""
-    import torch
-    import torch._inductor.async_compile as async_compile
-
-    from flantune import speed
-
-    started = []
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
-    monkeypatch.setattr(async_compile, "maybe_warm_pool", lambda: started.append(True))
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
-    assert speed.use_compile_cache() == str(tmp_path)
-    assert started == ([True] if cuda else [])
-
-
-def test_workers_that_cannot_start_leave_the_run_to_inductor(monkeypatch):
-    import torch
-    import torch._inductor.async_compile as async_compile
-
-    from flantune import speed
-
-    def refuse():
-        raise RuntimeError("Inductor async compile process pools are disabled in daemonic processes")
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(async_compile, "maybe_warm_pool", refuse)
-    speed.start_compile_workers()  # no error: inductor starts (or skips) its workers itself

@@ -255,27 +255,15 @@ def use_compile_cache() -> str:
     """Keep torch.compile's caches (inductor's FX graphs and AOTAutograd results, Triton kernels) in
     one stable folder, so that a second run of the same recipe compiles from cache: the user's
     TORCHINDUCTOR_CACHE_DIR when set, else $XDG_CACHE_HOME/flantune/inductor (~/.cache/...).
-    Inductor's own default is under /tmp, which many machines clear at reboot."""
+    Inductor's own default is under /tmp, which many machines clear at reboot. (Inductor starts its
+    compile workers at its first compilation; started here instead, with the set-up, their 16
+    imports of torch slowed the set-up by 5.7 s and the compilation did not get shorter:
+    docs/benchmarks.md, "Starting the compile workers early".)"""
     import os
     from pathlib import Path
 
     default = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "flantune" / "inductor"
-    folder = os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(default))
-    start_compile_workers()
-    return folder
-
-
-def start_compile_workers() -> None:
-    """Start inductor's compile worker processes now, so that they import torch and Triton while the
-    run loads its model and data. Inductor starts them at its first compilation and, until they
-    answer, compiles each Triton kernel in this process, one after the other: the first compiled
-    step's kernels then compile serially while the workers start. GPU only (the workers compile
-    Triton kernels); TORCHINDUCTOR_COMPILE_THREADS=1 or TORCH_WARM_POOL=0 keep them off, as in
-    inductor. A private API: a torch without it starts its workers as before."""
-    import torch
-
-    if not torch.cuda.is_available():
-        return
+    return os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(default))
     try:
         from torch._inductor.async_compile import maybe_warm_pool
 
