@@ -696,6 +696,41 @@ def test_graph_branch_when_the_encoder_pass_cannot_be_captured(setup, graphs_on_
     assert graphs_on_cpu.encoder == {"warm_up": 1, "record": 0}
 
 
+def test_graph_branch_replays_a_kept_step_of_longer_sources(setup, graphs_on_cpu):
+    """An eval's batches come longest first: a batch whose source bucket has no recorded step
+    replays the kept one of the smallest bucket up to SOURCE_REUSE times its own (the padding
+    positions masked out), with generate's ids; past that it records its own, and a longer batch
+    than any kept one records too."""
+    model, tokenizer, _ = setup
+    words = lambda n: " ".join(["word"] * n)  # noqa: E731  (one token per word, plus EOS)
+
+    def batch_of(*lengths):
+        return tokenizer([words(n) for n in lengths], return_tensors="pt", padding=True)
+
+    def check(batch):
+        ours = engine.generate(model, batch["input_ids"], batch["attention_mask"], max_new_tokens=MAX_NEW,
+                               graphs=True)  # fmt: skip
+        expected = model.generate(**batch, max_new_tokens=MAX_NEW, do_sample=False, num_beams=1)
+        assert torch.equal(ours.sequences, expected), (ours.sequences, expected)
+
+    def buckets():
+        return sorted(e.source_len for e in engine._GRAPHS.values())
+
+    check(batch_of(180, 150, 130))  # 3 rows (bucket 4), sources in bucket 192: recorded
+    assert buckets() == [192] and graphs_on_cpu["record"] == 1
+    check(batch_of(120, 100, 97))  # bucket 128: the step of 192 serves it
+    check(batch_of(110, 70, 65, 2))
+    assert buckets() == [192] and graphs_on_cpu["record"] == 1
+    check(batch_of(60, 10, 3))  # bucket 64: 192 is more than twice as long, so one of its own
+    assert buckets() == [64, 192] and graphs_on_cpu["record"] == 2
+    check(batch_of(120, 90, 80))  # bucket 128 again: the smallest kept step that serves it, 192's
+    assert graphs_on_cpu["record"] == 2
+    check(batch_of(100))  # one row: another row bucket, recorded
+    assert buckets() == [64, 128, 192] and graphs_on_cpu["record"] == 3
+    check(batch_of(250, 20, 5))  # longer than any kept step: recorded
+    assert buckets() == [64, 128, 192, 256] and graphs_on_cpu["record"] == 4
+
+
 def test_graph_branch_replays_one_step_for_every_cap_in_a_cache_bucket(setup, graphs_on_cpu):
     """Calls with other max_new_tokens in the same multiple of 64 (a server's requests, each with its
     own cap) replay the one step recorded for that cache size, each with generate's ids for its

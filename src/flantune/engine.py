@@ -41,7 +41,8 @@ captured too, per (model, row bucket, source bucket), at the second use of those
 (`_CapturedEncoder`; one that cannot be captured warns and runs eagerly). Rows are padded
 up to a batch-size bucket (1, 2, 4, ..., 128, then multiples of 128), sources up to a multiple of
 64 and the cache to a multiple of 64 new tokens, and the captured step is kept per (model, bucket,
-source bucket, cache bucket, dtype, compiled) for the next call (`clear_graphs()` frees them). The logits processors, the sampling and the beam bookkeeping
+source bucket, cache bucket, dtype, compiled) for the next call (`clear_graphs()` frees them); a
+batch of a source bucket without one replays a kept step of up to twice its sources (SOURCE_REUSE). The logits processors, the sampling and the beam bookkeeping
 stay eager. From COMPACT_FROM_ROWS rows, finished rows leave the batch at the stopping checks: the
 rest move, caches and all, to the kept decoder of a smaller bucket. Rows of several LoRA adapters in one batch are captured too when the caller hands their
 matrices gathered per row (`adapter_rows`, flantune.lora_rows); through PEFT's adapter names every
@@ -348,6 +349,13 @@ class _Decoder:
 WARMUP_STEPS = 2  # eager calls of the step before capture, as torch's CUDA-graph docs do
 GRAPHS_KEPT = 4  # captured steps kept for later calls (each holds its caches and a memory pool)
 SOURCE_MULTIPLE = 64  # sources are padded up to a multiple of this in the graph's cache key
+# A batch whose source bucket has no recorded step replays a kept one of up to this many times its
+# source bucket (the padding positions masked out) rather than record its own: an eval's length-
+# sorted batches pass through each bucket once, and a recording (warm-up steps, capture) cost
+# 85 ms each, 9 of them 0.77 of the 7.9 s of `flantune eval` on 1,000 SciQ rows (flan-t5-base,
+# float32, H200; docs/benchmarks.md). The longer step reads more cross-attention keys/values: at 32
+# rows and 512 positions, 1.2 GB in float32 against 0.6 at 256 (~0.13 ms a step at the H200's 4.8 TB/s).
+SOURCE_REUSE = 2
 # The self-attention cache of a captured step holds a multiple of this many positions, so that calls
 # with other max_new_tokens (a server's requests, each with its own cap) replay one recorded step
 # instead of recording one per cap. The slots past a call's own cap are never written nor attended
@@ -411,13 +419,18 @@ def _fingerprint(model) -> tuple:
     return model.training, tuple(sorted(adapters)), tuple(p.data_ptr() for p in model.parameters())
 
 
+def _belongs(entry, model, routing, fingerprint: tuple) -> bool:
+    """Whether a kept entry (a recorded step or encoder pass) was recorded for this model, its
+    parameters and adapter state (`fingerprint`) and its routing."""
+    return (entry.model_ref() is model and entry.fingerprint == fingerprint
+            and (routing is None or entry.routing_ref() is routing))  # fmt: skip
+
+
 def _kept(kept: OrderedDict, key: tuple, limit: int, model, routing, fingerprint: tuple, make: Callable):
-    """The entry kept under `key` (a recorded step or encoder pass) while it still belongs to this
-    model, its parameters and adapter state (`fingerprint`) and its routing; else a new one from
+    """The entry kept under `key` while it still `_belongs` to this model; else a new one from
     `make()`. Kept as the most recent, the oldest dropped past `limit`."""
     entry = kept.pop(key, None)
-    if (entry is None or entry.model_ref() is not model or entry.fingerprint != fingerprint
-            or (routing is not None and entry.routing_ref() is not routing)):  # fmt: skip
+    if entry is None or not _belongs(entry, model, routing, fingerprint):
         entry = None  # dropped first: its buffers and graph pool are freed before new ones are made
         entry = make()
     kept[key] = entry
@@ -477,7 +490,9 @@ class _GraphedDecoder:
         that fails raises RuntimeError and leaves this one as it was)."""
         model, n = self.decoder.model, keep.shape[0]
         hidden = self.encoder_hidden[: self.real].index_select(0, keep)  # (n, S', d)
-        new = _graphed_decoder(model, hidden, self.max_new_tokens, self.fingerprint, self.compiled, rows=bucket)
+        # The caches move row for row: the new bucket has this one's source length exactly.
+        new = _graphed_decoder(model, hidden, self.max_new_tokens, self.fingerprint, self.compiled, rows=bucket,
+                               wider=False)  # fmt: skip
         new.decoder.model, new.real, new.position = model, n, position
         new.encoder_hidden.zero_()
         new.encoder_hidden[:n].copy_(hidden)
@@ -544,10 +559,11 @@ class _GraphedDecoder:
 
 
 def _graphed_decoder(model, encoder_hidden: torch.Tensor, max_new_tokens: int, fingerprint: tuple,
-                     compiled: bool = False, routing=None, rows: int = 0) -> _GraphedDecoder:  # fmt: skip
+                     compiled: bool = False, routing=None, rows: int = 0, wider: bool = True) -> _GraphedDecoder:  # fmt: skip
     """The kept `_GraphedDecoder` for this model and shape bucket (a row bucket of at least `rows`),
-    or a new one (kept, the oldest dropped past GRAPHS_KEPT). Its cache holds max_new_tokens rounded
-    up to NEW_TOKEN_MULTIPLE.
+    or with `wider`, where this source bucket has none, the kept one of the smallest source bucket
+    up to SOURCE_REUSE times as long; else a new one (kept, the oldest dropped past GRAPHS_KEPT).
+    Its cache holds max_new_tokens rounded up to NEW_TOKEN_MULTIPLE.
     `routing`: the LoraRows the step gathers its rows' adapters through (a step recorded with it
     reads its tables and `rows` buffer, so it is kept apart from the plain step)."""
     n, source_len, width = encoder_hidden.shape
@@ -557,6 +573,11 @@ def _graphed_decoder(model, encoder_hidden: torch.Tensor, max_new_tokens: int, f
         -(-max_new_tokens // NEW_TOKEN_MULTIPLE) * NEW_TOKEN_MULTIPLE, encoder_hidden.dtype, autocast,
         encoder_hidden.device, compiled, None if routing is None else id(routing),
     )  # fmt: skip
+    if wider and not (key in _GRAPHS and _belongs(_GRAPHS[key], model, routing, fingerprint)):
+        longer = [k for k, entry in _GRAPHS.items()
+                  if k[:2] == key[:2] and k[3:] == key[3:] and key[2] < k[2] <= SOURCE_REUSE * key[2]
+                  and _belongs(entry, model, routing, fingerprint)]  # fmt: skip
+        key = min(longer, key=lambda k: k[2], default=key)
     return _kept(_GRAPHS, key, GRAPHS_KEPT, model, routing, fingerprint, lambda: _GraphedDecoder(
         model, key[1], key[2], width, key[3], encoder_hidden.dtype, encoder_hidden.device, fingerprint, compiled,
         routing))  # fmt: skip
