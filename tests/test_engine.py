@@ -1076,6 +1076,22 @@ def test_cuda_finished_rows_leave_the_captured_batch(cuda_path, monkeypatch):
 
 
 @pytest.mark.cuda
+@pytest.mark.filterwarnings("error:decoding engine. (step 1|the encoder pass|the packed encoder)")  # a capture that fell back fails
+def test_cuda_shorter_sources_replay_the_step_of_longer_ones(cuda_path):
+    """Under CUDA graphs, batches of shorter sources (bucket 128, then 64... past SOURCE_REUSE) after
+    a batch of bucket 192: the captured step of 192 serves the 128 batch with generate's ids (its
+    extra source positions masked out); the 64 batch records its own."""
+    words = lambda n: " ".join(["word"] * n)  # noqa: E731
+    model, tokenizer, _ = on_cuda(cuda_path, SOURCES)
+    for lengths, kept in (((180, 150, 130), [192]), ((120, 100, 97), [192]), ((60, 10, 3), [64, 192])):
+        batch = tokenizer([words(n) for n in lengths], return_tensors="pt", padding=True).to("cuda")
+        ours = run(model, batch).sequences
+        assert torch.equal(ours, reference(model, batch)), lengths
+        assert sorted(e.source_len for e in engine._GRAPHS.values()) == kept
+        assert all(e.graph is not None for e in engine._GRAPHS.values())
+
+
+@pytest.mark.cuda
 def test_cuda_another_batch_replays_the_kept_graph(cuda_path):
     """A second batch of another size in the same bucket (and longer sources in the same 64) replays
     the graph recorded for the first, with generate's output; the first batch again gives its own
