@@ -157,9 +157,11 @@ def test_the_captured_step_branch_on_cpu(t5, monkeypatch):
     source, then three (a bucket of 4: a padding row repeating the last), none for a join that
     comes back to a bucket."""
     model, tokenizer = t5
-    recorded = []
+    peft_model = two_adapters(model)
+    recorded, fused = [], []
 
     def record(fn, stream, pool=None):
+        fused.append(any("forward" in vars(m) for m in peft_model.modules()))
         output = fn().clone()
         # a step's logits (rows, V); a join's slot index (rows,)
         recorded.append(output.shape[0] if output.dim() == 2 else ("join", output.shape[0]))
@@ -169,10 +171,12 @@ def test_the_captured_step_branch_on_cpu(t5, monkeypatch):
     monkeypatch.setattr(continuous, "CAPTURE_JOINS", True)
     monkeypatch.setattr(continuous, "_warm_up", lambda fn, times: [fn() for _ in range(times)])
     monkeypatch.setattr(continuous, "_record", record)
-    peft_model = two_adapters(model)
     logits_of, ids_of = run_staggered(peft_model, tokenizer, MIXED_JOINS, 5, MIXED, gathered=True, graphs=True)
     check_each_row(peft_model, tokenizer, MIXED, logits_of, ids_of)
     assert recorded == [("join", 1), 2, ("join", 4), 6]
+    # Recorded with the fused norms and activations (flantune.engine.fused_layers), put back after.
+    t5_layers = model.config.model_type == "t5"  # BART has no T5 norms nor gelu_new: nothing to fuse
+    assert fused == [t5_layers] * 4 and not any("forward" in vars(m) for m in peft_model.modules())
     recorded.clear()
     logits_of, ids_of = run_staggered(peft_model, tokenizer, {0: 0, 1: 0, 2: 1, 3: 2}, 4, MIXED, gathered=True,
                                       graphs=True)  # fmt: skip

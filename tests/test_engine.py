@@ -696,6 +696,52 @@ def test_graph_branch_when_the_encoder_pass_cannot_be_captured(setup, graphs_on_
     assert graphs_on_cpu.encoder == {"warm_up": 1, "record": 0}
 
 
+def test_fused_layers_equal_transformers_forms(setup):
+    """T5's RMS norms and tanh-GELU as torch's fused kernels: the same logits as transformers' forms
+    (float32 within rounding; bfloat16 no farther from float32 than transformers' own bf16 forms),
+    and the modules as they were after the block. BART has neither: nothing is patched."""
+    model, tokenizer, batch = setup
+    labels = tokenizer(["yes", "no", "a b c", "d", "e f"], return_tensors="pt", padding=True).input_ids
+    forward = lambda m: m(**batch, labels=labels).logits  # noqa: E731
+    with torch.no_grad():
+        plain = forward(model)
+        with engine.fused_layers(model) as patched:
+            fused = forward(model)
+            norms = [m for m in model.modules() if type(m).__name__ == "T5LayerNorm"]
+            assert all("forward" in vars(m) for m in norms) and bool(norms) == patched
+        assert not any("forward" in vars(m) for m in model.modules())
+        assert patched == (model.config.model_type == "t5")
+        torch.testing.assert_close(fused, plain, atol=1e-5 * plain.abs().max().item(), rtol=0)
+        if not patched:
+            assert torch.equal(fused, plain)
+            return
+        half = copy.deepcopy(model).to(torch.bfloat16)
+        theirs = forward(half).float()
+        with engine.fused_layers(half):
+            ours = forward(half).float()
+        assert (ours - plain).abs().max() <= 2 * (theirs - plain).abs().max()
+        hooked = next(m for m in half.modules() if type(m).__name__ == "T5LayerNorm")
+        hooked.forward = lambda x: x  # an instance forward of its own (Accelerate's hooks set one)
+        with engine.fused_layers(half):
+            assert hooked.forward(torch.ones(1)) == 1
+        assert "forward" in vars(hooked)
+
+
+def test_the_graph_branch_decodes_with_fused_layers(setup, graphs_on_cpu, monkeypatch):
+    """Where steps are captured (CUDA; here the capture swapped for eager calls) `generate` runs
+    the fused layers, unless FUSED_LAYERS is off; kept recordings are told apart by it."""
+    model, _, batch = setup
+    seen = []
+    real = engine.fused_layers
+    monkeypatch.setattr(engine, "fused_layers", lambda m, enabled=True: seen.append(enabled) or real(m, enabled))
+    expected = model.generate(**batch, max_new_tokens=MAX_NEW, do_sample=False, num_beams=1)
+    assert torch.equal(run(model, batch, graphs=True).sequences, expected)
+    monkeypatch.setattr(engine, "FUSED_LAYERS", False)
+    assert torch.equal(run(model, batch, graphs=True).sequences, expected)
+    assert seen == [True, False]
+    assert graphs_on_cpu["record"] == 2  # the step recorded with the fused kernels is not replayed without
+
+
 def test_graph_branch_replays_a_kept_step_of_longer_sources(setup, graphs_on_cpu):
     """An eval's batches come longest first: a batch whose source bucket has no recorded step
     replays the kept one of the smallest bucket up to SOURCE_REUSE times its own (the padding

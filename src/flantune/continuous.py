@@ -36,7 +36,8 @@ import warnings
 import torch
 from torch import Tensor
 
-from flantune.engine import cross_projections
+from flantune import engine
+from flantune.engine import cross_projections, fused_layers
 from flantune.fast_t5 import relative_bucket
 from flantune.graphs import StaticSources
 from flantune.graphs import record as _record
@@ -177,9 +178,10 @@ class Slots:
         if entry.graph is None:
             if self._pool is None and torch.cuda.is_available():
                 self._pool = torch.cuda.graph_pool_handle()
-            try:
-                stream = _warm_up(lambda: self._encode(entry), WARMUP_STEPS)
-                entry.graph, _ = _record(lambda: self._encode(entry), stream, self._pool)
+            try:  # recorded with the fused norms and activations (flantune.engine.FUSED_LAYERS)
+                with fused_layers(self.model, engine.FUSED_LAYERS):
+                    stream = _warm_up(lambda: self._encode(entry), WARMUP_STEPS)
+                    entry.graph, _ = _record(lambda: self._encode(entry), stream, self._pool)
             except RuntimeError as e:  # an encoder whose forward cannot be captured: joins run eagerly
                 warnings.warn(f"continuous batching: the encoder pass could not be captured ({e}); "
                               "joining requests run it eagerly", stacklevel=2)  # fmt: skip
@@ -286,8 +288,9 @@ class Slots:
         if entry is None:
             if self._pool is None and torch.cuda.is_available():
                 self._pool = torch.cuda.graph_pool_handle()  # one pool for every bucket's graph
-            stream = _warm_up(lambda: self.step(bucket), WARMUP_STEPS)
-            entry = self._captured[bucket] = _record(lambda: self.step(bucket), stream, self._pool)
+            with fused_layers(self.model, engine.FUSED_LAYERS):  # as the engine's captured steps
+                stream = _warm_up(lambda: self.step(bucket), WARMUP_STEPS)
+                entry = self._captured[bucket] = _record(lambda: self.step(bucket), stream, self._pool)
         graph, logits = entry
         graph.replay()
         return logits[:rows]

@@ -805,6 +805,54 @@ ENGINE_MODEL_TYPES = frozenset({"t5", "mt5", "umt5", "bart"})
 _FALLBACK_SAID: set[str] = set()
 
 
+# On CUDA the decode step runs one kernel after another, each on tiny tensors (a flan-t5-base step is
+# ~870 operator calls for 2.67 ms at 32 rows on an H200 inside a CUDA graph: ~3 us each), so its time
+# follows the number of kernels. transformers' T5LayerNorm is 6 kernels (8 with its casts in 16-bit)
+# where torch's F.rms_norm is one fused kernel, and its "gelu_new" activation 8 where
+# F.gelu(approximate="tanh") is one, the same formula (computed in float32 inside the kernel): 37
+# norms and 12 activations a step, ~270 of the ~870 calls. During `generate` on CUDA those modules
+# run the fused forms (FUSED_LAYERS; FLANTUNE_FUSED_LAYERS=0 keeps transformers' forms); on the CPU
+# the engine keeps transformers' forms, whose ids the tests compare token for token.
+FUSED_LAYERS = os.environ.get("FLANTUNE_FUSED_LAYERS", "1") != "0"
+_RMS_NORMS = ("T5LayerNorm", "MT5LayerNorm", "UMT5LayerNorm", "LongT5LayerNorm")
+
+
+def _fused_rms_norm(self, hidden: torch.Tensor) -> torch.Tensor:
+    if hidden.dtype != self.weight.dtype:  # T5LayerNorm's own casts (float32 weights under autocast)
+        return type(self).forward(self, hidden)
+    return torch.nn.functional.rms_norm(hidden, (hidden.shape[-1],), self.weight, self.variance_epsilon)
+
+
+def _fused_gelu_tanh(self, hidden: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.gelu(hidden, approximate="tanh")
+
+
+@contextlib.contextmanager
+def fused_layers(model, enabled: bool = True):
+    """Within the block, `model`'s T5 RMS norms and tanh-GELU activations run torch's fused kernels
+    (an instance `forward`, removed after; a module that already has one, such as Accelerate's
+    offloading hooks give, is left alone)."""
+    from transformers.activations import NewGELUActivation
+
+    patched = []
+    if enabled:
+        for module in model.modules():
+            if "forward" in vars(module):
+                continue
+            if type(module).__name__ in _RMS_NORMS and hasattr(module, "variance_epsilon"):
+                module.forward = _fused_rms_norm.__get__(module)
+            elif type(module) is NewGELUActivation:
+                module.forward = _fused_gelu_tanh.__get__(module)
+            else:
+                continue
+            patched.append(module)
+    try:
+        yield bool(patched)
+    finally:
+        for module in patched:
+            del module.forward
+
+
 def supports(model) -> bool:
     """Whether the engine decodes this model itself (else `generate` falls back to transformers')."""
     return _base_model(model).config.model_type in ENGINE_MODEL_TYPES
@@ -1004,15 +1052,17 @@ def generate(
     # checking at every step.
     check_every = 8 if use_graphs else 1
 
-    # What a kept recording bakes in besides shapes (`_fingerprint`), read once per call.
-    fingerprint = _fingerprint(model) if use_graphs else None
+    # What a kept recording bakes in besides shapes (`_fingerprint`, and the fused layers' kernels),
+    # read once per call.
+    fused = FUSED_LAYERS and _can_capture(device)
+    fingerprint = (*_fingerprint(model), fused) if use_graphs else None
     source_rows, decoder_rows = None, contextlib.nullcontext()
     if routing is not None:
         source_rows = routing.indices(adapter_names, input_ids.device)  # (B,) each source's adapter index
         routing.rows.zero_()  # rows past the batch (a captured bucket's padding) run the base
         routing.rows[: input_ids.shape[0] * copies] = source_rows.repeat_interleave(copies)  # (N,)
         decoder_rows = routing.routed(model, routing.rows)  # the buffer a recorded step reads
-    with _adapter_rows(model, adapter_names if routing is None else None, copies):
+    with _adapter_rows(model, adapter_names if routing is None else None, copies), fused_layers(model, fused):
         # The encoder, once per source: (B, S, d_model), then (N, S, d_model) with N = B * copies.
         # Named ranges for torch.profiler (bench/generate_speed.py --profile-ttft reads them).
         with torch.profiler.record_function("flantune.engine.encoder"):
