@@ -30,6 +30,8 @@ Sides:
   first as for engine-compiled.
 - engine-padded: the engine with transformers' encoder over the padded sources
   (`flantune.engine.PACKED_ENCODER = "off"`).
+- engine-unfused: the engine with transformers' own T5 norms and activations
+  (`flantune.engine.FUSED_LAYERS = False`; the engine runs torch's fused kernels for them on CUDA).
 
 Cells (--cells): greedy-32 (batch 32 greedy), greedy-128 (batch 128 greedy), sample-16x8 (16 prompts
 x 8 samples: do_sample, temperature 1.0, top_p 1.0, top_k 0 so that no top-k cut applies,
@@ -95,7 +97,7 @@ import torch
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 MODELS = ("flan-t5-base", "flan-t5-large")
 SIDES = ("hf-default", "hf-static", "engine", "engine-compiled", "engine-packed", "engine-padded",
-         "engine-packed-compiled")
+         "engine-packed-compiled", "engine-unfused")
 # name -> (prompts per batch, generation settings other than the lengths)
 CELLS = {
     "greedy-32": (32, {"do_sample": False, "num_beams": 1}),
@@ -259,6 +261,17 @@ def padded_engine_side(model, batch: dict, settings: dict) -> torch.Tensor:
         engine.PACKED_ENCODER = before
 
 
+def unfused_engine_side(model, batch: dict, settings: dict) -> torch.Tensor:
+    """engine_side with transformers' own T5 norms and activations (flantune.engine.FUSED_LAYERS
+    off): what the fused kernels change, in the same run."""
+    engine = importlib.import_module("flantune.engine")
+    before, engine.FUSED_LAYERS = engine.FUSED_LAYERS, False
+    try:
+        return engine_side(model, batch, settings)
+    finally:
+        engine.FUSED_LAYERS = before
+
+
 # ---- timing -----------------------------------------------------------------------------------
 
 
@@ -368,7 +381,8 @@ def run_cell(model, sources, cell: str, args, device: str) -> dict:
                 importlib.import_module("flantune.engine").clear_graphs()
                 torch._dynamo.reset()
             else:
-                side = {"engine-padded": padded_engine_side, "engine-packed": packed_engine_side}.get(name, engine_side)
+                side = {"engine-padded": padded_engine_side, "engine-packed": packed_engine_side,
+                        "engine-unfused": unfused_engine_side}.get(name, engine_side)  # fmt: skip
                 engine = importlib.import_module("flantune.engine")
                 engine.clear_graphs()
                 # As in a fresh process: a block an earlier side compiled does not make this side packed.
@@ -394,7 +408,8 @@ def run_cell(model, sources, cell: str, args, device: str) -> dict:
     pairs = (("engine", "hf-default"), ("engine", "hf-static"), ("hf-static", "hf-default"),
              ("engine-compiled", "hf-default"), ("engine-compiled", "hf-static"), ("engine-compiled", "engine"), ("engine", "engine-padded"),
              ("engine-packed", "hf-default"), ("engine-packed", "engine-padded"),
-             ("engine-packed-compiled", "hf-default"), ("engine-packed-compiled", "engine-packed"))
+             ("engine-packed-compiled", "hf-default"), ("engine-packed-compiled", "engine-packed"),
+             ("engine", "engine-unfused"))
     result["ratios"] = {f"{a}/{b}": speed[a] / speed[b] for a, b in pairs if a in speed and b in speed}
     return result
 
