@@ -1,9 +1,9 @@
 """Throughput of one GRPO step (`flantune rl`) on random weights of a published FLAN-T5 shape.
 
 Runs the real RL loop on SciQ prompts in the think/answer format: sampling G completions per
-prompt, rewards, old/reference log-probabilities and the inner optimizer steps; reports prompts/s
+prompt, rewards, reference log-probabilities and the inner optimizer steps; reports prompts/s
 and completions/s per step (median over the steps after the first) and where a step's time goes:
-sampling, rewards (decoding the texts included), the old and reference passes (packing included),
+sampling, rewards (decoding the texts included), the reference pass (packing included),
 the inner steps (flantune.rl records each phase between CUDA synchronizations).
 Random weights rarely emit EOS, so completions run to max_new_tokens: the figures are for the
 longest completions the setting allows. --decoders transformers,engine runs each case twice: the

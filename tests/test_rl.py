@@ -213,6 +213,9 @@ def test_rl_beats_the_supervised_model_it_starts_from(sort_data, sft_run, monkey
     sft_em = sft_run.eval_metrics["eval_exact_match"]
     result = run_rl(sort_recipe(sort_data, sort_data / "run", "rl"))
     assert cudnn_on and not any(cudnn_on), cudnn_on
+    # Per step (one chunk of 8 prompts x 8): the reference pass and a new pass per inner step (2); the
+    # old log-probabilities are the first inner step's own, no pass of their own.
+    assert len(cudnn_on) == 40 * (1 + 2)
     rl_em = result.eval_metrics["eval_exact_match"]
     assert rl_em >= sft_em + 20, (sft_em, rl_em)  # measured: 9 → 44
     log = [json.loads(line) for line in (sort_data / "run" / "rl" / "metrics.jsonl").read_text().splitlines()]

@@ -12,7 +12,10 @@ completion with its decoder, so this loop is our own. One step:
 3. Score each completion with the recipe's rewards (a weighted sum); normalize the rewards within
    each group: A = (r - mean_group) / (std_group + 1e-4). A group never spans two processes.
 4. Per completion token, log-probabilities under the sampling policy (old), the reference policy
-   (the model RL starts from), and, with gradients, the current policy (new). The encoder runs once
+   (the model RL starts from), and, with gradients, the current policy (new). No optimizer step has
+   run between sampling and the first inner step, and there is no dropout, so the old values are
+   the first inner step's new ones, detached (no pass of their own; TRL does the same when it takes
+   one step per batch). The encoder runs once
    per prompt and its states are repeated for the group; or, with `rl.packing` (T5 family, on a
    GPU by default), on packed rows: each source once in an encoder row, its G completions side by
    side in the decoder row (`flantune.packing.pack_groups`, `flantune.fast_t5`), no padding.
@@ -513,7 +516,7 @@ def grpo_step(model, unwrapped, reference, rows, tokenizer, rewards, optimizer, 
     n_tokens = accelerator.reduce(mask.sum(), "sum").clamp(min=1)
     logprobs_start = _clock(device)
 
-    # -- old (sampling) and reference log-probabilities, no gradients
+    # -- reference log-probabilities, no gradients (the old ones come with the first inner step)
     chunks = _chunks(len(prompts), max(1, cfg.micro_batch_size // G))
     if packed is None:
 
@@ -522,7 +525,7 @@ def grpo_step(model, unwrapped, reference, rows, tokenizer, rewards, optimizer, 
                 return _logprobs(module, enc, sequences, *chunks[c], G)
 
     else:
-        # Packed once per step on the CPU: the old, reference and new passes read the same rows.
+        # Packed once per step on the CPU: the reference and new passes read the same rows.
         inner = accelerator.unwrap_model(packed)
         batches = _packed_chunks(rows, sequences, mask, chunks, G, tokenizer.pad_token_id,
                                  block=inner.attention == "flex", device=device)  # fmt: skip
@@ -531,13 +534,12 @@ def grpo_step(model, unwrapped, reference, rows, tokenizer, rewards, optimizer, 
             lo, hi = chunks[c]
             if module is packed:  # the new pass, through the module DDP wraps
                 values = module(batches[c])
-            else:  # old and reference passes: the plain policy or the frozen reference copy
+            else:  # the reference pass: the policy with the reference weights, or the frozen copy
                 values = packed_logprobs(module, batches[c], inner.attention, inner.block_fn)
             return to_grid(values, batches[c], (hi - lo) * G, mask.shape[1])
 
+    ref_lp = None
     with torch.no_grad(), accelerator.autocast():
-        old_lp = torch.cat([logprobs(unwrapped, c) for c in range(len(chunks))])
-        ref_lp = None
         if reference is not None:
             with reference.weights(unwrapped) as ref_model:
                 ref_lp = torch.cat([logprobs(ref_model, c) for c in range(len(chunks))])
@@ -546,6 +548,7 @@ def grpo_step(model, unwrapped, reference, rows, tokenizer, rewards, optimizer, 
     update_start = _clock(device)
     sums = torch.zeros(3, device=device)  # loss, clipped tokens, KL (summed over tokens)
     first_norm = None
+    old_lp = [None] * len(chunks)  # per chunk (chunk's b*G, T): the first inner step's, detached
     for inner in range(cfg.inner_steps):
         for c, (lo, hi) in enumerate(chunks):
             part = slice(lo * G, hi * G)
@@ -554,8 +557,10 @@ def grpo_step(model, unwrapped, reference, rows, tokenizer, rewards, optimizer, 
             with nullcontext() if c == len(chunks) - 1 else accelerator.no_sync(stepped):
                 with accelerator.autocast():
                     new_lp = logprobs(stepped, c)
+                if inner == 0:  # the sampling policy's weights still: its log-probabilities
+                    old_lp[c] = new_lp.detach()
                 loss_sum, stats = grpo_loss_sum(
-                    new_lp, old_lp[part], None if ref_lp is None else ref_lp[part], advantages[part],
+                    new_lp, old_lp[c], None if ref_lp is None else ref_lp[part], advantages[part],
                     mask[part], cfg.clip_eps, cfg.beta,
                 )  # fmt: skip
                 # DDP averages gradients over processes; scale so the result is the token mean.
@@ -587,8 +592,8 @@ def grpo_step(model, unwrapped, reference, rows, tokenizer, rewards, optimizer, 
         **{f"reward_{name}": value / count for name, value in zip(names, parts, strict=True)},
         "kl": sums[2].item(), "clip_fraction": sums[1].item(), "completion_tokens": float(n_tokens) / count,
         # Where this process's step went (each phase ends at a CUDA synchronization, so it holds its
-        # GPU work): sampling; decoding the texts and the rewards; packing and the old and
-        # reference passes; the inner steps (new passes, backward, optimizer).
+        # GPU work): sampling; decoding the texts and the rewards; packing and the reference
+        # pass; the inner steps (new passes, backward, optimizer).
         "generate_seconds": rewards_start - sample_start, "rewards_seconds": logprobs_start - rewards_start,
         "logprob_seconds": update_start - logprobs_start, "update_seconds": update_end - update_start,
         "prompts_per_process": shares,
