@@ -738,7 +738,7 @@ def test_the_graph_branch_decodes_with_fused_layers(setup, graphs_on_cpu, monkey
     assert torch.equal(run(model, batch, graphs=True).sequences, expected)
     monkeypatch.setattr(engine, "FUSED_LAYERS", False)
     assert torch.equal(run(model, batch, graphs=True).sequences, expected)
-    assert seen == [True, False]
+    assert seen == [True, True, False, False]  # the encoder's pass, then the decoder's steps
     assert graphs_on_cpu["record"] == 2  # the step recorded with the fused kernels is not replayed without
 
 

@@ -1063,20 +1063,23 @@ def generate(
         routing.rows.zero_()  # rows past the batch (a captured bucket's padding) run the base
         routing.rows[: input_ids.shape[0] * copies] = source_rows.repeat_interleave(copies)  # (N,)
         decoder_rows = routing.routed(model, routing.rows)  # the buffer a recorded step reads
-    with _adapter_rows(model, adapter_names if routing is None else None, copies), fused_layers(model, fused):
+    compiled = use_graphs and (COMPILE_STEP if compile_step is None else compile_step)
+    with _adapter_rows(model, adapter_names if routing is None else None, copies):
         # The encoder, once per source: (B, S, d_model), then (N, S, d_model) with N = B * copies.
         # Named ranges for torch.profiler (bench/generate_speed.py --profile-ttft reads them).
         with torch.profiler.record_function("flantune.engine.encoder"):
             packed = None if routing is not None else _packed_encoder_mode(
                 model, device, adapter_names is not None, input_ids.numel(), packed_encoder)
-            encoder_hidden = _encode(model, input_ids, attention_mask, source_rows, routing, fingerprint, packed)
+            # Compiled passes (the FlexAttention encoder, the compiled step) get their kernels fused by
+            # inductor: the fused layers are for the eager and captured ones.
+            with fused_layers(model, fused and packed != "flex"):
+                encoder_hidden = _encode(model, input_ids, attention_mask, source_rows, routing, fingerprint, packed)
         encoder_hidden = encoder_hidden.repeat_interleave(copies, dim=0)
         encoder_mask = attention_mask.repeat_interleave(copies, dim=0)
-        with decoder_rows:
+        with decoder_rows, fused_layers(model, fused and not compiled):
             # Everything the loop writes, allocated before it.
             with torch.profiler.record_function("flantune.engine.load"):  # cross-attention keys/values
                 if use_graphs:
-                    compiled = COMPILE_STEP if compile_step is None else compile_step
                     decoder = _graphed_decoder(model, encoder_hidden, max_new_tokens, fingerprint, compiled, routing)
                     decoder.load(model, encoder_hidden, encoder_mask, start_id)
                 else:
