@@ -729,16 +729,23 @@ def test_fused_layers_equal_transformers_forms(setup):
 
 def test_the_graph_branch_decodes_with_fused_layers(setup, graphs_on_cpu, monkeypatch):
     """Where steps are captured (CUDA; here the capture swapped for eager calls) `generate` runs
-    the fused layers, unless FUSED_LAYERS is off; kept recordings are told apart by it."""
+    the encoder and records the step with the fused layers (T5), unless FUSED_LAYERS is off or
+    the step is compiled (inductor fuses its own kernels); kept recordings are told apart by it."""
     model, _, batch = setup
+    t5 = model.config.model_type == "t5"
+    fused = lambda: any("forward" in vars(m) for m in model.modules())  # noqa: E731
     seen = []
-    real = engine.fused_layers
-    monkeypatch.setattr(engine, "fused_layers", lambda m, enabled=True: seen.append(enabled) or real(m, enabled))
+    for name in ("_encode", "_record"):
+        real = getattr(engine, name)
+        monkeypatch.setattr(engine, name, lambda *a, real=real, name=name, **k: seen.append((name, fused()))
+                            or real(*a, **k))  # fmt: skip
     expected = model.generate(**batch, max_new_tokens=MAX_NEW, do_sample=False, num_beams=1)
     assert torch.equal(run(model, batch, graphs=True).sequences, expected)
+    assert seen == [("_encode", t5), ("_record", t5)] and not fused()
+    seen.clear()
     monkeypatch.setattr(engine, "FUSED_LAYERS", False)
     assert torch.equal(run(model, batch, graphs=True).sequences, expected)
-    assert seen == [True, True, False, False]  # the encoder's pass, then the decoder's steps
+    assert seen == [("_encode", False), ("_record", False)]
     assert graphs_on_cpu["record"] == 2  # the step recorded with the fused kernels is not replayed without
 
 
@@ -827,6 +834,8 @@ def test_graph_branch_with_the_step_compiled(setup, graphs_on_cpu, monkeypatch):
     finally:
         torch._dynamo.reset()
     assert traced  # the step went through dynamo
+    # transformers' own norms in what was compiled (inductor fuses them; no fused layers for it)
+    assert not any("rms_norm" in str(g.graph) for g in traced)
     assert torch.equal(graphed, run(model, batch, graphs=False).sequences)
     assert graphs_on_cpu == {"warm_up": 1, "record": 1}
 

@@ -1064,19 +1064,22 @@ def generate(
         routing.rows[: input_ids.shape[0] * copies] = source_rows.repeat_interleave(copies)  # (N,)
         decoder_rows = routing.routed(model, routing.rows)  # the buffer a recorded step reads
     compiled = use_graphs and (COMPILE_STEP if compile_step is None else compile_step)
-    with _adapter_rows(model, adapter_names if routing is None else None, copies):
+    packed = None if routing is not None else _packed_encoder_mode(
+        model, device, adapter_names is not None, input_ids.numel(), packed_encoder)
+    # Compiled passes (the FlexAttention encoder, the compiled step) get their kernels fused by
+    # inductor: the fused layers are for the eager and captured ones. Patched once for the call where
+    # both parts take them (a walk over the model's modules: ~1 ms for flan-t5-base on the CPU).
+    fuse_encoder, fuse_decoder = fused and packed != "flex", fused and not compiled
+    with _adapter_rows(model, adapter_names if routing is None else None, copies), \
+            fused_layers(model, fuse_encoder and fuse_decoder):  # fmt: skip
         # The encoder, once per source: (B, S, d_model), then (N, S, d_model) with N = B * copies.
         # Named ranges for torch.profiler (bench/generate_speed.py --profile-ttft reads them).
-        with torch.profiler.record_function("flantune.engine.encoder"):
-            packed = None if routing is not None else _packed_encoder_mode(
-                model, device, adapter_names is not None, input_ids.numel(), packed_encoder)
-            # Compiled passes (the FlexAttention encoder, the compiled step) get their kernels fused by
-            # inductor: the fused layers are for the eager and captured ones.
-            with fused_layers(model, fused and packed != "flex"):
-                encoder_hidden = _encode(model, input_ids, attention_mask, source_rows, routing, fingerprint, packed)
+        with torch.profiler.record_function("flantune.engine.encoder"), \
+                fused_layers(model, fuse_encoder and not fuse_decoder):  # fmt: skip
+            encoder_hidden = _encode(model, input_ids, attention_mask, source_rows, routing, fingerprint, packed)
         encoder_hidden = encoder_hidden.repeat_interleave(copies, dim=0)
         encoder_mask = attention_mask.repeat_interleave(copies, dim=0)
-        with decoder_rows, fused_layers(model, fused and not compiled):
+        with decoder_rows, fused_layers(model, fuse_decoder and not fuse_encoder):
             # Everything the loop writes, allocated before it.
             with torch.profiler.record_function("flantune.engine.load"):  # cross-attention keys/values
                 if use_graphs:
@@ -1093,8 +1096,7 @@ def generate(
                         length_penalty=_length_penalty(gen, length_penalty),
                         early_stopping=early_stopping, check_every=check_every, stop=stop, on_step=on_step,
                     )  # fmt: skip
-                compact = (adapter_names is None and not getattr(decoder, "compiled", False)
-                           and _compactable(processors))  # fmt: skip
+                compact = adapter_names is None and not compiled and _compactable(processors)
                 return _one_token_per_step(
                     decoder, processors, rows=encoder_hidden.shape[0], max_new_tokens=max_new_tokens,
                     start_id=start_id, pad_id=pad_id, eos_ids=eos_ids, do_sample=do_sample, generator=generator,

@@ -258,18 +258,12 @@ def use_compile_cache() -> str:
     Inductor's own default is under /tmp, which many machines clear at reboot. (Inductor starts its
     compile workers at its first compilation; started here instead, with the set-up, their 16
     imports of torch slowed the set-up by 5.7 s and the compilation did not get shorter:
-    docs/benchmarks.md, "Starting the compile workers early".)"""
+    docs/benchmarks.md, "1,000 steps, both sides in one call; the compile workers started early".)"""
     import os
     from pathlib import Path
 
     default = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "flantune" / "inductor"
     return os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(default))
-    try:
-        from torch._inductor.async_compile import maybe_warm_pool
-
-        maybe_warm_pool()
-    except Exception:  # another torch's layout, or no process pool allowed here: inductor's own start
-        return
 
 
 def unpacked_attention():
