@@ -5,7 +5,9 @@ decoding with flantune's engine against the same command decoding with transform
 The model is a random-weight flan-t5-base (the published shape, from <shared>/assets, built as
 flantune's `init: random` builds it) saved as a model folder, evaluated as a user evaluates one:
 the sciq task with its support paragraph, sources cut at 512 tokens, the recipe's generation
-settings (greedy, max_new_tokens 32 unless --max-new-tokens), eval.batch_size 32, the first --rows
+settings (greedy, max_new_tokens 32 unless --max-new-tokens), eval.batch_size as the recipe's default
+("auto": flantune.decoding.auto_rows) unless a decoder is named with its own, e.g. `transformers:32`
+(the command as it ran before the engine, when eval.batch_size defaulted to 32), the first --rows
 rows of SciQ's validation file. Random weights rarely emit EOS, so outputs run to the cap: the wall
 time is for the longest outputs the setting allows. What is timed: run_eval from the call to its
 return (loading the model folder, tokenizing, generating, scoring, writing the report), per
@@ -13,6 +15,7 @@ decoder; each decoder runs once untimed first (CUDA context, kernels chosen, gra
 --repeats timed runs (median). The share of predictions equal between the two decoders is printed.
 
     PYTHONPATH=src python bench/eval_speed.py --shared ../shared --out eval.json [--rows 1000]
+        [--decoders transformers:32,transformers,engine]
         [--shape flan-t5-base] [--max-new-tokens 32] [--repeats 2] [--dtype bfloat16] [--profile]
 """
 
@@ -24,6 +27,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -115,7 +119,9 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1000)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--decoders", default="transformers,engine")
+    parser.add_argument("--decoders", default="transformers,engine",
+                        help="comma-separated, each a decoder of bench/_decoders.py with an optional :rows "
+                             "(eval.batch_size; none: the recipe's default)")
     parser.add_argument("--dtype", default="float32", help="flantune eval's --dtype (float32, bfloat16, float16)")
     parser.add_argument("--profile", action="store_true",
                         help="one more run per decoder with eval's parts timed between CUDA synchronizations "
@@ -130,19 +136,21 @@ def main() -> None:
             "data": {"task": "sciq", "task_options": {"include_support": True},
                      "test": {"path": str(shared / "data/sciq/valid.json"), "rows": f"0:{args.rows}"},
                      "max_source_tokens": 512, "max_target_tokens": 32, "overlong": "truncate"},
-            "eval": {"max_rows": args.rows, "batch_size": 32},
+            "eval": {"max_rows": args.rows},
             "generation": {"max_new_tokens": args.max_new_tokens, "num_beams": 1},
             "output_dir": str(Path(tmp) / "runs"),
         })  # fmt: skip
         results, predictions = {}, {}
         for name in args.decoders.split(","):
+            kind, _, rows = name.partition(":")
+            side = recipe if not rows else replace(recipe, eval=replace(recipe.eval, batch_size=int(rows)))
             times = []
             for i in range(1 + args.repeats):
                 out = Path(tmp) / f"eval-{name}-{i}"
-                with decoder(name):
+                with decoder(kind):
                     torch.cuda.synchronize() if torch.cuda.is_available() else None
                     start = time.perf_counter()
-                    report = run_eval(recipe, str(folder), out=out, dtype=args.dtype)
+                    report = run_eval(side, str(folder), out=out, dtype=args.dtype)
                     torch.cuda.synchronize() if torch.cuda.is_available() else None
                     seconds = time.perf_counter() - start
                 if i:
@@ -153,8 +161,8 @@ def main() -> None:
             wall = statistics.median(times)
             results[name] = {"wall_s": wall, "rows_per_s": report["rows"] / wall, "first_run_s": None}
             if args.profile:
-                with decoder(name):
-                    results[name]["parts_s"] = timed_parts(recipe, folder, Path(tmp) / f"eval-{name}-profile",
+                with decoder(kind):
+                    results[name]["parts_s"] = timed_parts(side, folder, Path(tmp) / f"eval-{name}-profile",
                                                            args.dtype)
                 print(f"{name} parts: {json.dumps(results[name]['parts_s'])}", flush=True)
         names = list(results)
@@ -163,12 +171,15 @@ def main() -> None:
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
             "torch": torch.__version__, "results": results,
         }  # fmt: skip
-        if len(names) == 2:
-            a, b = predictions[names[0]], predictions[names[1]]
-            summary["equal_predictions"] = sum(x == y for x, y in zip(a, b, strict=True)) / len(a)
-            summary["ratio_engine_over_transformers"] = results["transformers"]["wall_s"] / results["engine"]["wall_s"]
-            print(f"engine vs transformers: {summary['ratio_engine_over_transformers']:.2f}x faster wall time; "
-                  f"equal predictions {summary['equal_predictions']:.3f}")  # fmt: skip
+        # Each decoder against the last one named (the engine, as the default order puts it).
+        last = names[-1]
+        summary["ratios_over_last"], summary["equal_predictions"] = {}, {}
+        for name in names[:-1]:
+            a, b = predictions[name], predictions[last]
+            equal = sum(x == y for x, y in zip(a, b, strict=True)) / len(a)
+            ratio = results[name]["wall_s"] / results[last]["wall_s"]
+            summary["ratios_over_last"][name], summary["equal_predictions"][name] = ratio, equal
+            print(f"{last} vs {name}: {ratio:.2f}x faster wall time; equal predictions {equal:.3f}")
     Path(args.out).write_text(json.dumps(summary, indent=2))
 
 

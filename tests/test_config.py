@@ -79,6 +79,9 @@ def test_unknown_key_names_its_path_and_suggests():
         ("train", {"batch_size": 8.5}, "train.batch_size: expected an integer, got number 8.5"),
         ("train", {"batch_size": True}, "train.batch_size: expected an integer, got boolean True"),
         ("train", {"lr": "fast"}, "train.lr: expected a number, got string 'fast'"),
+        ("eval", {"batch_size": "big"}, "eval.batch_size: expected an integer or one of 'auto', got string 'big'"),
+        ("eval", {"batch_size": 0}, "eval.batch_size: must be at least 1 or auto, got 0"),
+        ("eval", {"max_rows": 0}, "eval.max_rows: must be at least 1 or null, got 0"),
         ("train", {"gradient_checkpointing": "yes"}, "train.gradient_checkpointing: expected true or false"),
         (
             "model",

@@ -313,3 +313,39 @@ def test_sampled_groups_on_the_gpu_through_the_compiled_step(tmp_path, t5_small_
         torch._dynamo.reset()
         engine.clear_graphs()
     assert torch.equal(compiled, eager), (compiled, eager)
+
+
+def test_auto_rows_fill_a_share_of_free_gpu_memory(monkeypatch, t5_small_path, bart_path):
+    """batch_size "auto": 32 on the CPU; on a GPU the largest power of two whose caches fit a quarter
+    of the free memory, at most 128 (the device is mocked: the rows are a function of the numbers)."""
+    from flantune import decoding
+
+    for asset in (t5_small_path, bart_path):
+        model = AutoModelForSeq2SeqLM.from_config(tiny_config(asset))
+        assert decoding.auto_rows(model, 512, 32) == decoding.AUTO_ROWS_CPU
+        config = model.config
+        heads, head_dim = 2, 16
+        layers = 2
+        # One row's engine caches at 512 sources and 64 cache slots (32 new tokens, rounded up), float32.
+        cache = layers * 2 * heads * head_dim * (512 + 64) * 4
+        free = {"bytes": 0}
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free["bytes"], 10 * free["bytes"]))
+        monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)
+        monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 0)
+        free["bytes"] = 10**12
+        assert decoding.auto_rows(model, 512, 32, device="cuda") == decoding.AUTO_ROWS_CAP
+        per_row_least = 2 * cache + config.vocab_size * 16  # the caches twice and the float32 scores
+        free["bytes"] = 4 * 10 * per_row_least  # a quarter holds fewer than 10 rows
+        rows = decoding.auto_rows(model, 512, 32, device="cuda")
+        assert rows in (1, 2, 4, 8) and rows * per_row_least <= free["bytes"] / 4
+        assert decoding.auto_rows(model, 512, 32, num_beams=4, device="cuda") <= max(rows // 4, 1)
+        free["bytes"] = 1
+        assert decoding.auto_rows(model, 512, 32, device="cuda") == 1
+
+
+def test_auto_batches_equal_fixed_batches(model_dir):
+    model, tokenizer = load_for_generation(str(model_dir))
+    cfg = GenerationConfig(max_new_tokens=6)
+    assert generate_texts(model, tokenizer, SOURCES, cfg, batch_size="auto") == generate_texts(
+        model, tokenizer, SOURCES, cfg, batch_size=1
+    )

@@ -10,6 +10,7 @@ new tokens would cut answers silently.
 
     generate_outputs batched generation with the recipe's options, label restriction, stop hooks
     generate_texts   the same, texts only
+    auto_rows        rows per batch for batch_size "auto": what the engine's caches fit on the GPU
     sample_groups    G sampled completions per prompt, each row's randomness keyed by its own id
     decode           generated ids → text, keeping added task tokens such as <think>
     LabelTrie        decoding restricted to a task's label strings
@@ -94,6 +95,46 @@ def generate_texts(model, tokenizer, sources: list[str], cfg: GenerationConfig, 
     return [out.text for out in generate_outputs(model, tokenizer, sources, cfg, **options)]
 
 
+AUTO_ROWS_CAP = 128  # the largest power-of-two bucket of the engine's recorded steps
+AUTO_ROWS_CPU = 32
+AUTO_MEMORY_SHARE = 0.25  # of the device memory free (and reserved by torch but unused) at the call
+
+
+def auto_rows(model, source_tokens: int, max_new_tokens: int, num_beams: int = 1,
+              device: torch.device | str | None = None) -> int:  # fmt: skip
+    """Sources per batch under batch_size "auto". On a GPU a decode step is launch-bound: flan-t5-base
+    takes 1.9 ms a step at 32 rows and 3.2 ms at 128 (bf16, H200, docs/benchmarks.md), so fewer,
+    larger batches decode the same rows in fewer steps. The rows are the largest power of two up to
+    AUTO_ROWS_CAP whose engine caches (cross-attention keys/values of `source_tokens` positions,
+    self-attention of the cache's new-token bucket, per decoder layer) and per-row working memory
+    (the encoder's activations and attention scores, the float32 scores of the vocabulary) take at
+    most AUTO_MEMORY_SHARE of the free device memory, counted twice (the engine keeps recorded
+    steps with their caches for later batches). On a CPU, where a step's cost grows with its rows,
+    AUTO_ROWS_CPU."""
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    if device.type != "cuda":
+        return AUTO_ROWS_CPU
+    config = engine._base_model(model).config
+    heads, head_dim = engine._decoder_head_shape(config)
+    layers = getattr(config, "num_decoder_layers", None) or getattr(config, "decoder_layers", None) or 12
+    d_model = getattr(config, "d_model", None) or heads * head_dim
+    d_ff = getattr(config, "d_ff", None) or getattr(config, "encoder_ffn_dim", None) or 4 * d_model
+    width = getattr(config, "encoder_attention_heads", None) or getattr(config, "num_heads", None) or heads
+    size = next(model.parameters()).element_size()
+    cache = -(-max_new_tokens // engine.NEW_TOKEN_MULTIPLE) * engine.NEW_TOKEN_MULTIPLE
+    decoder = num_beams * layers * 2 * heads * head_dim * (source_tokens + cache) * size
+    encoder = source_tokens * (d_ff + 4 * d_model) * size + width * source_tokens * source_tokens * 4
+    scores = num_beams * config.vocab_size * 4 * 4
+    per_row = 2 * decoder + encoder + scores
+    free, _ = torch.cuda.mem_get_info(device)
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    fits = int(AUTO_MEMORY_SHARE * free // max(per_row, 1))
+    rows = 1
+    while rows * 2 <= min(fits, AUTO_ROWS_CAP):
+        rows *= 2
+    return rows
+
+
 @torch.no_grad()
 def generate_outputs(
     model,
@@ -101,7 +142,7 @@ def generate_outputs(
     sources: list[str],
     cfg: GenerationConfig,
     *,
-    batch_size: int = 32,
+    batch_size: int | str = 32,
     max_source_tokens: int | None = None,
     device: torch.device | str | None = None,
     labels: list[str] | None = None,
@@ -114,6 +155,7 @@ def generate_outputs(
 ) -> list[Output]:
     """Generate one output per source; the result is in the order of `sources`.
 
+    `batch_size`: sources per batch, or "auto" (`auto_rows` for the longest source).
     With `labels`, decoding can only produce one of those strings (classification tasks).
     `adapter_names` (one per source) picks the LoRA adapter that answers each row, "__base__" for
     the base model: PEFT's mixed-adapter batches, so rows of several adapters share a batch;
@@ -141,6 +183,8 @@ def generate_outputs(
         "input_ids"
     ]
     order = sorted(range(len(sources)), key=lambda i: len(encoded[i]), reverse=True)
+    if batch_size == "auto":
+        batch_size = auto_rows(model, len(encoded[order[0]]), cfg.max_new_tokens, cfg.num_beams, device)
     outputs: list[Output | None] = [None] * len(sources)
     kwargs = generation_kwargs(cfg)
     if labels:

@@ -106,7 +106,7 @@ def evaluate_in_run(model, tokenizer, split, recipe, collator, accelerator) -> d
     device = accelerator.device
     loss_sum, tokens = 0.0, 0
     columns = split.dataset.select_columns(MODEL_COLUMNS)
-    size = recipe.eval.batch_size
+    size = 32 if recipe.eval.batch_size == "auto" else recipe.eval.batch_size  # logits (B, T, V) in float32
     for start in range(0, len(columns), size):
         batch = collator([columns[i] for i in range(start, min(start + size, len(columns)))])
         batch = {k: v.to(device) for k, v in batch.items()}
