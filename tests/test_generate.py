@@ -320,6 +320,10 @@ def test_auto_rows_fill_a_share_of_free_gpu_memory(monkeypatch, t5_small_path, b
     of the free memory, at most 128 (the device is mocked: the rows are a function of the numbers)."""
     from flantune import decoding
 
+    free = {"bytes": 0}
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free["bytes"], 10 * free["bytes"]))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 0)
     for asset in (t5_small_path, bart_path):
         model = AutoModelForSeq2SeqLM.from_config(tiny_config(asset))
         assert decoding.auto_rows(model, 512, 32) == decoding.AUTO_ROWS_CPU
@@ -328,10 +332,6 @@ def test_auto_rows_fill_a_share_of_free_gpu_memory(monkeypatch, t5_small_path, b
         layers = 2
         # One row's engine caches at 512 sources and 64 cache slots (32 new tokens, rounded up), float32.
         cache = layers * 2 * heads * head_dim * (512 + 64) * 4
-        free = {"bytes": 0}
-        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free["bytes"], 10 * free["bytes"]))
-        monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)
-        monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 0)
         free["bytes"] = 10**12
         assert decoding.auto_rows(model, 512, 32, device="cuda") == decoding.AUTO_ROWS_CAP
         per_row_least = 2 * cache + config.vocab_size * 16  # the caches twice and the float32 scores
