@@ -8,10 +8,7 @@ the inner steps (flantune.rl records each phase between CUDA synchronizations).
 Random weights rarely emit EOS, so completions run to max_new_tokens: the figures are for the
 longest completions the setting allows. --decoders transformers,engine runs each case twice: the
 same command sampling with transformers' generate (the decoder it used before the engine;
-bench/_decoders.py) and with flantune's engine, and prints the ratio of prompts/s. The decoder
-`engine-policy` is the engine sampling from the policy itself (rl.sampling_copy=false) instead of
-the merged copy that auto makes on a GPU (flantune.rollout): --decoders engine-policy,engine is that
-A/B.
+bench/_decoders.py) and with flantune's engine, and prints the ratio of prompts/s.
 
     python bench/rl_step.py --shared ../shared --out rl.json [--shape flan-t5-base] [--steps 6]
         [--methods lora,full] [--decoders engine] [--separate]
@@ -49,12 +46,11 @@ def run_case(
                      "max_source_tokens": 256, "max_target_tokens": 96, "overlong": "truncate"},
             "rl": {"seed": 0, "precision": "auto", "max_steps": steps, "prompts_per_step": prompts, "group_size": group, "inner_steps": 2,
                    "lr": 1e-5, "beta": 0.04, "max_new_tokens": new_tokens, "eval_every": None, "save_every": None,
-                   "rewards": [{"name": "correct"}, {"name": "format", "weight": 0.2}],
-                   "sampling_copy": False if decoder_name == "engine-policy" else "auto"},
+                   "rewards": [{"name": "correct"}, {"name": "format", "weight": 0.2}]},
             "output_dir": out,
         })  # fmt: skip
         torch.cuda.reset_peak_memory_stats() if torch.cuda.is_available() else None
-        with decoder(decoder_name.removesuffix("-policy")):
+        with decoder(decoder_name):
             run_rl(recipe)
         log = [json.loads(x) for x in (Path(out) / "rl" / "metrics.jsonl").read_text().splitlines()]
     steps_log = [r for r in log if "reward" in r][1:]  # the first step includes warm-up
@@ -95,7 +91,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--group", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--decoders", default="engine", help="engine, engine-policy, engine-compiled, transformers (comma-separated)")
+    parser.add_argument("--decoders", default="engine", help="engine, engine-compiled, transformers (comma-separated)")
     parser.add_argument("--separate", action="store_true",
                         help="each (method, decoder) case in a process of its own: no case finds what an "
                              "earlier one compiled (dynamo's caches, the training passes' recompilations)")
@@ -112,12 +108,6 @@ def main() -> None:
             print(json.dumps(r), flush=True)
             results.append(r)
             by_decoder[name] = r
-        if {"engine", "engine-policy"} <= set(by_decoder):
-            a, b = by_decoder["engine"], by_decoder["engine-policy"]
-            print(f"{method}: sampling from the merged copy {a['prompts_per_s']:.1f} prompts/s "
-                  f"(sampling {a['generate_seconds']:.3f} s), from the policy {b['prompts_per_s']:.1f} "
-                  f"(sampling {b['generate_seconds']:.3f} s): {a['prompts_per_s'] / b['prompts_per_s']:.2f}x",
-                  flush=True)  # fmt: skip
         if {"engine", "transformers"} <= set(by_decoder):
             ratio = by_decoder["engine"]["prompts_per_s"] / by_decoder["transformers"]["prompts_per_s"]
             print(f"{method}: engine {by_decoder['engine']['prompts_per_s']:.1f} prompts/s, transformers "

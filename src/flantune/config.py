@@ -583,11 +583,6 @@ class RLConfig:
     source once in an encoder row, its completions side by side in the decoder row, no padding.
     auto: on a GPU (FlexAttention) for T5-family models with full/lora/qlora/ia3, not under FSDP;
     true on a CPU runs eager attention (the reference path)."""
-    sampling_copy: bool | Literal["auto"] = "auto"
-    """Sample the completions from a copy of the policy in the compute dtype (bf16 under bf16
-    precision) with LoRA merged in, written again after each optimizer step (flantune.rollout):
-    no per-step casts of float32 weights, no LoRA kernels in the decode step. auto: on a GPU, for
-    full fine-tuning and LoRA without DoRA, when the copy takes at most half the free memory."""
     report_to: list[str] | str = field(default_factory=list)
     """Experiment trackers that also get rl/metrics.jsonl's numbers, as train.report_to (TensorBoard
     under rl/tensorboard/)."""

@@ -49,7 +49,6 @@ from pathlib import Path
 import torch
 
 from flantune import checkpoint as ckpt
-from flantune import rollout
 from flantune.config import Recipe, dump_recipe, recipe_to_dict
 from flantune.data import load_splits, make_collator, split_summary
 from flantune.decoding import decode, sample_groups
@@ -381,10 +380,6 @@ def grpo_run(recipe: Recipe, run, console) -> RLResult:
     if path and main:
         for line in [*notices, f"resumed from {path} (step {state.step})"]:
             console.print(line, highlight=False, markup=False)
-    # Built from the policy's loaded (or resumed) weights; refreshed at each step before sampling.
-    sampling, said = sampling_copy(unwrapped, cfg.sampling_copy, accelerator)
-    if main:
-        console.print(said, highlight=False, markup=False)
     # Trackers file RL runs beside their SFT run's: the project is output_dir's name with -rl.
     log = run.open_log(state.step if cfg.resume else None, project=f"{Path(recipe.output_dir).resolve().name}-rl",
                        config=tracker_config(recipe_to_dict(recipe)))  # fmt: skip
@@ -427,7 +422,7 @@ def grpo_run(recipe: Recipe, run, console) -> RLResult:
             stats = grpo_step(
                 model, unwrapped, reference, rows, tokenizer, rewards, optimizer, scheduler, accelerator,
                 params, cfg, seed=cfg.seed * 1_000_003 + state.step, first_prompt=first,
-                max_new_tokens=max_new_tokens, packed=packed, sampling=sampling,
+                max_new_tokens=max_new_tokens, packed=packed,
             )  # fmt: skip
             state.step += 1
             seconds = time.perf_counter() - step_start
@@ -477,37 +472,6 @@ def grpo_run(recipe: Recipe, run, console) -> RLResult:
     return RLResult(out, final_dir, state.step, time.perf_counter() - started, last_eval, unwrapped)
 
 
-def sampling_copy(policy, setting: bool | str, accelerator) -> tuple[rollout.SamplingCopy | None, str]:
-    """(the merged copy RL samples from or None, the line that says which) for rl.sampling_copy.
-    The copy's dtype is the one the policy computes in: the autocast dtype under mixed precision."""
-    device = accelerator.device
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
-        str(accelerator.mixed_precision), next(policy.parameters()).dtype
-    )
-    free = None
-    if device.type == "cuda":
-        unused = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # torch's, reusable
-        free = torch.cuda.mem_get_info(device)[0] + unused
-    try:
-        why = rollout.plan(setting, device_type=device.type, reason=rollout.unsupported(policy),
-                           needed=rollout.copy_bytes(policy, dtype), free=free)  # fmt: skip
-    except ValueError as e:  # an explicit true that cannot be honoured
-        raise TrainingError(str(e)) from None
-    if why is None:
-        try:
-            copy = rollout.SamplingCopy(policy, dtype, device)
-        except ValueError as e:  # a parameter of a kind the copy does not know
-            if setting is True:
-                raise TrainingError(f"rl.sampling_copy=true: {e}; set it to auto or false") from None
-            why = str(e)
-    if why is not None:
-        return None, f"rl: completions sampled from the policy itself: {why}"
-    name = str(dtype).removeprefix("torch.")
-    merged = ", LoRA merged," if copy.merged else ""
-    return copy, (f"rl: completions sampled from a {name} copy of the policy{merged} written after each "
-                  f"optimizer step ({copy.nbytes() / 2**30:.2f} GiB)")  # fmt: skip
-
-
 def next_prompts(sampler: EpochSampler, state: ckpt.TrainState, count: int) -> list[int]:
     """The next `count` row indices, continuing across epochs; the position is part of `state`."""
     chosen = []
@@ -524,24 +488,21 @@ def next_prompts(sampler: EpochSampler, state: ckpt.TrainState, count: int) -> l
 
 def grpo_step(model, unwrapped, reference, rows, tokenizer, rewards, optimizer, scheduler, accelerator,
               params, cfg, *, seed: int, first_prompt: int, max_new_tokens: int,
-              packed=None, sampling: rollout.SamplingCopy | None = None) -> dict[str, float]:  # fmt: skip
+              packed=None) -> dict[str, float]:  # fmt: skip
     """Sample, score and update on this process's prompts `rows` (numbered from `first_prompt`
     among the step's prompts); returns the step's statistics over every process.
 
     packed: the (prepared) `PackedLogprobs` of the policy: log-probabilities on packed rows; None:
-    transformers' forward (`_logprobs`). sampling: the merged copy the completions are sampled
-    from (flantune.rollout), written from the policy first; None: the policy itself."""
+    transformers' forward (`_logprobs`)."""
     device, G = accelerator.device, cfg.group_size
     prompts = [row["source"] for row in rows]
     enc = tokenizer.pad({"input_ids": [row["input_ids"] for row in rows]}, return_tensors="pt").to(device)
 
     # -- sample G completions per prompt (the encoder runs once per prompt inside generate)
     sample_start = _clock(device)
-    if sampling is not None:
-        sampling.refresh()  # the weights of the last optimizer step
     with torch.no_grad(), accelerator.autocast():
         sequences = sample_groups(
-            unwrapped if sampling is None else sampling.model, enc["input_ids"], enc["attention_mask"], group_size=G, first_row=first_prompt, seed=seed,
+            unwrapped, enc["input_ids"], enc["attention_mask"], group_size=G, first_row=first_prompt, seed=seed,
             max_new_tokens=max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
         )  # (b*G, 1 + T): decoder start token, then the completion  # fmt: skip
     rewards_start = _clock(device)
