@@ -186,6 +186,82 @@ def test_which_processors_let_rows_leave_the_batch(setup):
     assert not engine._compactable(engine.logits_processors(model, max_new_tokens=4, extra=[Custom()]))
 
 
+@pytest.mark.parametrize("count", [1, 3])
+@pytest.mark.parametrize("seeded", [True, False], ids=["generator", "global-rng"])
+def test_draw_is_torch_multinomials_draw(count, seeded):
+    """engine.draw takes torch.multinomial's draw without its host-device synchronizations: the
+    same indices from the same random numbers, the random state left where multinomial leaves it,
+    never a token of probability 0 (top-k / top-p filtered)."""
+    probs = torch.softmax(torch.randn(64, 300) * 3, dim=-1)
+    probs[:, ::2] = 0.0  # filtered tokens
+    if seeded:
+        ours, theirs = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+        drawn, expected = engine.draw(probs, count, ours), torch.multinomial(probs, count, generator=theirs)
+        assert torch.equal(ours.get_state(), theirs.get_state())
+    else:
+        torch.manual_seed(3)
+        drawn = engine.draw(probs, count)
+        after = torch.get_rng_state()
+        torch.manual_seed(3)
+        expected = torch.multinomial(probs, count)
+        assert torch.equal(after, torch.get_rng_state())
+    assert torch.equal(drawn, expected)
+    assert (probs.gather(1, drawn) > 0).all()
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"temperature": 2.0, "top_k": 20}, {"temperature": 1.5, "top_k": 0, "top_p": 0.9},
+     {"temperature": 2.0, "top_k": 0, "num_return_sequences": 3}],
+    ids=["top-k", "top-p", "copies"],
+)  # fmt: skip
+def test_sampling_equals_generates_sampling_under_the_same_seed(setup, options):
+    """Sampled ids token for token equal to transformers' generate from the same global seed: the
+    same processors in the same order, one draw a step from the same random numbers."""
+    model, _, batch = setup
+    torch.manual_seed(0)
+    expected = reference(model, batch, do_sample=True, **options)
+    torch.manual_seed(0)
+    assert torch.equal(run(model, batch, do_sample=True, **options).sequences, expected)
+
+
+def test_a_processor_that_decides_is_not_drawn_from_again(setup, monkeypatch):
+    """KeyedSampling leaves one token a row (`decides`): the engine takes it by argmax, no softmax
+    and draw over the vocabulary a step, and the completions are those its keys choose; sampling
+    with an ordinary last processor still draws."""
+    from flantune.decoding import KeyedSampling, row_keys
+
+    model, _, batch = setup
+    rows = torch.arange(len(SOURCES) * 2)
+    keyed = KeyedSampling(row_keys(7, rows), temperature=0.8, top_k=20)
+    options = dict(do_sample=True, num_return_sequences=2, logits_processor=[keyed], return_logprobs=True)
+    drawn = run(model, batch, **options)
+    calls = []
+    real = engine.draw
+    monkeypatch.setattr(engine, "draw", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(KeyedSampling, "decides", False)
+    assert torch.equal(run(model, batch, **options).sequences, drawn.sequences) and calls  # drawn: the same
+    monkeypatch.setattr(KeyedSampling, "decides", True)
+    calls.clear()
+    taken = run(model, batch, **options)
+    assert not calls
+    assert torch.equal(taken.sequences, drawn.sequences)
+    torch.testing.assert_close(taken.logprobs, drawn.logprobs, atol=0, rtol=0)
+
+@pytest.mark.cuda
+def test_cuda_draw_does_not_synchronize():
+    """On a GPU torch.multinomial synchronizes with the host (its input checks); engine.draw does not."""
+    probs = torch.softmax(torch.randn(128, 32128, device="cuda"), dim=-1)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        engine.draw(probs, 1)
+        engine.draw(probs, 4)
+        with pytest.raises(RuntimeError, match="synchroniz"):
+            torch.multinomial(probs, 1)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
 def test_greedy_with_a_lora_adapter(setup):
     from peft import LoraConfig, get_peft_model
 

@@ -256,8 +256,10 @@ class KeyedSampling:
     and top-p (nucleus) filtering, Gumbel noise by row key, and the argmax made the only token left.
 
     The engine's sampling (which expands the encoder output for `num_return_sequences`, where greedy
-    decoding refuses several sequences) then draws that one token whatever its own RNG says.
+    decoding refuses several sequences) takes that one token: `decides` tells it the draw is made.
     """
+
+    decides = True
 
     def __init__(self, keys: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0):
         from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper

@@ -967,8 +967,8 @@ def generate(
 ) -> Generation:
     """Decode `input_ids` (B, S) with `attention_mask` (B, S), padded sources, one token per step.
 
-    Greedy by default; `do_sample` draws from the processed distribution with torch.multinomial
-    (from `generator` if given, else torch's global RNG). `num_return_sequences` gives that many
+    Greedy by default; `do_sample` draws from the processed distribution as torch.multinomial
+    draws (`draw`; from `generator` if given, else torch's global RNG). `num_return_sequences` gives that many
     completions per source, adjacent, from one encoder pass (sampling: that many samples; beam
     search: the best that many beams). `top_k=0` and `top_p=1.0` mean no filter (unlike generate's
     default top_k of 50). A row stops at the model's EOS and emits pad after it; the loop ends when
@@ -1125,6 +1125,19 @@ _ROW_WISE = (RepetitionPenaltyLogitsProcessor, NoRepeatNGramLogitsProcessor, NoB
              TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)  # fmt: skip
 
 
+def draw(probs: torch.Tensor, count: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """(R, count) indices drawn from each row of `probs` (R, V) without replacement: the same draw as
+    `torch.multinomial(probs, count, generator=generator)`, token for token and from the same random
+    numbers (its own method: argmax, or top-count, of probs / Exp(1) noise), without the two
+    host-device synchronizations with which torch.multinomial checks its input first (`.item()` on
+    a max/min test and on a zero-sum test). Sampling decodes one such draw a step; with them, the
+    host waited for the GPU at every step instead of queuing the next replay. vLLM and gpt-fast
+    sample the same way for the same reason."""
+    noise = torch.empty_like(probs).exponential_(1, generator=generator)  # (R, V)
+    ratio = probs / noise
+    return ratio.argmax(dim=-1, keepdim=True) if count == 1 else ratio.topk(count, dim=-1).indices
+
+
 def _compactable(processors) -> bool:
     """Whether every processor scores a row from that row alone (so rows can leave the batch)."""
     return all(isinstance(p, _ROW_WISE) or hasattr(p, "select_rows") for p in processors)
@@ -1150,6 +1163,9 @@ def _one_token_per_step(decoder, processors, *, rows: int, max_new_tokens: int, 
     steps = torch.zeros((), dtype=torch.long, device=device)  # the last step any row was generating at
     next_tokens = None
     first = decoder
+    # A last processor that leaves one token (flantune.decoding.KeyedSampling, `decides`) has made
+    # the draw itself: its argmax is that token, without a softmax and a draw over (n, V) a step.
+    draws = do_sample and not (len(processors) and getattr(processors[-1], "decides", False))
     try:
         for t in range(max_new_tokens):
             # (n, V), float32 as generate scores them
@@ -1157,9 +1173,9 @@ def _one_token_per_step(decoder, processors, *, rows: int, max_new_tokens: int, 
             # The processors see the ids so far (n, 1+t), start token first, as in generate.
             ids = sequences[live, : 1 + t]
             scores = processors(ids, logits)
-            if do_sample:
+            if draws:
                 probs = torch.softmax(scores, dim=-1)
-                next_tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (n,)
+                next_tokens = draw(probs, 1, generator).squeeze(1)  # (n,)
             else:
                 next_tokens = scores.argmax(dim=-1)  # (n,)
             next_tokens = torch.where(unfinished, next_tokens, pad_id)
@@ -1246,7 +1262,7 @@ def _beam_search(decoder, processors, *, sources: int, num_beams: int, max_new_t
         vocab = log_probs.shape[-1]
         total = (log_probs.view(B, K, vocab) + running_scores[:, :, None]).view(B, K * vocab)
         if do_sample:
-            top = torch.multinomial(torch.softmax(total, dim=-1), C, generator=generator)  # (B, C)
+            top = draw(torch.softmax(total, dim=-1), C, generator)  # (B, C)
             top_scores, order = total.gather(1, top).sort(dim=-1, descending=True)
             top = top.gather(1, order)
         else:
