@@ -227,3 +227,27 @@ def test_unpacked_training_forwards_keep_sdpa_off_cudnn(bart_path):
     assert torch.backends.cuda.cudnn_sdp_enabled()  # restored after the forward
     assert model.model.encoder.layers[0].self_attn.q_proj.weight.grad is not None
 
+
+
+def test_compile_breakdown_names_the_graphs_and_the_costliest_phases():
+    """What a compiling run records of its compilation (the run's start-up record): Dynamo's graphs
+    and its phases by time. A function compiled here (aot_eager: no C++ compiler needed) adds a graph
+    and shows among the phases."""
+    import torch
+
+    from flantune.speed import compile_breakdown, compile_seconds
+
+    before = compile_breakdown()
+    assert before is not None  # this torch keeps the account
+    torch._dynamo.reset()
+
+    def f(x):
+        return torch.sin(x) * 2 + x.cos()
+
+    torch.compile(f, backend="aot_eager")(torch.randn(8))
+    after = compile_breakdown(most=3)
+    assert after["graphs"] >= 1 and 1 <= len(after["phases_s"]) <= 3
+    assert "_compile.compile_inner" in compile_breakdown(most=100)["phases_s"]
+    assert all(v >= 0 for v in after["phases_s"].values())
+    assert list(after["phases_s"].values()) == sorted(after["phases_s"].values(), reverse=True)
+    assert compile_seconds() > 0

@@ -251,6 +251,24 @@ def compile_seconds() -> float | None:
     return round(table["_compile.compile_inner"] + table.get("compile_fx.<locals>.bw_compiler", 0.0), 3)
 
 
+def compile_breakdown(most: int = 8) -> dict | None:
+    """Where torch.compile's time went in this process so far, for the run's start-up record: the
+    graphs Dynamo compiled, and the `most` costliest phases of its own account (tracing, AOTAutograd,
+    inductor's code generation, Triton's compilation, ...) in seconds, each phase summed over its
+    calls (phases nest: they do not add up to the compilation). None where this torch does not
+    keep that account (private APIs: `torch._dynamo.utils.compile_times` and `counters`)."""
+    try:
+        from torch._dynamo.utils import compile_times, counters
+
+        names, values = compile_times(repr="csv", aggregate=True)
+        table = {name: round(float(v), 3) for name, v in zip(names, values, strict=True)}
+        graphs = int(counters["stats"]["unique_graphs"])
+    except Exception:  # another torch's layout: the figure is left out, never the run
+        return None
+    costliest = sorted(table.items(), key=lambda item: -item[1])[:most]
+    return {"graphs": graphs, "phases_s": dict(costliest)}
+
+
 def use_compile_cache() -> str:
     """Keep torch.compile's caches (inductor's FX graphs and AOTAutograd results, Triton kernels) in
     one stable folder, so that a second run of the same recipe compiles from cache: the user's

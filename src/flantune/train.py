@@ -50,6 +50,7 @@ from flantune.samplers import EpochSampler, LengthGroupedBatches
 from flantune.scoring import best_metric_name, evaluate_in_run, token_loss_sum
 from flantune.speed import (
     SpeedPlan,
+    compile_breakdown,
     compile_seconds,
     resolve_speed,
     run_facts,
@@ -476,6 +477,9 @@ def first_step(session: Session) -> None:
     parts = [f"set-up {session.setup_s:.1f} s (model, data, optimizer)"]
     if session.plan.compile:
         startup["compile_s"] = compile_seconds()
+        breakdown = compile_breakdown()
+        if breakdown is not None:  # in the files only: which phases of the compilation took the time
+            startup["compile"] = breakdown
         if startup["compile_s"] is not None:
             parts.append(f"compilation {startup['compile_s']:.1f} s")
     if session.capture is not None and session.capture.capture_s is not None:
