@@ -141,7 +141,10 @@ CASES: dict[str, Case] = {
         [*GEN, "--input", "hi", "--max-new-tokens", "0"], ["--max-new-tokens: must"]
     ),
     "generate batch size": Case(
-        [*GEN, "--input", "hi", "--batch-size", "0"], ["--batch-size: must be at least 1"]
+        [*GEN, "--input", "hi", "--batch-size", "0"], ["--batch-size: must be at least 1 or auto, got 0"]
+    ),
+    "generate batch size word": Case(
+        [*GEN, "--input", "hi", "--batch-size", "many"], ["--batch-size: must be at least 1 or auto, got many"]
     ),
     "generate model missing": Case(["generate", "{w}/no/model", "--input", "hi"], ["MODEL: {w}/no/model"]),
     "generate bad hub id": Case(["generate", "bad id!", "--input", "hi"], ["MODEL", "'bad id!'"]),

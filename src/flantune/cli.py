@@ -263,7 +263,9 @@ def generate_command(
     top_k: int = 50,
     repetition_penalty: float = 1.0,
     no_repeat_ngram_size: int = 0,
-    batch_size: int = 32,
+    batch_size: Annotated[
+        str, typer.Option(help="Inputs decoded together: a number, or auto (on a GPU as many as fit, up to 128).")
+    ] = "auto",
     labels: Annotated[
         list[str] | None, typer.Option("--label", help="Restrict outputs to these strings (repeatable).")
     ] = None,
@@ -280,8 +282,11 @@ def generate_command(
         no_repeat_ngram_size=no_repeat_ngram_size,
     )  # fmt: skip
     problems = flag_problems(cfg.check("generation"), "generation")
-    if batch_size < 1:
-        problems.append(f"--batch-size: must be at least 1, got {batch_size}")
+    if batch_size != "auto":
+        if not batch_size.isdigit() or int(batch_size) < 1:
+            problems.append(f"--batch-size: must be at least 1 or auto, got {batch_size}")
+        else:
+            batch_size = int(batch_size)
     if top_k < 0:
         problems.append(f"--top-k: must be 0 (off) or more, got {top_k}")
     if no_repeat_ngram_size < 0:

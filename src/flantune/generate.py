@@ -80,7 +80,7 @@ def generate(
     sources: list[str],
     cfg: GenerationConfig,
     *,
-    batch_size: int = 32,
+    batch_size: int | str = "auto",
     labels: list[str] | None = None,
     out: str | None = None,
     other_base: bool = False,
