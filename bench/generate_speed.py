@@ -32,6 +32,9 @@ Sides:
   (`flantune.engine.PACKED_ENCODER = "off"`).
 - engine-unfused: the engine with transformers' own T5 norms and activations
   (`flantune.engine.FUSED_LAYERS = False`; the engine runs torch's fused kernels for them on CUDA).
+- engine-keyed (sampling cells): the engine sampling as `flantune rl` samples (flantune.decoding's
+  KeyedSampling: each row's Gumbel noise keyed by its id, the cell's temperature/top-k/top-p applied
+  by it), to set RL's sampling beside the engine's plain sampling on the same batch.
 
 Cells (--cells): greedy-32 (batch 32 greedy), greedy-128 (batch 128 greedy), sample-16x8 (16 prompts
 x 8 samples: do_sample, temperature 1.0, top_p 1.0, top_k 0 so that no top-k cut applies,
@@ -97,7 +100,7 @@ import torch
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 MODELS = ("flan-t5-base", "flan-t5-large")
 SIDES = ("hf-default", "hf-static", "engine", "engine-compiled", "engine-packed", "engine-padded",
-         "engine-packed-compiled", "engine-unfused")
+         "engine-packed-compiled", "engine-unfused", "engine-keyed")
 # name -> (prompts per batch, generation settings other than the lengths)
 CELLS = {
     "greedy-32": (32, {"do_sample": False, "num_beams": 1}),
@@ -201,7 +204,7 @@ def undo_static(model) -> None:
     torch._dynamo.reset()
 
 
-def engine_side(model, batch: dict, settings: dict) -> torch.Tensor:
+def engine_side(model, batch: dict, settings: dict, after: list | None = None) -> torch.Tensor:
     """flantune's decoding engine (`flantune.engine.generate`), given model.generate's settings:
     min_new_tokens becomes transformers' MinNewTokensLengthLogitsProcessor (as generate builds it),
     the ids come back in generate's layout (`Generation.sequences`)."""
@@ -219,6 +222,7 @@ def engine_side(model, batch: dict, settings: dict) -> torch.Tensor:
 
         eos = model.generation_config.eos_token_id
         extra.append(MinNewTokensLengthLogitsProcessor(1, minimum, eos, device=batch["input_ids"].device))  # the prompt: the start token
+    extra += after or []  # processors that come last (keyed sampling)
     known = set(inspect.signature(engine.generate).parameters)
     unknown = sorted(set(settings) - known)
     if unknown:
@@ -227,6 +231,21 @@ def engine_side(model, batch: dict, settings: dict) -> torch.Tensor:
         model, batch["input_ids"], batch["attention_mask"], logits_processor=extra, **settings
     )
     return out.sequences
+
+
+def keyed_engine_side(model, batch: dict, settings: dict) -> torch.Tensor:
+    """engine_side sampling as flantune rl does: KeyedSampling (after the forced length) with the
+    cell's temperature, top-k and top-p; the engine adds no filters of its own."""
+    if not settings.get("do_sample"):
+        raise NotAvailable("keyed sampling is RL's sampling: sampling cells only")
+    from flantune.decoding import KeyedSampling, row_keys
+
+    settings = dict(settings)
+    rows = batch["input_ids"].shape[0] * settings.get("num_return_sequences", 1)
+    keyed = KeyedSampling(row_keys(0, torch.arange(rows, device=batch["input_ids"].device)),
+                          temperature=settings.pop("temperature", 1.0), top_p=settings.pop("top_p", 1.0),
+                          top_k=settings.pop("top_k", 0))  # fmt: skip
+    return engine_side(model, batch, settings, after=[keyed])
 
 
 def compiled_engine_side(model, batch: dict, settings: dict) -> torch.Tensor:
@@ -382,7 +401,7 @@ def run_cell(model, sources, cell: str, args, device: str) -> dict:
                 torch._dynamo.reset()
             else:
                 side = {"engine-padded": padded_engine_side, "engine-packed": packed_engine_side,
-                        "engine-unfused": unfused_engine_side}.get(name, engine_side)  # fmt: skip
+                        "engine-unfused": unfused_engine_side, "engine-keyed": keyed_engine_side}.get(name, engine_side)  # fmt: skip
                 engine = importlib.import_module("flantune.engine")
                 engine.clear_graphs()
                 # As in a fresh process: a block an earlier side compiled does not make this side packed.
