@@ -248,6 +248,7 @@ def test_a_processor_that_decides_is_not_drawn_from_again(setup, monkeypatch):
     assert torch.equal(taken.sequences, drawn.sequences)
     torch.testing.assert_close(taken.logprobs, drawn.logprobs, atol=0, rtol=0)
 
+
 @pytest.mark.cuda
 def test_cuda_draw_does_not_synchronize():
     """On a GPU torch.multinomial synchronizes with the host (its input checks); engine.draw does not."""

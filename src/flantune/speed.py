@@ -234,17 +234,24 @@ def run_facts(model_type: str, method_kind: str) -> RunFacts:
     )
 
 
-def compile_seconds() -> float | None:
-    """Seconds torch.compile has spent compiling in this process so far: TorchDynamo's own account
-    of its frame compiles (forward graphs, `_compile.compile_inner`) plus AOTAutograd's backward
-    compiles, which run at the first backward. None where this torch does not keep that account
-    (a private API: `torch._dynamo.utils.compile_times`)."""
+def _compile_table() -> dict[str, float] | None:
+    """TorchDynamo's account of this process's compilation so far, seconds per phase summed over its
+    calls; None where this torch does not keep it (a private API: `torch._dynamo.utils.compile_times`)."""
     try:
         from torch._dynamo.utils import compile_times
 
         names, values = compile_times(repr="csv", aggregate=True)
-        table = dict(zip(names, (float(v) for v in values), strict=True))
+        return dict(zip(names, (float(v) for v in values), strict=True))
     except Exception:  # another torch's layout: the figure is left out, never the run
+        return None
+
+
+def compile_seconds() -> float | None:
+    """Seconds torch.compile has spent compiling in this process so far: TorchDynamo's own account
+    of its frame compiles (forward graphs, `_compile.compile_inner`) plus AOTAutograd's backward
+    compiles, which run at the first backward. None where this torch does not keep that account."""
+    table = _compile_table()
+    if table is None:
         return None
     if "_compile.compile_inner" not in table:
         return 0.0 if not table else None
@@ -256,17 +263,18 @@ def compile_breakdown(most: int = 8) -> dict | None:
     graphs Dynamo compiled, and the `most` costliest phases of its own account (tracing, AOTAutograd,
     inductor's code generation, Triton's compilation, ...) in seconds, each phase summed over its
     calls (phases nest: they do not add up to the compilation). None where this torch does not
-    keep that account (private APIs: `torch._dynamo.utils.compile_times` and `counters`)."""
+    keep that account (`_compile_table`, and Dynamo's private `counters`)."""
+    table = _compile_table()
     try:
-        from torch._dynamo.utils import compile_times, counters
+        from torch._dynamo.utils import counters
 
-        names, values = compile_times(repr="csv", aggregate=True)
-        table = {name: round(float(v), 3) for name, v in zip(names, values, strict=True)}
         graphs = int(counters["stats"]["unique_graphs"])
     except Exception:  # another torch's layout: the figure is left out, never the run
         return None
+    if table is None:
+        return None
     costliest = sorted(table.items(), key=lambda item: -item[1])[:most]
-    return {"graphs": graphs, "phases_s": dict(costliest)}
+    return {"graphs": graphs, "phases_s": {name: round(v, 3) for name, v in costliest}}
 
 
 def use_compile_cache() -> str:
