@@ -250,18 +250,22 @@ def test_a_processor_that_decides_is_not_drawn_from_again(setup, monkeypatch):
 
 
 @pytest.mark.cuda
-def test_cuda_draw_does_not_synchronize():
-    """On a GPU torch.multinomial synchronizes with the host (its input checks); engine.draw does not."""
-    probs = torch.softmax(torch.randn(128, 32128, device="cuda"), dim=-1)
+def test_cuda_draw_is_multinomial_and_does_not_synchronize():
+    """On a GPU too, engine.draw is torch.multinomial's draw from the same random numbers, and
+    queues its work without waiting for the GPU."""
+    probs = torch.softmax(3 * torch.randn(128, 32128, device="cuda"), dim=-1)
+    for count in (1, 4):
+        drawn = engine.draw(probs, count, torch.Generator("cuda").manual_seed(5))
+        expected = torch.multinomial(probs, count, generator=torch.Generator("cuda").manual_seed(5))
+        assert torch.equal(drawn, expected)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         engine.draw(probs, 1)
         engine.draw(probs, 4)
-        with pytest.raises(RuntimeError, match="synchroniz"):
-            torch.multinomial(probs, 1)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
 
 def test_greedy_with_a_lora_adapter(setup):
     from peft import LoraConfig, get_peft_model

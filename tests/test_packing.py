@@ -137,6 +137,36 @@ def test_packed_loss_per_pair_and_gradients_match(tiny, pairs):
     tiny.zero_grad()
 
 
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_compiled_blocks_compile_one_graph_a_stack(tiny, pairs, method):
+    """Under LoRA (frozen embeddings) block 0's input needs no gradient and the later blocks' does:
+    compiled as they come, each stack would compile its block twice. The compiled path makes one
+    graph per stack (encoder, decoder) for either method, and its loss and gradients are the plain
+    path's. aot_eager: Dynamo's and AOTAutograd's graphs without inductor's code generation."""
+    from peft import LoraConfig, get_peft_model
+    from torch._dynamo.utils import counters
+
+    model = copy.deepcopy(tiny).train()
+    if method == "lora":
+        model = get_peft_model(model, LoraConfig(r=4, target_modules=["q", "v", "wo"]))
+    batch = pack(*pairs, pad_id=0, decoder_start_id=0, multiple=16)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    grads = []
+    for block_fn in (None, torch.compile(fast_t5.t5_block, backend="aot_eager", dynamic=False)):
+        torch._dynamo.reset()
+        counters.clear()
+        model.zero_grad(set_to_none=True)
+        loss = fast_t5.packed_loss_sum(model, batch, "eager", block_fn=block_fn, select_targets=False)
+        loss.backward()
+        grads.append((float(loss), [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in trained]))
+    assert counters["stats"]["unique_graphs"] == 2
+    assert abs(grads[1][0] - grads[0][0]) <= 1e-5 * abs(grads[0][0])
+    for got, expected in zip(grads[1][1], grads[0][1], strict=True):  # LoRA's A starts at zero grads
+        assert float((got - expected).norm()) <= 1e-4 * float(expected.norm()) + 1e-12
+    assert any(float(g.norm()) > 0 for g in grads[1][1])
+    assert model.get_input_embeddings().weight.requires_grad == (method == "full")
+
+
 def test_chunked_cross_entropy_matches_full(monkeypatch):
     monkeypatch.setattr(fast_t5._ChunkedCrossEntropy, "CHUNK", 7)  # several chunks and a ragged last one
     torch.manual_seed(0)

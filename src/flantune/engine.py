@@ -1128,11 +1128,11 @@ _ROW_WISE = (RepetitionPenaltyLogitsProcessor, NoRepeatNGramLogitsProcessor, NoB
 def draw(probs: torch.Tensor, count: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """(R, count) indices drawn from each row of `probs` (R, V) without replacement: the same draw as
     `torch.multinomial(probs, count, generator=generator)`, token for token and from the same random
-    numbers (its own method: argmax, or top-count, of probs / Exp(1) noise), without the two
-    host-device synchronizations with which torch.multinomial checks its input first (`.item()` on
-    a max/min test and on a zero-sum test). Sampling decodes one such draw a step; with them, the
-    host waited for the GPU at every step instead of queuing the next replay. vLLM and gpt-fast
-    sample the same way for the same reason."""
+    numbers (its own method: argmax, or top-count, of probs / Exp(1) noise), without the input checks
+    torch.multinomial runs first over all of `probs` (a min/max pass, a row-sum pass and their
+    asserts: host-device synchronizations up to torch 2.4, asynchronous asserts since 2.5). The
+    engine draws from a softmax's rows, which pass them unless all of a row's scores are -inf (no
+    logits processor leaves that: each keeps at least one token). vLLM and gpt-fast sample this way."""
     noise = torch.empty_like(probs).exponential_(1, generator=generator)  # (R, V)
     ratio = probs / noise
     return ratio.argmax(dim=-1, keepdim=True) if count == 1 else ratio.topk(count, dim=-1).indices

@@ -358,13 +358,25 @@ def t5_block(
     return hidden + layer.dropout(layer.DenseReluDense(layer.layer_norm(hidden)))
 
 
+def _trains(stack) -> bool:
+    """Whether any of the stack's block parameters is trained."""
+    return any(p.requires_grad for p in stack.block.parameters())
+
+
 def _stack(
     stack, hidden: Tensor, self_pattern: Pattern, attention: str, encoder=None, cross=None, block_fn=None
 ):
     """A T5Stack (encoder or decoder) on embeddings: dropout, blocks, final norm, dropout."""
-    block_fn = block_fn or t5_block
+    compiled, block_fn = block_fn is not None, block_fn or t5_block
     checkpointing = getattr(stack, "gradient_checkpointing", False) and stack.training
     hidden = stack.dropout(hidden)
+    if compiled and torch.is_grad_enabled() and not hidden.requires_grad and _trains(stack):
+        # Frozen embeddings (LoRA and the other adapters): block 0's input needs no gradient, every
+        # later block's does, and torch.compile guards on that, so each stack would compile its
+        # block twice (4 graphs, not 2: half of a run's ~45 s cold compilation on an H200). A leaf
+        # that asks for a gradient gives block 0 the later blocks' graph; the price is block 0's
+        # input gradient (its q, k, v projections' backward, ~1/3 of one block's), then dropped.
+        hidden = hidden.detach().requires_grad_()
     for block in stack.block:
         if checkpointing:
             from torch.utils.checkpoint import checkpoint
