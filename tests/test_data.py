@@ -112,6 +112,20 @@ def test_bart_tokenization_keeps_bos_and_eos_when_truncating(bart_tokenizer):
     assert len(ids) == 10 and ids[0] == bart_tokenizer.bos_token_id and ids[-1] == bart_tokenizer.eos_token_id
 
 
+@pytest.mark.parametrize("name", ["t5_tokenizer", "bart_tokenizer"])
+def test_split_ids_are_what_generation_would_tokenize(name, request):
+    """Scoring decodes from a split's input_ids (flantune.scoring.score_split) instead of tokenizing
+    its sources again: those ids, cut by the overlong policy, are the tokenizer's own truncation."""
+    tokenizer = request.getfixturevalue(name)
+    examples = [Example("question: short", "a"), Example("question: " + "word " * 50, "b"),
+                Example("Ünïcödé, tabs\tand  spaces " * 3, "c")]  # fmt: skip
+    data = tokenize(examples, tokenizer, max_source_tokens=16, max_target_tokens=8, overlong="truncate",
+                    report=SplitReport("test", "memory"))  # fmt: skip
+    sources = [e.source for e in examples]
+    assert list(data["input_ids"]) == tokenizer(sources, truncation=True, max_length=16)["input_ids"]
+    assert sum(len(ids) == 16 for ids in data["input_ids"]) == 2
+
+
 # ---- bad rows: each kind names file, row and column, or is skipped and counted ----------------
 
 BAD_ROWS = {

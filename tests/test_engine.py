@@ -1109,6 +1109,25 @@ def test_packed_encoder_policy(t5_small_path, bart_path, monkeypatch, capsys):
     assert stopped.value.code == 2 and "FLANTUNE_PACKED_ENCODER='fast'" in capsys.readouterr().err
 
 
+def test_generate_outputs_from_given_token_ids(setup, monkeypatch):
+    """`encoded` (a split's input_ids) is decoded as the tokenized sources are, without tokenizing
+    them again; a list of another length is refused."""
+    from flantune import decoding
+    from flantune.config import GenerationConfig
+
+    model, tokenizer, _ = setup
+    cfg = GenerationConfig(max_new_tokens=4)
+    expected = decoding.generate_outputs(model, tokenizer, SOURCES, cfg, batch_size=2, max_source_tokens=6)
+    encoded = tokenizer(SOURCES, truncation=True, max_length=6)["input_ids"]
+    calls = []
+    monkeypatch.setattr(type(tokenizer), "__call__", lambda *a, **k: calls.append(a) or pytest.fail("tokenized"))
+    got = decoding.generate_outputs(model, tokenizer, SOURCES, cfg, batch_size=2, max_source_tokens=6,
+                                    encoded=encoded)  # fmt: skip
+    assert got == expected and not calls
+    with pytest.raises(ValueError, match="one list of token ids per source"):
+        decoding.generate_outputs(model, tokenizer, SOURCES, cfg, encoded=encoded[:-1])
+
+
 def test_generate_outputs_asks_for_the_packed_encoder_where_it_pays(setup, monkeypatch):
     """generate_outputs passes packed_encoder=True when its batches of at least PACKED_MIN_TOKENS
     padded source tokens hold PACKED_PAYS_TOKENS in all, False otherwise; RL's sample_groups always."""

@@ -152,6 +152,7 @@ def generate_outputs(
     on_step=None,
     caps: list[int] | None = None,
     packed_encoder: bool | None = None,
+    encoded: list[list[int]] | None = None,
 ) -> list[Output]:
     """Generate one output per source; the result is in the order of `sources`.
 
@@ -170,6 +171,8 @@ def generate_outputs(
     other caps together). Not for models whose generation config forces EOS at the cap.
     `packed_encoder` (engine.generate's): None decides from the work, True where the batches of at
     least engine.PACKED_MIN_TOKENS padded source tokens hold engine.PACKED_PAYS_TOKENS in all.
+    `encoded`: the sources' token ids where the caller has them (a split's input_ids, cut to
+    data.max_source_tokens as the tokenizer cuts them), instead of tokenizing `sources` again.
     """
     sources = list(sources)
     if not sources:
@@ -179,9 +182,12 @@ def generate_outputs(
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
-    encoded = tokenizer(sources, truncation=max_source_tokens is not None, max_length=max_source_tokens)[
-        "input_ids"
-    ]
+    if encoded is None:
+        encoded = tokenizer(sources, truncation=max_source_tokens is not None, max_length=max_source_tokens)[
+            "input_ids"
+        ]
+    elif len(encoded) != len(sources):
+        raise ValueError(f"encoded: one list of token ids per source ({len(sources)}), got {len(encoded)}")
     order = sorted(range(len(sources)), key=lambda i: len(encoded[i]), reverse=True)
     if batch_size == "auto":
         batch_size = auto_rows(model, len(encoded[order[0]]), cfg.max_new_tokens, cfg.num_beams, device)

@@ -88,8 +88,9 @@ def run_eval(
     differ = _largest_differences(split, runs) if others else []
     with ckpt.atomic_dir(out) as tmp:
         with open(tmp / "predictions.jsonl", "w", encoding="utf-8") as f:
-            for i in range(len(split.dataset)):
-                row = {"source": split.dataset[i]["source"], "reference": split.dataset[i]["target"]}
+            texts = zip(list(split.dataset["source"]), list(split.dataset["target"]), strict=True)
+            for i, (source, target) in enumerate(texts):  # whole columns: dataset[i] reads a whole row
+                row = {"source": source, "reference": target}
                 for label, (predictions, _, per_row) in runs.items():
                     row[label] = {"prediction": predictions[i], "scores": per_row[i]}
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
