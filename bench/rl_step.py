@@ -11,7 +11,7 @@ same command sampling with transformers' generate (the decoder it used before th
 bench/_decoders.py) and with flantune's engine, and prints the ratio of prompts/s.
 
     python bench/rl_step.py --shared ../shared --out rl.json [--shape flan-t5-base] [--steps 6]
-        [--methods lora,full] [--decoders engine] [--separate]
+        [--methods lora,full] [--decoders engine] [--separate] [--micro-batch-sizes 64,128]
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from flantune.rl import run_rl
 
 def run_case(
     shared: Path, shape: str, method: str, steps: int, prompts: int, group: int, new_tokens: int,
-    decoder_name: str = "engine",
+    decoder_name: str = "engine", micro_batch: int | None = None,
 ) -> dict:
     with tempfile.TemporaryDirectory() as out:
         recipe = recipe_from_dict({
@@ -46,7 +46,8 @@ def run_case(
                      "max_source_tokens": 256, "max_target_tokens": 96, "overlong": "truncate"},
             "rl": {"seed": 0, "precision": "auto", "max_steps": steps, "prompts_per_step": prompts, "group_size": group, "inner_steps": 2,
                    "lr": 1e-5, "beta": 0.04, "max_new_tokens": new_tokens, "eval_every": None, "save_every": None,
-                   "rewards": [{"name": "correct"}, {"name": "format", "weight": 0.2}]},
+                   "rewards": [{"name": "correct"}, {"name": "format", "weight": 0.2}],
+                   **({"micro_batch_size": micro_batch} if micro_batch else {})},
             "output_dir": out,
         })  # fmt: skip
         torch.cuda.reset_peak_memory_stats() if torch.cuda.is_available() else None
@@ -57,6 +58,7 @@ def run_case(
     med = lambda key: statistics.median(r[key] for r in steps_log)  # noqa: E731
     return {
         "shape": shape, "method": method, "decoder": decoder_name, "prompts_per_step": prompts, "group_size": group,
+        "micro_batch_size": recipe.rl.micro_batch_size,
         "max_new_tokens": new_tokens, "prompts_per_s": med("prompts_per_s"),
         "completions_per_s": med("completions_per_s"), "step_seconds": med("step_seconds"),
         "generate_seconds": med("generate_seconds"), "rewards_seconds": med("rewards_seconds"),
@@ -67,7 +69,7 @@ def run_case(
     }  # fmt: skip
 
 
-def separate_case(args, method: str, name: str) -> dict:
+def separate_case(args, method: str, name: str, micro_batch: int | None = None) -> dict:
     """run_case in a fresh interpreter (this script with one method and one decoder)."""
     import subprocess
 
@@ -75,7 +77,8 @@ def separate_case(args, method: str, name: str) -> dict:
         out = Path(tmp) / "case.json"
         command = [sys.executable, __file__, "--shared", args.shared, "--out", str(out), "--shape", args.shape,
                    "--methods", method, "--decoders", name, "--steps", str(args.steps), "--prompts",
-                   str(args.prompts), "--group", str(args.group), "--max-new-tokens", str(args.max_new_tokens)]  # fmt: skip
+                   str(args.prompts), "--group", str(args.group), "--max-new-tokens", str(args.max_new_tokens),
+                   *(["--micro-batch-sizes", str(micro_batch)] if micro_batch else [])]  # fmt: skip
         subprocess.run(command, check=True)
         (result,) = json.loads(out.read_text())
     return result
@@ -95,19 +98,24 @@ def main() -> None:
     parser.add_argument("--separate", action="store_true",
                         help="each (method, decoder) case in a process of its own: no case finds what an "
                              "earlier one compiled (dynamo's caches, the training passes' recompilations)")
+    parser.add_argument("--micro-batch-sizes", default=None,
+                        help="rl.micro_batch_size of each case, comma-separated (completions per forward and "
+                             "backward pass); default: the recipe's default")
     args = parser.parse_args()
+    micro_batches = [int(m) for m in args.micro_batch_sizes.split(",")] if args.micro_batch_sizes else [None]
     results = []
     for method in args.methods.split(","):
         by_decoder = {}
         for name in args.decoders.split(","):
-            if args.separate:
-                r = separate_case(args, method, name)
-            else:
-                r = run_case(Path(args.shared), args.shape, method, args.steps, args.prompts, args.group,
-                             args.max_new_tokens, name)  # fmt: skip
-            print(json.dumps(r), flush=True)
-            results.append(r)
-            by_decoder[name] = r
+            for micro in micro_batches:
+                if args.separate:
+                    r = separate_case(args, method, name, micro)
+                else:
+                    r = run_case(Path(args.shared), args.shape, method, args.steps, args.prompts, args.group,
+                                 args.max_new_tokens, name, micro)  # fmt: skip
+                print(json.dumps(r), flush=True)
+                results.append(r)
+                by_decoder[name] = r
         if {"engine", "transformers"} <= set(by_decoder):
             ratio = by_decoder["engine"]["prompts_per_s"] / by_decoder["transformers"]["prompts_per_s"]
             print(f"{method}: engine {by_decoder['engine']['prompts_per_s']:.1f} prompts/s, transformers "
