@@ -54,3 +54,19 @@ def test_figures_leave_matplotlib_global_state_alone(tmp_path):
     # A label task: the prediction outside the labels is counted under other/invalid.
     rows = LabelRows("t", [0, 1], ("yes", "no"))
     assert confusion(rows, ["yes", "maybe"], ["yes", "no"]) == (["yes", "no"], [[1, 0, 0], [0, 0, 1]])
+
+
+def test_many_rows_are_one_image_in_the_lengths_figure(tmp_path):
+    """Up to RASTER_POINTS rows each point of the lengths scatter is an SVG element; past it the
+    points are one embedded image, so the page does not grow with the rows."""
+    from flantune import figures
+
+    sizes = {}
+    for n in (figures.RASTER_POINTS, figures.RASTER_POINTS + 1):
+        references = [" ".join(["w"] * (1 + i % 7)) for i in range(n)]
+        predictions = {"m": [" ".join(["w"] * (1 + i % 5)) for i in range(n)]}
+        (drawn,) = [d for d in draw_report(tmp_path, {}, predictions, references, [], {}) if d.name == "lengths"]
+        sizes[n] = (drawn.svg.count("<image"), len(drawn.svg))
+    small, large = sizes[figures.RASTER_POINTS], sizes[figures.RASTER_POINTS + 1]
+    assert small[0] == 0 and large[0] >= 1
+    assert large[1] < small[1] / 2
