@@ -230,6 +230,22 @@ def test_gumbel_noise_is_standard_gumbel_and_a_function_of_its_key():
     assert not torch.equal(gumbel_noise(row_keys(8, torch.arange(64)), 3, 4096), noise)  # and each seed
 
 
+def test_gumbel_noise_is_finite_at_every_hash():
+    """The uniforms behind the noise stay strictly inside (0, 1) at the extreme hashes, so no token's
+    noise is infinite (an infinite noise would choose its token whatever its probability, a filtered
+    one included); and over many steps of a RL-sized batch none is."""
+    from flantune.decoding import gumbel_noise, row_keys, uniform_from_bits
+
+    bits = torch.tensor([0, 1, 2**31, 2**32 - 2**9 - 1, 2**32 - 2**9, 2**32 - 1])
+    uniform = uniform_from_bits(bits)
+    assert bool((uniform > 0).all()) and bool((uniform < 1).all())
+    assert torch.isfinite(-torch.log(-torch.log(uniform))).all()
+    assert uniform.tolist() == [((int(b) >> 9) + 0.5) / 2**23 for b in bits]  # each exact in float32
+    keys = row_keys(0, torch.arange(128))
+    # 40 steps of 128 x 32,128: with 24 bits, ~10 infinities were expected
+    assert all(torch.isfinite(gumbel_noise(keys, position, 32128)).all() for position in range(1, 41))
+
+
 def test_keyed_sampling_draws_from_the_filtered_softmax():
     from flantune.decoding import KeyedSampling, row_keys
 

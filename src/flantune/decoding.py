@@ -248,13 +248,20 @@ def row_keys(seed: int, rows: torch.Tensor) -> torch.Tensor:
     return _mix32(_mix32(torch.full_like(rows, seed & _MASK32)) ^ (rows & _MASK32))
 
 
+def uniform_from_bits(bits: torch.Tensor) -> torch.Tensor:
+    """float32 uniforms strictly inside (0, 1) from 32-bit hashes (int64 tensors below 2**32): the
+    top 23 bits and a half, (k + 0.5) / 2**23, every value exact in float32. (With 24 bits the top
+    value, 2**24 - 0.5, rounds to 2**24: a uniform of 1.0, Gumbel noise of +inf, and that token
+    chosen whatever its probability, one element in 2**24: a few times a step at 128 x 32,128.)"""
+    return ((bits >> 9).float() + 0.5) * 2.0**-23
+
+
 def gumbel_noise(keys: torch.Tensor, position: int, vocab: int) -> torch.Tensor:
     """(N, vocab) float32 standard Gumbel noise, a pure function of (key, position, token id)."""
     at = _mix32((keys + position * 0x9E3779B9) & _MASK32)  # (N,)
     tokens = torch.arange(vocab, device=keys.device, dtype=torch.int64)
     bits = _mix32(_mix32(at[:, None] ^ tokens[None, :]) ^ at[:, None])  # (N, V)
-    uniform = ((bits >> 8).float() + 0.5) * 2.0**-24  # in (0, 1), 24 exact bits
-    return -torch.log(-torch.log(uniform))
+    return -torch.log(-torch.log(uniform_from_bits(bits)))  # finite: the uniforms are inside (0, 1)
 
 
 class KeyedSampling:
