@@ -126,6 +126,25 @@ def test_split_ids_are_what_generation_would_tokenize(name, request):
     assert sum(len(ids) == 16 for ids in data["input_ids"]) == 2
 
 
+def test_a_split_gives_its_ids_only_to_the_tokenizer_that_made_them(t5_tokenizer, tmp_path):
+    """Split.source_ids: the split's input_ids for the tokenizer object that made them at the cut they
+    were made with (scoring decodes from them); None for another tokenizer (a model compared under its
+    own) or another cut, which tokenize the sources themselves."""
+    import copy
+
+    from flantune.scoring import first_rows
+
+    rows = [{**SQUAD_ROW, "id": str(i), "question": "What? " * (1 + 4 * i)} for i in range(4)]
+    cfg = squad_cfg(write_jsonl(tmp_path / "rows.jsonl", rows), max_source_tokens=16, overlong="truncate")
+    split = load_split(cfg, "train", t5_tokenizer)
+    expected = t5_tokenizer(list(split.dataset["source"]), truncation=True, max_length=16)["input_ids"]
+    assert split.source_ids(t5_tokenizer, 16) == expected
+    assert any(len(ids) == 16 for ids in expected)  # a cut row among them
+    assert split.source_ids(copy.deepcopy(t5_tokenizer), 16) is None
+    assert split.source_ids(t5_tokenizer, 32) is None and split.source_ids(t5_tokenizer, None) is None
+    assert first_rows(split, 2).source_ids(t5_tokenizer, 16) == expected[:2]
+
+
 # ---- bad rows: each kind names file, row and column, or is skipped and counted ----------------
 
 BAD_ROWS = {

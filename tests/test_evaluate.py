@@ -133,6 +133,19 @@ def test_compare_scores_both_models_on_the_same_rows(tuned_run, tmp_path):
     assert f"{best:+.1f}" in page or f"{-best:+.1f}" in page
 
 
+def test_eval_decodes_from_the_splits_ids_where_its_tokenizer_made_them(tuned_run, tmp_path, monkeypatch):
+    """The evaluated model decodes from the split's input_ids (no second tokenization); a compared
+    model, loaded with its own tokenizer, tokenizes the sources itself."""
+    from flantune import scoring
+
+    recipe, model_dir, final = tuned_run
+    given, real = [], scoring.generate_texts
+    monkeypatch.setattr(scoring, "generate_texts",
+                        lambda *a, **k: given.append(k["encoded"] is not None) or real(*a, **k))  # fmt: skip
+    run_eval(recipe, str(final), compare=str(model_dir), out=tmp_path / "ids", split_name="test")
+    assert given == [True, False]
+
+
 def test_eval_command_end_to_end(tuned_run, tmp_path):
     recipe, model_dir, final = tuned_run
     path = tmp_path / "recipe.yaml"

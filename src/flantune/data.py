@@ -371,6 +371,18 @@ class Split:
     report: SplitReport
     tasks: dict[str, Task]
     """The task(s) whose rows are in this split, by name."""
+    tokenizer: Any = None
+    """The tokenizer that made its input_ids."""
+    max_source_tokens: int | None = None
+    """Where its input_ids were cut (data.max_source_tokens under the overlong policy)."""
+
+    def source_ids(self, tokenizer, max_source_tokens: int | None) -> list[list[int]] | None:
+        """Its sources' token ids where they are what `tokenizer` cut at `max_source_tokens` makes
+        (the same tokenizer object, the same cut: data._fit cuts as the tokenizer's truncation),
+        else None: a model compared under another tokenizer tokenizes the sources itself."""
+        if tokenizer is None or tokenizer is not self.tokenizer or max_source_tokens != self.max_source_tokens:
+            return None
+        return list(self.dataset["input_ids"])
 
 
 def _task(name: str, options: dict[str, Any]) -> Task:
@@ -429,7 +441,7 @@ def load_split(cfg: DataConfig, role: str, tokenizer, seed: int = 0) -> Split | 
         task_names=names,
         wheres=wheres,
     )
-    return Split(role, dataset, report, {task.name: task for task, *_ in parts})
+    return Split(role, dataset, report, {task.name: task for task, *_ in parts}, tokenizer, cfg.max_source_tokens)
 
 
 def check_bad_share(report: SplitReport, cfg: DataConfig) -> None:
