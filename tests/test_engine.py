@@ -186,29 +186,6 @@ def test_which_processors_let_rows_leave_the_batch(setup):
     assert not engine._compactable(engine.logits_processors(model, max_new_tokens=4, extra=[Custom()]))
 
 
-@pytest.mark.parametrize("count", [1, 3])
-@pytest.mark.parametrize("seeded", [True, False], ids=["generator", "global-rng"])
-def test_draw_is_torch_multinomials_draw(count, seeded):
-    """engine.draw takes torch.multinomial's draw without its host-device synchronizations: the
-    same indices from the same random numbers, the random state left where multinomial leaves it,
-    never a token of probability 0 (top-k / top-p filtered)."""
-    probs = torch.softmax(torch.randn(64, 300) * 3, dim=-1)
-    probs[:, ::2] = 0.0  # filtered tokens
-    if seeded:
-        ours, theirs = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
-        drawn, expected = engine.draw(probs, count, ours), torch.multinomial(probs, count, generator=theirs)
-        assert torch.equal(ours.get_state(), theirs.get_state())
-    else:
-        torch.manual_seed(3)
-        drawn = engine.draw(probs, count)
-        after = torch.get_rng_state()
-        torch.manual_seed(3)
-        expected = torch.multinomial(probs, count)
-        assert torch.equal(after, torch.get_rng_state())
-    assert torch.equal(drawn, expected)
-    assert (probs.gather(1, drawn) > 0).all()
-
-
 @pytest.mark.parametrize(
     "options",
     [{"temperature": 2.0, "top_k": 20}, {"temperature": 1.5, "top_k": 0, "top_p": 0.9},
@@ -237,8 +214,8 @@ def test_a_processor_that_decides_is_not_drawn_from_again(setup, monkeypatch):
     options = dict(do_sample=True, num_return_sequences=2, logits_processor=[keyed], return_logprobs=True)
     drawn = run(model, batch, **options)
     calls = []
-    real = engine.draw
-    monkeypatch.setattr(engine, "draw", lambda *a: calls.append(1) or real(*a))
+    real = torch.multinomial
+    monkeypatch.setattr(torch, "multinomial", lambda *a, **k: calls.append(1) or real(*a, **k))
     monkeypatch.setattr(KeyedSampling, "decides", False)
     assert torch.equal(run(model, batch, **options).sequences, drawn.sequences) and calls  # drawn: the same
     monkeypatch.setattr(KeyedSampling, "decides", True)
@@ -247,24 +224,6 @@ def test_a_processor_that_decides_is_not_drawn_from_again(setup, monkeypatch):
     assert not calls
     assert torch.equal(taken.sequences, drawn.sequences)
     torch.testing.assert_close(taken.logprobs, drawn.logprobs, atol=0, rtol=0)
-
-
-@pytest.mark.cuda
-def test_cuda_draw_is_multinomial_and_does_not_synchronize():
-    """On a GPU too, engine.draw is torch.multinomial's draw from the same random numbers, and
-    queues its work without waiting for the GPU."""
-    probs = torch.softmax(3 * torch.randn(128, 32128, device="cuda"), dim=-1)
-    for count in (1, 4):
-        drawn = engine.draw(probs, count, torch.Generator("cuda").manual_seed(5))
-        expected = torch.multinomial(probs, count, generator=torch.Generator("cuda").manual_seed(5))
-        assert torch.equal(drawn, expected)
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        engine.draw(probs, 1)
-        engine.draw(probs, 4)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
 
 
 def test_greedy_with_a_lora_adapter(setup):

@@ -967,8 +967,8 @@ def generate(
 ) -> Generation:
     """Decode `input_ids` (B, S) with `attention_mask` (B, S), padded sources, one token per step.
 
-    Greedy by default; `do_sample` draws from the processed distribution as torch.multinomial
-    draws (`draw`; from `generator` if given, else torch's global RNG). `num_return_sequences` gives that many
+    Greedy by default; `do_sample` draws from the processed distribution with torch.multinomial
+    (from `generator` if given, else torch's global RNG). `num_return_sequences` gives that many
     completions per source, adjacent, from one encoder pass (sampling: that many samples; beam
     search: the best that many beams). `top_k=0` and `top_p=1.0` mean no filter (unlike generate's
     default top_k of 50). A row stops at the model's EOS and emits pad after it; the loop ends when
@@ -1125,19 +1125,6 @@ _ROW_WISE = (RepetitionPenaltyLogitsProcessor, NoRepeatNGramLogitsProcessor, NoB
              TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)  # fmt: skip
 
 
-def draw(probs: torch.Tensor, count: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """(R, count) indices drawn from each row of `probs` (R, V) without replacement: the same draw as
-    `torch.multinomial(probs, count, generator=generator)`, token for token and from the same random
-    numbers (its own method: argmax, or top-count, of probs / Exp(1) noise), without the input checks
-    torch.multinomial runs first over all of `probs` (a min/max pass, a row-sum pass and their
-    asserts: host-device synchronizations up to torch 2.4, asynchronous asserts since 2.5). The
-    engine draws from a softmax's rows, which pass them unless all of a row's scores are -inf (no
-    logits processor leaves that: each keeps at least one token). vLLM and gpt-fast sample this way."""
-    noise = torch.empty_like(probs).exponential_(1, generator=generator)  # (R, V)
-    ratio = probs / noise
-    return ratio.argmax(dim=-1, keepdim=True) if count == 1 else ratio.topk(count, dim=-1).indices
-
-
 def _compactable(processors) -> bool:
     """Whether every processor scores a row from that row alone (so rows can leave the batch)."""
     return all(isinstance(p, _ROW_WISE) or hasattr(p, "select_rows") for p in processors)
@@ -1175,7 +1162,7 @@ def _one_token_per_step(decoder, processors, *, rows: int, max_new_tokens: int, 
             scores = processors(ids, logits)
             if draws:
                 probs = torch.softmax(scores, dim=-1)
-                next_tokens = draw(probs, 1, generator).squeeze(1)  # (n,)
+                next_tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (n,)
             else:
                 next_tokens = scores.argmax(dim=-1)  # (n,)
             next_tokens = torch.where(unfinished, next_tokens, pad_id)
@@ -1262,7 +1249,7 @@ def _beam_search(decoder, processors, *, sources: int, num_beams: int, max_new_t
         vocab = log_probs.shape[-1]
         total = (log_probs.view(B, K, vocab) + running_scores[:, :, None]).view(B, K * vocab)
         if do_sample:
-            top = draw(torch.softmax(total, dim=-1), C, generator)  # (B, C)
+            top = torch.multinomial(torch.softmax(total, dim=-1), C, generator=generator)  # (B, C)
             top_scores, order = total.gather(1, top).sort(dim=-1, descending=True)
             top = top.gather(1, order)
         else:

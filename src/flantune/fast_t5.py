@@ -374,9 +374,9 @@ def _stack(
         # Frozen embeddings (LoRA and the other adapters): block 0's input needs no gradient, every
         # later block's does, and torch.compile guards on that, so each stack would compile its
         # block twice (4 graphs, not 2: flan-t5-base LoRA compiled 48.5 s instead of 25.6 s on an
-        # H200, docs/benchmarks.md). A leaf
-        # that asks for a gradient gives block 0 the later blocks' graph; the price is block 0's
-        # input gradient (its q, k, v projections' backward, ~1/3 of one block's), then dropped.
+        # H200, docs/benchmarks.md). A leaf that asks for a gradient gives block 0 the later
+        # blocks' graph; the price is block 0's input gradient (its q, k, v projections' backward,
+        # ~1/3 of one block's), then dropped.
         hidden = hidden.detach().requires_grad_()
     for block in stack.block:
         if checkpointing:

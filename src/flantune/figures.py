@@ -33,9 +33,9 @@ FILES = frozenset(f"figure-{name}.png" for name in TITLES)
 TRAINING = ("training", "rl")
 """The figures of the runs the models came from, as against the figures of this evaluation."""
 OTHER = "other/invalid"
+"""The confusion matrix's last column: predictions that name no label (or no option)."""
 RASTER_POINTS = 500
 """Past this many rows the lengths figure's scatter is an image inside the SVG, not one element a point."""
-"""The confusion matrix's last column: predictions that name no label (or no option)."""
 
 
 @dataclass(frozen=True)

@@ -50,7 +50,6 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from flantune.config import GenerationConfig
 from flantune.decoding import generate_outputs
-from flantune.engine import draw
 
 STATIC = Path(str(resources.files("flantune") / "static"))
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -585,14 +584,14 @@ class ContinuousWorker(Worker):
             index = torch.cat([run.index for run in warped])  # (n,)
             settings = torch.cat([run.warp for run in warped])  # (n, 3)
             scores = warp_rows(logits[index], settings[:, 0], settings[:, 1].long(), settings[:, 2])
-            chosen[index] = draw(torch.softmax(scores, dim=-1), 1).squeeze(1)
+            chosen[index] = torch.multinomial(torch.softmax(scores, dim=-1), 1).squeeze(1)
         for run in self.active:  # each other request's own processors and choice, on its rows
             if run.plain or run.warp is not None:
                 continue
             index = run.index
             scores = run.processors(run.history[:, : 1 + run.steps], logits[index])  # ids so far (n, 1 + t)
             if run.job.cfg.do_sample:
-                chosen[index] = draw(torch.softmax(scores, dim=-1), 1).squeeze(1)
+                chosen[index] = torch.multinomial(torch.softmax(scores, dim=-1), 1).squeeze(1)
             else:
                 chosen[index] = scores.argmax(dim=-1)
             run.history[:, 1 + run.steps] = chosen[index]  # finished rows' entries are never read back
