@@ -8,6 +8,9 @@ before the engine) for the duration of a `with` block; everything else the comma
 tokenizing, batching by length, scoring, writing) is the same code on both sides.
 `decoder("engine-compiled")`: the engine with its captured step compiled by torch.compile
 (`compile_step=True` on every call; off in the product), to measure what that buys a command.
+`decoder("engine-layers")`: the engine with T5's own step's layer compiled once for every layer
+(`compile_layers=True` on every call). `decoder("engine-hf-step")`: the engine over transformers'
+T5 decode step instead of its own (flantune.t5_decode.OWN_STEP off).
 """
 
 from __future__ import annotations
@@ -16,12 +19,12 @@ import contextlib
 
 from flantune import engine
 
-DECODERS = ("transformers", "engine", "engine-compiled")
+DECODERS = ("transformers", "engine", "engine-compiled", "engine-layers", "engine-hf-step")
 
 
 def _transformers(model, input_ids, attention_mask, **options) -> engine.Generation:
     """transformers' generate with its default dynamic cache, behind the engine's signature."""
-    for own in ("compile_step", "packed_encoder"):  # the engine's own options
+    for own in ("compile_step", "packed_encoder", "compile_layers"):  # the engine's own options
         options.pop(own, None)
     return engine.transformers_generate(model, input_ids, attention_mask, cache="dynamic", **options)
 
@@ -34,12 +37,15 @@ def decoder(name: str):
     if name == "engine":
         yield
         return
-    original = engine.generate
+    original, own_step = engine.generate, engine.t5_decode.OWN_STEP
     if name == "transformers":
         engine.generate = _transformers
+    elif name == "engine-hf-step":
+        engine.t5_decode.OWN_STEP = False
     else:
-        engine.generate = lambda *args, **options: original(*args, **{**options, "compile_step": True})
+        option = "compile_step" if name == "engine-compiled" else "compile_layers"
+        engine.generate = lambda *args, **options: original(*args, **{**options, option: True})
     try:
         yield
     finally:
-        engine.generate = original
+        engine.generate, engine.t5_decode.OWN_STEP = original, own_step

@@ -32,6 +32,11 @@ Sides:
   (`flantune.engine.PACKED_ENCODER = "off"`).
 - engine-unfused: the engine with transformers' own T5 norms and activations
   (`flantune.engine.FUSED_LAYERS = False`; the engine runs torch's fused kernels for them on CUDA).
+- engine-hf-step: the engine over transformers' T5 decode step (`flantune.t5_decode.OWN_STEP` off;
+  the engine's own written-out T5 step is its default): what that step changes, in the same run.
+- engine-layers: the engine with its own T5 step's layer compiled once for every layer before
+  capture (`flantune.engine.COMPILE_LAYERS`); torch._dynamo reset first, so its warm-up includes
+  the compilation. engine-packed-layers: the same with `packed_encoder=True`.
 - engine-keyed (sampling cells): the engine sampling as `flantune rl` samples (flantune.decoding's
   KeyedSampling: each row's Gumbel noise keyed by its id, the cell's temperature/top-k/top-p applied
   by it), to set RL's sampling beside the engine's plain sampling on the same batch.
@@ -100,7 +105,8 @@ import torch
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 MODELS = ("flan-t5-base", "flan-t5-large")
 SIDES = ("hf-default", "hf-static", "engine", "engine-compiled", "engine-packed", "engine-padded",
-         "engine-packed-compiled", "engine-unfused", "engine-keyed")
+         "engine-packed-compiled", "engine-unfused", "engine-keyed", "engine-hf-step", "engine-layers",
+         "engine-packed-layers")
 # name -> (prompts per batch, generation settings other than the lengths)
 CELLS = {
     "greedy-32": (32, {"do_sample": False, "num_beams": 1}),
@@ -291,6 +297,33 @@ def unfused_engine_side(model, batch: dict, settings: dict) -> torch.Tensor:
         engine.FUSED_LAYERS = before
 
 
+def hf_step_engine_side(model, batch: dict, settings: dict) -> torch.Tensor:
+    """engine_side over transformers' T5 decode step instead of flantune's own (flantune.t5_decode
+    OWN_STEP off): what the written-out step changes, in the same run."""
+    t5_decode = importlib.import_module("flantune.t5_decode")
+    before, t5_decode.OWN_STEP = t5_decode.OWN_STEP, False
+    try:
+        return engine_side(model, batch, settings)
+    finally:
+        t5_decode.OWN_STEP = before
+
+
+def layers_engine_side(model, batch: dict, settings: dict) -> torch.Tensor:
+    """engine_side with the own T5 step's layer compiled once for all layers (flantune.engine
+    COMPILE_LAYERS on, off again after the call)."""
+    engine = importlib.import_module("flantune.engine")
+    before, engine.COMPILE_LAYERS = engine.COMPILE_LAYERS, True
+    try:
+        return engine_side(model, batch, settings)
+    finally:
+        engine.COMPILE_LAYERS = before
+
+
+def packed_layers_engine_side(model, batch: dict, settings: dict) -> torch.Tensor:
+    """engine-layers with the packed encoder (`packed_encoder=True`)."""
+    return layers_engine_side(model, batch, {**settings, "packed_encoder": True})
+
+
 # ---- timing -----------------------------------------------------------------------------------
 
 
@@ -394,14 +427,17 @@ def run_cell(model, sources, cell: str, args, device: str) -> dict:
                 side = hf_default_side
             elif name == "hf-static":
                 side, what = make_hf_static_side(model, args.static_recipe, not args.no_compile)
-            elif name in ("engine-compiled", "engine-packed-compiled"):
-                side = compiled_engine_side if name == "engine-compiled" else packed_compiled_engine_side
+            elif name in ("engine-compiled", "engine-packed-compiled", "engine-layers", "engine-packed-layers"):
+                side = {"engine-compiled": compiled_engine_side, "engine-packed-compiled": packed_compiled_engine_side,
+                        "engine-layers": layers_engine_side, "engine-packed-layers": packed_layers_engine_side}[name]  # fmt: skip
                 # No step captured or compiled by an earlier side: this side's warm-up pays for both.
                 importlib.import_module("flantune.engine").clear_graphs()
+                importlib.import_module("flantune.t5_decode")._COMPILED = None
                 torch._dynamo.reset()
             else:
                 side = {"engine-padded": padded_engine_side, "engine-packed": packed_engine_side,
-                        "engine-unfused": unfused_engine_side, "engine-keyed": keyed_engine_side}.get(name, engine_side)  # fmt: skip
+                        "engine-unfused": unfused_engine_side, "engine-keyed": keyed_engine_side,
+                        "engine-hf-step": hf_step_engine_side}.get(name, engine_side)  # fmt: skip
                 engine = importlib.import_module("flantune.engine")
                 engine.clear_graphs()
                 # As in a fresh process: a block an earlier side compiled does not make this side packed.
@@ -428,7 +464,9 @@ def run_cell(model, sources, cell: str, args, device: str) -> dict:
              ("engine-compiled", "hf-default"), ("engine-compiled", "hf-static"), ("engine-compiled", "engine"), ("engine", "engine-padded"),
              ("engine-packed", "hf-default"), ("engine-packed", "engine-padded"),
              ("engine-packed-compiled", "hf-default"), ("engine-packed-compiled", "engine-packed"),
-             ("engine", "engine-unfused"))
+             ("engine", "engine-unfused"), ("engine", "engine-hf-step"), ("engine-layers", "hf-default"),
+             ("engine-layers", "hf-static"), ("engine-layers", "engine"), ("engine-packed-layers", "hf-default"),
+             ("engine-packed-layers", "hf-static"), ("engine-packed-layers", "engine-packed-compiled"))
     result["ratios"] = {f"{a}/{b}": speed[a] / speed[b] for a, b in pairs if a in speed and b in speed}
     return result
 

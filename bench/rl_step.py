@@ -94,7 +94,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--group", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--decoders", default="engine", help="engine, engine-compiled, transformers (comma-separated)")
+    parser.add_argument("--decoders", default="engine", help="engine, engine-compiled, engine-layers, engine-hf-step, transformers (comma-separated)")
     parser.add_argument("--separate", action="store_true",
                         help="each (method, decoder) case in a process of its own: no case finds what an "
                              "earlier one compiled (dynamo's caches, the training passes' recompilations)")

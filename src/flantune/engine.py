@@ -81,6 +81,7 @@ from transformers import (
 )
 from transformers.modeling_outputs import BaseModelOutput
 
+from flantune import t5_decode
 from flantune.errors import SettingError
 from flantune.graphs import StaticSources, embedding_dtype
 from flantune.graphs import record as _record
@@ -221,7 +222,8 @@ class _Decoder:
     input. `step()` is the one-token call that a CUDA graph can capture once the cross-attention
     keys/values are in the cache (after the first step)."""
 
-    def __init__(self, model, encoder_hidden: torch.Tensor, encoder_mask: torch.Tensor, max_new_tokens: int):
+    def __init__(self, model, encoder_hidden: torch.Tensor, encoder_mask: torch.Tensor, max_new_tokens: int,
+                 compiled_layers: bool = False):  # fmt: skip
         self.model = model
         config = _base_model(model).config
         rows, source_len = encoder_hidden.shape[:2]  # (N, S, d_model)
@@ -255,9 +257,16 @@ class _Decoder:
         # a CUDA graph capture refuses). The causal mask hides the slots not written yet.
         self.decoder_mask = torch.ones(rows, max_new_tokens, dtype=torch.long, device=device)
         self.cache_keyword = _cache_keyword(model)
+        # T5 and mT5 decode through our own step over these caches (flantune.t5_decode: the same
+        # arithmetic, fewer kernels); other models through transformers' forward. `compiled_layers`:
+        # its layer compiled by torch.compile, one graph for every layer.
+        own = t5_decode.OWN_STEP and t5_decode.unsupported(model) is None
+        self.own = t5_decode.T5Step(model, self.cache, encoder_mask, self.tokens, compiled_layers) if own else None
 
     def step(self) -> torch.Tensor:
         """(N, V) logits of the next token after `self.tokens`, advancing the cache by one position."""
+        if self.own is not None:
+            return self.own(self.model)
         out = self.model(
             encoder_outputs=self.encoder_outputs,
             attention_mask=self.encoder_mask,
@@ -285,6 +294,8 @@ class _Decoder:
             cross.update(keys(hidden).view(shape).transpose(1, 2), values(hidden).view(shape).transpose(1, 2),
                          layer_idx)  # (N, H, S, dk) each  # fmt: skip
             self.cache.is_updated[layer_idx] = True
+        if self.own is not None:
+            self.own.prepare(self.model)  # the self-attention bias table, per batch
 
     def reset(self) -> None:
         """Back to before the first step, in place (a captured graph keeps these tensors): positions
@@ -337,6 +348,8 @@ class _Decoder:
             mine.cumulative_length.copy_(theirs.cumulative_length)
         for layer_idx, done in other.cache.is_updated.items():
             self.cache.is_updated[layer_idx] = done
+        if self.own is not None:
+            self.own.take_bias(other.own)
 
     def cache_tensors(self) -> list[torch.Tensor]:
         """Every key/value tensor of both caches (tests check that the loop never reallocates them)."""
@@ -370,6 +383,8 @@ NEW_TOKEN_MULTIPLE = 64
 # recompile limit (8 buckets recorded in one process) a new bucket's step runs uncompiled, captured.
 COMPILE_STEP = False
 COMPILE_OPTIONS: dict = {"dynamic": False}
+# T5's own step (flantune.t5_decode) with its layer compiled once for every layer before capture.
+COMPILE_LAYERS = os.environ.get("FLANTUNE_COMPILE_LAYERS", "0") == "1"
 _GRAPHS: OrderedDict[tuple, _GraphedDecoder] = OrderedDict()
 
 
@@ -448,16 +463,16 @@ class _GraphedDecoder:
     replay the recorded step."""
 
     def __init__(self, model, rows: int, source_len: int, width: int, max_new_tokens: int, dtype, device,
-                 fingerprint: tuple, compiled: bool = False, routing=None):  # fmt: skip
+                 fingerprint: tuple, compiled: bool = False, routing=None, layers: bool = False):  # fmt: skip
         self.model_ref = weakref.ref(model)
         # The LoraRows the recorded step gathers adapters through (its tables and rows buffer), or None.
         self.routing_ref = weakref.ref(routing) if routing is not None else (lambda: None)
         self.fingerprint = fingerprint  # _fingerprint(model) when recorded
         self.rows, self.source_len, self.max_new_tokens = rows, source_len, max_new_tokens
-        self.compiled = compiled
+        self.compiled, self.layers = compiled, layers
         self.encoder_hidden = torch.zeros(rows, source_len, width, dtype=dtype, device=device)  # (R, S', d)
         self.encoder_mask = torch.zeros(rows, source_len, dtype=torch.long, device=device)  # (R, S')
-        self.decoder = _Decoder(model, self.encoder_hidden, self.encoder_mask, max_new_tokens)
+        self.decoder = _Decoder(model, self.encoder_hidden, self.encoder_mask, max_new_tokens, layers)
         self.decoder.model = None  # held only during a call: a kept entry must not keep the model alive
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None  # (R, V) the recorded step's output, rewritten by replay
@@ -492,7 +507,7 @@ class _GraphedDecoder:
         hidden = self.encoder_hidden[: self.real].index_select(0, keep)  # (n, S', d)
         # The caches move row for row: the new bucket has this one's source length exactly.
         new = _graphed_decoder(model, hidden, self.max_new_tokens, self.fingerprint, self.compiled, rows=bucket,
-                               wider=False)  # fmt: skip
+                               wider=False, layers=self.layers)  # fmt: skip
         new.decoder.model, new.real, new.position = model, n, position
         new.encoder_hidden.zero_()
         new.encoder_hidden[:n].copy_(hidden)
@@ -559,7 +574,8 @@ class _GraphedDecoder:
 
 
 def _graphed_decoder(model, encoder_hidden: torch.Tensor, max_new_tokens: int, fingerprint: tuple,
-                     compiled: bool = False, routing=None, rows: int = 0, wider: bool = True) -> _GraphedDecoder:  # fmt: skip
+                     compiled: bool = False, routing=None, rows: int = 0, wider: bool = True,
+                     layers: bool = False) -> _GraphedDecoder:  # fmt: skip
     """The kept `_GraphedDecoder` for this model and shape bucket (a row bucket of at least `rows`),
     or with `wider`, where this source bucket has none, the kept one of the smallest source bucket
     up to SOURCE_REUSE times as long; else a new one (kept, the oldest dropped past GRAPHS_KEPT).
@@ -580,7 +596,7 @@ def _graphed_decoder(model, encoder_hidden: torch.Tensor, max_new_tokens: int, f
         key = min(longer, key=lambda k: k[2], default=key)
     return _kept(_GRAPHS, key, GRAPHS_KEPT, model, routing, fingerprint, lambda: _GraphedDecoder(
         model, key[1], key[2], width, key[3], encoder_hidden.dtype, encoder_hidden.device, fingerprint, compiled,
-        routing))  # fmt: skip
+        routing, layers))  # fmt: skip
 
 
 # Kept encoder passes, up to ENCODERS_KEPT (8: every source bucket of 64 up to 512 tokens, for one
@@ -774,6 +790,8 @@ class _EagerDecoder:
                  start_id: int):  # fmt: skip
         self.decoder = _Decoder(model, encoder_hidden, encoder_mask, max_new_tokens)
         self.decoder.tokens.fill_(start_id)
+        if self.decoder.own is not None:  # our step reads the cross-attention keys/values from the cache
+            self.decoder.fill_cross()
 
     def first(self) -> torch.Tensor:
         return self.decoder.step()
@@ -964,6 +982,7 @@ def generate(
     compile_step: bool | None = None,
     adapter_rows=None,
     packed_encoder: bool = False,
+    compile_layers: bool | None = None,
 ) -> Generation:
     """Decode `input_ids` (B, S) with `attention_mask` (B, S), padded sources, one token per step.
 
@@ -993,6 +1012,8 @@ def generate(
     eager; True on another device is an error. The output is the eager loop's (the same kernels;
     padding rows and source positions change no real row). `compile_step`: the captured step is
     compiled by torch.compile first (COMPILE_STEP when None); it only applies with graphs.
+    `compile_layers`: T5's own step (flantune.t5_decode) with its layer compiled once for every
+    layer before capture (COMPILE_LAYERS when None; with graphs, and not with `compile_step`).
     `packed_encoder`: the caller decodes enough large batches in this process for the packed
     FlexAttention encoder's one compilation to pay (PACKED_ENCODER "auto" takes it then, or once
     compiled; else the uncompiled SDPA packed encoder).
@@ -1056,14 +1077,15 @@ def generate(
     # What a kept recording bakes in besides shapes (`_fingerprint`, and the fused layers' kernels),
     # read once per call.
     fused = FUSED_LAYERS and _can_capture(device)
-    fingerprint = (*_fingerprint(model), fused) if use_graphs else None
+    compiled = use_graphs and (COMPILE_STEP if compile_step is None else compile_step)
+    layers = use_graphs and not compiled and (COMPILE_LAYERS if compile_layers is None else compile_layers)
+    fingerprint = (*_fingerprint(model), fused, t5_decode.OWN_STEP, layers) if use_graphs else None
     source_rows, decoder_rows = None, contextlib.nullcontext()
     if routing is not None:
         source_rows = routing.indices(adapter_names, input_ids.device)  # (B,) each source's adapter index
         routing.rows.zero_()  # rows past the batch (a captured bucket's padding) run the base
         routing.rows[: input_ids.shape[0] * copies] = source_rows.repeat_interleave(copies)  # (N,)
         decoder_rows = routing.routed(model, routing.rows)  # the buffer a recorded step reads
-    compiled = use_graphs and (COMPILE_STEP if compile_step is None else compile_step)
     packed = None if routing is not None else _packed_encoder_mode(
         model, device, adapter_names is not None, input_ids.numel(), packed_encoder)
     # Compiled passes (the FlexAttention encoder, the compiled step) get their kernels fused by
@@ -1083,7 +1105,8 @@ def generate(
             # Everything the loop writes, allocated before it.
             with torch.profiler.record_function("flantune.engine.load"):  # cross-attention keys/values
                 if use_graphs:
-                    decoder = _graphed_decoder(model, encoder_hidden, max_new_tokens, fingerprint, compiled, routing)
+                    decoder = _graphed_decoder(model, encoder_hidden, max_new_tokens, fingerprint, compiled, routing,
+                                               layers=layers)  # fmt: skip
                     decoder.load(model, encoder_hidden, encoder_mask, start_id)
                 else:
                     decoder = _EagerDecoder(model, encoder_hidden, encoder_mask, max_new_tokens, start_id)

@@ -1,0 +1,200 @@
+"""The T5 decode step, written out: one new token of every row through the decoder, over the engine's
+static caches (flantune.engine's `_Decoder`).
+
+Why our own. On a GPU the decode step is launch-bound: a replayed CUDA graph spends ~2.4 us on each
+small kernel (docs/benchmarks.md), so what the step does besides its matmuls is what it costs.
+transformers' T5 step rebuilds at every step what does not change during a call: each of its 24
+attentions (flan-t5-base) clones its cache position and builds its own float mask from the position
+bias (`create_position_bias_mask`), the stack builds a causal mask, and layer 0 recomputes the
+relative-position buckets. Here:
+
+- the self-attention bias of every (query position, key position) pair of the call, causal mask
+  included, is built once per batch (`prepare`: (H, T, T) for the cache's T positions); a step takes
+  its row with one index_select, and the cross-attention mask once for all layers;
+- a layer writes its key/value slot with index_copy_ and attends with one SDPA call, all layers at
+  the one position tensor they share;
+- the layer is one function of the layer's modules and tensors (`layer_step`), the same code for
+  every layer, so torch.compile compiles it once for all of them (regional compilation: one graph,
+  not the whole step's 12 or 24 layers, hence seconds of compilation where the whole step takes
+  13-20 s; `compiled_layer`).
+
+The projections, norms and feed-forward are the layers' own modules, called as modules: PEFT's LoRA,
+DoRA, IA3 and QLoRA layers, trainable tokens, the engine's fused norms and its gathered LoRA rows run
+here as they run in transformers' step. The arithmetic is transformers' (the same buckets, bias,
+mask value, SDPA call and fp16 clamps): tests/test_engine.py compares logits with transformers' step
+and tokens with `generate`. Models this does not cover keep transformers' step (`unsupported` says
+why): other architectures (UMT5's bias per layer, BART), bottleneck adapters around the attentions
+(houlsby; the feed-forward ones run here), prefix tuning, hooks on the blocks (Accelerate's
+offloading), dropout in training mode.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+# The model classes whose decode step this module runs, and whether each scales the decoder output by
+# d_model**-0.5 before the LM head (transformers: T5 when its config says so, mT5 never).
+_SCALES = {
+    "T5ForConditionalGeneration": lambda config: bool(config.scale_decoder_outputs),
+    "MT5ForConditionalGeneration": lambda config: False,
+}
+_SUBLAYERS = (("T5LayerSelfAttention", "MT5LayerSelfAttention"), ("T5LayerCrossAttention", "MT5LayerCrossAttention"),
+              ("T5LayerFF", "MT5LayerFF"))  # fmt: skip
+
+# Whether the engine decodes T5 and mT5 with this step (False: transformers' step, the A/B side of
+# bench/generate_speed.py; FLANTUNE_OWN_STEP=0 in the environment sets it).
+OWN_STEP = os.environ.get("FLANTUNE_OWN_STEP", "1") != "0"
+
+
+def _base(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def unsupported(model) -> str | None:
+    """Why this step cannot decode `model` (then the engine runs transformers' step), or None."""
+    base = _base(model)
+    scale = _SCALES.get(type(base).__name__)
+    if scale is None:
+        return f"{type(base).__name__} is not a T5 or mT5 model class"
+    config = base.config
+    if type(base).__name__ == "T5ForConditionalGeneration" and not hasattr(config, "scale_decoder_outputs"):
+        return "this transformers version's T5 config has no scale_decoder_outputs"
+    peft_config = getattr(model, "active_peft_config", None)
+    if peft_config is not None and getattr(peft_config, "is_prompt_learning", False):
+        return "prefix tuning adds its own keys and values"
+    if base.training and config.dropout_rate > 0:
+        return "dropout is active (training mode)"
+    decoder = base.get_decoder()
+    for i, block in enumerate(decoder.block):
+        names = tuple(type(sublayer).__name__ for sublayer in block.layer)
+        if len(names) != 3 or any(name not in allowed for name, allowed in zip(names, _SUBLAYERS, strict=True)):
+            return f"decoder block {i} holds {names}"
+        attentions = (block.layer[0].SelfAttention, block.layer[1].EncDecAttention)
+        kinds = tuple(type(module).__name__ for module in attentions)
+        if any(kind not in ("T5Attention", "MT5Attention") for kind in kinds):
+            return f"decoder block {i}: attention modules {kinds} (bottleneck adapters around the attentions)"
+        attention = attentions[0]
+        if attention.has_relative_attention_bias != (i == 0) or block.layer[1].EncDecAttention.has_relative_attention_bias:
+            return f"decoder block {i}: a relative bias other than T5's (one table, in block 0)"
+        for module in (block, *block.layer, attention, block.layer[1].EncDecAttention):
+            if module._forward_hooks or module._forward_pre_hooks or "forward" in vars(module):
+                return f"decoder block {i}: hooks on {type(module).__name__}"
+    return None
+
+
+def _clamp16(hidden: torch.Tensor) -> torch.Tensor:
+    """transformers' T5 clamp of infinities in float16 after each sublayer (nothing in other dtypes)."""
+    if hidden.dtype != torch.float16:
+        return hidden
+    top = torch.finfo(hidden.dtype).max
+    limit = torch.where(torch.isinf(hidden).any(), top - 1000, top)
+    return torch.clamp(hidden, min=-limit, max=limit)
+
+
+def layer_step(block, hidden, self_keys, self_values, cross_keys, cross_values, position, self_bias, cross_bias):
+    """One decoder layer for one new token per row; the same code for every layer.
+
+    hidden (N, 1, d_model); self_keys, self_values (N, H, T, D), slot `position` (1,) written here;
+    cross_keys, cross_values (N, H, S, D), filled once per batch; self_bias (1, H, 1, T) the relative
+    bias of this position with the causal mask in it; cross_bias (N, 1, 1, S) the sources' mask.
+    Returns the layer's output (N, 1, d_model)."""
+    rows = hidden.shape[0]
+    attention = block.layer[0].SelfAttention
+    heads, head_dim = attention.n_heads, attention.key_value_proj_dim
+    normed = block.layer[0].layer_norm(hidden)
+    query = attention.q(normed).view(rows, 1, heads, head_dim).transpose(1, 2)  # (N, H, 1, D)
+    self_keys.index_copy_(2, position, attention.k(normed).view(rows, 1, heads, head_dim).transpose(1, 2))
+    self_values.index_copy_(2, position, attention.v(normed).view(rows, 1, heads, head_dim).transpose(1, 2))
+    out = F.scaled_dot_product_attention(query, self_keys, self_values, attn_mask=self_bias, scale=attention.scaling)
+    hidden = _clamp16(hidden + attention.o(out.transpose(1, 2).reshape(rows, 1, heads * head_dim)))
+
+    cross = block.layer[1].EncDecAttention
+    normed = block.layer[1].layer_norm(hidden)
+    query = cross.q(normed).view(rows, 1, heads, head_dim).transpose(1, 2)  # (N, H, 1, D)
+    out = F.scaled_dot_product_attention(query, cross_keys, cross_values, attn_mask=cross_bias, scale=cross.scaling)
+    hidden = _clamp16(hidden + cross.o(out.transpose(1, 2).reshape(rows, 1, heads * head_dim)))
+    return _clamp16(block.layer[2](hidden))  # the feed-forward sublayer as transformers runs it
+
+
+# torch.compile of `layer_step`, made once per process: dynamo keeps one cache for the function, so
+# every layer of every model reuses the graph while its guards hold (shapes, dtypes, the modules'
+# structure). A new shape bucket compiles once more, with dynamic sizes from the second one on.
+_COMPILED = None
+
+
+def compiled_layer():
+    global _COMPILED
+    if _COMPILED is None:
+        _COMPILED = torch.compile(layer_step)
+    return _COMPILED
+
+
+class T5Step:
+    """The decode step of one `_Decoder` (its caches, its step input, its encoder mask): `__call__(model)`
+    returns the (N, V) logits after `tokens` and advances the position by one.
+
+    Every self-attention layer of the cache keeps its own position tensor, which transformers' cache
+    advances layer by layer; here the layers share the first layer's tensor (one add a step), so
+    everything that reads or resets positions per layer (the engine's snapshot, restore, reset and
+    row moves) sees one value."""
+
+    def __init__(self, model, cache, encoder_mask: torch.Tensor, tokens: torch.Tensor, compiled: bool = False):
+        # Tensors only: a kept recording must not keep the model alive (the engine's `_Decoder` holds
+        # the model during a call only), so the model comes with each call.
+        base = _base(model)
+        self.scale = base.config.d_model**-0.5 if _SCALES[type(base).__name__](base.config) else None
+        self_layers = cache.self_attention_cache.layers
+        self.position = self_layers[0].cumulative_length  # 0-dim long: the slot this step writes
+        for layer in self_layers[1:]:
+            layer.cumulative_length = self.position
+        self.layers = [(s.keys, s.values, c.keys, c.values)
+                       for s, c in zip(self_layers, cache.cross_attention_cache.layers, strict=True)]  # fmt: skip
+        keys = self_layers[0].keys  # (N, H, T, D)
+        heads, length = keys.shape[1], keys.shape[2]
+        self.dtype = keys.dtype
+        # (H, T, T): the bias of query position t for key position j, the smallest value of the dtype
+        # where j > t (transformers' mask value), filled by `prepare`.
+        self.bias = torch.zeros(heads, length, length, dtype=self.dtype, device=keys.device)
+        self.encoder_mask, self.tokens = encoder_mask, tokens  # (N, S), (N, 1): the engine's tensors
+        self.zero = torch.zeros((), dtype=self.dtype, device=keys.device)
+        self.lowest = torch.full((), torch.finfo(self.dtype).min, dtype=self.dtype, device=keys.device)
+        self.layer = compiled_layer() if compiled else layer_step
+
+    @torch.no_grad()
+    def prepare(self, model) -> None:
+        """The self-attention bias table from the model's relative-bias embedding, as transformers'
+        `compute_bias` computes it for each position (the same buckets), causal mask included. Per
+        batch: a fine-tuned model's table changes between calls."""
+        attention = _base(model).get_decoder().block[0].layer[0].SelfAttention
+        positions = torch.arange(self.bias.shape[-1], device=self.bias.device)
+        relative = positions[None, :] - positions[:, None]  # (T, T) key position - query position
+        buckets = attention._relative_position_bucket(
+            relative, bidirectional=False, num_buckets=attention.relative_attention_num_buckets,
+            max_distance=attention.relative_attention_max_distance,
+        )  # fmt: skip
+        values = attention.relative_attention_bias(buckets).permute(2, 0, 1)  # (H, T, T)
+        causal = positions[None, :] <= positions[:, None]
+        self.bias.copy_(torch.where(causal, values.to(self.dtype), self.lowest))
+
+    def take_bias(self, other: T5Step) -> None:
+        """`other`'s bias table (a decoder that takes over another's rows mid-call)."""
+        self.bias.copy_(other.bias)
+
+    def __call__(self, model) -> torch.Tensor:
+        base = _base(model)
+        decoder = base.get_decoder()
+        hidden = decoder.embed_tokens(self.tokens)  # (N, 1, d_model)
+        position = self.position.view(1)
+        self_bias = self.bias.index_select(1, position)[None]  # (1, H, 1, T)
+        cross_bias = torch.where(self.encoder_mask[:, None, None, :] != 0, self.zero, self.lowest)  # (N, 1, 1, S)
+        for block, (self_keys, self_values, cross_keys, cross_values) in zip(decoder.block, self.layers, strict=True):
+            hidden = self.layer(block, hidden, self_keys, self_values, cross_keys, cross_values, position, self_bias,
+                                cross_bias)  # fmt: skip
+        self.position.add_(1)
+        hidden = decoder.final_layer_norm(hidden)
+        if self.scale is not None:
+            hidden = hidden * self.scale
+        return base.lm_head(hidden)[:, -1]  # (N, V)

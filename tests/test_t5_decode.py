@@ -1,0 +1,157 @@
+"""The engine's own T5 decode step (flantune.t5_decode) against transformers' T5 step on the same
+caches: logits step by step, the key/value slots written, for FLAN-T5 (untied head), T5 with its
+decoder output scaled (tied head) and mT5; its layer compiled once for every layer; the models it
+leaves to transformers' step. Token equality with `generate` over the whole engine is
+tests/test_engine.py's (every T5 case there decodes through this step)."""
+
+import copy
+
+import pytest
+import torch
+from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, MT5Config, MT5ForConditionalGeneration
+
+from flantune import engine, t5_decode
+
+from .conftest import tiny_config
+
+SOURCES = ["question: is the sky blue?", "a", "sentiment analysis: a long and winding review " * 3, "b c"]
+
+
+def tiny_t5(path: str, **changes):
+    cfg = tiny_config(path)
+    cfg.update({"initializer_factor": 2.0, **changes})
+    torch.manual_seed(0)
+    return AutoModelForSeq2SeqLM.from_config(cfg).eval()
+
+
+def tiny_mt5(path: str):
+    t5 = tiny_config(path)
+    keep = ("vocab_size", "d_model", "d_ff", "num_layers", "num_decoder_layers", "num_heads", "d_kv",
+            "feed_forward_proj", "decoder_start_token_id", "pad_token_id", "eos_token_id")  # fmt: skip
+    torch.manual_seed(0)
+    return MT5ForConditionalGeneration(MT5Config(**{k: getattr(t5, k) for k in keep}, initializer_factor=2.0)).eval()
+
+
+def steps(model, batch, own: bool, steps: int = 6, compiled: bool = False, monkeypatch=None):
+    """(logits (steps, N, V), self-attention keys after the steps): greedy, one step at a time over
+    the engine's `_Decoder`, with the own step or transformers'."""
+    monkeypatch.setattr(t5_decode, "OWN_STEP", own)
+    with torch.no_grad():
+        hidden = model.get_encoder()(**batch).last_hidden_state
+        decoder = engine._Decoder(model, hidden, batch["attention_mask"], 16, compiled_layers=compiled)
+        assert (decoder.own is not None) == own
+        decoder.tokens.fill_(model.config.decoder_start_token_id)
+        decoder.fill_cross()
+        out = []
+        for _ in range(steps):
+            logits = decoder.step()
+            out.append(logits)
+            decoder.tokens.copy_(logits.argmax(-1)[:, None])
+    keys = torch.stack([layer.keys for layer in decoder.cache.self_attention_cache.layers])
+    return torch.stack(out), keys
+
+
+@pytest.mark.parametrize("kind", ["flan-t5", "t5-tied", "mt5"])
+def test_own_step_equals_transformers_step(t5_small_path, kind, monkeypatch):
+    """Logits of every step and the cache slots written equal transformers' step on the same caches
+    (float32, sources of uneven length, so the cross-attention mask matters). FLAN-T5's head is
+    untied; T5's original tied head scales the decoder output (scale_decoder_outputs); mT5 never
+    scales."""
+    if kind == "mt5":
+        model = tiny_mt5(t5_small_path)
+    else:
+        model = tiny_t5(t5_small_path, **({"scale_decoder_outputs": True} if kind == "t5-tied" else {}))
+    if kind == "t5-tied":
+        assert model.config.scale_decoder_outputs
+    tokenizer = AutoTokenizer.from_pretrained(t5_small_path)
+    batch = tokenizer(SOURCES, return_tensors="pt", padding=True)
+    theirs, their_keys = steps(model, batch, own=False, monkeypatch=monkeypatch)
+    ours, our_keys = steps(model, batch, own=True, monkeypatch=monkeypatch)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(our_keys, their_keys, atol=1e-6, rtol=1e-6)
+    assert not torch.equal(ours[0], ours[1])  # the steps differ: positions advance
+
+
+def test_own_step_with_lora(t5_small_path, monkeypatch):
+    """The projections are the layers' own modules: a LoRA adapter (non-zero B) changes the logits,
+    and ours still equal transformers' step on the PEFT model."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_t5(t5_small_path), LoraConfig(r=4, target_modules=["q", "k", "v", "o", "wi_0", "wo"],
+                                                              init_lora_weights=False)).eval()  # fmt: skip
+    batch = AutoTokenizer.from_pretrained(t5_small_path)(SOURCES, return_tensors="pt", padding=True)
+    theirs, _ = steps(model, batch, own=False, monkeypatch=monkeypatch)
+    ours, _ = steps(model, batch, own=True, monkeypatch=monkeypatch)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    with model.disable_adapter():
+        plain, _ = steps(model, batch, own=True, monkeypatch=monkeypatch)
+    assert not torch.allclose(plain, ours, atol=1e-3)
+
+
+def test_compiled_layer_is_one_graph_for_every_layer(t5_small_path, monkeypatch):
+    """torch.compile of `layer_step` traces one graph that every decoder layer reuses (block 0, which
+    holds the relative-bias table, included), and one more for a new batch shape, with dynamic sizes
+    after it; the compiled layers' logits equal the eager ones."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(t5_decode, "_COMPILED", torch.compile(t5_decode.layer_step, backend=backend))
+    model = tiny_t5(t5_small_path, num_layers=4, num_decoder_layers=4)
+    tokenizer = AutoTokenizer.from_pretrained(t5_small_path)
+    batch = tokenizer(SOURCES, return_tensors="pt", padding=True)
+    eager, _ = steps(model, batch, own=True, monkeypatch=monkeypatch)
+    compiled, _ = steps(model, batch, own=True, compiled=True, monkeypatch=monkeypatch)
+    torch.testing.assert_close(compiled, eager, atol=1e-6, rtol=1e-6)
+    assert len(graphs) == 1, len(graphs)
+    more = tokenizer([*SOURCES, *SOURCES], return_tensors="pt", padding=True)
+    steps(model, more, own=True, compiled=True, steps=2, monkeypatch=monkeypatch)
+    fewer = tokenizer(SOURCES[:3], return_tensors="pt", padding=True)
+    steps(model, fewer, own=True, compiled=True, steps=2, monkeypatch=monkeypatch)
+    assert len(graphs) == 2, len(graphs)
+    torch._dynamo.reset()
+
+
+def test_models_it_leaves_to_transformers(t5_small_path, bart_path):
+    """`unsupported` names why: another architecture, bottleneck adapters around the attentions,
+    prefix tuning, dropout in training mode, hooks on a block. Those decode as before, through
+    transformers' step (the engine's tests cover them)."""
+    from peft import PrefixTuningConfig, get_peft_model
+
+    from flantune.adapters import AdapterConfig, add_adapters
+
+    model = tiny_t5(t5_small_path)
+    assert t5_decode.unsupported(model) is None
+    assert "BartForConditionalGeneration" in t5_decode.unsupported(AutoModelForSeq2SeqLM.from_config(tiny_config(bart_path)))
+    adapted = copy.deepcopy(model)
+    add_adapters(adapted, AdapterConfig(placement="houlsby"))
+    assert "adapters" in t5_decode.unsupported(adapted)
+    prefix = get_peft_model(copy.deepcopy(model), PrefixTuningConfig(num_virtual_tokens=2, task_type="SEQ_2_SEQ_LM"))
+    assert "prefix" in t5_decode.unsupported(prefix)
+    assert "dropout" in t5_decode.unsupported(copy.deepcopy(model).train())
+    hooked = copy.deepcopy(model)
+    hooked.decoder.block[1].register_forward_hook(lambda *args: None)
+    assert "hooks" in t5_decode.unsupported(hooked)
+
+
+def test_own_step_with_feed_forward_adapters(t5_small_path, monkeypatch):
+    """Bottleneck adapters placed after the feed-forward only (pfeiffer, the default) wrap a module
+    the step calls as it is: ours equal transformers' step, and the adapters change the logits."""
+    from flantune.adapters import AdapterConfig, add_adapters
+
+    model = tiny_t5(t5_small_path)
+    batch = AutoTokenizer.from_pretrained(t5_small_path)(SOURCES, return_tensors="pt", padding=True)
+    plain, _ = steps(model, batch, own=True, monkeypatch=monkeypatch)
+    add_adapters(model, AdapterConfig(placement="pfeiffer"))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".adapter." in name:
+                param.normal_(0, 0.5)
+    assert t5_decode.unsupported(model) is None
+    theirs, _ = steps(model, batch, own=False, monkeypatch=monkeypatch)
+    ours, _ = steps(model, batch, own=True, monkeypatch=monkeypatch)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(plain, ours, atol=1e-3)
