@@ -257,6 +257,23 @@ def test_rl_with_adapters_from_an_sft_adapter(kind, sort_data, sft_run, tmp_path
     assert before.keys() == after.keys() and any(not torch.equal(before[k], after[k]) for k in before)
 
 
+def test_rl_out_of_gpu_memory_names_the_settings(sort_data, sft_run, tmp_path, monkeypatch):
+    """A step that runs out of GPU memory ends in one message naming the step, the shapes and the
+    settings that lower the memory (rl.micro_batch_size first), not a traceback."""
+    import flantune.rl as rl_module
+    from flantune.errors import TrainingError
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(rl_module, "grpo_step", out_of_memory)
+    recipe = sort_recipe(sort_data, tmp_path / "oom", "rl", max_steps=2, eval_every=None, save_every=None,
+                         micro_batch_size=16)  # fmt: skip
+    recipe.rl.start = str(sft_run.final_dir)
+    with pytest.raises(TrainingError, match=r"RL step 1 .*rl\.micro_batch_size 16\): lower rl\.micro_batch_size"):
+        run_rl(recipe)
+
+
 def test_rl_resume_equals_uninterrupted(sort_data, sft_run, tmp_path):
     """A resumed RL run takes the same steps as an uninterrupted one; with rl.report_to
     [tensorboard] its rewards reach TensorBoard (rl's folder, tensorboard/) at the same steps and

@@ -419,11 +419,19 @@ def grpo_run(recipe: Recipe, run, console) -> RLResult:
             with accelerator.split_between_processes(list(range(len(index)))) as mine:
                 first, count = mine[0], len(mine)  # this process's contiguous share
             rows = [train_split.dataset[index[i]] for i in range(first, first + count)]
-            stats = grpo_step(
-                model, unwrapped, reference, rows, tokenizer, rewards, optimizer, scheduler, accelerator,
-                params, cfg, seed=cfg.seed * 1_000_003 + state.step, first_prompt=first,
-                max_new_tokens=max_new_tokens, packed=packed,
-            )  # fmt: skip
+            try:
+                stats = grpo_step(
+                    model, unwrapped, reference, rows, tokenizer, rewards, optimizer, scheduler, accelerator,
+                    params, cfg, seed=cfg.seed * 1_000_003 + state.step, first_prompt=first,
+                    max_new_tokens=max_new_tokens, packed=packed,
+                )  # fmt: skip
+            except torch.cuda.OutOfMemoryError:
+                raise TrainingError(
+                    f"out of GPU memory in RL step {state.step + 1} ({count} prompts x {cfg.group_size} completions "
+                    f"of up to {max_new_tokens} tokens on this process, rl.micro_batch_size {cfg.micro_batch_size}): "
+                    "lower rl.micro_batch_size (completions per forward and backward pass), rl.prompts_per_step "
+                    "or rl.max_new_tokens, or set rl.gradient_checkpointing: true"
+                ) from None
             state.step += 1
             seconds = time.perf_counter() - step_start
             if state.step % cfg.log_every == 0 or state.step == cfg.max_steps:
