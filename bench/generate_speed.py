@@ -34,6 +34,8 @@ Sides:
   (`flantune.engine.FUSED_LAYERS = False`; the engine runs torch's fused kernels for them on CUDA).
 - engine-hf-step: the engine over transformers' T5 decode step (`flantune.t5_decode.OWN_STEP` off;
   the engine's own written-out T5 step is its default): what that step changes, in the same run.
+- engine-copied-cross: the engine with a copy of each source's cross-attention keys/values per
+  sample or beam (`flantune.engine.SHARE_CROSS` off; shared is the default): what sharing changes.
 - engine-layers: the engine with its own T5 step's layer compiled once for every layer before
   capture (`flantune.engine.COMPILE_LAYERS`); torch._dynamo reset first, so its warm-up includes
   the compilation. engine-packed-layers: the same with `packed_encoder=True`.
@@ -106,7 +108,7 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 MODELS = ("flan-t5-base", "flan-t5-large")
 SIDES = ("hf-default", "hf-static", "engine", "engine-compiled", "engine-packed", "engine-padded",
          "engine-packed-compiled", "engine-unfused", "engine-keyed", "engine-hf-step", "engine-layers",
-         "engine-packed-layers")
+         "engine-packed-layers", "engine-copied-cross")
 # name -> (prompts per batch, generation settings other than the lengths)
 CELLS = {
     "greedy-32": (32, {"do_sample": False, "num_beams": 1}),
@@ -308,6 +310,17 @@ def hf_step_engine_side(model, batch: dict, settings: dict) -> torch.Tensor:
         t5_decode.OWN_STEP = before
 
 
+def copied_cross_engine_side(model, batch: dict, settings: dict) -> torch.Tensor:
+    """engine_side with a copy of a source's cross-attention keys/values per sample or beam
+    (flantune.engine.SHARE_CROSS off): what sharing them changes, in the same run."""
+    engine = importlib.import_module("flantune.engine")
+    before, engine.SHARE_CROSS = engine.SHARE_CROSS, False
+    try:
+        return engine_side(model, batch, settings)
+    finally:
+        engine.SHARE_CROSS = before
+
+
 def layers_engine_side(model, batch: dict, settings: dict) -> torch.Tensor:
     """engine_side with the own T5 step's layer compiled once for all layers (flantune.engine
     COMPILE_LAYERS on, off again after the call)."""
@@ -437,7 +450,8 @@ def run_cell(model, sources, cell: str, args, device: str) -> dict:
             else:
                 side = {"engine-padded": padded_engine_side, "engine-packed": packed_engine_side,
                         "engine-unfused": unfused_engine_side, "engine-keyed": keyed_engine_side,
-                        "engine-hf-step": hf_step_engine_side}.get(name, engine_side)  # fmt: skip
+                        "engine-hf-step": hf_step_engine_side,
+                        "engine-copied-cross": copied_cross_engine_side}.get(name, engine_side)  # fmt: skip
                 engine = importlib.import_module("flantune.engine")
                 engine.clear_graphs()
                 # As in a fresh process: a block an earlier side compiled does not make this side packed.
@@ -466,7 +480,8 @@ def run_cell(model, sources, cell: str, args, device: str) -> dict:
              ("engine-packed-compiled", "hf-default"), ("engine-packed-compiled", "engine-packed"),
              ("engine", "engine-unfused"), ("engine", "engine-hf-step"), ("engine-layers", "hf-default"),
              ("engine-layers", "hf-static"), ("engine-layers", "engine"), ("engine-packed-layers", "hf-default"),
-             ("engine-packed-layers", "hf-static"), ("engine-packed-layers", "engine-packed-compiled"))
+             ("engine-packed-layers", "hf-static"), ("engine-packed-layers", "engine-packed-compiled"),
+             ("engine", "engine-copied-cross"))
     result["ratios"] = {f"{a}/{b}": speed[a] / speed[b] for a, b in pairs if a in speed and b in speed}
     return result
 

@@ -629,6 +629,49 @@ class Calls(dict):
         self.encoder = {"warm_up": 0, "record": 0}
 
 
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graph-branch"])
+def test_a_sources_copies_share_its_cross_attention(t5_small_path, monkeypatch, graphs, request):
+    """Samples of one source (RL's groups: per-row keyed streams) read one copy of its cross-attention
+    keys/values, (sources, H, S, D) a layer: the same completions as a cache with a copy per row,
+    log-probabilities within 1e-5; also when finished sources leave the batch mid-call (compaction
+    lowered to these sizes), on the eager loop and on the graph branch (CPU stand-in)."""
+    from flantune.decoding import KeyedSampling, row_keys
+
+    if graphs:
+        request.getfixturevalue("graphs_on_cpu")
+    model = tiny_model(t5_small_path, 1.0)  # logits of ~1: float32 rounding stays below 1e-5 (sampling_setup)
+    batch = AutoTokenizer.from_pretrained(t5_small_path)(SOURCES, return_tensors="pt", padding=True)
+    group = 4
+    shapes = []
+    fill = engine._Decoder.fill_cross
+    monkeypatch.setattr(engine._Decoder, "fill_cross", lambda self: shapes.append(
+        tuple(self.cache.cross_attention_cache.layers[0].keys.shape[:1])) or fill(self))  # fmt: skip
+    monkeypatch.setattr(engine, "COMPACT_FROM_ROWS", 1)
+    monkeypatch.setattr(engine, "COMPACT_FLOOR", 1)
+
+    def sample(share: bool):
+        monkeypatch.setattr(engine, "SHARE_CROSS", share)
+        engine.clear_graphs()
+        keyed = KeyedSampling(row_keys(5, torch.arange(len(SOURCES) * group)), temperature=1.5)
+        return engine.generate(model, batch["input_ids"], batch["attention_mask"], max_new_tokens=12,
+                               do_sample=True, num_return_sequences=group, logits_processor=[keyed],
+                               return_logprobs=True, graphs=graphs)  # fmt: skip
+
+    with eos_made_likelier(model, batch, quantile=0.3):  # some completions end early, whole sources among them
+        shapes.clear()
+        copied = sample(False)
+        rows = len(SOURCES) * group
+        assert shapes[0] == (rows if not graphs else engine.row_bucket(rows),), shapes
+        shapes.clear()
+        shared = sample(True)
+    assert shapes[0] == ((rows if not graphs else engine.row_bucket(rows)) // group,), shapes
+    ends = (shared.sequences == model.config.eos_token_id).any(1).view(-1, group).all(1)
+    assert ends.any() and not ends.all()  # some sources finished whole, others did not
+    assert torch.equal(shared.sequences, copied.sequences)
+    torch.testing.assert_close(shared.logprobs, copied.logprobs, atol=1e-5, rtol=0)
+    engine.clear_graphs()
+
+
 def test_graph_branch_on_cpu(setup, graphs_on_cpu):
     """5 sources padded to a bucket of 8 rows and 64 positions: the ids and log-probabilities of the
     5 real rows equal the eager loop's. A second batch (6 rows, label-restricted so that every row
@@ -1417,6 +1460,31 @@ def test_cuda_compiled_layers_equal_generate(t5_small_path, monkeypatch):
     torch.testing.assert_close(outs[True].logprobs, outs[False].logprobs, atol=1e-4, rtol=0)
     engine.clear_graphs()
     torch._dynamo.reset()
+
+
+@pytest.mark.cuda
+@pytest.mark.filterwarnings("error:decoding engine. (step 1|the encoder pass|the packed encoder)")  # a capture that fell back fails
+def test_cuda_shared_cross_attention_equals_copies(t5_small_path, monkeypatch):
+    """RL's shape on the GPU, float32, captured: 4 prompts x 8 keyed samples reading one copy of each
+    prompt's cross-attention keys/values give the completions of a copy per row, log-probabilities
+    within float32 rounding; the same with 4 beams against generate."""
+    from flantune.decoding import KeyedSampling, row_keys
+
+    model, tokenizer, _ = on_cuda(t5_small_path, SOURCES, t5_scale=1.0)
+    batch = tokenizer(SOURCES[:4], return_tensors="pt", padding=True).to("cuda")
+    outs = {}
+    for share in (True, False):
+        monkeypatch.setattr(engine, "SHARE_CROSS", share)
+        engine.clear_graphs()
+        keyed = KeyedSampling(row_keys(3, torch.arange(32, device="cuda")), temperature=1.5)
+        outs[share] = run(model, batch, graphs=True, do_sample=True, num_return_sequences=8, logits_processor=[keyed],
+                          return_logprobs=True)  # fmt: skip
+    assert torch.equal(outs[True].sequences, outs[False].sequences)
+    torch.testing.assert_close(outs[True].logprobs, outs[False].logprobs, atol=1e-5, rtol=0)
+    monkeypatch.setattr(engine, "SHARE_CROSS", True)
+    options = {"num_beams": 4, "num_return_sequences": 2, "early_stopping": True}
+    assert torch.equal(run(model, batch, graphs=True, **options).sequences, reference(model, batch, **options))
+    engine.clear_graphs()
 
 
 @pytest.mark.cuda

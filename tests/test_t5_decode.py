@@ -155,3 +155,4 @@ def test_own_step_with_feed_forward_adapters(t5_small_path, monkeypatch):
     ours, _ = steps(model, batch, own=True, monkeypatch=monkeypatch)
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(plain, ours, atol=1e-3)
+

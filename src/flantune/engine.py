@@ -223,10 +223,20 @@ class _Decoder:
     keys/values are in the cache (after the first step)."""
 
     def __init__(self, model, encoder_hidden: torch.Tensor, encoder_mask: torch.Tensor, max_new_tokens: int,
-                 compiled_layers: bool = False):  # fmt: skip
+                 compiled_layers: bool = False, copies: int = 1):  # fmt: skip
         self.model = model
         config = _base_model(model).config
         rows, source_len = encoder_hidden.shape[:2]  # (N, S, d_model)
+        # T5 and mT5 decode through our own step over these caches (flantune.t5_decode: the same
+        # arithmetic, fewer kernels); other models through transformers' forward. `compiled_layers`:
+        # its layer compiled by torch.compile, one graph for every layer.
+        own = t5_decode.OWN_STEP and t5_decode.unsupported(model) is None
+        # `copies` adjacent rows per source (samples, beams) whose cross-attention keys/values are that
+        # source's: under our own step they are kept once per source (SHARE_CROSS), (N / copies, H,
+        # S, D) a layer, and the step attends each source's rows to them together. At 16 sources x 8
+        # samples that is 8x fewer bytes a step reads (1.5 GB against 0.19 for flan-t5-base in bf16,
+        # sources of 320 positions) and 8x less projection work per batch.
+        self.copies = copies if own and SHARE_CROSS and copies > 1 and rows % copies == 0 else 1
         heads, head_dim = _decoder_head_shape(config)
         device = encoder_hidden.device
         # The dtype the attention's key/value projections write: under autocast (flantune rl samples
@@ -239,11 +249,12 @@ class _Decoder:
         # BART's learned positions read it), so no position argument changes between steps.
         # (Neither transformers 5.17 nor 5.24 takes a `cache_position` in T5/BART forward.)
         self_cache = StaticCache(config=config, max_cache_len=max_new_tokens)
-        # Cross-attention: (N, heads, S, head_dim) per decoder layer, filled once from the encoder output.
+        # Cross-attention: (N / copies, heads, S, head_dim) per decoder layer, filled once from the
+        # encoder output.
         cross_cache = StaticCache(config=config, max_cache_len=source_len)
-        for cache in (self_cache, cross_cache):
+        for cache, batch in ((self_cache, rows), (cross_cache, rows // self.copies)):
             cache.early_initialization(
-                batch_size=rows, num_heads=heads, head_dim=head_dim, dtype=dtype, device=device
+                batch_size=batch, num_heads=heads, head_dim=head_dim, dtype=dtype, device=device
             )
         # EncoderDecoderCache.is_updated[layer] (a Python dict of bools) starts False while the cross
         # cache is empty; the first step's cross-attention computes K/V from encoder_hidden, writes them
@@ -257,11 +268,8 @@ class _Decoder:
         # a CUDA graph capture refuses). The causal mask hides the slots not written yet.
         self.decoder_mask = torch.ones(rows, max_new_tokens, dtype=torch.long, device=device)
         self.cache_keyword = _cache_keyword(model)
-        # T5 and mT5 decode through our own step over these caches (flantune.t5_decode: the same
-        # arithmetic, fewer kernels); other models through transformers' forward. `compiled_layers`:
-        # its layer compiled by torch.compile, one graph for every layer.
-        own = t5_decode.OWN_STEP and t5_decode.unsupported(model) is None
-        self.own = t5_decode.T5Step(model, self.cache, encoder_mask, self.tokens, compiled_layers) if own else None
+        self.own = (t5_decode.T5Step(model, self.cache, encoder_mask, self.tokens, compiled_layers, self.copies)
+                    if own else None)  # fmt: skip
 
     def step(self) -> torch.Tensor:
         """(N, V) logits of the next token after `self.tokens`, advancing the cache by one position."""
@@ -285,7 +293,7 @@ class _Decoder:
         reads them, so the first step is the same call as the others and replays the same graph.
         (Eagerly, transformers' first step is ~4,000 operator calls for flan-t5-base, host time
         while the GPU waits.)"""
-        hidden = self.encoder_outputs.last_hidden_state  # (N, S, d_model)
+        hidden = self.encoder_outputs.last_hidden_state[:: self.copies]  # (N / copies, S, d_model)
         rows, source_len = hidden.shape[:2]
         head_dim = _decoder_head_shape(_base_model(self.model).config)[1]
         cross = self.cache.cross_attention_cache
@@ -338,13 +346,17 @@ class _Decoder:
     def take_rows(self, other: _Decoder, keep: torch.Tensor) -> None:
         """Rows `keep` (n,) of `other`'s caches into this decoder's first n rows, with its positions and
         its cross-attention marked computed as there (compaction: the rows still decoding move to a
-        smaller batch and go on from the same position)."""
-        n = keep.shape[0]
-        pairs = zip((*self.cache.self_attention_cache.layers, *self.cache.cross_attention_cache.layers),
-                    (*other.cache.self_attention_cache.layers, *other.cache.cross_attention_cache.layers), strict=True)  # fmt: skip
-        for mine, theirs in pairs:
-            mine.keys[:n].copy_(theirs.keys.index_select(0, keep))  # (n, H, L, D)
-            mine.values[:n].copy_(theirs.values.index_select(0, keep))
+        smaller batch and go on from the same position). With shared cross-attention (`copies` > 1)
+        `keep` holds whole sources: all `copies` rows of each."""
+        groups = keep[:: self.copies] // self.copies  # (n / copies,) the sources kept
+        pairs = [(mine, theirs, keep) for mine, theirs in zip(self.cache.self_attention_cache.layers,
+                                                              other.cache.self_attention_cache.layers, strict=True)]
+        pairs += [(mine, theirs, groups) for mine, theirs in zip(self.cache.cross_attention_cache.layers,
+                                                                 other.cache.cross_attention_cache.layers, strict=True)]
+        for mine, theirs, index in pairs:
+            n = index.shape[0]
+            mine.keys[:n].copy_(theirs.keys.index_select(0, index))  # (n, H, L, D)
+            mine.values[:n].copy_(theirs.values.index_select(0, index))
             mine.cumulative_length.copy_(theirs.cumulative_length)
         for layer_idx, done in other.cache.is_updated.items():
             self.cache.is_updated[layer_idx] = done
@@ -385,6 +397,9 @@ COMPILE_STEP = False
 COMPILE_OPTIONS: dict = {"dynamic": False}
 # T5's own step (flantune.t5_decode) with its layer compiled once for every layer before capture.
 COMPILE_LAYERS = os.environ.get("FLANTUNE_COMPILE_LAYERS", "0") == "1"
+# A source's samples or beams read one copy of its cross-attention keys/values (`_Decoder`; our own
+# T5 step only). FLANTUNE_SHARE_CROSS=0 keeps a copy per row (the A/B side of the benchmarks).
+SHARE_CROSS = os.environ.get("FLANTUNE_SHARE_CROSS", "1") != "0"
 _GRAPHS: OrderedDict[tuple, _GraphedDecoder] = OrderedDict()
 
 
@@ -463,7 +478,8 @@ class _GraphedDecoder:
     replay the recorded step."""
 
     def __init__(self, model, rows: int, source_len: int, width: int, max_new_tokens: int, dtype, device,
-                 fingerprint: tuple, compiled: bool = False, routing=None, layers: bool = False):  # fmt: skip
+                 fingerprint: tuple, compiled: bool = False, routing=None, layers: bool = False,
+                 copies: int = 1):  # fmt: skip
         self.model_ref = weakref.ref(model)
         # The LoraRows the recorded step gathers adapters through (its tables and rows buffer), or None.
         self.routing_ref = weakref.ref(routing) if routing is not None else (lambda: None)
@@ -472,7 +488,8 @@ class _GraphedDecoder:
         self.compiled, self.layers = compiled, layers
         self.encoder_hidden = torch.zeros(rows, source_len, width, dtype=dtype, device=device)  # (R, S', d)
         self.encoder_mask = torch.zeros(rows, source_len, dtype=torch.long, device=device)  # (R, S')
-        self.decoder = _Decoder(model, self.encoder_hidden, self.encoder_mask, max_new_tokens, layers)
+        self.decoder = _Decoder(model, self.encoder_hidden, self.encoder_mask, max_new_tokens, layers, copies)
+        self.copies = self.decoder.copies  # rows per source sharing cross-attention keys/values (1: none)
         self.decoder.model = None  # held only during a call: a kept entry must not keep the model alive
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None  # (R, V) the recorded step's output, rewritten by replay
@@ -507,7 +524,7 @@ class _GraphedDecoder:
         hidden = self.encoder_hidden[: self.real].index_select(0, keep)  # (n, S', d)
         # The caches move row for row: the new bucket has this one's source length exactly.
         new = _graphed_decoder(model, hidden, self.max_new_tokens, self.fingerprint, self.compiled, rows=bucket,
-                               wider=False, layers=self.layers)  # fmt: skip
+                               wider=False, layers=self.layers, copies=self.copies)  # fmt: skip
         new.decoder.model, new.real, new.position = model, n, position
         new.encoder_hidden.zero_()
         new.encoder_hidden[:n].copy_(hidden)
@@ -575,7 +592,7 @@ class _GraphedDecoder:
 
 def _graphed_decoder(model, encoder_hidden: torch.Tensor, max_new_tokens: int, fingerprint: tuple,
                      compiled: bool = False, routing=None, rows: int = 0, wider: bool = True,
-                     layers: bool = False) -> _GraphedDecoder:  # fmt: skip
+                     layers: bool = False, copies: int = 1) -> _GraphedDecoder:  # fmt: skip
     """The kept `_GraphedDecoder` for this model and shape bucket (a row bucket of at least `rows`),
     or with `wider`, where this source bucket has none, the kept one of the smallest source bucket
     up to SOURCE_REUSE times as long; else a new one (kept, the oldest dropped past GRAPHS_KEPT).
@@ -587,7 +604,7 @@ def _graphed_decoder(model, encoder_hidden: torch.Tensor, max_new_tokens: int, f
     key = (
         id(model), max(row_bucket(n), rows), -(-source_len // SOURCE_MULTIPLE) * SOURCE_MULTIPLE,
         -(-max_new_tokens // NEW_TOKEN_MULTIPLE) * NEW_TOKEN_MULTIPLE, encoder_hidden.dtype, autocast,
-        encoder_hidden.device, compiled, None if routing is None else id(routing),
+        encoder_hidden.device, compiled, None if routing is None else id(routing), copies,
     )  # fmt: skip
     if wider and not (key in _GRAPHS and _belongs(_GRAPHS[key], model, routing, fingerprint)):
         longer = [k for k, entry in _GRAPHS.items()
@@ -596,7 +613,7 @@ def _graphed_decoder(model, encoder_hidden: torch.Tensor, max_new_tokens: int, f
         key = min(longer, key=lambda k: k[2], default=key)
     return _kept(_GRAPHS, key, GRAPHS_KEPT, model, routing, fingerprint, lambda: _GraphedDecoder(
         model, key[1], key[2], width, key[3], encoder_hidden.dtype, encoder_hidden.device, fingerprint, compiled,
-        routing, layers))  # fmt: skip
+        routing, layers, copies))  # fmt: skip
 
 
 # Kept encoder passes, up to ENCODERS_KEPT (8: every source bucket of 64 up to 512 tokens, for one
@@ -787,8 +804,9 @@ class _EagerDecoder:
     """The same interface over a plain `_Decoder` of the batch's own shape, every step eager."""
 
     def __init__(self, model, encoder_hidden: torch.Tensor, encoder_mask: torch.Tensor, max_new_tokens: int,
-                 start_id: int):  # fmt: skip
-        self.decoder = _Decoder(model, encoder_hidden, encoder_mask, max_new_tokens)
+                 start_id: int, copies: int = 1):  # fmt: skip
+        self.decoder = _Decoder(model, encoder_hidden, encoder_mask, max_new_tokens, copies=copies)
+        self.copies = self.decoder.copies
         self.decoder.tokens.fill_(start_id)
         if self.decoder.own is not None:  # our step reads the cross-attention keys/values from the cache
             self.decoder.fill_cross()
@@ -812,7 +830,9 @@ class _EagerDecoder:
         old = self.decoder
         new = _EagerDecoder.__new__(_EagerDecoder)
         new.decoder = _Decoder(old.model, old.encoder_outputs.last_hidden_state.index_select(0, keep),
-                               old.encoder_mask.index_select(0, keep), old.decoder_mask.shape[1])  # fmt: skip
+                               old.encoder_mask.index_select(0, keep), old.decoder_mask.shape[1],
+                               copies=old.copies)  # fmt: skip
+        new.copies = new.decoder.copies
         new.decoder.take_rows(old, keep)
         return new
 
@@ -1104,12 +1124,15 @@ def generate(
         with decoder_rows, fused_layers(model, fuse_decoder and not fuse_encoder):
             # Everything the loop writes, allocated before it.
             with torch.profiler.record_function("flantune.engine.load"):  # cross-attention keys/values
+                # Rows of one source share its cross-attention keys/values unless adapters differ by
+                # row (PEFT's names and the gathered rows index the decoder's rows).
+                shared = copies if adapter_names is None else 1
                 if use_graphs:
                     decoder = _graphed_decoder(model, encoder_hidden, max_new_tokens, fingerprint, compiled, routing,
-                                               layers=layers)  # fmt: skip
+                                               layers=layers, copies=shared)  # fmt: skip
                     decoder.load(model, encoder_hidden, encoder_mask, start_id)
                 else:
-                    decoder = _EagerDecoder(model, encoder_hidden, encoder_mask, max_new_tokens, start_id)
+                    decoder = _EagerDecoder(model, encoder_hidden, encoder_mask, max_new_tokens, start_id, shared)
             try:
                 if num_beams > 1:
                     return _beam_search(
@@ -1202,7 +1225,10 @@ def _one_token_per_step(decoder, processors, *, rows: int, max_new_tokens: int, 
                     break
                 n = unfinished.shape[0]
                 if compact and row_bucket(n) >= COMPACT_FROM_ROWS and t + 1 < max_new_tokens:
-                    keep = unfinished.nonzero().squeeze(1)  # (n',) sync (made at the check above already)
+                    # (n',) sync (made at the check above already). Rows that share their source's
+                    # cross-attention keys/values leave with the source: when all its rows finished.
+                    c = decoder.copies
+                    keep = (unfinished.view(-1, c).any(1).repeat_interleave(c) if c > 1 else unfinished).nonzero().squeeze(1)
                     bucket = max(row_bucket(keep.shape[0]), COMPACT_FLOOR)
                     if bucket <= row_bucket(n) // 2:
                         try:

@@ -94,13 +94,15 @@ def _clamp16(hidden: torch.Tensor) -> torch.Tensor:
     return torch.clamp(hidden, min=-limit, max=limit)
 
 
-def layer_step(block, hidden, self_keys, self_values, cross_keys, cross_values, position, self_bias, cross_bias):
+def layer_step(block, hidden, self_keys, self_values, cross_keys, cross_values, position, self_bias, cross_bias,
+               copies: int = 1):  # fmt: skip
     """One decoder layer for one new token per row; the same code for every layer.
 
     hidden (N, 1, d_model); self_keys, self_values (N, H, T, D), slot `position` (1,) written here;
-    cross_keys, cross_values (N, H, S, D), filled once per batch; self_bias (1, H, 1, T) the relative
-    bias of this position with the causal mask in it; cross_bias (N, 1, 1, S) the sources' mask.
-    Returns the layer's output (N, 1, d_model)."""
+    cross_keys, cross_values (N / copies, H, S, D), filled once per batch, one per source whose
+    `copies` adjacent rows attend to them as `copies` queries of one attention; self_bias (1, H, 1,
+    T) the relative bias of this position with the causal mask in it; cross_bias (N / copies, 1, 1,
+    S) the sources' mask. Returns the layer's output (N, 1, d_model)."""
     rows = hidden.shape[0]
     attention = block.layer[0].SelfAttention
     heads, head_dim = attention.n_heads, attention.key_value_proj_dim
@@ -113,7 +115,7 @@ def layer_step(block, hidden, self_keys, self_values, cross_keys, cross_values, 
 
     cross = block.layer[1].EncDecAttention
     normed = block.layer[1].layer_norm(hidden)
-    query = cross.q(normed).view(rows, 1, heads, head_dim).transpose(1, 2)  # (N, H, 1, D)
+    query = cross.q(normed).view(rows // copies, copies, heads, head_dim).transpose(1, 2)  # (N / copies, H, copies, D)
     out = F.scaled_dot_product_attention(query, cross_keys, cross_values, attn_mask=cross_bias, scale=cross.scaling)
     hidden = _clamp16(hidden + cross.o(out.transpose(1, 2).reshape(rows, 1, heads * head_dim)))
     return _clamp16(block.layer[2](hidden))  # the feed-forward sublayer as transformers runs it
@@ -141,7 +143,8 @@ class T5Step:
     everything that reads or resets positions per layer (the engine's snapshot, restore, reset and
     row moves) sees one value."""
 
-    def __init__(self, model, cache, encoder_mask: torch.Tensor, tokens: torch.Tensor, compiled: bool = False):
+    def __init__(self, model, cache, encoder_mask: torch.Tensor, tokens: torch.Tensor, compiled: bool = False,
+                 copies: int = 1):  # fmt: skip
         # Tensors only: a kept recording must not keep the model alive (the engine's `_Decoder` holds
         # the model during a call only), so the model comes with each call.
         base = _base(model)
@@ -162,6 +165,7 @@ class T5Step:
         self.zero = torch.zeros((), dtype=self.dtype, device=keys.device)
         self.lowest = torch.full((), torch.finfo(self.dtype).min, dtype=self.dtype, device=keys.device)
         self.layer = compiled_layer() if compiled else layer_step
+        self.copies = copies  # rows per source in the cross-attention cache (see `layer_step`)
 
     @torch.no_grad()
     def prepare(self, model) -> None:
@@ -189,10 +193,11 @@ class T5Step:
         hidden = decoder.embed_tokens(self.tokens)  # (N, 1, d_model)
         position = self.position.view(1)
         self_bias = self.bias.index_select(1, position)[None]  # (1, H, 1, T)
-        cross_bias = torch.where(self.encoder_mask[:, None, None, :] != 0, self.zero, self.lowest)  # (N, 1, 1, S)
+        sources = self.encoder_mask[:: self.copies, None, None, :]  # (N / copies, 1, 1, S)
+        cross_bias = torch.where(sources != 0, self.zero, self.lowest)
         for block, (self_keys, self_values, cross_keys, cross_values) in zip(decoder.block, self.layers, strict=True):
             hidden = self.layer(block, hidden, self_keys, self_values, cross_keys, cross_values, position, self_bias,
-                                cross_bias)  # fmt: skip
+                                cross_bias, self.copies)  # fmt: skip
         self.position.add_(1)
         hidden = decoder.final_layer_norm(hidden)
         if self.scale is not None:
