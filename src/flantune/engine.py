@@ -12,7 +12,10 @@ seq2seq model (T5, mT5, FLAN-T5, BART, loaded with AutoModelForSeq2SeqLM, PEFT-w
        the per-token log-probabilities, the finished flags;
     3. the loop feeds the decoder one token per step (the previous token of every row) with the
        encoder output and the cache; the cross-attention keys/values are computed once (at the first
-       step, or before it on CUDA) and reused after it;
+       step, or before it) and reused after it. T5 and mT5 run flantune.t5_decode's written-out step
+       (transformers' arithmetic without what its forward rebuilds every step), where a source's
+       samples or beams read one copy of its cross-attention keys/values (SHARE_CROSS); other
+       models run transformers' forward;
     4. the next token is chosen by greedy argmax or by sampling, after transformers' own logits
        processors (repetition penalty, no-repeat n-grams, a prefix-allowed-tokens function such as
        LabelTrie.allowed, the model's forced BOS/EOS, temperature, top-k, top-p).
