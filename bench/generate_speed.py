@@ -256,85 +256,37 @@ def keyed_engine_side(model, batch: dict, settings: dict) -> torch.Tensor:
     return engine_side(model, batch, settings, after=[keyed])
 
 
-def compiled_engine_side(model, batch: dict, settings: dict) -> torch.Tensor:
-    """engine_side with flantune.engine.COMPILE_STEP on (and off again after the call)."""
-    engine = importlib.import_module("flantune.engine")
-    engine.COMPILE_STEP = True
-    try:
-        return engine_side(model, batch, settings)
-    finally:
-        engine.COMPILE_STEP = False
+def setting_side(module: str, name: str, value, **options) -> Callable:
+    """engine_side with `module.name` set to `value` for the call and restored after it, and the
+    engine options `options` added to the cell's settings."""
+
+    def side(model, batch: dict, settings: dict) -> torch.Tensor:
+        where = importlib.import_module(module)
+        before = getattr(where, name)
+        setattr(where, name, value)
+        try:
+            return engine_side(model, batch, {**settings, **options})
+        finally:
+            setattr(where, name, before)
+
+    return side
+
+
+# The engine sides that differ from `engine` by one setting (the module docstring says what each
+# measures). engine-packed: as a caller with much work calls it (`packed_encoder=True`: RL's
+# rollouts; `flantune generate` over PACKED_PAYS_TOKENS padded tokens and more).
+compiled_engine_side = setting_side("flantune.engine", "COMPILE_STEP", True)
+packed_compiled_engine_side = setting_side("flantune.engine", "COMPILE_STEP", True, packed_encoder=True)
+padded_engine_side = setting_side("flantune.engine", "PACKED_ENCODER", "off")
+unfused_engine_side = setting_side("flantune.engine", "FUSED_LAYERS", False)
+hf_step_engine_side = setting_side("flantune.t5_decode", "OWN_STEP", False)
+copied_cross_engine_side = setting_side("flantune.engine", "SHARE_CROSS", False)
+layers_engine_side = setting_side("flantune.engine", "COMPILE_LAYERS", True)
+packed_layers_engine_side = setting_side("flantune.engine", "COMPILE_LAYERS", True, packed_encoder=True)
 
 
 def packed_engine_side(model, batch: dict, settings: dict) -> torch.Tensor:
-    """engine_side as a caller that decodes many large batches calls it (`packed_encoder=True`: RL's
-    rollouts; `flantune generate` over PACKED_PAYS_TOKENS padded tokens and more)."""
     return engine_side(model, batch, {**settings, "packed_encoder": True})
-
-
-def packed_compiled_engine_side(model, batch: dict, settings: dict) -> torch.Tensor:
-    """engine-packed with the step compiled (COMPILE_STEP): a long-lived caller's fastest settings."""
-    return compiled_engine_side(model, batch, {**settings, "packed_encoder": True})
-
-
-def padded_engine_side(model, batch: dict, settings: dict) -> torch.Tensor:
-    """engine_side with transformers' encoder over the padded sources (flantune.engine.PACKED_ENCODER
-    "off"): what the packed encoder changes, in the same run."""
-    engine = importlib.import_module("flantune.engine")
-    before, engine.PACKED_ENCODER = engine.PACKED_ENCODER, "off"
-    try:
-        return engine_side(model, batch, settings)
-    finally:
-        engine.PACKED_ENCODER = before
-
-
-def unfused_engine_side(model, batch: dict, settings: dict) -> torch.Tensor:
-    """engine_side with transformers' own T5 norms and activations (flantune.engine.FUSED_LAYERS
-    off): what the fused kernels change, in the same run."""
-    engine = importlib.import_module("flantune.engine")
-    before, engine.FUSED_LAYERS = engine.FUSED_LAYERS, False
-    try:
-        return engine_side(model, batch, settings)
-    finally:
-        engine.FUSED_LAYERS = before
-
-
-def hf_step_engine_side(model, batch: dict, settings: dict) -> torch.Tensor:
-    """engine_side over transformers' T5 decode step instead of flantune's own (flantune.t5_decode
-    OWN_STEP off): what the written-out step changes, in the same run."""
-    t5_decode = importlib.import_module("flantune.t5_decode")
-    before, t5_decode.OWN_STEP = t5_decode.OWN_STEP, False
-    try:
-        return engine_side(model, batch, settings)
-    finally:
-        t5_decode.OWN_STEP = before
-
-
-def copied_cross_engine_side(model, batch: dict, settings: dict) -> torch.Tensor:
-    """engine_side with a copy of a source's cross-attention keys/values per sample or beam
-    (flantune.engine.SHARE_CROSS off): what sharing them changes, in the same run."""
-    engine = importlib.import_module("flantune.engine")
-    before, engine.SHARE_CROSS = engine.SHARE_CROSS, False
-    try:
-        return engine_side(model, batch, settings)
-    finally:
-        engine.SHARE_CROSS = before
-
-
-def layers_engine_side(model, batch: dict, settings: dict) -> torch.Tensor:
-    """engine_side with the own T5 step's layer compiled once for all layers (flantune.engine
-    COMPILE_LAYERS on, off again after the call)."""
-    engine = importlib.import_module("flantune.engine")
-    before, engine.COMPILE_LAYERS = engine.COMPILE_LAYERS, True
-    try:
-        return engine_side(model, batch, settings)
-    finally:
-        engine.COMPILE_LAYERS = before
-
-
-def packed_layers_engine_side(model, batch: dict, settings: dict) -> torch.Tensor:
-    """engine-layers with the packed encoder (`packed_encoder=True`)."""
-    return layers_engine_side(model, batch, {**settings, "packed_encoder": True})
 
 
 # ---- timing -----------------------------------------------------------------------------------
