@@ -36,6 +36,8 @@ Sides:
   the engine's own written-out T5 step is its default): what that step changes, in the same run.
 - engine-copied-cross: the engine with a copy of each source's cross-attention keys/values per
   sample or beam (`flantune.engine.SHARE_CROSS` off; shared is the default): what sharing changes.
+- engine-packed-cross: the engine with T5's cross-attention over the sources packed without padding
+  (`flantune.t5_decode.PACKED_CROSS`, torch's variable-length flash attention; off by default).
 - engine-layers: the engine with its own T5 step's layer compiled once for every layer before
   capture (`flantune.engine.COMPILE_LAYERS`); torch._dynamo reset first, so its warm-up includes
   the compilation. engine-packed-layers: the same with `packed_encoder=True`.
@@ -108,7 +110,7 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 MODELS = ("flan-t5-base", "flan-t5-large")
 SIDES = ("hf-default", "hf-static", "engine", "engine-compiled", "engine-packed", "engine-padded",
          "engine-packed-compiled", "engine-unfused", "engine-keyed", "engine-hf-step", "engine-layers",
-         "engine-packed-layers", "engine-copied-cross")
+         "engine-packed-layers", "engine-copied-cross", "engine-packed-cross")
 # name -> (prompts per batch, generation settings other than the lengths)
 CELLS = {
     "greedy-32": (32, {"do_sample": False, "num_beams": 1}),
@@ -283,6 +285,7 @@ hf_step_engine_side = setting_side("flantune.t5_decode", "OWN_STEP", False)
 copied_cross_engine_side = setting_side("flantune.engine", "SHARE_CROSS", False)
 layers_engine_side = setting_side("flantune.engine", "COMPILE_LAYERS", True)
 packed_layers_engine_side = setting_side("flantune.engine", "COMPILE_LAYERS", True, packed_encoder=True)
+packed_cross_engine_side = setting_side("flantune.t5_decode", "PACKED_CROSS", True)
 
 
 def packed_engine_side(model, batch: dict, settings: dict) -> torch.Tensor:
@@ -403,7 +406,8 @@ def run_cell(model, sources, cell: str, args, device: str) -> dict:
                 side = {"engine-padded": padded_engine_side, "engine-packed": packed_engine_side,
                         "engine-unfused": unfused_engine_side, "engine-keyed": keyed_engine_side,
                         "engine-hf-step": hf_step_engine_side,
-                        "engine-copied-cross": copied_cross_engine_side}.get(name, engine_side)  # fmt: skip
+                        "engine-copied-cross": copied_cross_engine_side,
+                        "engine-packed-cross": packed_cross_engine_side}.get(name, engine_side)  # fmt: skip
                 engine = importlib.import_module("flantune.engine")
                 engine.clear_graphs()
                 # As in a fresh process: a block an earlier side compiled does not make this side packed.
@@ -433,7 +437,8 @@ def run_cell(model, sources, cell: str, args, device: str) -> dict:
              ("engine", "engine-unfused"), ("engine", "engine-hf-step"), ("engine-layers", "hf-default"),
              ("engine-layers", "hf-static"), ("engine-layers", "engine"), ("engine-packed-layers", "hf-default"),
              ("engine-packed-layers", "hf-static"), ("engine-packed-layers", "engine-packed-compiled"),
-             ("engine", "engine-copied-cross"))
+             ("engine", "engine-copied-cross"), ("engine-packed-cross", "engine"),
+             ("engine-packed-cross", "hf-default"), ("engine-packed-cross", "hf-static"))
     result["ratios"] = {f"{a}/{b}": speed[a] / speed[b] for a, b in pairs if a in speed and b in speed}
     return result
 

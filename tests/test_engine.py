@@ -672,6 +672,64 @@ def test_a_sources_copies_share_its_cross_attention(t5_small_path, monkeypatch, 
     engine.clear_graphs()
 
 
+
+def reference_varlen(query, key, value, cu_q, cu_k, max_q, max_k, *, scale=None):
+    """torch.nn.attention.varlen.varlen_attn's arithmetic, one source at a time (the CPU has no flash
+    kernels): query (Tq, H, D) against key, value (Tk, H, D), source g's queries at cu_q[g]:cu_q[g+1]
+    and keys at cu_k[g]:cu_k[g+1]."""
+    out = torch.empty_like(query)
+    for g in range(cu_q.shape[0] - 1):
+        a, b, c, d = int(cu_q[g]), int(cu_q[g + 1]), int(cu_k[g]), int(cu_k[g + 1])
+        assert 0 < b - a <= max_q and 0 < d - c <= max_k
+        out[a:b] = torch.nn.functional.scaled_dot_product_attention(
+            query[a:b].transpose(0, 1), key[c:d].transpose(0, 1), value[c:d].transpose(0, 1), scale=scale,
+        ).transpose(0, 1)  # fmt: skip
+    return out
+
+
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graph-branch"])
+def test_packed_cross_attention_equals_the_padded_one(t5_small_path, monkeypatch, graphs, request):
+    """T5's step with the cross-attention keys/values packed without padding (PACKED_CROSS; varlen
+    flash attention on a GPU, its arithmetic per source here): greedy ids and keyed samples (4 a
+    source, shared) equal the padded cache's, log-probabilities within 1e-5, with finished rows and
+    sources leaving the batch (compaction lowered to these sizes), and beam search too."""
+    from flantune import t5_decode
+    from flantune.decoding import KeyedSampling, row_keys
+
+    if graphs:
+        request.getfixturevalue("graphs_on_cpu")
+    monkeypatch.setattr(t5_decode, "_varlen", lambda: reference_varlen)
+    monkeypatch.setattr(t5_decode, "packed_cross_ready", lambda device, dtype, head_dim: t5_decode.PACKED_CROSS)
+    monkeypatch.setattr(engine, "COMPACT_FROM_ROWS", 1)
+    monkeypatch.setattr(engine, "COMPACT_FLOOR", 1)
+    model = tiny_model(t5_small_path, 1.0)
+    batch = AutoTokenizer.from_pretrained(t5_small_path)(SOURCES, return_tensors="pt", padding=True)
+    packed_seen = []
+    fill = engine._Decoder.fill_cross
+    monkeypatch.setattr(engine._Decoder, "fill_cross", lambda self: packed_seen.append(self.own.packed) or fill(self))
+
+    def decode(packed: bool, **options):
+        monkeypatch.setattr(t5_decode, "PACKED_CROSS", packed)
+        engine.clear_graphs()
+        return engine.generate(model, batch["input_ids"], batch["attention_mask"], max_new_tokens=12, graphs=graphs,
+                               **options)  # fmt: skip
+
+    def keyed():
+        return {"do_sample": True, "num_return_sequences": 4, "return_logprobs": True,
+                "logits_processor": [KeyedSampling(row_keys(5, torch.arange(len(SOURCES) * 4)), temperature=1.5)]}
+
+    with eos_made_likelier(model, batch, quantile=0.3):
+        packed_seen.clear()
+        for options in ({"return_logprobs": True}, keyed(), {"num_beams": 2, "early_stopping": True}):
+            padded, packed = decode(False, **options), decode(True, **(keyed() if "do_sample" in options else options))
+            assert torch.equal(packed.sequences, padded.sequences), (options, packed.sequences, padded.sequences)
+            if packed.logprobs is not None:
+                torch.testing.assert_close(packed.logprobs, padded.logprobs, atol=1e-5, rtol=0)
+    assert True in packed_seen and False in packed_seen
+    ends = (packed.sequences == model.config.eos_token_id).any(1)
+    assert ends.any() and not ends.all()
+    engine.clear_graphs()
+
 def test_graph_branch_on_cpu(setup, graphs_on_cpu):
     """5 sources padded to a bucket of 8 rows and 64 positions: the ids and log-probabilities of the
     5 real rows equal the eager loop's. A second batch (6 rows, label-restricted so that every row
@@ -1485,6 +1543,62 @@ def test_cuda_shared_cross_attention_equals_copies(t5_small_path, monkeypatch):
     options = {"num_beams": 4, "num_return_sequences": 2, "early_stopping": True}
     assert torch.equal(run(model, batch, graphs=True, **options).sequences, reference(model, batch, **options))
     engine.clear_graphs()
+
+
+@pytest.mark.cuda
+@pytest.mark.filterwarnings("error:decoding engine. (step 1|the encoder pass|the packed encoder)")  # a capture that fell back fails
+def test_cuda_packed_cross_attention_equals_the_padded_one(t5_small_path, monkeypatch):
+    """The packed cross-attention with torch's variable-length flash attention, bf16 on the GPU:
+    step by step (the same tokens fed to both) its logits equal the padded cache's within bf16
+    rounding, one row a source and 4 sharing one; captured, with sources leaving the batch, it
+    decodes (the packed path taken) and its samples agree with the padded cache's on most rows."""
+    from flantune import t5_decode
+    from flantune.decoding import KeyedSampling, row_keys
+
+    monkeypatch.setattr(t5_decode, "PACKED_CROSS", True)
+    if not t5_decode.packed_cross_ready(torch.device("cuda"), torch.bfloat16, 64):
+        pytest.skip("this torch has no torch.nn.attention.varlen.varlen_attn taking `scale`")
+    model, _, batch = on_cuda(t5_small_path, SOURCES, t5_scale=1.0)
+    model = model.to(torch.bfloat16)
+    with torch.no_grad():
+        hidden = model.get_encoder()(**batch).last_hidden_state  # (B, S, d)
+        for copies in (1, 4):
+            logits, tokens = {}, None
+            for packed in (False, True):
+                monkeypatch.setattr(t5_decode, "PACKED_CROSS", packed)
+                decoder = engine._Decoder(model, hidden.repeat_interleave(copies, 0),
+                                          batch["attention_mask"].repeat_interleave(copies, 0), 16, copies=copies)  # fmt: skip
+                assert decoder.own.packed == packed and decoder.copies == copies
+                decoder.tokens.fill_(model.config.decoder_start_token_id)
+                decoder.fill_cross()
+                steps = []
+                for t in range(4):
+                    steps.append(decoder.step().float())
+                    if tokens is None or len(tokens) <= t:
+                        tokens = [*(tokens or []), steps[-1].argmax(-1)]
+                    decoder.tokens.copy_(tokens[t][:, None])
+                logits[packed] = torch.stack(steps)
+            torch.testing.assert_close(logits[True], logits[False], atol=3e-2, rtol=3e-2)
+
+    monkeypatch.setattr(engine, "COMPACT_FROM_ROWS", 1)
+    monkeypatch.setattr(engine, "COMPACT_FLOOR", 1)
+    outs = {}
+    for packed in (False, True):
+        monkeypatch.setattr(t5_decode, "PACKED_CROSS", packed)
+        engine.clear_graphs()
+        keyed = KeyedSampling(row_keys(3, torch.arange(len(SOURCES) * 4, device="cuda")), temperature=1.5)
+        outs[packed] = run(model, batch, graphs=True, do_sample=True, num_return_sequences=4,
+                           logits_processor=[keyed]).sequences  # fmt: skip
+    assert outs[True].shape[0] == len(SOURCES) * 4
+    assert rows_equal_share(outs[True], outs[False]) >= 0.5
+    engine.clear_graphs()
+
+
+def rows_equal_share(a: torch.Tensor, b: torch.Tensor) -> float:
+    """The share of rows equal token for token (the shorter output padded with pad 0)."""
+    width = max(a.shape[1], b.shape[1])
+    a, b = (torch.nn.functional.pad(x, (0, width - x.shape[1])) for x in (a, b))
+    return (a == b).all(1).float().mean().item()
 
 
 @pytest.mark.cuda

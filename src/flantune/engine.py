@@ -246,6 +246,9 @@ class _Decoder:
         # from float32 weights in bf16 autocast) the autocast dtype, not the encoder output's.
         autocast = torch.is_autocast_enabled(device.type)
         dtype = torch.get_autocast_dtype(device.type) if autocast else encoder_hidden.dtype
+        # Our step's cross-attention over the sources without padding (t5_decode.PACKED_CROSS): it
+        # keeps the keys/values itself, and transformers' cross cache is a placeholder of one position.
+        packed = own and t5_decode.packed_cross_ready(device, dtype, head_dim)
         # Self-attention: (N, heads, max_new_tokens, head_dim) keys and values per decoder layer; the
         # step at position t writes slot t. The position itself lives in the cache: each StaticLayer
         # keeps `cumulative_length`, a 0-dim tensor it advances in place (T5's relative bias and
@@ -254,7 +257,7 @@ class _Decoder:
         self_cache = StaticCache(config=config, max_cache_len=max_new_tokens)
         # Cross-attention: (N / copies, heads, S, head_dim) per decoder layer, filled once from the
         # encoder output.
-        cross_cache = StaticCache(config=config, max_cache_len=source_len)
+        cross_cache = StaticCache(config=config, max_cache_len=1 if packed else source_len)
         for cache, batch in ((self_cache, rows), (cross_cache, rows // self.copies)):
             cache.early_initialization(
                 batch_size=batch, num_heads=heads, head_dim=head_dim, dtype=dtype, device=device
@@ -271,7 +274,8 @@ class _Decoder:
         # a CUDA graph capture refuses). The causal mask hides the slots not written yet.
         self.decoder_mask = torch.ones(rows, max_new_tokens, dtype=torch.long, device=device)
         self.cache_keyword = _cache_keyword(model)
-        self.own = (t5_decode.T5Step(model, self.cache, encoder_mask, self.tokens, compiled_layers, self.copies)
+        self.own = (t5_decode.T5Step(model, self.cache, encoder_mask, self.tokens, compiled_layers, self.copies,
+                                     (rows // self.copies, source_len) if packed else None)
                     if own else None)  # fmt: skip
 
     def step(self) -> torch.Tensor:
@@ -297,6 +301,10 @@ class _Decoder:
         (Eagerly, transformers' first step is ~4,000 operator calls for flan-t5-base, host time
         while the GPU waits.)"""
         hidden = self.encoder_outputs.last_hidden_state[:: self.copies]  # (N / copies, S, d_model)
+        if self.own is not None and self.own.packed:
+            self.own.fill_cross(cross_projections(self.model), hidden, self.encoder_mask[:: self.copies])
+            self.own.prepare(self.model)
+            return
         rows, source_len = hidden.shape[:2]
         head_dim = _decoder_head_shape(_base_model(self.model).config)[1]
         cross = self.cache.cross_attention_cache
@@ -365,11 +373,14 @@ class _Decoder:
             self.cache.is_updated[layer_idx] = done
         if self.own is not None:
             self.own.take_bias(other.own)
+            if self.own.packed:
+                self.own.take_cross(other.own, groups)
 
     def cache_tensors(self) -> list[torch.Tensor]:
         """Every key/value tensor of both caches (tests check that the loop never reallocates them)."""
         layers = [*self.cache.self_attention_cache.layers, *self.cache.cross_attention_cache.layers]
-        return [t for layer in layers for t in (layer.keys, layer.values)]
+        packed = self.own.cross if self.own is not None and self.own.packed else []
+        return [t for layer in layers for t in (layer.keys, layer.values)] + [t for pair in packed for t in pair]
 
 
 # --- The step as a CUDA graph -------------------------------------------------------------------------
@@ -1102,7 +1113,7 @@ def generate(
     fused = FUSED_LAYERS and _can_capture(device)
     compiled = use_graphs and (COMPILE_STEP if compile_step is None else compile_step)
     layers = use_graphs and not compiled and (COMPILE_LAYERS if compile_layers is None else compile_layers)
-    fingerprint = (*_fingerprint(model), fused, t5_decode.OWN_STEP, layers) if use_graphs else None
+    fingerprint = (*_fingerprint(model), fused, t5_decode.OWN_STEP, t5_decode.PACKED_CROSS, layers) if use_graphs else None
     source_rows, decoder_rows = None, contextlib.nullcontext()
     if routing is not None:
         source_rows = routing.indices(adapter_names, input_ids.device)  # (B,) each source's adapter index

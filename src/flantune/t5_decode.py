@@ -30,6 +30,8 @@ offloading), dropout in training mode.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 
 import torch
@@ -95,14 +97,17 @@ def _clamp16(hidden: torch.Tensor) -> torch.Tensor:
 
 
 def layer_step(block, hidden, self_keys, self_values, cross_keys, cross_values, position, self_bias, cross_bias,
-               copies: int = 1):  # fmt: skip
+               copies: int = 1, cross_queries=None, cross_lengths=None, max_source: int = 0):  # fmt: skip
     """One decoder layer for one new token per row; the same code for every layer.
 
     hidden (N, 1, d_model); self_keys, self_values (N, H, T, D), slot `position` (1,) written here;
     cross_keys, cross_values (N / copies, H, S, D), filled once per batch, one per source whose
     `copies` adjacent rows attend to them as `copies` queries of one attention; self_bias (1, H, 1,
     T) the relative bias of this position with the causal mask in it; cross_bias (N / copies, 1, 1,
-    S) the sources' mask. Returns the layer's output (N, 1, d_model)."""
+    S) the sources' mask. Packed (`cross_lengths` given): cross_keys, cross_values (tokens, H, D) the
+    sources' positions without padding, source g's at cross_lengths[g]:cross_lengths[g + 1] (int32,
+    cumulative), its rows' queries at cross_queries[g]:cross_queries[g + 1]; no mask.
+    Returns the layer's output (N, 1, d_model)."""
     rows = hidden.shape[0]
     attention = block.layer[0].SelfAttention
     heads, head_dim = attention.n_heads, attention.key_value_proj_dim
@@ -115,10 +120,42 @@ def layer_step(block, hidden, self_keys, self_values, cross_keys, cross_values, 
 
     cross = block.layer[1].EncDecAttention
     normed = block.layer[1].layer_norm(hidden)
-    query = cross.q(normed).view(rows // copies, copies, heads, head_dim).transpose(1, 2)  # (N / copies, H, copies, D)
-    out = F.scaled_dot_product_attention(query, cross_keys, cross_values, attn_mask=cross_bias, scale=cross.scaling)
-    hidden = _clamp16(hidden + cross.o(out.transpose(1, 2).reshape(rows, 1, heads * head_dim)))
+    if cross_lengths is not None:
+        query = cross.q(normed).view(rows, heads, head_dim)  # (N, H, D): `copies` queries a source
+        out = _varlen()(query, cross_keys, cross_values, cross_queries, cross_lengths, copies, max_source,
+                        scale=cross.scaling)  # (N, H, D)  # fmt: skip
+        hidden = _clamp16(hidden + cross.o(out.reshape(rows, 1, heads * head_dim)))
+    else:
+        query = cross.q(normed).view(rows // copies, copies, heads, head_dim).transpose(1, 2)  # (N / c, H, c, D)
+        out = F.scaled_dot_product_attention(query, cross_keys, cross_values, attn_mask=cross_bias,
+                                             scale=cross.scaling)  # fmt: skip
+        hidden = _clamp16(hidden + cross.o(out.transpose(1, 2).reshape(rows, 1, heads * head_dim)))
     return _clamp16(block.layer[2](hidden))  # the feed-forward sublayer as transformers runs it
+
+
+# Cross-attention over the sources without their padding (PACKED_CROSS): each layer's keys and values
+# packed, (tokens, H, D), and attended with torch's variable-length flash attention
+# (torch.nn.attention.varlen), which reads each source's own positions only. A step otherwise reads
+# every padded position of every source: a batch of the first 128 SciQ rows holds 18,032 real tokens
+# in 128 x 512 positions, 2.4 GB of bf16 keys and values a step for flan-t5-base, 72 % of it padding
+# (docs/benchmarks.md). CUDA, bf16/fp16, torch 2.10+ only; off by default until measured on a GPU.
+PACKED_CROSS = os.environ.get("FLANTUNE_PACKED_CROSS", "0") == "1"
+
+
+@functools.cache
+def _varlen():
+    """torch's variable-length attention, or None where this torch has none (or none taking `scale`)."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn if "scale" in inspect.signature(varlen_attn).parameters else None
+
+
+def packed_cross_ready(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether a decoder on `device` whose keys are `dtype` runs the packed cross-attention."""
+    return (PACKED_CROSS and device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) and head_dim <= 256
+            and _varlen() is not None)  # fmt: skip
 
 
 # torch.compile of `layer_step`, made once per process: dynamo keeps one cache for the function, so
@@ -144,7 +181,7 @@ class T5Step:
     row moves) sees one value."""
 
     def __init__(self, model, cache, encoder_mask: torch.Tensor, tokens: torch.Tensor, compiled: bool = False,
-                 copies: int = 1):  # fmt: skip
+                 copies: int = 1, packed_sources: tuple[int, int] | None = None):  # fmt: skip
         # Tensors only: a kept recording must not keep the model alive (the engine's `_Decoder` holds
         # the model during a call only), so the model comes with each call.
         base = _base(model)
@@ -166,6 +203,19 @@ class T5Step:
         self.lowest = torch.full((), torch.finfo(self.dtype).min, dtype=self.dtype, device=keys.device)
         self.layer = compiled_layer() if compiled else layer_step
         self.copies = copies  # rows per source in the cross-attention cache (see `layer_step`)
+        # Packed cross-attention: `packed_sources` (sources, S) the cross cache's shape it replaces.
+        self.packed = packed_sources is not None
+        if self.packed:
+            sources, source_len = packed_sources
+            capacity, head_dim = sources * source_len, keys.shape[3]
+            self.cross = [(torch.zeros(capacity, heads, head_dim, dtype=self.dtype, device=keys.device),
+                           torch.zeros(capacity, heads, head_dim, dtype=self.dtype, device=keys.device))
+                          for _ in self_layers]  # fmt: skip
+            self.layers = [(s.keys, s.values, k, v) for s, (k, v) in zip(self_layers, self.cross, strict=True)]
+            rows = keys.shape[0]
+            self.cross_queries = torch.arange(0, rows + 1, copies, dtype=torch.int32, device=keys.device)
+            self.cross_lengths = torch.zeros(sources + 1, dtype=torch.int32, device=keys.device)  # cumulative
+            self.max_source = source_len
 
     @torch.no_grad()
     def prepare(self, model) -> None:
@@ -187,17 +237,54 @@ class T5Step:
         """`other`'s bias table (a decoder that takes over another's rows mid-call)."""
         self.bias.copy_(other.bias)
 
+    @torch.no_grad()
+    def fill_cross(self, projections: list[tuple], hidden: torch.Tensor, mask: torch.Tensor) -> None:
+        """Packed: every layer's cross-attention keys/values of the real positions of `hidden` (sources,
+        S, d_model) under `mask` (sources, S), source after source, and their cumulative lengths.
+        (A padding source of a captured bucket has its first position in the mask: one position.)"""
+        real = hidden[mask.bool()]  # (tokens, d_model), a sync for its size: once per batch
+        tokens, head_dim = real.shape[0], self.cross[0][0].shape[2]
+        for (keys, values), (key_proj, value_proj) in zip(self.cross, projections, strict=True):
+            keys[:tokens].copy_(key_proj(real).view(tokens, -1, head_dim))
+            values[:tokens].copy_(value_proj(real).view(tokens, -1, head_dim))
+        self.cross_lengths[0] = 0
+        self.cross_lengths[1:].copy_(mask.sum(1).cumsum(0))
+
+    @torch.no_grad()
+    def take_cross(self, other: T5Step, groups: torch.Tensor) -> None:
+        """Packed: the keys/values of `other`'s sources `groups` (g,) as this step's first g sources;
+        the sources past them (a bucket's padding) get one position each."""
+        lengths = (other.cross_lengths[1:] - other.cross_lengths[:-1]).long().index_select(0, groups)  # (g,)
+        starts = other.cross_lengths[:-1].long().index_select(0, groups)
+        ends = lengths.cumsum(0)
+        tokens = int(ends[-1])  # a sync: compaction happens at a stopping check, which synchronized
+        index = torch.repeat_interleave(starts - (ends - lengths), lengths, output_size=tokens)
+        index += torch.arange(tokens, device=index.device)  # (tokens,) positions in `other`'s buffers
+        for (keys, values), (their_keys, their_values) in zip(self.cross, other.cross, strict=True):
+            keys[:tokens].copy_(their_keys.index_select(0, index))
+            values[:tokens].copy_(their_values.index_select(0, index))
+        g, padding = groups.shape[0], self.cross_lengths.shape[0] - 1 - groups.shape[0]
+        self.cross_lengths[0] = 0
+        self.cross_lengths[1 : g + 1].copy_(ends)
+        self.cross_lengths[g + 1 :].copy_(tokens + torch.arange(1, padding + 1, device=index.device))
+
     def __call__(self, model) -> torch.Tensor:
         base = _base(model)
         decoder = base.get_decoder()
         hidden = decoder.embed_tokens(self.tokens)  # (N, 1, d_model)
         position = self.position.view(1)
         self_bias = self.bias.index_select(1, position)[None]  # (1, H, 1, T)
-        sources = self.encoder_mask[:: self.copies, None, None, :]  # (N / copies, 1, 1, S)
-        cross_bias = torch.where(sources != 0, self.zero, self.lowest)
+        if self.packed:
+            packed = {"cross_queries": self.cross_queries, "cross_lengths": self.cross_lengths,
+                      "max_source": self.max_source}  # fmt: skip
+            cross_bias = None
+        else:
+            packed = {}
+            sources = self.encoder_mask[:: self.copies, None, None, :]  # (N / copies, 1, 1, S)
+            cross_bias = torch.where(sources != 0, self.zero, self.lowest)
         for block, (self_keys, self_values, cross_keys, cross_values) in zip(decoder.block, self.layers, strict=True):
             hidden = self.layer(block, hidden, self_keys, self_values, cross_keys, cross_values, position, self_bias,
-                                cross_bias, self.copies)  # fmt: skip
+                                cross_bias, self.copies, **packed)  # fmt: skip
         self.position.add_(1)
         hidden = decoder.final_layer_norm(hidden)
         if self.scale is not None:
