@@ -38,6 +38,8 @@ Sides:
   sample or beam (`flantune.engine.SHARE_CROSS` off; shared is the default): what sharing changes.
 - engine-packed-cross: the engine with T5's cross-attention over the sources packed without padding
   (`flantune.t5_decode.PACKED_CROSS`, torch's variable-length flash attention; off by default).
+- engine-unstacked: the engine with each layer's q, k, v and wi_0, wi_1 products run apart
+  (`flantune.t5_decode.FUSE_PROJECTIONS` "0"; stacked is the default on CUDA).
 - engine-layers: the engine with its own T5 step's layer compiled once for every layer before
   capture (`flantune.engine.COMPILE_LAYERS`); torch._dynamo reset first, so its warm-up includes
   the compilation. engine-packed-layers: the same with `packed_encoder=True`.
@@ -110,7 +112,7 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 MODELS = ("flan-t5-base", "flan-t5-large")
 SIDES = ("hf-default", "hf-static", "engine", "engine-compiled", "engine-packed", "engine-padded",
          "engine-packed-compiled", "engine-unfused", "engine-keyed", "engine-hf-step", "engine-layers",
-         "engine-packed-layers", "engine-copied-cross", "engine-packed-cross")
+         "engine-packed-layers", "engine-copied-cross", "engine-packed-cross", "engine-unstacked")
 # name -> (prompts per batch, generation settings other than the lengths)
 CELLS = {
     "greedy-32": (32, {"do_sample": False, "num_beams": 1}),
@@ -286,6 +288,7 @@ copied_cross_engine_side = setting_side("flantune.engine", "SHARE_CROSS", False)
 layers_engine_side = setting_side("flantune.engine", "COMPILE_LAYERS", True)
 packed_layers_engine_side = setting_side("flantune.engine", "COMPILE_LAYERS", True, packed_encoder=True)
 packed_cross_engine_side = setting_side("flantune.t5_decode", "PACKED_CROSS", True)
+unstacked_engine_side = setting_side("flantune.t5_decode", "FUSE_PROJECTIONS", "0")
 
 
 def packed_engine_side(model, batch: dict, settings: dict) -> torch.Tensor:
@@ -407,7 +410,8 @@ def run_cell(model, sources, cell: str, args, device: str) -> dict:
                         "engine-unfused": unfused_engine_side, "engine-keyed": keyed_engine_side,
                         "engine-hf-step": hf_step_engine_side,
                         "engine-copied-cross": copied_cross_engine_side,
-                        "engine-packed-cross": packed_cross_engine_side}.get(name, engine_side)  # fmt: skip
+                        "engine-packed-cross": packed_cross_engine_side,
+                        "engine-unstacked": unstacked_engine_side}.get(name, engine_side)  # fmt: skip
                 engine = importlib.import_module("flantune.engine")
                 engine.clear_graphs()
                 # As in a fresh process: a block an earlier side compiled does not make this side packed.
@@ -438,7 +442,7 @@ def run_cell(model, sources, cell: str, args, device: str) -> dict:
              ("engine-layers", "hf-static"), ("engine-layers", "engine"), ("engine-packed-layers", "hf-default"),
              ("engine-packed-layers", "hf-static"), ("engine-packed-layers", "engine-packed-compiled"),
              ("engine", "engine-copied-cross"), ("engine-packed-cross", "engine"),
-             ("engine-packed-cross", "hf-default"), ("engine-packed-cross", "hf-static"))
+             ("engine-packed-cross", "hf-default"), ("engine-packed-cross", "hf-static"), ("engine", "engine-unstacked"))
     result["ratios"] = {f"{a}/{b}": speed[a] / speed[b] for a, b in pairs if a in speed and b in speed}
     return result
 

@@ -156,3 +156,40 @@ def test_own_step_with_feed_forward_adapters(t5_small_path, monkeypatch):
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(plain, ours, atol=1e-3)
 
+
+
+def test_stacked_projections_equal_the_layers_own(t5_small_path, monkeypatch):
+    """FUSE_PROJECTIONS: the step's q, k, v and wi_0, wi_1 products from stacked copies give
+    transformers' step's logits; LoRA-wrapped projections are left to their modules (a layer whose q
+    carries LoRA stacks only its feed-forward); a weight changed between two calls (training) is
+    copied again at the next batch; "auto" leaves the CPU alone."""
+    from peft import LoraConfig, get_peft_model
+
+    from flantune import engine
+
+    model = tiny_t5(t5_small_path)
+    batch = AutoTokenizer.from_pretrained(t5_small_path)(SOURCES, return_tensors="pt", padding=True)
+    assert t5_decode.fused_weights(model, torch.float32) is None  # auto, on the CPU
+    monkeypatch.setattr(t5_decode, "FUSE_PROJECTIONS", "1")
+    fused = t5_decode.fused_weights(model, torch.float32)
+    assert fused.plan == [(True, True)] * 2 and fused is t5_decode.fused_weights(model, torch.float32)
+    theirs, _ = steps(model, batch, own=False, monkeypatch=monkeypatch)
+    ours, _ = steps(model, batch, own=True, monkeypatch=monkeypatch)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+    def greedy(fuse: str):
+        monkeypatch.setattr(t5_decode, "FUSE_PROJECTIONS", fuse)
+        return engine.generate(model, batch["input_ids"], batch["attention_mask"], max_new_tokens=8).sequences
+
+    greedy("1")
+    with torch.no_grad():  # as an optimizer step would: in place, between two calls
+        model.decoder.block[1].layer[0].SelfAttention.k.weight.mul_(-3.0)
+        model.decoder.block[0].layer[2].DenseReluDense.wi_1.weight.mul_(2.5)
+    assert torch.equal(greedy("1"), greedy("0"))
+
+    lora = get_peft_model(tiny_t5(t5_small_path), LoraConfig(r=4, target_modules=["q", "v"], init_lora_weights=False))
+    monkeypatch.setattr(t5_decode, "FUSE_PROJECTIONS", "1")
+    assert t5_decode.fused_weights(lora, torch.float32).plan == [(False, True)] * 2
+    theirs, _ = steps(lora.eval(), batch, own=False, monkeypatch=monkeypatch)
+    ours, _ = steps(lora, batch, own=True, monkeypatch=monkeypatch)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
