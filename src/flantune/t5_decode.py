@@ -13,16 +13,21 @@ relative-position buckets. Here:
   its row with one index_select, and the cross-attention mask once for all layers;
 - a layer writes its key/value slot with index_copy_ and attends with one SDPA call, all layers at
   the one position tensor they share;
+- a source's samples or beams attend its one copy of the cross-attention keys/values together (the
+  engine keeps one per source), or, packed (`PACKED_CROSS`), the sources' keys/values without
+  their padding through torch's variable-length flash attention;
+- plain q, k, v and wi_0, wi_1 projections run as one matrix product each from stacked weight copies
+  (`FusedWeights`);
 - the layer is one function of the layer's modules and tensors (`layer_step`), the same code for
   every layer, so torch.compile compiles it once for all of them (regional compilation: one graph,
   not the whole step's 12 or 24 layers, hence seconds of compilation where the whole step takes
   13-20 s; `compiled_layer`).
 
-The projections, norms and feed-forward are the layers' own modules, called as modules: PEFT's LoRA,
-DoRA, IA3 and QLoRA layers, trainable tokens, the engine's fused norms and its gathered LoRA rows run
-here as they run in transformers' step. The arithmetic is transformers' (the same buckets, bias,
-mask value, SDPA call and fp16 clamps): tests/test_engine.py compares logits with transformers' step
-and tokens with `generate`. Models this does not cover keep transformers' step (`unsupported` says
+Otherwise the projections, norms and feed-forward are the layers' own modules, called as modules:
+PEFT's LoRA, DoRA, IA3 and QLoRA layers, trainable tokens, the engine's fused norms and its gathered
+LoRA rows run here as they run in transformers' step. The arithmetic is transformers' (the same
+buckets, bias, mask value, SDPA call and fp16 clamps): tests/test_t5_decode.py compares logits with
+transformers' step, tests/test_engine.py tokens with `generate`. Models this does not cover keep transformers' step (`unsupported` says
 why): other architectures (UMT5's bias per layer, BART), bottleneck adapters around the attentions
 (houlsby; the feed-forward ones run here), prefix tuning, hooks on the blocks (Accelerate's
 offloading), dropout in training mode.
