@@ -193,3 +193,24 @@ def test_stacked_projections_equal_the_layers_own(t5_small_path, monkeypatch):
     theirs, _ = steps(lora.eval(), batch, own=False, monkeypatch=monkeypatch)
     ours, _ = steps(lora, batch, own=True, monkeypatch=monkeypatch)
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+def test_sharded_weights_are_not_stacked():
+    """A projection whose weight is an FSDP shard (a DTensor) keeps its module: only plain tensors
+    stack (one process over gloo here)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    linear = torch.nn.Linear(8, 8, bias=False)
+    assert t5_decode._plain(linear)
+    started = not dist.is_initialized()
+    if started:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        linear.weight = torch.nn.Parameter(distribute_tensor(linear.weight.detach(), mesh, [Shard(0)]))
+        assert not t5_decode._plain(linear)
+    finally:
+        if started:
+            dist.destroy_process_group()

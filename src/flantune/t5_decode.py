@@ -192,8 +192,10 @@ _FUSED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # base model ->
 
 
 def _plain(module) -> bool:
-    return (type(module) is torch.nn.Linear and module.bias is None and not module._forward_hooks
-            and not module._forward_pre_hooks and "forward" not in vars(module))  # fmt: skip
+    """A bias-free nn.Linear as torch makes it, its weight a plain tensor (not PEFT-wrapped, not
+    quantized, not sharded: an FSDP DTensor is left to its module), with nothing hooked on it."""
+    return (type(module) is torch.nn.Linear and module.bias is None and type(module.weight.data) is torch.Tensor
+            and not module._forward_hooks and not module._forward_pre_hooks and "forward" not in vars(module))  # fmt: skip
 
 
 def _fusable(block) -> tuple[bool, bool]:
