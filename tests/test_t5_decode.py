@@ -169,13 +169,22 @@ def test_stacked_projections_equal_the_layers_own(t5_small_path, monkeypatch):
 
     model = tiny_t5(t5_small_path)
     batch = AutoTokenizer.from_pretrained(t5_small_path)(SOURCES, return_tensors="pt", padding=True)
-    assert t5_decode.fused_weights(model, torch.float32) is None  # auto, on the CPU
+    monkeypatch.setattr(t5_decode, "FUSE_PROJECTIONS", "auto")
+    assert t5_decode.fused_weights(model, torch.float32) is None  # auto leaves the CPU alone
     monkeypatch.setattr(t5_decode, "FUSE_PROJECTIONS", "1")
     fused = t5_decode.fused_weights(model, torch.float32)
     assert fused.plan == [(True, True)] * 2 and fused is t5_decode.fused_weights(model, torch.float32)
     theirs, _ = steps(model, batch, own=False, monkeypatch=monkeypatch)
     ours, _ = steps(model, batch, own=True, monkeypatch=monkeypatch)
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # the step reads the stacked copies, not the layers' own products
+        hidden = model.get_encoder()(**batch).last_hidden_state
+        decoder = engine._Decoder(model, hidden, batch["attention_mask"], 16)
+        decoder.tokens.fill_(model.config.decoder_start_token_id)
+        decoder.fill_cross()
+        for qkv, wi in decoder.own.fused.layers:
+            qkv.zero_(), wi.zero_()
+        assert not torch.allclose(decoder.step(), ours[0], atol=1e-3)
 
     def greedy(fuse: str):
         monkeypatch.setattr(t5_decode, "FUSE_PROJECTIONS", fuse)

@@ -301,18 +301,17 @@ class _Decoder:
         (Eagerly, transformers' first step is ~4,000 operator calls for flan-t5-base, host time
         while the GPU waits.)"""
         hidden = self.encoder_outputs.last_hidden_state[:: self.copies]  # (N / copies, S, d_model)
-        if self.own is not None and self.own.packed:
+        if self.own is not None and self.own.packed:  # our step keeps them packed, without padding
             self.own.fill_cross(cross_projections(self.model), hidden, self.encoder_mask[:: self.copies])
-            self.own.prepare(self.model)
-            return
-        rows, source_len = hidden.shape[:2]
-        head_dim = _decoder_head_shape(_base_model(self.model).config)[1]
-        cross = self.cache.cross_attention_cache
-        for layer_idx, (keys, values) in enumerate(cross_projections(self.model)):
-            shape = (rows, source_len, -1, head_dim)
-            cross.update(keys(hidden).view(shape).transpose(1, 2), values(hidden).view(shape).transpose(1, 2),
-                         layer_idx)  # (N, H, S, dk) each  # fmt: skip
-            self.cache.is_updated[layer_idx] = True
+        else:
+            rows, source_len = hidden.shape[:2]
+            head_dim = _decoder_head_shape(_base_model(self.model).config)[1]
+            cross = self.cache.cross_attention_cache
+            for layer_idx, (keys, values) in enumerate(cross_projections(self.model)):
+                shape = (rows, source_len, -1, head_dim)
+                cross.update(keys(hidden).view(shape).transpose(1, 2), values(hidden).view(shape).transpose(1, 2),
+                             layer_idx)  # (N, H, S, dk) each  # fmt: skip
+                self.cache.is_updated[layer_idx] = True
         if self.own is not None:
             self.own.prepare(self.model)  # the self-attention bias table, per batch
 
@@ -503,7 +502,6 @@ class _GraphedDecoder:
         self.encoder_hidden = torch.zeros(rows, source_len, width, dtype=dtype, device=device)  # (R, S', d)
         self.encoder_mask = torch.zeros(rows, source_len, dtype=torch.long, device=device)  # (R, S')
         self.decoder = _Decoder(model, self.encoder_hidden, self.encoder_mask, max_new_tokens, layers, copies)
-        self.copies = self.decoder.copies  # rows per source sharing cross-attention keys/values (1: none)
         self.decoder.model = None  # held only during a call: a kept entry must not keep the model alive
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None  # (R, V) the recorded step's output, rewritten by replay
@@ -525,6 +523,11 @@ class _GraphedDecoder:
         self.decoder.tokens.fill_(start_id)
         self.decoder.fill_cross()
         self.position = 1
+
+    @property
+    def copies(self) -> int:
+        """Rows per source sharing its cross-attention keys/values (1: none)."""
+        return self.decoder.copies
 
     def release(self) -> None:
         self.decoder.model = None
@@ -820,10 +823,13 @@ class _EagerDecoder:
     def __init__(self, model, encoder_hidden: torch.Tensor, encoder_mask: torch.Tensor, max_new_tokens: int,
                  start_id: int, copies: int = 1):  # fmt: skip
         self.decoder = _Decoder(model, encoder_hidden, encoder_mask, max_new_tokens, copies=copies)
-        self.copies = self.decoder.copies
         self.decoder.tokens.fill_(start_id)
         if self.decoder.own is not None:  # our step reads the cross-attention keys/values from the cache
             self.decoder.fill_cross()
+
+    @property
+    def copies(self) -> int:
+        return self.decoder.copies
 
     def first(self) -> torch.Tensor:
         return self.decoder.step()
@@ -846,7 +852,6 @@ class _EagerDecoder:
         new.decoder = _Decoder(old.model, old.encoder_outputs.last_hidden_state.index_select(0, keep),
                                old.encoder_mask.index_select(0, keep), old.decoder_mask.shape[1],
                                copies=old.copies)  # fmt: skip
-        new.copies = new.decoder.copies
         new.decoder.take_rows(old, keep)
         return new
 

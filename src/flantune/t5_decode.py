@@ -285,8 +285,6 @@ class T5Step:
         self.position = self_layers[0].cumulative_length  # 0-dim long: the slot this step writes
         for layer in self_layers[1:]:
             layer.cumulative_length = self.position
-        self.layers = [(s.keys, s.values, c.keys, c.values)
-                       for s, c in zip(self_layers, cache.cross_attention_cache.layers, strict=True)]  # fmt: skip
         keys = self_layers[0].keys  # (N, H, T, D)
         heads, length = keys.shape[1], keys.shape[2]
         self.dtype = keys.dtype
@@ -301,17 +299,24 @@ class T5Step:
         self.fused = fused_weights(model, self.dtype)  # the stacked projections, or None
         # Packed cross-attention: `packed_sources` (sources, S) the cross cache's shape it replaces.
         self.packed = packed_sources is not None
+        packed = {}
         if self.packed:
             sources, source_len = packed_sources
             capacity, head_dim = sources * source_len, keys.shape[3]
             self.cross = [(torch.zeros(capacity, heads, head_dim, dtype=self.dtype, device=keys.device),
                            torch.zeros(capacity, heads, head_dim, dtype=self.dtype, device=keys.device))
                           for _ in self_layers]  # fmt: skip
-            self.layers = [(s.keys, s.values, k, v) for s, (k, v) in zip(self_layers, self.cross, strict=True)]
-            rows = keys.shape[0]
-            self.cross_queries = torch.arange(0, rows + 1, copies, dtype=torch.int32, device=keys.device)
             self.cross_lengths = torch.zeros(sources + 1, dtype=torch.int32, device=keys.device)  # cumulative
-            self.max_source = source_len
+            packed = {"cross_queries": torch.arange(0, keys.shape[0] + 1, copies, dtype=torch.int32, device=keys.device),
+                      "cross_lengths": self.cross_lengths, "max_source": source_len}  # fmt: skip
+        cross = self.cross if self.packed else [(c.keys, c.values) for c in cache.cross_attention_cache.layers]
+        stacked = self.fused.layers if self.fused is not None else [(None, None)] * len(self_layers)
+        # Each layer's tensors and options for `layer_step`, in the order of the decoder's blocks; fixed
+        # for this decoder's life (its caches and the kept stacked weights are updated in place).
+        self.arguments = [
+            ((own.keys, own.values, keys_, values_), {**packed, "qkv": qkv, "wi": wi})
+            for own, (keys_, values_), (qkv, wi) in zip(self_layers, cross, stacked, strict=True)
+        ]
 
     @torch.no_grad()
     def prepare(self, model) -> None:
@@ -372,20 +377,15 @@ class T5Step:
         hidden = decoder.embed_tokens(self.tokens)  # (N, 1, d_model)
         position = self.position.view(1)
         self_bias = self.bias.index_select(1, position)[None]  # (1, H, 1, T)
-        if self.packed:
-            packed = {"cross_queries": self.cross_queries, "cross_lengths": self.cross_lengths,
-                      "max_source": self.max_source}  # fmt: skip
-            cross_bias = None
-        else:
-            packed = {}
+        cross_bias = None
+        if not self.packed:
             sources = self.encoder_mask[:: self.copies, None, None, :]  # (N / copies, 1, 1, S)
             cross_bias = torch.where(sources != 0, self.zero, self.lowest)
-        stacked = self.fused.layers if self.fused is not None else [(None, None)] * len(self.layers)
-        for block, (self_keys, self_values, cross_keys, cross_values), (qkv, wi) in zip(
-            decoder.block, self.layers, stacked, strict=True
+        for block, ((self_keys, self_values, cross_keys, cross_values), options) in zip(
+            decoder.block, self.arguments, strict=True
         ):
             hidden = self.layer(block, hidden, self_keys, self_values, cross_keys, cross_values, position, self_bias,
-                                cross_bias, self.copies, **packed, qkv=qkv, wi=wi)  # fmt: skip
+                                cross_bias, self.copies, **options)  # fmt: skip
         self.position.add_(1)
         hidden = decoder.final_layer_norm(hidden)
         if self.scale is not None:
