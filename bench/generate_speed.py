@@ -40,6 +40,8 @@ Sides:
   (`flantune.t5_decode.PACKED_CROSS`, torch's variable-length flash attention; off by default).
 - engine-unstacked: the engine with each layer's q, k, v and wi_0, wi_1 products run apart
   (`flantune.t5_decode.FUSE_PROJECTIONS` "0"; stacked is the default on CUDA).
+- engine-unfused-residuals: the engine with each layer's o, cross o and wo products added to the
+  residual after them, not into it (`flantune.t5_decode.FUSE_RESIDUALS` off; on is the default).
 - engine-layers: the engine with its own T5 step's layer compiled once for every layer before
   capture (`flantune.engine.COMPILE_LAYERS`); torch._dynamo reset first, so its warm-up includes
   the compilation. engine-packed-layers: the same with `packed_encoder=True`.
@@ -112,7 +114,8 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 MODELS = ("flan-t5-base", "flan-t5-large")
 SIDES = ("hf-default", "hf-static", "engine", "engine-compiled", "engine-packed", "engine-padded",
          "engine-packed-compiled", "engine-unfused", "engine-keyed", "engine-hf-step", "engine-layers",
-         "engine-packed-layers", "engine-copied-cross", "engine-packed-cross", "engine-unstacked")
+         "engine-packed-layers", "engine-copied-cross", "engine-packed-cross", "engine-unstacked",
+         "engine-unfused-residuals")
 # name -> (prompts per batch, generation settings other than the lengths)
 CELLS = {
     "greedy-32": (32, {"do_sample": False, "num_beams": 1}),
@@ -289,6 +292,7 @@ layers_engine_side = setting_side("flantune.engine", "COMPILE_LAYERS", True)
 packed_layers_engine_side = setting_side("flantune.engine", "COMPILE_LAYERS", True, packed_encoder=True)
 packed_cross_engine_side = setting_side("flantune.t5_decode", "PACKED_CROSS", True)
 unstacked_engine_side = setting_side("flantune.t5_decode", "FUSE_PROJECTIONS", "0")
+unfused_residuals_engine_side = setting_side("flantune.t5_decode", "FUSE_RESIDUALS", False)
 
 
 def packed_engine_side(model, batch: dict, settings: dict) -> torch.Tensor:
@@ -411,7 +415,8 @@ def run_cell(model, sources, cell: str, args, device: str) -> dict:
                         "engine-hf-step": hf_step_engine_side,
                         "engine-copied-cross": copied_cross_engine_side,
                         "engine-packed-cross": packed_cross_engine_side,
-                        "engine-unstacked": unstacked_engine_side}.get(name, engine_side)  # fmt: skip
+                        "engine-unstacked": unstacked_engine_side,
+                        "engine-unfused-residuals": unfused_residuals_engine_side}.get(name, engine_side)  # fmt: skip
                 engine = importlib.import_module("flantune.engine")
                 engine.clear_graphs()
                 # As in a fresh process: a block an earlier side compiled does not make this side packed.
@@ -442,7 +447,8 @@ def run_cell(model, sources, cell: str, args, device: str) -> dict:
              ("engine-layers", "hf-static"), ("engine-layers", "engine"), ("engine-packed-layers", "hf-default"),
              ("engine-packed-layers", "hf-static"), ("engine-packed-layers", "engine-packed-compiled"),
              ("engine", "engine-copied-cross"), ("engine-packed-cross", "engine"),
-             ("engine-packed-cross", "hf-default"), ("engine-packed-cross", "hf-static"), ("engine", "engine-unstacked"))
+             ("engine-packed-cross", "hf-default"), ("engine-packed-cross", "hf-static"), ("engine", "engine-unstacked"),
+             ("engine", "engine-unfused-residuals"))
     result["ratios"] = {f"{a}/{b}": speed[a] / speed[b] for a, b in pairs if a in speed and b in speed}
     return result
 

@@ -158,8 +158,30 @@ def test_own_step_with_feed_forward_adapters(t5_small_path, monkeypatch):
 
 
 
+def fused_residuals(model, batch, monkeypatch) -> int:
+    """The in-place addmm_ calls of one decode step of `model` (FUSE_RESIDUALS' products)."""
+    from flantune import engine
+
+    calls = []
+    addmm_ = torch.Tensor.addmm_
+
+    def counted(self, *args, **kwargs):
+        calls.append(self.shape)
+        return addmm_(self, *args, **kwargs)
+
+    with torch.no_grad(), monkeypatch.context() as patch:
+        hidden = model.get_encoder()(**batch).last_hidden_state
+        decoder = engine._Decoder(model, hidden, batch["attention_mask"], 16)
+        decoder.tokens.fill_(model.config.decoder_start_token_id)
+        decoder.fill_cross()
+        patch.setattr(torch.Tensor, "addmm_", counted)
+        decoder.step()
+    return len(calls)
+
+
 def test_stacked_projections_equal_the_layers_own(t5_small_path, monkeypatch):
-    """FUSE_PROJECTIONS: the step's q, k, v and wi_0, wi_1 products from stacked copies give
+    """FUSE_PROJECTIONS: the step's q, k, v and wi_0, wi_1 products from stacked copies, and its
+    output products added into the residual in place (FUSE_RESIDUALS; not under autocast), give
     transformers' step's logits; LoRA-wrapped projections are left to their modules (a layer whose q
     carries LoRA stacks only its feed-forward); a weight changed between two calls (training) is
     copied again at the next batch; "auto" leaves the CPU alone."""
@@ -185,6 +207,13 @@ def test_stacked_projections_equal_the_layers_own(t5_small_path, monkeypatch):
         for qkv, wi in decoder.own.fused.layers:
             qkv.zero_(), wi.zero_()
         assert not torch.allclose(decoder.step(), ours[0], atol=1e-3)
+    monkeypatch.setattr(t5_decode, "FUSE_RESIDUALS", True)
+    assert fused_residuals(model, batch, monkeypatch) == 3 * 2  # o, cross o, wo of both layers, in place
+    monkeypatch.setattr(t5_decode, "FUSE_RESIDUALS", False)
+    assert fused_residuals(model, batch, monkeypatch) == 0
+    monkeypatch.setattr(t5_decode, "FUSE_RESIDUALS", True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # float32 residual, bf16 products: the modules
+        assert fused_residuals(model, batch, monkeypatch) == 0
 
     def greedy(fuse: str):
         monkeypatch.setattr(t5_decode, "FUSE_PROJECTIONS", fuse)

@@ -102,8 +102,21 @@ def _clamp16(hidden: torch.Tensor) -> torch.Tensor:
     return torch.clamp(hidden, min=-limit, max=limit)
 
 
+def _add_product(hidden: torch.Tensor, inputs: torch.Tensor, module, weight: torch.Tensor | None) -> torch.Tensor:
+    """hidden + module(inputs), hidden (N, 1, d_model): with `weight` (the module's plain weight,
+    FUSE_RESIDUALS) one matrix product that adds into `hidden` in place (addmm_: cuBLAS's beta = 1; an
+    out-of-place addmm would copy `hidden` first, a kernel more); else the module, then the sum. Not
+    under autocast: there the module's product is in the autocast dtype and the residual float32."""
+    if (weight is not None and hidden.dtype == inputs.dtype == weight.dtype and hidden.is_contiguous()
+            and not torch.is_autocast_enabled(hidden.device.type)):  # fmt: skip
+        flat = hidden.view(-1, hidden.shape[-1])  # (N, d_model), the same memory
+        return flat.addmm_(inputs.reshape(-1, inputs.shape[-1]), weight.t()).view(hidden.shape)
+    return hidden + module(inputs)
+
+
 def layer_step(block, hidden, self_keys, self_values, cross_keys, cross_values, position, self_bias, cross_bias,
-               copies: int = 1, cross_queries=None, cross_lengths=None, max_source: int = 0, qkv=None, wi=None):  # fmt: skip
+               copies: int = 1, cross_queries=None, cross_lengths=None, max_source: int = 0, qkv=None, wi=None,
+               outs=(None, None, None)):  # fmt: skip
     """One decoder layer for one new token per row; the same code for every layer.
 
     hidden (N, 1, d_model); self_keys, self_values (N, H, T, D), slot `position` (1,) written here;
@@ -114,7 +127,9 @@ def layer_step(block, hidden, self_keys, self_values, cross_keys, cross_values, 
     sources' positions without padding, source g's at cross_lengths[g]:cross_lengths[g + 1] (int32,
     cumulative), its rows' queries at cross_queries[g]:cross_queries[g + 1]; no mask. `qkv` (3 inner,
     d_model), `wi` (2 d_ff, d_model): the layer's q, k, v and wi_0, wi_1 weights stacked
-    (`FusedWeights`), one matrix product each instead of three and two.
+    (`FusedWeights`), one matrix product each instead of three and two. `outs`: the plain weights of
+    the self-attention's o, the cross-attention's o and the feed-forward's wo (each or None,
+    FUSE_RESIDUALS), whose products add into the residual in place: `hidden` is overwritten.
     Returns the layer's output (N, 1, d_model)."""
     rows = hidden.shape[0]
     attention = block.layer[0].SelfAttention
@@ -128,7 +143,7 @@ def layer_step(block, hidden, self_keys, self_values, cross_keys, cross_values, 
     self_keys.index_copy_(2, position, key.view(rows, 1, heads, head_dim).transpose(1, 2))
     self_values.index_copy_(2, position, value.view(rows, 1, heads, head_dim).transpose(1, 2))
     out = F.scaled_dot_product_attention(query, self_keys, self_values, attn_mask=self_bias, scale=attention.scaling)
-    hidden = _clamp16(hidden + attention.o(out.transpose(1, 2).reshape(rows, 1, heads * head_dim)))
+    hidden = _clamp16(_add_product(hidden, out.transpose(1, 2).reshape(rows, 1, heads * head_dim), attention.o, outs[0]))
 
     cross = block.layer[1].EncDecAttention
     normed = block.layer[1].layer_norm(hidden)
@@ -136,12 +151,13 @@ def layer_step(block, hidden, self_keys, self_values, cross_keys, cross_values, 
         query = cross.q(normed).view(rows, heads, head_dim)  # (N, H, D): `copies` queries a source
         out = _varlen()(query, cross_keys, cross_values, cross_queries, cross_lengths, copies, max_source,
                         scale=cross.scaling)  # (N, H, D)  # fmt: skip
-        hidden = _clamp16(hidden + cross.o(out.reshape(rows, 1, heads * head_dim)))
+        hidden = _clamp16(_add_product(hidden, out.reshape(rows, 1, heads * head_dim), cross.o, outs[1]))
     else:
         query = cross.q(normed).view(rows // copies, copies, heads, head_dim).transpose(1, 2)  # (N / c, H, c, D)
         out = F.scaled_dot_product_attention(query, cross_keys, cross_values, attn_mask=cross_bias,
                                              scale=cross.scaling)  # fmt: skip
-        hidden = _clamp16(hidden + cross.o(out.transpose(1, 2).reshape(rows, 1, heads * head_dim)))
+        hidden = _clamp16(_add_product(hidden, out.transpose(1, 2).reshape(rows, 1, heads * head_dim), cross.o,
+                                       outs[1]))  # fmt: skip
     if wi is None:
         return _clamp16(block.layer[2](hidden))  # the feed-forward sublayer as transformers runs it
     ff = block.layer[2].DenseReluDense  # T5DenseGatedActDense's arithmetic, wi_0 and wi_1 in one product
@@ -149,7 +165,7 @@ def layer_step(block, hidden, self_keys, self_values, cross_keys, cross_values, 
     inner = ff.act(gate) * linear
     if inner.dtype != ff.wo.weight.dtype and ff.wo.weight.dtype != torch.int8:  # T5 keeps wo in float32
         inner = inner.to(ff.wo.weight.dtype)
-    return _clamp16(hidden + ff.wo(inner))
+    return _clamp16(_add_product(hidden, inner, ff.wo, outs[2]))
 
 
 # Cross-attention over the sources without their padding (PACKED_CROSS): each layer's keys and values
@@ -157,7 +173,10 @@ def layer_step(block, hidden, self_keys, self_values, cross_keys, cross_values, 
 # (torch.nn.attention.varlen), which reads each source's own positions only. A step otherwise reads
 # every padded position of every source: a batch of the first 128 SciQ rows holds 18,032 real tokens
 # in 128 x 512 positions, 2.4 GB of bf16 keys and values a step for flan-t5-base, 72 % of it padding
-# (docs/benchmarks.md). CUDA, bf16/fp16, torch 2.10+ only; off by default until measured on a GPU.
+# (docs/benchmarks.md). CUDA, bf16/fp16, torch 2.10+ only. Off by default: measured on an H200 it
+# does not pay (0.95x-1.04x the padded cache's tokens/s for flan-t5-base and flan-t5-large, 0.97x
+# in the 72 %-padding cell; docs/benchmarks.md, 2026-12-04). Not profiled; a likely cause: with one
+# query per source (greedy) the kernel's query tiles are almost empty.
 PACKED_CROSS = os.environ.get("FLANTUNE_PACKED_CROSS", "0") == "1"
 
 
@@ -184,9 +203,16 @@ def packed_cross_ready(device: torch.device, dtype: torch.dtype, head_dim: int) 
 # (not PEFT-wrapped, not quantized), refreshed from the model's weights at every batch (a model
 # trained between calls), kept once per model and dtype for every decoder of it. "auto": on CUDA
 # where the copies take at most FUSE_MEMORY_SHARE of the free memory (flan-t5-base in bf16: 117 MB;
-# flan-t5-xxl: 6.4 GB); "1" everywhere; "0" never. Not yet run on a GPU (its CPU tests compare logits
-# and ids with the layers' own products).
+# flan-t5-xxl: 6.4 GB); "1" everywhere; "0" never. Measured on an H200 (flan-t5-base, bf16): 1.05x-1.06x
+# the tokens/s of the layers' own products (docs/benchmarks.md, 2026-12-04).
 FUSE_PROJECTIONS = os.environ.get("FLANTUNE_FUSE_PROJECTIONS", "auto")
+# With them (wherever FUSE_PROJECTIONS stacks), a layer's three output products (self-attention o,
+# cross-attention o, feed-forward wo) add into the residual as one in-place addmm_ each, where the
+# layer's module and the sum were two kernels: 36 fewer a step for flan-t5-base. The module's own
+# weight (no copy), plain nn.Linear only; not under the compiled layer (inductor fuses the sums
+# itself). The sum is rounded once (float32 accumulation, then the dtype) where the module's output
+# was rounded before the sum: in bf16 not bitwise transformers' step, in float32 within 1e-6.
+FUSE_RESIDUALS = os.environ.get("FLANTUNE_FUSE_RESIDUALS", "1") != "0"
 FUSE_MEMORY_SHARE = 0.05
 _FUSED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # base model -> {dtype: FusedWeights}
 
@@ -203,6 +229,14 @@ def _fusable(block) -> tuple[bool, bool]:
     attention, ff = block.layer[0].SelfAttention, block.layer[2].DenseReluDense
     gated = hasattr(ff, "wi_0") and hasattr(ff, "wi_1") and _plain(ff.wi_0) and _plain(ff.wi_1)
     return _plain(attention.q) and _plain(attention.k) and _plain(attention.v), gated
+
+
+def _output_weights(block) -> tuple:
+    """A decoder block's self-attention o, cross-attention o and feed-forward wo weights, each where
+    its module is plain (else None: that product runs through its module), for FUSE_RESIDUALS."""
+    ff = block.layer[2].DenseReluDense
+    linears = (block.layer[0].SelfAttention.o, block.layer[1].EncDecAttention.o, getattr(ff, "wo", None))
+    return tuple(linear.weight if linear is not None and _plain(linear) else None for linear in linears)
 
 
 class FusedWeights:
@@ -311,11 +345,15 @@ class T5Step:
                       "cross_lengths": self.cross_lengths, "max_source": source_len}  # fmt: skip
         cross = self.cross if self.packed else [(c.keys, c.values) for c in cache.cross_attention_cache.layers]
         stacked = self.fused.layers if self.fused is not None else [(None, None)] * len(self_layers)
+        blocks = base.get_decoder().block
+        residual = self.fused is not None and FUSE_RESIDUALS and not compiled
+        outs = [_output_weights(block) if residual else (None, None, None) for block in blocks]
         # Each layer's tensors and options for `layer_step`, in the order of the decoder's blocks; fixed
-        # for this decoder's life (its caches and the kept stacked weights are updated in place).
+        # for this decoder's life (its caches and the kept stacked weights are updated in place; the
+        # output weights are the model's own, whose memory the engine's fingerprint watches).
         self.arguments = [
-            ((own.keys, own.values, keys_, values_), {**packed, "qkv": qkv, "wi": wi})
-            for own, (keys_, values_), (qkv, wi) in zip(self_layers, cross, stacked, strict=True)
+            ((own.keys, own.values, keys_, values_), {**packed, "qkv": qkv, "wi": wi, "outs": out})
+            for own, (keys_, values_), (qkv, wi), out in zip(self_layers, cross, stacked, outs, strict=True)
         ]
 
     @torch.no_grad()
