@@ -17,7 +17,8 @@ relative-position buckets. Here:
   engine keeps one per source), or, packed (`PACKED_CROSS`), the sources' keys/values without
   their padding through torch's variable-length flash attention;
 - plain q, k, v and wi_0, wi_1 projections run as one matrix product each from stacked weight copies
-  (`FusedWeights`);
+  (`FusedWeights`), and plain output projections (o, cross o, wo) add into the residual in place
+  (`FUSE_RESIDUALS`);
 - the layer is one function of the layer's modules and tensors (`layer_step`), the same code for
   every layer, so torch.compile compiles it once for all of them (regional compilation: one graph,
   not the whole step's 12 or 24 layers, hence seconds of compilation where the whole step takes
