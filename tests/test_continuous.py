@@ -223,6 +223,18 @@ def test_other_architectures_are_refused():
         continuous.Slots(model, capacity=2, max_new_tokens=4, max_source_tokens=8)
 
 
+def test_t5_models_the_decode_step_does_not_run_are_refused(t5_small_path):
+    """T5's continuous step is flantune.t5_decode's layer: a T5 it does not run (here a hook on a
+    decoder block, as Accelerate's offloading sets) is refused, with t5_decode's reason."""
+    cfg = tiny_config(t5_small_path)
+    model = AutoModelForSeq2SeqLM.from_config(cfg).eval()
+    assert continuous.supports(model)
+    model.decoder.block[1].register_forward_hook(lambda *args: None)
+    assert not continuous.supports(model)
+    with pytest.raises(ValueError, match=r"t5: continuous batching .* \(decoder block 1: hooks on T5Block\)"):
+        continuous.Slots(model, capacity=2, max_new_tokens=4, max_source_tokens=8)
+
+
 def test_a_step_over_the_lowest_slots_equals_the_full_step(t5):
     """step(rows=k) computes slots 0..k-1 only, with the logits and cache writes of a full step (up to
     float64 rounding: matrix products of another row count may sum in another order)."""

@@ -12,9 +12,10 @@ Why our own. transformers' caches keep one position for the whole batch (StaticC
 T5's relative bias and BART's learned positions are computed from that one position. Serving needs
 rows at different positions in one step (a request's rows join the next step after their encoder
 pass; finished rows leave at once), as vLLM schedules decoder-only models and as no library does for
-encoder-decoder ones. This module computes the step from the model's own modules (its Linear layers,
-norms, feed-forward blocks, embeddings and relative-bias table, so LoRA and other PEFT layers apply
-as in the model's forward) with per-row positions. Every tensor the step reads or writes is
+encoder-decoder ones. The step runs the model's own modules (its Linear layers, norms, feed-forward
+blocks, embeddings and relative-bias table, so LoRA layers apply as in the model's forward) with
+per-row positions: T5's layers through flantune.t5_decode's `layer_step`, the decoding engine's
+layer, given each row's position and bias; BART's step is written here (`_bart_step`). Every tensor the step reads or writes is
 allocated in __init__, and positions are tensors, so one captured CUDA graph serves any mix of
 positions.
 
@@ -36,9 +37,8 @@ import warnings
 import torch
 from torch import Tensor
 
-from flantune import engine
+from flantune import engine, t5_decode
 from flantune.engine import cross_projections, fused_layers
-from flantune.fast_t5 import relative_bucket
 from flantune.graphs import StaticSources
 from flantune.graphs import record as _record
 from flantune.graphs import warm_up as _warm_up
@@ -63,7 +63,10 @@ def _base_model(model):
 
 
 def supports(model) -> bool:
-    return _base_model(model).config.model_type in MODEL_TYPES
+    """BART, and T5 / mT5 models whose decoder layers flantune.t5_decode's step runs (its
+    `unsupported` says why not: hooks on the blocks, adapters around the attentions, ...)."""
+    model_type = _base_model(model).config.model_type
+    return model_type == "bart" or (model_type in MODEL_TYPES and t5_decode.unsupported(model) is None)
 
 
 def _shape(config) -> tuple[int, int, int]:
@@ -96,9 +99,10 @@ class Slots:
                  dtype: torch.dtype | None = None, adapters: list[str] | None = None,
                  graphs: bool | None = None):  # fmt: skip
         if not supports(model):
-            raise ValueError(
-                f"{_base_model(model).config.model_type}: continuous batching drives {', '.join(sorted(MODEL_TYPES))} models"
-            )
+            model_type = _base_model(model).config.model_type
+            why = t5_decode.unsupported(model) if model_type in MODEL_TYPES else None
+            raise ValueError(f"{model_type}: continuous batching drives {', '.join(sorted(MODEL_TYPES))} models"
+                             + (f" whose decode step flantune runs ({why})" if why else ""))  # fmt: skip
         self.model = model
         base = _base_model(model)
         config = base.config
@@ -120,10 +124,19 @@ class Slots:
         self.live = torch.zeros(R, dtype=torch.bool, device=device)  # (R,) slots holding a row
         self.slot_range = torch.arange(R, device=device)
         self.key_range = torch.arange(L, device=device)
-        # transformers 5.24 names the lm_head scaling `scale_decoder_outputs`; earlier versions scale
-        # when the word embeddings are tied.
-        scale = getattr(config, "scale_decoder_outputs", None)
-        self.output_scale = config.d_model**-0.5 if (config.tie_word_embeddings if scale is None else scale) else None
+        if not self.bart:
+            # T5's step is flantune.t5_decode's layer (the engine's), each row at its own position:
+            # the self-attention bias of every (query, key) position pair once (H, L, L), a row's
+            # taken by its position at each step; the stacked projections and the output products
+            # into the residual where the engine takes them. The weights are read now (the bias
+            # table, the stacked copies): the model must not change while the slots serve it.
+            compute = base.get_decoder().embed_tokens.weight.dtype  # the step's dtype (its hidden states)
+            self.bias = t5_decode.bias_table(model, L, compute)  # (H, L, L)
+            self.fused = t5_decode.fused_weights(model, compute)
+            if self.fused is not None:
+                self.fused.refresh(base.get_decoder())
+            self.layer_options = t5_decode.layer_options(model, self.fused)
+            self.output_scale = t5_decode.scale_of(model)
         # Per-row LoRA (its `rows` (R,) is each slot's adapter index, 0 the base), or None.
         self.lora = LoraRows(model, adapters, capacity) if adapters else None
         # Captured steps per row bucket (`run`): on by default on CUDA.
@@ -307,61 +320,25 @@ class Slots:
             return _bart_step(self, R)
         base = _base_model(self.model)
         decoder = base.get_decoder()
-        H, dk = self.heads, self.head_dim
         tokens, positions, source_mask = self.tokens[:R], self.positions[:R], self.source_mask[:R]
-        slot_range = self.slot_range[:R]
-        hidden = decoder.embed_tokens(tokens[:, None])  # (R, 1, d)
-        dtype = hidden.dtype
-        low = torch.finfo(dtype).min
-        # T5's relative bias, from the first layer's table, shared by every layer, per row:
-        # key slot j seen from position p is at relative position j - p (future slots masked).
-        first = decoder.block[0].layer[0].SelfAttention
-        relative = self.key_range[None, :] - positions[:, None]  # (R, L)
-        buckets = relative_bucket(relative, False, first.relative_attention_num_buckets,
-                                  first.relative_attention_max_distance)  # fmt: skip
-        bias = first.relative_attention_bias(buckets).permute(0, 2, 1)[:, :, None, :].to(dtype)  # (R, H, 1, L)
-        bias = bias.masked_fill((relative > 0)[:, None, None, :], low)
-        cross_bias = torch.zeros(source_mask.shape, dtype=dtype, device=hidden.device)
-        cross_bias = cross_bias.masked_fill(~source_mask, low)[:, None, None, :]  # (R, 1, 1, S)
-        for i, block in enumerate(decoder.block):
-            layer = block.layer[0]
-            attention = layer.SelfAttention
-            x = layer.layer_norm(hidden)
-            query = self._linear(attention.q, x).view(R, 1, H, dk).transpose(1, 2)  # (R, H, 1, dk)
-            key = self._linear(attention.k, x).view(R, H, dk)
-            value = self._linear(attention.v, x).view(R, H, dk)
-            self.keys[i][slot_range, :, positions] = key.to(self.keys[i].dtype)  # slot p of row r
-            self.values[i][slot_range, :, positions] = value.to(self.values[i].dtype)
-            out = _attend(query, self.keys[i][:R], self.values[i][:R], bias)  # (R, 1, H * dk)
-            hidden = hidden + layer.dropout(self._linear(attention.o, out))
-
-            layer = block.layer[1]
-            attention = layer.EncDecAttention
-            x = layer.layer_norm(hidden)
-            query = self._linear(attention.q, x).view(R, 1, H, dk).transpose(1, 2)
-            out = _attend(query, self.cross_keys[i][:R], self.cross_values[i][:R], cross_bias)
-            hidden = hidden + layer.dropout(self._linear(attention.o, out))
-
-            hidden = self._t5_feed_forward(block.layer[2], hidden)
-        hidden = decoder.dropout(decoder.final_layer_norm(hidden))
-        if self.output_scale is not None:
-            hidden = hidden * self.output_scale
-        return self._linear(base.lm_head, hidden)[:, 0]  # (R, V)
-
-    def _t5_feed_forward(self, layer, hidden: Tensor) -> Tensor:
-        """T5LayerFF (norm, feed-forward, residual) with each Linear through `_linear`; the same
-        operations as transformers' T5DenseActDense / T5DenseGatedActDense."""
-        dense = layer.DenseReluDense
-        x = layer.layer_norm(hidden)
-        if hasattr(dense, "wi_0"):  # gated (FLAN-T5, mT5)
-            x = dense.act(self._linear(dense.wi_0, x)) * self._linear(dense.wi_1, x)
-        else:
-            x = dense.act(self._linear(dense.wi, x))
-        x = dense.dropout(x)
-        weight = dense.wo.weight  # FLAN-T5-XXL keeps wo in float32 (transformers casts the input to it)
-        if isinstance(weight, Tensor) and x.dtype != weight.dtype and weight.dtype != torch.int8:
-            x = x.to(weight.dtype)
-        return hidden + layer.dropout(self._linear(dense.wo, x))
+        with self.lora.routed(base, self.lora.rows[:R]) if self.lora is not None else contextlib.nullcontext():
+            hidden = decoder.embed_tokens(tokens[:, None])  # (R, 1, d)
+            if hidden.dtype != self.keys[0].dtype:
+                raise ValueError(f"these slots hold {self.keys[0].dtype} caches; T5's step runs in the model's "
+                                 f"{hidden.dtype}: make them with dtype={hidden.dtype}")  # fmt: skip
+            # Each row's bias at its position: (H, R, L) -> (R, H, 1, L), future slots masked in the table.
+            bias = self.bias.index_select(1, positions).transpose(0, 1)[:, :, None, :]
+            low = torch.finfo(hidden.dtype).min
+            cross_bias = torch.zeros(source_mask.shape, dtype=hidden.dtype, device=hidden.device)
+            cross_bias = cross_bias.masked_fill(~source_mask, low)[:, None, None, :]  # (R, 1, 1, S)
+            for i, (block, options) in enumerate(zip(decoder.block, self.layer_options, strict=True)):
+                hidden = t5_decode.layer_step(block, hidden, self.keys[i][:R], self.values[i][:R], self.cross_keys[i][:R],
+                                              self.cross_values[i][:R], positions, bias, cross_bias,
+                                              slots=self.slot_range[:R], **options)  # fmt: skip
+            hidden = decoder.final_layer_norm(hidden)
+            if self.output_scale is not None:
+                hidden = hidden * self.output_scale
+            return base.lm_head(hidden)[:, 0]  # (R, V)
 
 
 def _bart_step(self: Slots, R: int) -> Tensor:

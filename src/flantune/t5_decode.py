@@ -117,7 +117,7 @@ def _add_product(hidden: torch.Tensor, inputs: torch.Tensor, module, weight: tor
 
 def layer_step(block, hidden, self_keys, self_values, cross_keys, cross_values, position, self_bias, cross_bias,
                copies: int = 1, cross_queries=None, cross_lengths=None, max_source: int = 0, qkv=None, wi=None,
-               outs=(None, None, None)):  # fmt: skip
+               outs=(None, None, None), slots=None):  # fmt: skip
     """One decoder layer for one new token per row; the same code for every layer.
 
     hidden (N, 1, d_model); self_keys, self_values (N, H, T, D), slot `position` (1,) written here;
@@ -131,6 +131,9 @@ def layer_step(block, hidden, self_keys, self_values, cross_keys, cross_values, 
     (`FusedWeights`), one matrix product each instead of three and two. `outs`: the plain weights of
     the self-attention's o, the cross-attention's o and the feed-forward's wo (each or None,
     FUSE_RESIDUALS), whose products add into the residual in place: `hidden` is overwritten.
+    `slots` (N,): rows at positions of their own (continuous batching, flantune.continuous):
+    `position` (N,) is each row's slot, written at self_keys[slots[r], :, position[r]], and
+    self_bias (N, H, 1, T) each row's own.
     Returns the layer's output (N, 1, d_model)."""
     rows = hidden.shape[0]
     attention = block.layer[0].SelfAttention
@@ -141,8 +144,12 @@ def layer_step(block, hidden, self_keys, self_values, cross_keys, cross_values, 
     else:
         query, key, value = attention.q(normed), attention.k(normed), attention.v(normed)
     query = query.view(rows, 1, heads, head_dim).transpose(1, 2)  # (N, H, 1, D)
-    self_keys.index_copy_(2, position, key.view(rows, 1, heads, head_dim).transpose(1, 2))
-    self_values.index_copy_(2, position, value.view(rows, 1, heads, head_dim).transpose(1, 2))
+    if slots is None:  # every row at `position`
+        self_keys.index_copy_(2, position, key.view(rows, 1, heads, head_dim).transpose(1, 2))
+        self_values.index_copy_(2, position, value.view(rows, 1, heads, head_dim).transpose(1, 2))
+    else:  # row r at position[r]; the caches may be kept in another dtype (casts are no-ops otherwise)
+        self_keys[slots, :, position] = key.view(rows, heads, head_dim).to(self_keys.dtype)
+        self_values[slots, :, position] = value.view(rows, heads, head_dim).to(self_values.dtype)
     out = F.scaled_dot_product_attention(query, self_keys, self_values, attn_mask=self_bias, scale=attention.scaling)
     hidden = _clamp16(_add_product(hidden, out.transpose(1, 2).reshape(rows, 1, heads * head_dim), attention.o, outs[0]))
 
@@ -301,6 +308,43 @@ def compiled_layer():
     return _COMPILED
 
 
+@torch.no_grad()
+def bias_table(model, length: int, dtype: torch.dtype) -> torch.Tensor:
+    """(H, T, T) for T = `length` cache positions: the self-attention bias of query position t for
+    key position j, from the model's relative-bias embedding with transformers' buckets
+    (`compute_bias`), the dtype's smallest value where j > t (the causal mask, transformers' mask
+    value)."""
+    attention = _base(model).get_decoder().block[0].layer[0].SelfAttention
+    device = attention.relative_attention_bias.weight.device
+    positions = torch.arange(length, device=device)
+    relative = positions[None, :] - positions[:, None]  # (T, T) key position - query position
+    buckets = attention._relative_position_bucket(
+        relative, bidirectional=False, num_buckets=attention.relative_attention_num_buckets,
+        max_distance=attention.relative_attention_max_distance,
+    )  # fmt: skip
+    values = attention.relative_attention_bias(buckets).permute(2, 0, 1)  # (H, T, T)
+    causal = positions[None, :] <= positions[:, None]
+    return torch.where(causal, values.to(dtype), torch.finfo(dtype).min)
+
+
+def layer_options(model, fused: FusedWeights | None, compiled: bool = False) -> list[dict]:
+    """Per decoder layer, the options `layer_step` takes besides tensors: the stacked weights of
+    `fused` (FUSE_PROJECTIONS) and, wherever those stack and not under the compiled layer, the
+    output weights whose products add into the residual (FUSE_RESIDUALS)."""
+    blocks = _base(model).get_decoder().block
+    stacked = fused.layers if fused is not None else [(None, None)] * len(blocks)
+    residual = fused is not None and FUSE_RESIDUALS and not compiled
+    return [{"qkv": qkv, "wi": wi, "outs": _output_weights(block) if residual else (None, None, None)}
+            for block, (qkv, wi) in zip(blocks, stacked, strict=True)]  # fmt: skip
+
+
+def scale_of(model) -> float | None:
+    """The factor on the decoder's output before the LM head (T5's d_model**-0.5 where its config
+    says so), or None."""
+    base = _base(model)
+    return base.config.d_model**-0.5 if _SCALES[type(base).__name__](base.config) else None
+
+
 class T5Step:
     """The decode step of one `_Decoder` (its caches, its step input, its encoder mask): `__call__(model)`
     returns the (N, V) logits after `tokens` and advances the position by one.
@@ -314,8 +358,7 @@ class T5Step:
                  copies: int = 1, packed_sources: tuple[int, int] | None = None):  # fmt: skip
         # Tensors only: a kept recording must not keep the model alive (the engine's `_Decoder` holds
         # the model during a call only), so the model comes with each call.
-        base = _base(model)
-        self.scale = base.config.d_model**-0.5 if _SCALES[type(base).__name__](base.config) else None
+        self.scale = scale_of(model)
         self_layers = cache.self_attention_cache.layers
         self.position = self_layers[0].cumulative_length  # 0-dim long: the slot this step writes
         for layer in self_layers[1:]:
@@ -345,16 +388,13 @@ class T5Step:
             packed = {"cross_queries": torch.arange(0, keys.shape[0] + 1, copies, dtype=torch.int32, device=keys.device),
                       "cross_lengths": self.cross_lengths, "max_source": source_len}  # fmt: skip
         cross = self.cross if self.packed else [(c.keys, c.values) for c in cache.cross_attention_cache.layers]
-        stacked = self.fused.layers if self.fused is not None else [(None, None)] * len(self_layers)
-        blocks = base.get_decoder().block
-        residual = self.fused is not None and FUSE_RESIDUALS and not compiled
-        outs = [_output_weights(block) if residual else (None, None, None) for block in blocks]
         # Each layer's tensors and options for `layer_step`, in the order of the decoder's blocks; fixed
         # for this decoder's life (its caches and the kept stacked weights are updated in place; the
         # output weights are the model's own, whose memory the engine's fingerprint watches).
+        options = layer_options(model, self.fused, compiled)
         self.arguments = [
-            ((own.keys, own.values, keys_, values_), {**packed, "qkv": qkv, "wi": wi, "outs": out})
-            for own, (keys_, values_), (qkv, wi), out in zip(self_layers, cross, stacked, outs, strict=True)
+            ((own.keys, own.values, keys_, values_), {**packed, **layer})
+            for own, (keys_, values_), layer in zip(self_layers, cross, options, strict=True)
         ]
 
     @torch.no_grad()
@@ -362,16 +402,7 @@ class T5Step:
         """The self-attention bias table from the model's relative-bias embedding, as transformers'
         `compute_bias` computes it for each position (the same buckets), causal mask included. Per
         batch: a fine-tuned model's table changes between calls."""
-        attention = _base(model).get_decoder().block[0].layer[0].SelfAttention
-        positions = torch.arange(self.bias.shape[-1], device=self.bias.device)
-        relative = positions[None, :] - positions[:, None]  # (T, T) key position - query position
-        buckets = attention._relative_position_bucket(
-            relative, bidirectional=False, num_buckets=attention.relative_attention_num_buckets,
-            max_distance=attention.relative_attention_max_distance,
-        )  # fmt: skip
-        values = attention.relative_attention_bias(buckets).permute(2, 0, 1)  # (H, T, T)
-        causal = positions[None, :] <= positions[:, None]
-        self.bias.copy_(torch.where(causal, values.to(self.dtype), self.lowest))
+        self.bias.copy_(bias_table(model, self.bias.shape[-1], self.dtype))
         if self.fused is not None:
             self.fused.refresh(_base(model).get_decoder())
 
