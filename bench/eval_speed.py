@@ -16,7 +16,7 @@ decoder; each decoder runs once untimed first (CUDA context, kernels chosen, gra
 
     PYTHONPATH=src python bench/eval_speed.py --shared ../shared --out eval.json [--rows 1000]
         [--decoders transformers:32,transformers,engine]
-        [--shape flan-t5-base] [--max-new-tokens 32] [--repeats 2] [--dtype bfloat16] [--profile]
+        [--shape flan-t5-base] [--max-new-tokens 32] [--repeats 2] [--dtype bfloat16] [--profile] [--kernels engine]
 """
 
 from __future__ import annotations
@@ -111,6 +111,35 @@ def timed_parts(recipe, folder: Path, out: Path, dtype: str) -> dict:
             **{label: {"s": round(seconds[label], 3), "calls": calls[label]} for label in PARTS}}  # fmt: skip
 
 
+def kernel_profile(recipe, folder: Path, out: Path, dtype: str, top: int = 25) -> dict:
+    """One more run of run_eval under torch.profiler: its wall time, the GPU time by kind of kernel
+    (bench/train_speed.py's KERNEL_KINDS) and the `top` kernels by GPU self time with their counts.
+    CUPTI reports the kernels of replayed CUDA graphs one by one, so the decode steps' kernels are
+    in it. The profiler's own cost is in the wall time."""
+    from torch.profiler import ProfilerActivity, profile
+    from train_speed import KERNEL_KINDS
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        start = time.perf_counter()
+        run_eval(recipe, str(folder), out=out, dtype=dtype)
+        torch.cuda.synchronize() if torch.cuda.is_available() else None
+        wall = time.perf_counter() - start
+    kernels = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+    kinds: dict[str, float] = {}
+    for event in kernels:
+        kind = next((k for k, keys in KERNEL_KINDS if any(x in event.key.lower() for x in keys)), "other")
+        kinds[kind] = kinds.get(kind, 0.0) + event.self_device_time_total / 1e6
+    ranked = sorted(kernels, key=lambda e: -e.self_device_time_total)[:top]
+    return {
+        "wall_s": round(wall, 3),
+        "gpu_s": round(sum(kinds.values()), 3),
+        "gpu_s_by_kind": {k: round(v, 3) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
+        "top_kernels": [{"kernel": e.key[:120], "calls": e.count, "gpu_s": round(e.self_device_time_total / 1e6, 4)}
+                        for e in ranked],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shared", default="../shared")
@@ -127,6 +156,10 @@ def main() -> None:
                         help="one more run per decoder with eval's parts timed between CUDA synchronizations "
                              "(loading, tokenizing, encoding, decoding, captures, scoring, the report) into the "
                              "result file")
+    parser.add_argument("--kernels", default="",
+                        help="comma-separated names among --decoders: one more run of each under torch.profiler, "
+                             "GPU time by kind of kernel and the kernels with the most GPU time, into the result "
+                             "file (transformers' side launches ~10^6 kernels: a slow trace)")
     args = parser.parse_args()
     shared = Path(args.shared).resolve()
     with tempfile.TemporaryDirectory() as tmp:
@@ -165,6 +198,14 @@ def main() -> None:
                     results[name]["parts_s"] = timed_parts(side, folder, Path(tmp) / f"eval-{name}-profile",
                                                            args.dtype)
                 print(f"{name} parts: {json.dumps(results[name]['parts_s'])}", flush=True)
+            if name in args.kernels.split(","):
+                with decoder(kind):
+                    found = kernel_profile(side, folder, Path(tmp) / f"eval-{name}-kernels", args.dtype)
+                results[name]["kernels"] = found
+                print(f"{name} kernels: wall {found['wall_s']} s, GPU {found['gpu_s']} s, "
+                      f"{json.dumps(found['gpu_s_by_kind'])}", flush=True)
+                for row in found["top_kernels"][:12]:
+                    print(f"  {row['gpu_s']:8.3f} s {row['calls']:7d}x {row['kernel']}", flush=True)
         names = list(results)
         summary = {
             "shape": args.shape, "rows": args.rows, "max_new_tokens": args.max_new_tokens, "dtype": args.dtype,
