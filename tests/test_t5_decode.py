@@ -252,3 +252,39 @@ def test_sharded_weights_are_not_stacked():
     finally:
         if started:
             dist.destroy_process_group()
+
+
+def test_under_autocast_the_step_reads_weight_copies_in_its_dtype(t5_small_path, monkeypatch):
+    """A float32 model under bf16 autocast (RL's rollouts, the in-training evaluation): with
+    FUSE_PROJECTIONS the plain single projections (o, cross q, cross o, wo) and the LM head are read
+    from bf16 copies made once per batch, where autocast would cast each weight at every step. The
+    logits are those of the modules under autocast (each product from the same bf16 weight and
+    inputs), the step reads the copies (changing one changes them), and a weight changed between
+    two calls is copied again at the next batch."""
+    model = tiny_t5(t5_small_path)
+    batch = AutoTokenizer.from_pretrained(t5_small_path)(SOURCES, return_tensors="pt", padding=True)
+    monkeypatch.setattr(t5_decode, "FUSE_PROJECTIONS", "1")
+    fused = t5_decode.fused_weights(model, torch.bfloat16)
+    o = model.decoder.block[0].layer[0].SelfAttention.o.weight
+    assert fused.singles[0][0].dtype == torch.bfloat16 and fused.singles[0][0] is not o
+    assert fused.head.dtype == torch.bfloat16 and fused.bytes > 0
+    assert t5_decode.fused_weights(model, torch.float32).singles[0][0] is o  # its own dtype: no copy
+
+    def logits(fuse: str, spoil: bool = False):
+        monkeypatch.setattr(t5_decode, "FUSE_PROJECTIONS", fuse)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            hidden = model.get_encoder()(**batch).last_hidden_state
+            decoder = engine._Decoder(model, hidden, batch["attention_mask"], 16)
+            decoder.tokens.fill_(model.config.decoder_start_token_id)
+            decoder.fill_cross()
+            if spoil:
+                for four in decoder.own.fused.singles:
+                    four[0].zero_()  # every layer's self-attention o copy
+            return decoder.step().float()
+
+    torch.testing.assert_close(logits("1"), logits("0"), atol=0, rtol=0)
+    assert not torch.allclose(logits("1", spoil=True), logits("0"), atol=1e-2)
+    with torch.no_grad():  # as an optimizer step would: in place, between two batches
+        model.decoder.block[1].layer[2].DenseReluDense.wo.weight.mul_(-2.0)
+        model.lm_head.weight.mul_(1.5)
+    torch.testing.assert_close(logits("1"), logits("0"), atol=0, rtol=0)

@@ -134,7 +134,7 @@ class Slots:
             self.bias = t5_decode.bias_table(model, L, compute)  # (H, L, L)
             self.fused = t5_decode.fused_weights(model, compute)
             if self.fused is not None:
-                self.fused.refresh(base.get_decoder())
+                self.fused.refresh(base)
             self.layer_options = t5_decode.layer_options(model, self.fused)
             self.output_scale = t5_decode.scale_of(model)
         # Per-row LoRA (its `rows` (R,) is each slot's adapter index, 0 the base), or None.
@@ -338,7 +338,7 @@ class Slots:
             hidden = decoder.final_layer_norm(hidden)
             if self.output_scale is not None:
                 hidden = hidden * self.output_scale
-            return base.lm_head(hidden)[:, 0]  # (R, V)
+            return t5_decode.project(hidden, base.lm_head, self.fused.head if self.fused is not None else None)[:, 0]  # (R, V)
 
 
 def _bart_step(self: Slots, R: int) -> Tensor:

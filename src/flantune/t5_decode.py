@@ -103,21 +103,31 @@ def _clamp16(hidden: torch.Tensor) -> torch.Tensor:
     return torch.clamp(hidden, min=-limit, max=limit)
 
 
+def project(inputs: torch.Tensor, module, weight: torch.Tensor | None) -> torch.Tensor:
+    """module(inputs) for a bias-free plain nn.Linear, from `weight`: its weight or a copy of it in the
+    step's dtype (FusedWeights), where given and usable (the inputs' dtype, or under autocast, which
+    casts the inputs as it would for the module and finds the weight in its dtype already)."""
+    if weight is not None and (inputs.dtype == weight.dtype or torch.is_autocast_enabled(inputs.device.type)):
+        return F.linear(inputs, weight)
+    return module(inputs)
+
+
 def _add_product(hidden: torch.Tensor, inputs: torch.Tensor, module, weight: torch.Tensor | None) -> torch.Tensor:
-    """hidden + module(inputs), hidden (N, 1, d_model): with `weight` (the module's plain weight,
-    FUSE_RESIDUALS) one matrix product that adds into `hidden` in place (addmm_: cuBLAS's beta = 1; an
-    out-of-place addmm would copy `hidden` first, a kernel more); else the module, then the sum. Not
-    under autocast: there the module's product is in the autocast dtype and the residual float32."""
-    if (weight is not None and hidden.dtype == inputs.dtype == weight.dtype and hidden.is_contiguous()
-            and not torch.is_autocast_enabled(hidden.device.type)):  # fmt: skip
+    """hidden + module(inputs), hidden (N, 1, d_model). With `weight` (as for `_linear`) and
+    FUSE_RESIDUALS, where hidden, inputs and weight share a dtype, outside autocast: one matrix
+    product that adds into `hidden` in place (addmm_: cuBLAS's beta = 1; an out-of-place addmm
+    would copy `hidden` first, a kernel more). Else the product (`_linear`), then the sum (under
+    autocast the product is in the autocast dtype and the residual float32)."""
+    if (FUSE_RESIDUALS and weight is not None and hidden.dtype == inputs.dtype == weight.dtype
+            and hidden.is_contiguous() and not torch.is_autocast_enabled(hidden.device.type)):  # fmt: skip
         flat = hidden.view(-1, hidden.shape[-1])  # (N, d_model), the same memory
         return flat.addmm_(inputs.reshape(-1, inputs.shape[-1]), weight.t()).view(hidden.shape)
-    return hidden + module(inputs)
+    return hidden + project(inputs, module, weight)
 
 
 def layer_step(block, hidden, self_keys, self_values, cross_keys, cross_values, position, self_bias, cross_bias,
                copies: int = 1, cross_queries=None, cross_lengths=None, max_source: int = 0, qkv=None, wi=None,
-               outs=(None, None, None), slots=None):  # fmt: skip
+               outs=(None, None, None), cross_q=None, slots=None):  # fmt: skip
     """One decoder layer for one new token per row; the same code for every layer.
 
     hidden (N, 1, d_model); self_keys, self_values (N, H, T, D), slot `position` (1,) written here;
@@ -128,9 +138,10 @@ def layer_step(block, hidden, self_keys, self_values, cross_keys, cross_values, 
     sources' positions without padding, source g's at cross_lengths[g]:cross_lengths[g + 1] (int32,
     cumulative), its rows' queries at cross_queries[g]:cross_queries[g + 1]; no mask. `qkv` (3 inner,
     d_model), `wi` (2 d_ff, d_model): the layer's q, k, v and wi_0, wi_1 weights stacked
-    (`FusedWeights`), one matrix product each instead of three and two. `outs`: the plain weights of
-    the self-attention's o, the cross-attention's o and the feed-forward's wo (each or None,
-    FUSE_RESIDUALS), whose products add into the residual in place: `hidden` is overwritten.
+    (`FusedWeights`), one matrix product each instead of three and two. `outs`: the weights of the
+    self-attention's o, the cross-attention's o and the feed-forward's wo in the step's dtype (each
+    or None: the module runs), `cross_q` the cross-attention's q; under FUSE_RESIDUALS the output
+    products add into the residual in place: `hidden` is overwritten.
     `slots` (N,): rows at positions of their own (continuous batching, flantune.continuous):
     `position` (N,) is each row's slot, written at self_keys[slots[r], :, position[r]], and
     self_bias (N, H, 1, T) each row's own.
@@ -156,12 +167,12 @@ def layer_step(block, hidden, self_keys, self_values, cross_keys, cross_values, 
     cross = block.layer[1].EncDecAttention
     normed = block.layer[1].layer_norm(hidden)
     if cross_lengths is not None:
-        query = cross.q(normed).view(rows, heads, head_dim)  # (N, H, D): `copies` queries a source
+        query = project(normed, cross.q, cross_q).view(rows, heads, head_dim)  # (N, H, D): `copies` queries a source
         out = _varlen()(query, cross_keys, cross_values, cross_queries, cross_lengths, copies, max_source,
                         scale=cross.scaling)  # (N, H, D)  # fmt: skip
         hidden = _clamp16(_add_product(hidden, out.reshape(rows, 1, heads * head_dim), cross.o, outs[1]))
     else:
-        query = cross.q(normed).view(rows // copies, copies, heads, head_dim).transpose(1, 2)  # (N / c, H, c, D)
+        query = project(normed, cross.q, cross_q).view(rows // copies, copies, heads, head_dim).transpose(1, 2)  # (N / c, H, c, D)
         out = F.scaled_dot_product_attention(query, cross_keys, cross_values, attn_mask=cross_bias,
                                              scale=cross.scaling)  # fmt: skip
         hidden = _clamp16(_add_product(hidden, out.transpose(1, 2).reshape(rows, 1, heads * head_dim), cross.o,
@@ -171,8 +182,11 @@ def layer_step(block, hidden, self_keys, self_values, cross_keys, cross_values, 
     ff = block.layer[2].DenseReluDense  # T5DenseGatedActDense's arithmetic, wi_0 and wi_1 in one product
     gate, linear = F.linear(block.layer[2].layer_norm(hidden), wi).chunk(2, dim=-1)  # (N, 1, d_ff) each
     inner = ff.act(gate) * linear
-    if inner.dtype != ff.wo.weight.dtype and ff.wo.weight.dtype != torch.int8:  # T5 keeps wo in float32
-        inner = inner.to(ff.wo.weight.dtype)
+    # transformers casts the input to wo's dtype (T5 may keep wo in float32); a copy in the step's
+    # dtype takes it as it is (under autocast the cast and autocast's cast back cancel exactly).
+    wo = outs[2] if outs[2] is not None else ff.wo.weight
+    if inner.dtype != wo.dtype and wo.dtype != torch.int8:
+        inner = inner.to(wo.dtype)
     return _clamp16(_add_product(hidden, inner, ff.wo, outs[2]))
 
 
@@ -212,7 +226,13 @@ def packed_cross_ready(device: torch.device, dtype: torch.dtype, head_dim: int) 
 # trained between calls), kept once per model and dtype for every decoder of it. "auto": on CUDA
 # where the copies take at most FUSE_MEMORY_SHARE of the free memory (flan-t5-base in bf16: 117 MB;
 # flan-t5-xxl: 6.4 GB); "1" everywhere; "0" never. Measured on an H200 (flan-t5-base, bf16): 1.05x-1.06x
-# the tokens/s of the layers' own products (docs/benchmarks.md, 2026-12-04).
+# the tokens/s of the layers' own products (docs/benchmarks.md, 2026-12-04). With them, a float32
+# model decoding under bf16 autocast also reads its other plain projections (o, cross q, cross o, wo)
+# and LM head from bf16 copies made once a batch (`FusedWeights.singles`, `head`; ~130 MB more for
+# flan-t5-base), where autocast casts each of those weights at every step (up to 49 cast kernels a
+# flan-t5-base step; the captured steps run autocast without its weight cache, flantune.graphs, and
+# it caches only weights that require grad anyway): the same products, bitwise
+# (tests/test_t5_decode.py). Not yet run on a GPU.
 FUSE_PROJECTIONS = os.environ.get("FLANTUNE_FUSE_PROJECTIONS", "auto")
 # With them (wherever FUSE_PROJECTIONS stacks), a layer's three output products (self-attention o,
 # cross-attention o, feed-forward wo) add into the residual as one in-place addmm_ each, where the
@@ -239,18 +259,32 @@ def _fusable(block) -> tuple[bool, bool]:
     return _plain(attention.q) and _plain(attention.k) and _plain(attention.v), gated
 
 
-def _output_weights(block) -> tuple:
-    """A decoder block's self-attention o, cross-attention o and feed-forward wo weights, each where
-    its module is plain (else None: that product runs through its module), for FUSE_RESIDUALS."""
-    ff = block.layer[2].DenseReluDense
-    linears = (block.layer[0].SelfAttention.o, block.layer[1].EncDecAttention.o, getattr(ff, "wo", None))
-    return tuple(linear.weight if linear is not None and _plain(linear) else None for linear in linears)
+def _singles(block) -> tuple:
+    """A decoder block's self-attention o, cross-attention q, cross-attention o and feed-forward wo
+    modules (wo None where the feed-forward has none)."""
+    cross = block.layer[1].EncDecAttention
+    return (block.layer[0].SelfAttention.o, cross.q, cross.o, getattr(block.layer[2].DenseReluDense, "wo", None))
+
+
+def _weight_in(linear, dtype: torch.dtype):
+    """A plain `linear`'s weight where it is in `dtype`, an empty copy in `dtype` where not (filled by
+    `FusedWeights.refresh`), None where the module is not plain (its product runs through it)."""
+    if linear is None or not _plain(linear):
+        return None
+    weight = linear.weight
+    return weight if weight.dtype == dtype else torch.empty_like(weight, dtype=dtype)
 
 
 class FusedWeights:
-    """One model's stacked projection weights in one dtype, per decoder layer (qkv or None, wi or None)."""
+    """One model's decode weights in one dtype: per decoder layer the stacked (qkv or None, wi or
+    None), and the plain single projections (self o, cross q, cross o, wo; `singles`) and the LM head
+    (`head`), each the module's own weight where it is in the dtype, a copy where it is not (a float32
+    model decoding under bf16 autocast, as RL's rollouts and the in-training evaluation do: autocast
+    would cast every one of those weights again at every step, a kernel each), or None (the module
+    runs)."""
 
-    def __init__(self, decoder, dtype: torch.dtype):
+    def __init__(self, base, dtype: torch.dtype):
+        decoder = base.get_decoder()
         self.plan = [_fusable(block) for block in decoder.block]
         self.layers = []
         for block, (attention, ff) in zip(decoder.block, self.plan, strict=True):
@@ -259,11 +293,27 @@ class FusedWeights:
                 torch.empty(3 * q.shape[0], q.shape[1], dtype=dtype, device=q.device) if attention else None,
                 torch.empty(2 * wi_0.weight.shape[0], wi_0.weight.shape[1], dtype=dtype, device=q.device) if ff else None,
             ))  # fmt: skip
-        self.bytes = sum(t.numel() * t.element_size() for pair in self.layers for t in pair if t is not None)
+        self.singles = [tuple(_weight_in(linear, dtype) for linear in _singles(block)) for block in decoder.block]
+        self.head = _weight_in(base.lm_head, dtype)
+        self.single_plan = single_plan(base)
+        held = [t for pair in self.layers for t in pair] + [t for four in self.singles for t in four] + [self.head]
+        # The copies' bytes (a module's own weight costs nothing more).
+        own = {id(linear.weight) for block in decoder.block for linear in _singles(block) if linear is not None}
+        own.add(id(base.lm_head.weight))
+        self.bytes = sum(t.numel() * t.element_size() for t in held if t is not None and id(t) not in own)
+        self.useful = any(t is not None for t in held)
 
     @torch.no_grad()
-    def refresh(self, decoder) -> None:
-        """Copy the model's current weights in (per batch: 117 MB for flan-t5-base in bf16)."""
+    def refresh(self, base) -> None:
+        """Copy the model's current weights in (per batch: 117 MB for flan-t5-base's stacked ones in bf16;
+        under autocast ~130 MB more for its single projections and head)."""
+        decoder = base.get_decoder()
+        for block, four in zip(decoder.block, self.singles, strict=True):
+            for linear, held in zip(_singles(block), four, strict=True):
+                if held is not None and held is not linear.weight:
+                    held.copy_(linear.weight)
+        if self.head is not None and self.head is not base.lm_head.weight:
+            self.head.copy_(base.lm_head.weight)
         for block, (qkv, wi) in zip(decoder.block, self.layers, strict=True):
             if qkv is not None:
                 attention, inner = block.layer[0].SelfAttention, qkv.shape[0] // 3
@@ -275,9 +325,16 @@ class FusedWeights:
                 wi[width:].copy_(ff.wi_1.weight)
 
 
+def single_plan(base) -> list[tuple[bool, ...]]:
+    """Which single projections of each decoder layer, and whether the LM head, are plain."""
+    layers = [tuple(linear is not None and _plain(linear) for linear in _singles(block)) for block in base.get_decoder().block]
+    return [*layers, (_plain(base.lm_head),)]
+
+
 def fused_weights(model, dtype: torch.dtype) -> FusedWeights | None:
-    """`model`'s FusedWeights in `dtype` (made once and kept while the model lives), or None where
-    FUSE_PROJECTIONS leaves them out or no layer can stack."""
+    """`model`'s FusedWeights in `dtype` (made once and kept while the model lives, made again when
+    which layers are plain changed, e.g. PEFT wrapped some), or None where FUSE_PROJECTIONS leaves
+    them out or no projection is plain."""
     base = _base(model)
     decoder = base.get_decoder()
     device = decoder.block[0].layer[0].SelfAttention.q.weight.device
@@ -285,9 +342,10 @@ def fused_weights(model, dtype: torch.dtype) -> FusedWeights | None:
         return None
     kept = _FUSED.setdefault(base, {})
     fused = kept.get(dtype)
-    if fused is None or fused.plan != [_fusable(block) for block in decoder.block]:
-        fused = kept[dtype] = FusedWeights(decoder, dtype)
-    if not fused.bytes:
+    if (fused is None or fused.plan != [_fusable(block) for block in decoder.block]
+            or fused.single_plan != single_plan(base)):  # fmt: skip
+        fused = kept[dtype] = FusedWeights(base, dtype)
+    if not fused.useful:
         return None
     if FUSE_PROJECTIONS != "1" and fused.bytes > FUSE_MEMORY_SHARE * torch.cuda.mem_get_info(device)[0]:
         del kept[dtype]
@@ -329,13 +387,15 @@ def bias_table(model, length: int, dtype: torch.dtype) -> torch.Tensor:
 
 def layer_options(model, fused: FusedWeights | None, compiled: bool = False) -> list[dict]:
     """Per decoder layer, the options `layer_step` takes besides tensors: the stacked weights of
-    `fused` (FUSE_PROJECTIONS) and, wherever those stack and not under the compiled layer, the
-    output weights whose products add into the residual (FUSE_RESIDUALS)."""
+    `fused` (FUSE_PROJECTIONS) and, not under the compiled layer (inductor fuses its own), the single
+    projections' weights in the step's dtype, whose output products add into the residual
+    (FUSE_RESIDUALS)."""
     blocks = _base(model).get_decoder().block
-    stacked = fused.layers if fused is not None else [(None, None)] * len(blocks)
-    residual = fused is not None and FUSE_RESIDUALS and not compiled
-    return [{"qkv": qkv, "wi": wi, "outs": _output_weights(block) if residual else (None, None, None)}
-            for block, (qkv, wi) in zip(blocks, stacked, strict=True)]  # fmt: skip
+    if fused is None:
+        return [{} for _ in blocks]
+    singles = fused.singles if not compiled else [(None,) * 4] * len(blocks)
+    return [{"qkv": qkv, "wi": wi, "outs": (o, cross_o, wo), "cross_q": cross_q}
+            for (qkv, wi), (o, cross_q, cross_o, wo) in zip(fused.layers, singles, strict=True)]  # fmt: skip
 
 
 def scale_of(model) -> float | None:
@@ -404,7 +464,7 @@ class T5Step:
         batch: a fine-tuned model's table changes between calls."""
         self.bias.copy_(bias_table(model, self.bias.shape[-1], self.dtype))
         if self.fused is not None:
-            self.fused.refresh(_base(model).get_decoder())
+            self.fused.refresh(_base(model))
 
     def take_bias(self, other: T5Step) -> None:
         """`other`'s bias table (a decoder that takes over another's rows mid-call)."""
@@ -460,4 +520,4 @@ class T5Step:
         hidden = decoder.final_layer_norm(hidden)
         if self.scale is not None:
             hidden = hidden * self.scale
-        return base.lm_head(hidden)[:, -1]  # (N, V)
+        return project(hidden, base.lm_head, self.fused.head if self.fused is not None else None)[:, -1]  # (N, V)
