@@ -303,6 +303,22 @@ def test_gumbel_noise_is_the_same_on_the_gpu():
 
 
 @pytest.mark.cuda
+def test_compiled_uniforms_equal_the_eager_ones_bit_for_bit():
+    """RL's keyed uniforms compiled by inductor (gumbel_noise(compiled=True), CUDA) are the eager
+    ones bit for bit, at several positions (one compilation: dynamic shapes) and for a compacted
+    batch's rows; so is the noise made from them."""
+    from flantune import decoding
+
+    keys = decoding.row_keys(5, torch.arange(0, 128 * 7, 7)).cuda()
+    for position in (1, 2, 33):
+        compiled = decoding._compiled_uniforms()(keys, position, 32128)
+        assert torch.equal(compiled, decoding.keyed_uniforms(keys, position, 32128))
+    rows = torch.tensor([3, 64, 127], device="cuda")
+    assert torch.equal(decoding.gumbel_noise(keys[rows], 9, 32128, compiled=True),
+                       decoding.gumbel_noise(keys[rows], 9, 32128))  # fmt: skip
+
+
+@pytest.mark.cuda
 def test_sampled_groups_on_the_gpu_through_the_compiled_step(tmp_path, t5_small_path, monkeypatch):
     """RL's sampling on a GPU through the captured step compiled by inductor (engine.COMPILE_STEP,
     float32): the same completions as the step run eagerly, every step (the keyed streams make the

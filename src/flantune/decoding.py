@@ -18,6 +18,7 @@ new tokens would cut answers silently.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -256,12 +257,38 @@ def uniform_from_bits(bits: torch.Tensor) -> torch.Tensor:
     return ((bits >> 9).float() + 0.5) * 2.0**-23
 
 
-def gumbel_noise(keys: torch.Tensor, position: int, vocab: int) -> torch.Tensor:
-    """(N, vocab) float32 standard Gumbel noise, a pure function of (key, position, token id)."""
+def keyed_uniforms(keys: torch.Tensor, position: int, vocab: int) -> torch.Tensor:
+    """(N, vocab) float32 uniforms inside (0, 1), a pure function of (key, position, token id): integer
+    hashing and an exact conversion only, so any device and any compiler give them bit for bit."""
     at = _mix32((keys + position * 0x9E3779B9) & _MASK32)  # (N,)
     tokens = torch.arange(vocab, device=keys.device, dtype=torch.int64)
     bits = _mix32(_mix32(at[:, None] ^ tokens[None, :]) ^ at[:, None])  # (N, V)
-    return -torch.log(-torch.log(uniform_from_bits(bits)))  # finite: the uniforms are inside (0, 1)
+    return uniform_from_bits(bits)
+
+
+# The uniforms compiled by inductor on CUDA, for RL's sampling (`sample_groups`, at every step of a
+# long run): eagerly they are ~25 elementwise kernels over (N, V) int64 a step (128 x 32,128: ~33 MB
+# read and written by each), compiled one. Only the exact integer part is compiled (the logs of the
+# noise stay torch's, whose rounding the CPU/GPU test bounds); dynamic shapes, so the position and
+# the rows of a compacted batch recompile nothing. Made at the first use. FLANTUNE_COMPILE_NOISE=0
+# keeps them eager (the A/B side of bench/rl_step.py; or where inductor cannot compile).
+COMPILE_NOISE = os.environ.get("FLANTUNE_COMPILE_NOISE", "1") != "0"
+_COMPILED_UNIFORMS = None
+
+
+def _compiled_uniforms():
+    global _COMPILED_UNIFORMS
+    if _COMPILED_UNIFORMS is None:
+        _COMPILED_UNIFORMS = torch.compile(keyed_uniforms, dynamic=True)
+    return _COMPILED_UNIFORMS
+
+
+def gumbel_noise(keys: torch.Tensor, position: int, vocab: int, compiled: bool = False) -> torch.Tensor:
+    """(N, vocab) float32 standard Gumbel noise, a pure function of (key, position, token id).
+    `compiled`: the uniforms through inductor where the keys are on CUDA (the same bits)."""
+    fast = compiled and COMPILE_NOISE and keys.is_cuda
+    uniforms = (_compiled_uniforms() if fast else keyed_uniforms)(keys, position, vocab)
+    return -torch.log(-torch.log(uniforms))  # finite: the uniforms are inside (0, 1)
 
 
 class KeyedSampling:
@@ -274,10 +301,11 @@ class KeyedSampling:
 
     decides = True
 
-    def __init__(self, keys: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0):
+    def __init__(self, keys: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+                 compiled: bool = False):  # fmt: skip
         from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-        self.keys, self.warpers = keys, []
+        self.keys, self.warpers, self.compiled = keys, [], compiled  # compiled: gumbel_noise's
         if temperature != 1.0:
             self.warpers.append(TemperatureLogitsWarper(temperature))
         if top_k:
@@ -290,13 +318,14 @@ class KeyedSampling:
         rows leave the batch, the others keep their streams)."""
         chosen = KeyedSampling.__new__(KeyedSampling)
         chosen.keys, chosen.warpers = self.keys.to(rows.device).index_select(0, rows), self.warpers
+        chosen.compiled = self.compiled
         return chosen
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         # input_ids (N, t): the decoder ids so far (start token first); scores (N, V) float.
         for warper in self.warpers:
             scores = warper(input_ids, scores)
-        noise = gumbel_noise(self.keys.to(scores.device), input_ids.shape[1], scores.shape[-1])
+        noise = gumbel_noise(self.keys.to(scores.device), input_ids.shape[1], scores.shape[-1], self.compiled)
         choice = (scores.float() + noise).argmax(dim=-1, keepdim=True)  # (N, 1); filtered -inf stays out
         return torch.full_like(scores, float("-inf")).scatter_(1, choice, 0.0)  # probability 1 on the choice
 
@@ -324,7 +353,8 @@ def sample_groups(
     """
     batch = input_ids.shape[0]
     rows = torch.arange(first_row * group_size, (first_row + batch) * group_size, device=input_ids.device)
-    sampling = KeyedSampling(row_keys(seed, rows), temperature=temperature, top_p=top_p, top_k=top_k)
+    # compiled: RL samples at every step of a long run, where the one compilation pays.
+    sampling = KeyedSampling(row_keys(seed, rows), temperature=temperature, top_p=top_p, top_k=top_k, compiled=True)
     # The engine samples from the processed scores, where KeyedSampling left one token: the keyed
     # choice, drawn with probability 1. temperature 1, top_k 0, top_p 1: the engine adds no filters.
     return engine.generate(
