@@ -1687,3 +1687,36 @@ def test_cuda_generate_with_the_packed_flex_encoder(t5_small_path, monkeypatch):
     half = model.to(torch.bfloat16)
     ours = run(half, batch, packed_encoder=True).sequences
     assert calls == ["flex"] * 3 and ours.shape[0] == len(SOURCES) and not engine._PACKED_FAILED
+
+
+def test_a_kept_recording_holds_no_weights_of_its_model(t5_small_path, graphs_on_cpu, monkeypatch):
+    """The own T5 step's options name the model's own weights (the residual products, FUSE_PROJECTIONS
+    forced on the CPU): they are dropped when the call ends, so the recordings kept for later calls
+    hold none of the model's tensors (a deleted model's memory is freed); the next call of the same
+    model sets them up again and decodes the same ids."""
+    from flantune import t5_decode
+
+    def tensors(value, seen):  # every tensor an object reaches through its attributes and containers
+        if isinstance(value, torch.Tensor):
+            yield value
+        elif isinstance(value, list | tuple):
+            for item in value:
+                yield from tensors(item, seen)
+        elif isinstance(value, dict):
+            for item in value.values():
+                yield from tensors(item, seen)
+        elif hasattr(value, "__dict__") and id(value) not in seen and not isinstance(value, torch.nn.Module):
+            seen.add(id(value))
+            yield from tensors(vars(value), seen)
+
+    monkeypatch.setattr(t5_decode, "FUSE_PROJECTIONS", "1")
+    model = tiny_model(t5_small_path)
+    batch = AutoTokenizer.from_pretrained(t5_small_path)(SOURCES, return_tensors="pt", padding=True)
+    first = run(model, batch).sequences
+    kept = [entry.decoder.own for entry in engine._GRAPHS.values() if entry.decoder.own is not None]
+    assert kept and all(own._arguments is None and own._head is None for own in kept)
+    weights = {p.data_ptr() for p in model.parameters()}
+    assert not any(t.data_ptr() in weights for own in kept for t in tensors(own, set()))
+    assert torch.equal(run(model, batch).sequences, first)  # set up again from the model
+    calls = [own for own in kept if own._arguments is not None]
+    assert not calls  # and dropped again

@@ -255,7 +255,7 @@ def test_sharded_weights_are_not_stacked():
 
 
 def test_under_autocast_the_step_reads_weight_copies_in_its_dtype(t5_small_path, monkeypatch):
-    """A float32 model under bf16 autocast (RL's rollouts, the in-training evaluation): with
+    """A float32 model under bf16 autocast (RL's rollouts): with
     FUSE_PROJECTIONS the plain single projections (o, cross q, cross o, wo) and the LM head are read
     from bf16 copies made once per batch, where autocast would cast each weight at every step. The
     logits are those of the modules under autocast (each product from the same bf16 weight and
@@ -268,7 +268,7 @@ def test_under_autocast_the_step_reads_weight_copies_in_its_dtype(t5_small_path,
     o = model.decoder.block[0].layer[0].SelfAttention.o.weight
     assert fused.singles[0][0].dtype == torch.bfloat16 and fused.singles[0][0] is not o
     assert fused.head.dtype == torch.bfloat16 and fused.bytes > 0
-    assert t5_decode.fused_weights(model, torch.float32).singles[0][0] is o  # its own dtype: no copy
+    assert t5_decode.fused_weights(model, torch.float32).singles[0][0] is t5_decode.OWN  # its dtype: no copy
 
     def logits(fuse: str, spoil: bool = False):
         monkeypatch.setattr(t5_decode, "FUSE_PROJECTIONS", fuse)

@@ -135,7 +135,8 @@ class Slots:
             self.fused = t5_decode.fused_weights(model, compute)
             if self.fused is not None:
                 self.fused.refresh(base)
-            self.layer_options = t5_decode.layer_options(model, self.fused)
+            self.layer_options = t5_decode.layer_options(model, self.fused)  # the slots hold the model anyway
+            self.head = t5_decode.weights_of(self.fused.head, base.lm_head) if self.fused is not None else None
             self.output_scale = t5_decode.scale_of(model)
         # Per-row LoRA (its `rows` (R,) is each slot's adapter index, 0 the base), or None.
         self.lora = LoraRows(model, adapters, capacity) if adapters else None
@@ -338,7 +339,7 @@ class Slots:
             hidden = decoder.final_layer_norm(hidden)
             if self.output_scale is not None:
                 hidden = hidden * self.output_scale
-            return t5_decode.project(hidden, base.lm_head, self.fused.head if self.fused is not None else None)[:, 0]  # (R, V)
+            return t5_decode.project(hidden, base.lm_head, self.head)[:, 0]  # (R, V)
 
 
 def _bart_step(self: Slots, R: int) -> Tensor:

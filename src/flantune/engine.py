@@ -531,6 +531,8 @@ class _GraphedDecoder:
 
     def release(self) -> None:
         self.decoder.model = None
+        if self.decoder.own is not None:
+            self.decoder.own.release()
 
     def compact(self, keep: torch.Tensor, position: int, bucket: int, tokens: torch.Tensor) -> _GraphedDecoder:
         """The kept decoder of row bucket `bucket` (at least the one `keep` (n,) fits), holding those

@@ -266,22 +266,33 @@ def _singles(block) -> tuple:
     return (block.layer[0].SelfAttention.o, cross.q, cross.o, getattr(block.layer[2].DenseReluDense, "wo", None))
 
 
+OWN = True
+"""A FusedWeights entry for a plain projection already in the step's dtype: its own weight, taken from
+the module when a step's options are built (`weights_of`), so that nothing kept holds the model's
+tensors."""
+
+
 def _weight_in(linear, dtype: torch.dtype):
-    """A plain `linear`'s weight where it is in `dtype`, an empty copy in `dtype` where not (filled by
+    """OWN where a plain `linear`'s weight is in `dtype`, an empty copy in `dtype` where not (filled by
     `FusedWeights.refresh`), None where the module is not plain (its product runs through it)."""
     if linear is None or not _plain(linear):
         return None
-    weight = linear.weight
-    return weight if weight.dtype == dtype else torch.empty_like(weight, dtype=dtype)
+    return OWN if linear.weight.dtype == dtype else torch.empty_like(linear.weight, dtype=dtype)
+
+
+def weights_of(held, linear) -> torch.Tensor | None:
+    """The weight a step reads for a FusedWeights entry `held` of `linear`: the copy, the module's own
+    weight (OWN), or None (the module runs)."""
+    return linear.weight if held is OWN else held
 
 
 class FusedWeights:
     """One model's decode weights in one dtype: per decoder layer the stacked (qkv or None, wi or
     None), and the plain single projections (self o, cross q, cross o, wo; `singles`) and the LM head
-    (`head`), each the module's own weight where it is in the dtype, a copy where it is not (a float32
-    model decoding under bf16 autocast, as RL's rollouts and the in-training evaluation do: autocast
-    would cast every one of those weights again at every step, a kernel each), or None (the module
-    runs)."""
+    (`head`), each OWN where the module's weight is in the dtype (taken from the module when a step
+    is set up: nothing here holds the model's tensors), a copy where it is not (a float32 model
+    decoding under bf16 autocast, as RL's rollouts do: autocast would cast every one of those weights
+    again at every step, a kernel each), or None (the module runs)."""
 
     def __init__(self, base, dtype: torch.dtype):
         decoder = base.get_decoder()
@@ -297,10 +308,8 @@ class FusedWeights:
         self.head = _weight_in(base.lm_head, dtype)
         self.single_plan = single_plan(base)
         held = [t for pair in self.layers for t in pair] + [t for four in self.singles for t in four] + [self.head]
-        # The copies' bytes (a module's own weight costs nothing more).
-        own = {id(linear.weight) for block in decoder.block for linear in _singles(block) if linear is not None}
-        own.add(id(base.lm_head.weight))
-        self.bytes = sum(t.numel() * t.element_size() for t in held if t is not None and id(t) not in own)
+        copies = [t for t in held if isinstance(t, torch.Tensor)]
+        self.bytes = sum(t.numel() * t.element_size() for t in copies)  # what the copies take
         self.useful = any(t is not None for t in held)
 
     @torch.no_grad()
@@ -310,9 +319,9 @@ class FusedWeights:
         decoder = base.get_decoder()
         for block, four in zip(decoder.block, self.singles, strict=True):
             for linear, held in zip(_singles(block), four, strict=True):
-                if held is not None and held is not linear.weight:
+                if isinstance(held, torch.Tensor):
                     held.copy_(linear.weight)
-        if self.head is not None and self.head is not base.lm_head.weight:
+        if isinstance(self.head, torch.Tensor):
             self.head.copy_(base.lm_head.weight)
         for block, (qkv, wi) in zip(decoder.block, self.layers, strict=True):
             if qkv is not None:
@@ -393,9 +402,12 @@ def layer_options(model, fused: FusedWeights | None, compiled: bool = False) -> 
     blocks = _base(model).get_decoder().block
     if fused is None:
         return [{} for _ in blocks]
-    singles = fused.singles if not compiled else [(None,) * 4] * len(blocks)
-    return [{"qkv": qkv, "wi": wi, "outs": (o, cross_o, wo), "cross_q": cross_q}
-            for (qkv, wi), (o, cross_q, cross_o, wo) in zip(fused.layers, singles, strict=True)]  # fmt: skip
+    options = []
+    for block, (qkv, wi), four in zip(blocks, fused.layers, fused.singles, strict=True):
+        o, cross_q, cross_o, wo = (weights_of(held, linear) if not compiled else None
+                                   for held, linear in zip(four, _singles(block), strict=True))  # fmt: skip
+        options.append({"qkv": qkv, "wi": wi, "outs": (o, cross_o, wo), "cross_q": cross_q})
+    return options
 
 
 def scale_of(model) -> float | None:
@@ -448,14 +460,29 @@ class T5Step:
             packed = {"cross_queries": torch.arange(0, keys.shape[0] + 1, copies, dtype=torch.int32, device=keys.device),
                       "cross_lengths": self.cross_lengths, "max_source": source_len}  # fmt: skip
         cross = self.cross if self.packed else [(c.keys, c.values) for c in cache.cross_attention_cache.layers]
-        # Each layer's tensors and options for `layer_step`, in the order of the decoder's blocks; fixed
-        # for this decoder's life (its caches and the kept stacked weights are updated in place; the
-        # output weights are the model's own, whose memory the engine's fingerprint watches).
-        options = layer_options(model, self.fused, compiled)
-        self.arguments = [
-            ((own.keys, own.values, keys_, values_), {**packed, **layer})
-            for own, (keys_, values_), layer in zip(self_layers, cross, options, strict=True)
-        ]
+        # Each layer's tensors for `layer_step`, in the order of the decoder's blocks, fixed for this
+        # decoder's life (its caches and the kept copies are updated in place); with the options,
+        # which may name the model's own weights, built at a call's first step and dropped by
+        # `release` (`arguments`).
+        self.tensors = [(own.keys, own.values, keys_, values_) for own, (keys_, values_) in zip(self_layers, cross,
+                                                                                                strict=True)]  # fmt: skip
+        self.packed_options, self.compiled = packed, compiled
+        self._arguments: list | None = None
+        self._head: torch.Tensor | None = None
+
+    def arguments(self, model) -> list:
+        """Per layer (tensors, options) for `layer_step` (kept until `release`)."""
+        if self._arguments is None:
+            options = layer_options(model, self.fused, self.compiled)
+            self._arguments = [(tensors, {**self.packed_options, **layer})
+                               for tensors, layer in zip(self.tensors, options, strict=True)]  # fmt: skip
+            self._head = weights_of(self.fused.head, _base(model).lm_head) if self.fused is not None else None
+        return self._arguments
+
+    def release(self) -> None:
+        """Drop what names the model's tensors (the end of a call: a kept recording must not keep
+        them alive; the engine never replays it for another model)."""
+        self._arguments, self._head = None, None
 
     @torch.no_grad()
     def prepare(self, model) -> None:
@@ -512,7 +539,7 @@ class T5Step:
             sources = self.encoder_mask[:: self.copies, None, None, :]  # (N / copies, 1, 1, S)
             cross_bias = torch.where(sources != 0, self.zero, self.lowest)
         for block, ((self_keys, self_values, cross_keys, cross_values), options) in zip(
-            decoder.block, self.arguments, strict=True
+            decoder.block, self.arguments(model), strict=True
         ):
             hidden = self.layer(block, hidden, self_keys, self_values, cross_keys, cross_values, position, self_bias,
                                 cross_bias, self.copies, **options)  # fmt: skip
@@ -520,4 +547,4 @@ class T5Step:
         hidden = decoder.final_layer_norm(hidden)
         if self.scale is not None:
             hidden = hidden * self.scale
-        return project(hidden, base.lm_head, self.fused.head if self.fused is not None else None)[:, -1]  # (N, V)
+        return project(hidden, base.lm_head, self._head)[:, -1]  # (N, V)
