@@ -126,12 +126,12 @@ class Slots:
         self.key_range = torch.arange(L, device=device)
         if not self.bart:
             # T5's step is flantune.t5_decode's layer (the engine's), each row at its own position:
-            # the self-attention bias of every (query, key) position pair once (H, L, L), a row's
+            # the self-attention bias of every (query, key) position pair once (L, H, L), a row's
             # taken by its position at each step; the stacked projections and the output products
             # into the residual where the engine takes them. The weights are read now (the bias
             # table, the stacked copies): the model must not change while the slots serve it.
             compute = base.get_decoder().embed_tokens.weight.dtype  # the step's dtype (its hidden states)
-            self.bias = t5_decode.bias_table(model, L, compute)  # (H, L, L)
+            self.bias = t5_decode.bias_table(model, L, compute).transpose(0, 1).contiguous()  # (L query, H, L key)
             self.fused = t5_decode.fused_weights(model, compute)
             if self.fused is not None:
                 self.fused.refresh(base)
@@ -327,8 +327,8 @@ class Slots:
             if hidden.dtype != self.keys[0].dtype:
                 raise ValueError(f"these slots hold {self.keys[0].dtype} caches; T5's step runs in the model's "
                                  f"{hidden.dtype}: make them with dtype={hidden.dtype}")  # fmt: skip
-            # Each row's bias at its position: (H, R, L) -> (R, H, 1, L), future slots masked in the table.
-            bias = self.bias.index_select(1, positions).transpose(0, 1)[:, :, None, :]
+            # Each row's bias at its position, contiguous (R, H, 1, L); future slots masked in the table.
+            bias = self.bias.index_select(0, positions)[:, :, None, :]
             low = torch.finfo(hidden.dtype).min
             cross_bias = torch.zeros(source_mask.shape, dtype=hidden.dtype, device=hidden.device)
             cross_bias = cross_bias.masked_fill(~source_mask, low)[:, None, None, :]  # (R, 1, 1, S)
