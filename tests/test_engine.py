@@ -1720,3 +1720,31 @@ def test_a_kept_recording_holds_no_weights_of_its_model(t5_small_path, graphs_on
     assert torch.equal(run(model, batch).sequences, first)  # set up again from the model
     calls = [own for own in kept if own._arguments is not None]
     assert not calls  # and dropped again
+
+
+def test_kept_entries_go_with_their_model(monkeypatch):
+    """The recorded steps and encoder passes kept for a model are dropped once the model is
+    collected (with their caches and graph pools: at the engine's next call, `drop_collected`), not
+    when newer entries push them out; another model's stay."""
+    import gc
+    import weakref
+    from collections import OrderedDict
+
+    monkeypatch.setattr(engine, "_GRAPHS", OrderedDict())
+    monkeypatch.setattr(engine, "_ENCODERS", OrderedDict())
+
+    class Entry:
+        def __init__(self, model):
+            self.model_ref, self.routing_ref, self.fingerprint = weakref.ref(model), (lambda: None), ()
+
+    first, second = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    for model in (first, second):
+        for kept in (engine._GRAPHS, engine._ENCODERS):
+            for bucket in (32, 128):
+                engine._kept(kept, (id(model), bucket), 8, model, None, (), lambda model=model: Entry(model))
+    assert len(engine._GRAPHS) == len(engine._ENCODERS) == 4
+    del first, model
+    gc.collect()
+    engine.drop_collected()  # (noted at the collection, dropped at the engine's next call)
+    assert [key[0] for key in engine._GRAPHS] == [id(second)] * 2
+    assert [key[0] for key in engine._ENCODERS] == [id(second)] * 2

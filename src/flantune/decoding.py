@@ -115,6 +115,7 @@ def auto_rows(model, source_tokens: int, max_new_tokens: int, num_beams: int = 1
     device = torch.device(device) if device is not None else next(model.parameters()).device
     if device.type != "cuda":
         return AUTO_ROWS_CPU
+    engine.drop_collected()  # the free memory without what the engine kept for collected models
     config = engine._base_model(model).config
     heads, head_dim = engine._decoder_head_shape(config)
     layers = getattr(config, "num_decoder_layers", None) or getattr(config, "decoder_layers", None) or 12

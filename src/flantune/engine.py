@@ -469,13 +469,43 @@ def _belongs(entry, model, routing, fingerprint: tuple) -> bool:
             and (routing is None or entry.routing_ref() is routing))  # fmt: skip
 
 
+# Models whose kept entries go when the model does (`_forget`). Without it a model's recorded steps
+# and encoder passes (their caches and graph pools: GBs for flan-t5-xl at 128 rows) stayed until
+# newer entries pushed them out: `flantune eval --compare` held each earlier model's while the next
+# one decoded, and sized the next one's batches by the memory left.
+_WATCHED: set[int] = set()
+_COLLECTED: set[int] = set()
+
+
+def _forget(model_id: int) -> None:
+    """weakref.finalize's callback: the model that was `model_id` has been collected, so nothing can
+    replay its entries. Only noted here: a collection can run while a dict of kept entries is being
+    iterated; `drop_collected` drops them at the engine's next call."""
+    _COLLECTED.add(model_id)
+
+
+def drop_collected() -> None:
+    """Drop the kept entries of every model collected since (with their caches and graph pools)."""
+    while _COLLECTED:
+        model_id = _COLLECTED.pop()
+        _WATCHED.discard(model_id)
+        for kept in (_GRAPHS, _ENCODERS):
+            for key in [key for key in kept if key[0] == model_id]:
+                del kept[key]
+
+
 def _kept(kept: OrderedDict, key: tuple, limit: int, model, routing, fingerprint: tuple, make: Callable):
-    """The entry kept under `key` while it still `_belongs` to this model; else a new one from
-    `make()`. Kept as the most recent, the oldest dropped past `limit`."""
+    """The entry kept under `key` (whose first item is id(model)) while it still `_belongs` to this
+    model; else a new one from `make()`. Kept as the most recent, the oldest dropped past `limit`,
+    every one of the model's dropped once the model is collected (`drop_collected`)."""
+    drop_collected()
     entry = kept.pop(key, None)
     if entry is None or not _belongs(entry, model, routing, fingerprint):
         entry = None  # dropped first: its buffers and graph pool are freed before new ones are made
         entry = make()
+    if id(model) not in _WATCHED:
+        _WATCHED.add(id(model))
+        weakref.finalize(model, _forget, id(model))
     kept[key] = entry
     while len(kept) > limit:
         kept.popitem(last=False)
@@ -1083,6 +1113,7 @@ def generate(
             num_return_sequences=num_return_sequences, adapter_names=adapter_names,
             logits_processor=logits_processor,
         )  # fmt: skip
+    drop_collected()  # what earlier models left, before this call's memory is sized and allocated
     device = _base_model(model).device
     copies = num_beams if num_beams > 1 else num_return_sequences  # decoder rows per source
     # Rows of several adapters gathered per row (LoraRows) where its row buffer holds the step's

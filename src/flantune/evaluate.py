@@ -12,13 +12,14 @@ the Hub's model-index form) when it is a local folder with a card, or a run's fi
 
 from __future__ import annotations
 
+import gc
 import html
 import json
 from dataclasses import asdict
 from pathlib import Path
 
 from flantune import checkpoint as ckpt
-from flantune import figures
+from flantune import engine, figures
 from flantune.config import ConfigError, Recipe
 from flantune.data import load_split
 from flantune.final import add_scores, load_final
@@ -78,6 +79,10 @@ def run_eval(
     del tuned
     scored = {}
     for label, path in others:
+        # The model before is gone, with what the decoding engine kept for it (its caches and graphs),
+        # before the next one loads: collected now, whatever cycles hold it, and its entries dropped.
+        gc.collect()
+        engine.drop_collected()
         # A comparison that names the base of a random-init adapter is rebuilt from its record.
         scored[label] = score(load_final(path, recorded_by=adapter or model, what="--compare", dtype=dtype))
     runs = {**scored, **runs}
