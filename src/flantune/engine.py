@@ -44,7 +44,8 @@ captured too, per (model, row bucket, source bucket), at the second use of those
 (`_CapturedEncoder`; one that cannot be captured warns and runs eagerly). Rows are padded
 up to a batch-size bucket (1, 2, 4, ..., 128, then multiples of 128), sources up to a multiple of
 64 and the cache to a multiple of 64 new tokens, and the captured step is kept per (model, bucket,
-source bucket, cache bucket, dtype, compiled) for the next call (`clear_graphs()` frees them); a
+source bucket, cache bucket, dtype, compiled) for the next call (`clear_graphs()` frees them; a
+collected model's go at the next call, `drop_collected`); a
 batch of a source bucket without one replays a kept step of up to twice its sources (SOURCE_REUSE). The logits processors, the sampling and the beam bookkeeping
 stay eager. From COMPACT_FROM_ROWS rows, finished rows leave the batch at the stopping checks: the
 rest move, caches and all, to the kept decoder of a smaller bucket. Rows of several LoRA adapters in one batch are captured too when the caller hands their
