@@ -76,6 +76,8 @@ What is timed, per side per cell (torch.cuda.synchronize before and after every 
 - ttft_profile (--profile-ttft): one more max_new_tokens=1 call under torch.profiler: the engine's
   named ranges (encoder; load: the cross-attention keys and values), the operators with the most
   self time on the GPU and on the CPU, and the operator count (host-bound or GPU-bound).
+- step_kernels (--kernels SIDES): one more full call of each named side under torch.profiler:
+  GPU ms per decode step by kind of kernel, launches per step, the kernels with the most GPU time.
 - peak_gib: CUDA peak allocated memory over the side's calls in the cell, the weights included
   (None on the CPU).
 Ratios per cell (of tokens/s, > 1: the first side is faster): engine/hf-default,
@@ -87,7 +89,7 @@ on the timed batch, per side (bf16 kernels may differ, so it is recorded and pri
         [--models flan-t5-base,flan-t5-large] [--cells greedy-32,greedy-128,sample-16x8,beam-8x4]
         [--sides hf-default,hf-static,engine] [--new-tokens 64] [--repeats 3]
         [--static-recipe docs|generate] [--no-compile] [--attn eager|sdpa] [--rows N] [--batch N]
-        [--profile-ttft]
+        [--profile-ttft] [--kernels engine]
 
 CPU check (tiny): --models flan-t5-small --cells greedy-32 --new-tokens 4 --repeats 1 --rows 8
 --no-compile (--rows caps the rows read, so the batch; --batch sets every cell's prompts).
@@ -348,11 +350,50 @@ def ttft_profile(side, model, batch, first: dict, device: str, top: int = 15) ->
     }
 
 
+# Kinds of decode-step kernels, first match of a substring of the (lower-cased) kernel name wins.
+STEP_KERNEL_KINDS = (
+    ("attention", ("fmha", "flash", "attention", "cudnn")),
+    ("matmul", ("gemm", "nvjet", "xmma", "cutlass", "cublas", "splitk")),
+    ("fused elementwise (triton)", ("triton_",)),
+    ("sort / top-k / sampling", ("sort", "topk", "radix", "multinomial", "cumsum", "scan")),
+    ("reduction", ("reduce",)),
+    ("copy / index", ("copy", "index", "gather", "scatter", "cat")),
+    ("elementwise", ("elementwise", "vectorized")),
+)
+
+
+def step_kernels(side, model, batch, settings, new_tokens: int, device: str, top: int = 30) -> dict:
+    """One more full call under torch.profiler: GPU milliseconds per decode step by kind of kernel
+    (STEP_KERNEL_KINDS) and the `top` kernels with their launches per step. CUPTI reports the
+    kernels of replayed CUDA graphs one by one. The call's encoder and set-up are in the totals, so
+    the per-step figures are the call's GPU time divided by its steps (the steps dominate at 64)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        wall, _ = timed_call(side, model, batch, settings, device)
+    kernels = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+    kinds: dict[str, float] = {}
+    for event in kernels:
+        kind = next((k for k, keys in STEP_KERNEL_KINDS if any(x in event.key.lower() for x in keys)), "other")
+        kinds[kind] = kinds.get(kind, 0.0) + event.self_device_time_total / 1000 / new_tokens
+    ranked = sorted(kernels, key=lambda e: -e.self_device_time_total)[:top]
+    return {
+        "wall_ms": round(1000 * wall, 2),
+        "gpu_ms_per_step": round(sum(kinds.values()), 4),
+        "launches_per_step": round(sum(e.count for e in kernels) / new_tokens, 1),
+        "gpu_ms_per_step_by_kind": {k: round(v, 4) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
+        "top_kernels": [{"kernel": e.key[:140], "per_step": round(e.count / new_tokens, 2),
+                         "gpu_ms_per_step": round(e.self_device_time_total / 1000 / new_tokens, 4)}
+                        for e in ranked],
+    }  # fmt: skip
+
+
 def run_side(side, model, batch, settings, new_tokens: int, repeats: int, device: str,
-             profile: bool = False) -> dict:  # fmt: skip
+             profile: bool = False, kernels: bool = False) -> dict:  # fmt: skip
     """Warm-up call (timed apart), an untimed call, `repeats` timed full calls, one untimed and
     `repeats` timed max_new_tokens=1 calls; figures from the medians. `profile`: one more
-    max_new_tokens=1 call under torch.profiler (`ttft_profile`)."""
+    max_new_tokens=1 call under torch.profiler (`ttft_profile`); `kernels`: one more full call under
+    it (`step_kernels`)."""
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     warmup, _ = timed_call(side, model, batch, settings, device)
@@ -367,6 +408,8 @@ def run_side(side, model, batch, settings, new_tokens: int, repeats: int, device
     wall, ttft = statistics.median(walls), statistics.median(ttfts)
     sequences = ids.shape[0]
     profiled = {"ttft_profile": ttft_profile(side, model, batch, first, device)} if profile else {}
+    if kernels:
+        profiled["step_kernels"] = step_kernels(side, model, batch, settings, new_tokens, device)
     return {
         **profiled,
         "status": "ran", "warmup_s": warmup, "wall_s": wall, "ttft_s": ttft,
@@ -422,7 +465,7 @@ def run_cell(model, sources, cell: str, args, device: str) -> dict:
                 # As in a fresh process: a block an earlier side compiled does not make this side packed.
                 engine._PACKED_COMPILED.clear()
             figures = run_side(side, model, batch, settings, args.new_tokens, args.repeats, device,
-                               args.profile_ttft)
+                               args.profile_ttft, name in args.kernels.split(","))
         except NotAvailable as e:
             figures = {"status": "not available", "why": str(e)}
         except Exception as e:  # a side that fails is recorded, the run goes on
@@ -467,6 +510,11 @@ def report_line(model_name: str, r: dict) -> str:
         if "rows_equal_hf_default" in f:
             line += f", rows equal to hf-default {f['rows_equal_hf_default']:.2f}"
         parts.append(line)
+        if "step_kernels" in f:
+            k = f["step_kernels"]
+            parts.append(f"    kernels: {k['gpu_ms_per_step']:.3f} GPU ms/step, {k['launches_per_step']} launches/step; "
+                         + ", ".join(f"{kind} {ms:.3f}" for kind, ms in k["gpu_ms_per_step_by_kind"].items()))
+            parts.extend(f"      {t['gpu_ms_per_step']:.4f} ms x{t['per_step']} {t['kernel']}" for t in k["top_kernels"])
     if r["ratios"]:
         parts.append("  ratios (tokens/s): " + ", ".join(f"{k} {v:.2f}" for k, v in r["ratios"].items()))
     return "\n".join(parts)
@@ -497,6 +545,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=None, help="prompts per cell, for quick checks")
     parser.add_argument("--profile-ttft", action="store_true",
                         help="profile one more time-to-first-token call per side (ttft_profile in --out)")
+    parser.add_argument("--kernels", default="",
+                        help="comma-separated sides: one more full call of each under torch.profiler, GPU ms per "
+                             "step by kind of kernel and the top kernels (step_kernels in --out, printed)")
     args = parser.parse_args()
     args.sides = args.sides.split(",")
     cells = args.cells.split(",")
