@@ -123,7 +123,7 @@ class Slots:
         self.tokens = torch.zeros(R, dtype=torch.long, device=device)  # (R,) the input token of each row
         self.live = torch.zeros(R, dtype=torch.bool, device=device)  # (R,) slots holding a row
         self.slot_range = torch.arange(R, device=device)
-        self.key_range = torch.arange(L, device=device)
+        self.key_range = torch.arange(L, device=device)  # BART's causal mask (`_bart_step`)
         if not self.bart:
             # T5's step is flantune.t5_decode's layer (the engine's), each row at its own position:
             # the self-attention bias of every (query, key) position pair once (L, H, L), a row's

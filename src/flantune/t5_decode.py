@@ -113,10 +113,10 @@ def project(inputs: torch.Tensor, module, weight: torch.Tensor | None) -> torch.
 
 
 def _add_product(hidden: torch.Tensor, inputs: torch.Tensor, module, weight: torch.Tensor | None) -> torch.Tensor:
-    """hidden + module(inputs), hidden (N, 1, d_model). With `weight` (as for `_linear`) and
+    """hidden + module(inputs), hidden (N, 1, d_model). With `weight` (as for `project`) and
     FUSE_RESIDUALS, where hidden, inputs and weight share a dtype, outside autocast: one matrix
     product that adds into `hidden` in place (addmm_: cuBLAS's beta = 1; an out-of-place addmm
-    would copy `hidden` first, a kernel more). Else the product (`_linear`), then the sum (under
+    would copy `hidden` first, a kernel more). Else the product (`project`), then the sum (under
     autocast the product is in the autocast dtype and the residual float32)."""
     if (FUSE_RESIDUALS and weight is not None and hidden.dtype == inputs.dtype == weight.dtype
             and hidden.is_contiguous() and not torch.is_autocast_enabled(hidden.device.type)):  # fmt: skip
