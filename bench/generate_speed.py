@@ -42,6 +42,8 @@ Sides:
   (`flantune.t5_decode.FUSE_PROJECTIONS` "0"; stacked is the default on CUDA).
 - engine-unfused-residuals: the engine with each layer's o, cross o and wo products added to the
   residual after them, not into it (`flantune.t5_decode.FUSE_RESIDUALS` off; on is the default).
+- engine-sdpa-attention: the engine with T5's decode attentions through torch's SDPA
+  (`flantune.decode_attention.DECODE_ATTENTION` "sdpa"; its Triton kernels are the default on CUDA).
 - engine-layers: the engine with its own T5 step's layer compiled once for every layer before
   capture (`flantune.engine.COMPILE_LAYERS`); torch._dynamo reset first, so its warm-up includes
   the compilation. engine-packed-layers: the same with `packed_encoder=True`.
@@ -117,7 +119,7 @@ MODELS = ("flan-t5-base", "flan-t5-large")
 SIDES = ("hf-default", "hf-static", "engine", "engine-compiled", "engine-packed", "engine-padded",
          "engine-packed-compiled", "engine-unfused", "engine-keyed", "engine-hf-step", "engine-layers",
          "engine-packed-layers", "engine-copied-cross", "engine-packed-cross", "engine-unstacked",
-         "engine-unfused-residuals")
+         "engine-unfused-residuals", "engine-sdpa-attention")
 # name -> (prompts per batch, generation settings other than the lengths)
 CELLS = {
     "greedy-32": (32, {"do_sample": False, "num_beams": 1}),
@@ -295,6 +297,7 @@ packed_layers_engine_side = setting_side("flantune.engine", "COMPILE_LAYERS", Tr
 packed_cross_engine_side = setting_side("flantune.t5_decode", "PACKED_CROSS", True)
 unstacked_engine_side = setting_side("flantune.t5_decode", "FUSE_PROJECTIONS", "0")
 unfused_residuals_engine_side = setting_side("flantune.t5_decode", "FUSE_RESIDUALS", False)
+sdpa_attention_engine_side = setting_side("flantune.decode_attention", "DECODE_ATTENTION", "sdpa")
 
 
 def packed_engine_side(model, batch: dict, settings: dict) -> torch.Tensor:
@@ -459,7 +462,8 @@ def run_cell(model, sources, cell: str, args, device: str) -> dict:
                         "engine-copied-cross": copied_cross_engine_side,
                         "engine-packed-cross": packed_cross_engine_side,
                         "engine-unstacked": unstacked_engine_side,
-                        "engine-unfused-residuals": unfused_residuals_engine_side}.get(name, engine_side)  # fmt: skip
+                        "engine-unfused-residuals": unfused_residuals_engine_side,
+                        "engine-sdpa-attention": sdpa_attention_engine_side}.get(name, engine_side)  # fmt: skip
                 engine = importlib.import_module("flantune.engine")
                 engine.clear_graphs()
                 # As in a fresh process: a block an earlier side compiled does not make this side packed.
@@ -491,7 +495,8 @@ def run_cell(model, sources, cell: str, args, device: str) -> dict:
              ("engine-packed-layers", "hf-static"), ("engine-packed-layers", "engine-packed-compiled"),
              ("engine", "engine-copied-cross"), ("engine-packed-cross", "engine"),
              ("engine-packed-cross", "hf-default"), ("engine-packed-cross", "hf-static"), ("engine", "engine-unstacked"),
-             ("engine", "engine-unfused-residuals"))
+             ("engine", "engine-unfused-residuals"), ("engine", "engine-sdpa-attention"),
+             ("engine-sdpa-attention", "hf-default"))
     result["ratios"] = {f"{a}/{b}": speed[a] / speed[b] for a, b in pairs if a in speed and b in speed}
     return result
 

@@ -37,7 +37,7 @@ import warnings
 import torch
 from torch import Tensor
 
-from flantune import engine, t5_decode
+from flantune import decode_attention, engine, t5_decode
 from flantune.engine import cross_projections, fused_layers
 from flantune.graphs import StaticSources
 from flantune.graphs import record as _record
@@ -329,13 +329,18 @@ class Slots:
                                  f"{hidden.dtype}: make them with dtype={hidden.dtype}")  # fmt: skip
             # Each row's bias at its position, contiguous (R, H, 1, L); future slots masked in the table.
             bias = self.bias.index_select(0, positions)[:, :, None, :]
-            low = torch.finfo(hidden.dtype).min
-            cross_bias = torch.zeros(source_mask.shape, dtype=hidden.dtype, device=hidden.device)
-            cross_bias = cross_bias.masked_fill(~source_mask, low)[:, None, None, :]  # (R, 1, 1, S)
+            # The engine's attention kernels where it takes them (CUDA): the source mask as it is.
+            kernels = decode_attention.ready(self.keys[0], self.head_dim)
+            cross_bias = None
+            if not kernels:
+                low = torch.finfo(hidden.dtype).min
+                cross_bias = torch.zeros(source_mask.shape, dtype=hidden.dtype, device=hidden.device)
+                cross_bias = cross_bias.masked_fill(~source_mask, low)[:, None, None, :]  # (R, 1, 1, S)
             for i, (block, options) in enumerate(zip(decoder.block, self.layer_options, strict=True)):
                 hidden = t5_decode.layer_step(block, hidden, self.keys[i][:R], self.values[i][:R], self.cross_keys[i][:R],
                                               self.cross_values[i][:R], positions, bias, cross_bias,
-                                              slots=self.slot_range[:R], **options)  # fmt: skip
+                                              slots=self.slot_range[:R], cross_mask=source_mask, kernels=kernels,
+                                              **options)  # fmt: skip
             hidden = decoder.final_layer_norm(hidden)
             if self.output_scale is not None:
                 hidden = hidden * self.output_scale

@@ -44,6 +44,8 @@ import weakref
 import torch
 import torch.nn.functional as F
 
+from flantune import decode_attention
+
 # The model classes whose decode step this module runs, and whether each scales the decoder output by
 # d_model**-0.5 before the LM head (transformers: T5 when its config says so, mT5 never).
 _SCALES = {
@@ -127,7 +129,7 @@ def _add_product(hidden: torch.Tensor, inputs: torch.Tensor, module, weight: tor
 
 def layer_step(block, hidden, self_keys, self_values, cross_keys, cross_values, position, self_bias, cross_bias,
                copies: int = 1, cross_queries=None, cross_lengths=None, max_source: int = 0, qkv=None, wi=None,
-               outs=(None, None, None), cross_q=None, slots=None):  # fmt: skip
+               outs=(None, None, None), cross_q=None, slots=None, cross_mask=None, kernels: bool = False):  # fmt: skip
     """One decoder layer for one new token per row; the same code for every layer.
 
     hidden (N, 1, d_model); self_keys, self_values (N, H, T, D), slot `position` (1,) written here;
@@ -145,6 +147,9 @@ def layer_step(block, hidden, self_keys, self_values, cross_keys, cross_values, 
     `slots` (N,): rows at positions of their own (continuous batching, flantune.continuous):
     `position` (N,) is each row's slot, written at self_keys[slots[r], :, position[r]], and
     self_bias (N, H, 1, T) each row's own.
+    `kernels` (CUDA, flantune.decode_attention): both attentions through its kernels, the new key
+    and value written into the cache by the self-attention's; the cross-attention then takes
+    `cross_mask` (N / copies, S), a source's encoder mask row, in place of `cross_bias`.
     Returns the layer's output (N, 1, d_model)."""
     rows = hidden.shape[0]
     attention = block.layer[0].SelfAttention
@@ -154,15 +159,23 @@ def layer_step(block, hidden, self_keys, self_values, cross_keys, cross_values, 
         query, key, value = F.linear(normed, qkv).split(heads * head_dim, dim=-1)  # (N, 1, inner) each
     else:
         query, key, value = attention.q(normed), attention.k(normed), attention.v(normed)
-    query = query.view(rows, 1, heads, head_dim).transpose(1, 2)  # (N, H, 1, D)
-    if slots is None:  # every row at `position`
-        self_keys.index_copy_(2, position, key.view(rows, 1, heads, head_dim).transpose(1, 2))
-        self_values.index_copy_(2, position, value.view(rows, 1, heads, head_dim).transpose(1, 2))
-    else:  # row r at position[r]; the caches may be kept in another dtype (casts are no-ops otherwise)
-        self_keys[slots, :, position] = key.view(rows, heads, head_dim).to(self_keys.dtype)
-        self_values[slots, :, position] = value.view(rows, heads, head_dim).to(self_values.dtype)
-    out = F.scaled_dot_product_attention(query, self_keys, self_values, attn_mask=self_bias, scale=attention.scaling)
-    hidden = _clamp16(_add_product(hidden, out.transpose(1, 2).reshape(rows, 1, heads * head_dim), attention.o, outs[0]))
+    if kernels:  # the cache write and the attention in one kernel
+        out = decode_attention.self_attention(
+            query.view(rows, heads, head_dim), key.view(rows, heads, head_dim), value.view(rows, heads, head_dim),
+            self_keys, self_values, position, self_bias, attention.scaling, slots,
+        ).view(rows, 1, heads * head_dim)  # fmt: skip
+    else:
+        query = query.view(rows, 1, heads, head_dim).transpose(1, 2)  # (N, H, 1, D)
+        if slots is None:  # every row at `position`
+            self_keys.index_copy_(2, position, key.view(rows, 1, heads, head_dim).transpose(1, 2))
+            self_values.index_copy_(2, position, value.view(rows, 1, heads, head_dim).transpose(1, 2))
+        else:  # row r at position[r]; the caches may be kept in another dtype (casts are no-ops otherwise)
+            self_keys[slots, :, position] = key.view(rows, heads, head_dim).to(self_keys.dtype)
+            self_values[slots, :, position] = value.view(rows, heads, head_dim).to(self_values.dtype)
+        out = F.scaled_dot_product_attention(query, self_keys, self_values, attn_mask=self_bias,
+                                             scale=attention.scaling)  # fmt: skip
+        out = out.transpose(1, 2).reshape(rows, 1, heads * head_dim)
+    hidden = _clamp16(_add_product(hidden, out, attention.o, outs[0]))
 
     cross = block.layer[1].EncDecAttention
     normed = block.layer[1].layer_norm(hidden)
@@ -172,11 +185,13 @@ def layer_step(block, hidden, self_keys, self_values, cross_keys, cross_values, 
                         scale=cross.scaling)  # (N, H, D)  # fmt: skip
         hidden = _clamp16(_add_product(hidden, out.reshape(rows, 1, heads * head_dim), cross.o, outs[1]))
     else:
-        query = project(normed, cross.q, cross_q).view(rows // copies, copies, heads, head_dim).transpose(1, 2)  # (N / c, H, c, D)
-        out = F.scaled_dot_product_attention(query, cross_keys, cross_values, attn_mask=cross_bias,
-                                             scale=cross.scaling)  # fmt: skip
-        hidden = _clamp16(_add_product(hidden, out.transpose(1, 2).reshape(rows, 1, heads * head_dim), cross.o,
-                                       outs[1]))  # fmt: skip
+        query = project(normed, cross.q, cross_q).view(rows // copies, copies, heads, head_dim)  # (N / c, c, H, D)
+        if kernels:  # each source's padding skipped
+            out = decode_attention.cross_attention(query, cross_keys, cross_values, cross_mask, cross.scaling)
+        else:
+            out = F.scaled_dot_product_attention(query.transpose(1, 2), cross_keys, cross_values, attn_mask=cross_bias,
+                                                 scale=cross.scaling).transpose(1, 2)  # fmt: skip
+        hidden = _clamp16(_add_product(hidden, out.reshape(rows, 1, heads * head_dim), cross.o, outs[1]))
     if wi is None:
         return _clamp16(block.layer[2](hidden))  # the feed-forward sublayer as transformers runs it
     ff = block.layer[2].DenseReluDense  # T5DenseGatedActDense's arithmetic, wi_0 and wi_1 in one product
@@ -534,15 +549,17 @@ class T5Step:
         hidden = decoder.embed_tokens(self.tokens)  # (N, 1, d_model)
         position = self.position.view(1)
         self_bias = self.bias.index_select(1, position)[None]  # (1, H, 1, T)
-        cross_bias = None
-        if not self.packed:
-            sources = self.encoder_mask[:: self.copies, None, None, :]  # (N / copies, 1, 1, S)
-            cross_bias = torch.where(sources != 0, self.zero, self.lowest)
+        # The attentions through flantune.decode_attention's kernels (CUDA; not in the compiled layer,
+        # whose graph inductor makes): they take the sources' mask rows; SDPA takes an additive mask.
+        kernels = not self.compiled and decode_attention.ready(self.bias, self.tensors[0][0].shape[-1])
+        cross_bias, cross_mask = None, self.encoder_mask[:: self.copies]  # (N / copies, S)
+        if not self.packed and not kernels:
+            cross_bias = torch.where(cross_mask[:, None, None, :] != 0, self.zero, self.lowest)  # (N / copies, 1, 1, S)
         for block, ((self_keys, self_values, cross_keys, cross_values), options) in zip(
             decoder.block, self.arguments(model), strict=True
         ):
             hidden = self.layer(block, hidden, self_keys, self_values, cross_keys, cross_values, position, self_bias,
-                                cross_bias, self.copies, **options)  # fmt: skip
+                                cross_bias, self.copies, cross_mask=cross_mask, kernels=kernels, **options)  # fmt: skip
         self.position.add_(1)
         hidden = decoder.final_layer_norm(hidden)
         if self.scale is not None:
