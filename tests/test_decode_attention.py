@@ -256,7 +256,7 @@ def test_cuda_engine_through_the_kernels_decodes_generates_tokens(t5_small_path)
     try:
         for _ in range(3):  # eager, then captured and replayed
             ours = engine.generate(model, **batch, max_new_tokens=12, do_sample=False).sequences
-            assert torch.equal(ours[:, : theirs.shape[1]], theirs)
+            assert torch.equal(ours, theirs)
     finally:
         decode_attention.cross_attention = original
     assert calls
