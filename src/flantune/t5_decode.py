@@ -12,7 +12,8 @@ relative-position buckets. Here:
   included, is built once per batch (`prepare`: (H, T, T) for the cache's T positions); a step takes
   its row with one index_select, and the cross-attention mask once for all layers;
 - a layer writes its key/value slot with index_copy_ and attends with one SDPA call, all layers at
-  the one position tensor they share;
+  the one position tensor they share; on CUDA both attentions are flantune.decode_attention's
+  kernels instead (the slot written by the self-attention's, the sources' padding not read);
 - a source's samples or beams attend its one copy of the cross-attention keys/values together (the
   engine keeps one per source), or, packed (`PACKED_CROSS`), the sources' keys/values without
   their padding through torch's variable-length flash attention;
