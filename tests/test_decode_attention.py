@@ -18,7 +18,7 @@ from flantune import decode_attention, engine
 
 from .test_t5_decode import SOURCES, tiny_t5
 
-INTERPRETED = 6  # the tests below that take the `interpreted` fixture
+INTERPRETED = 7  # the tests below that take the `interpreted` fixture
 
 
 @pytest.fixture
@@ -177,6 +177,17 @@ def test_interpreted_the_step_through_the_kernels_is_as_close_to_float64_as_sdpa
     exact = logits(copy_double(model), "sdpa")
     assert torch.equal(ours.argmax(-1), exact.argmax(-1))
     assert (ours - exact).abs().max() <= 2 * (sdpa - exact).abs().max() + 1e-6
+
+
+def test_interpreted_not_while_torch_compile_traces(interpreted):
+    """Under torch.compile (the engine's compiled step) the step takes SDPA, which inductor compiles:
+    `ready` is False while dynamo traces, with no graph break, and True outside."""
+
+    def step(x):
+        return x + 1 if decode_attention.ready(x, 16) else x - 1
+
+    assert decode_attention.ready(torch.zeros(2), 16)
+    assert torch.equal(torch.compile(step, backend="eager", fullgraph=True)(torch.zeros(2)), -torch.ones(2))
 
 
 def test_interpreted_continuous_rows_through_the_kernels(t5_small_path, interpreted):

@@ -46,10 +46,11 @@ def _kernels():
         return None
 
     @triton.jit
-    def self_kernel(Q, KN, VN, K, V, POS, SLOTS, BIAS, OUT, scale,
+    def self_kernel(Q, KN, VN, K, V, POS, SLOTS, BIAS, OUT,
                     sq_n, sq_h, skn_n, skn_h, svn_n, svn_h, sk_n, sk_h, sk_t, sv_n, sv_h, sv_t,
                     s_pos, sb_n, sb_h, sb_t, so_n, so_h,
-                    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, HAS_SLOTS: tl.constexpr):  # fmt: skip
+                    SCALE: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+                    HAS_SLOTS: tl.constexpr):  # fmt: skip
         n = tl.program_id(0)
         h = tl.program_id(1)
         d = tl.arange(0, BLOCK_D)
@@ -62,7 +63,7 @@ def _kernels():
         bias = BIAS + n * sb_n + h * sb_h  # (T,) this row's bias over the key positions
         # The new position's score first: it starts the running maximum (softmax over the cache
         # positions 0..p, the new one included, in blocks).
-        new = tl.sum(q * key.to(tl.float32), axis=0) * scale + tl.load(bias + p * sb_t).to(tl.float32)
+        new = tl.sum(q * key.to(tl.float32), axis=0) * SCALE + tl.load(bias + p * sb_t).to(tl.float32)
         top = new
         total = new * 0.0 + 1.0
         acc = value.to(tl.float32)
@@ -72,13 +73,14 @@ def _kernels():
             t = start + tl.arange(0, BLOCK_T)
             tmask = t < p
             both = tmask[:, None] & dmask[None, :]
+            # Every load of the block first, so that they are in flight together.
             k = tl.load(keys + t[:, None] * sk_t + d[None, :], mask=both, other=0.0).to(tl.float32)  # (BLOCK_T, D)
-            s = tl.sum(k * q[None, :], axis=1) * scale + tl.load(bias + t * sb_t, mask=tmask, other=0.0).to(tl.float32)
-            s = tl.where(tmask, s, float("-inf"))
+            v = tl.load(values + t[:, None] * sv_t + d[None, :], mask=both, other=0.0).to(tl.float32)
+            b = tl.load(bias + t * sb_t, mask=tmask, other=0.0).to(tl.float32)
+            s = tl.where(tmask, tl.sum(k * q[None, :], axis=1) * SCALE + b, float("-inf"))
             high = tl.maximum(top, tl.max(s, axis=0))
             alpha = tl.exp(top - high)
             weights = tl.exp(s - high)  # (BLOCK_T,), 0 past p
-            v = tl.load(values + t[:, None] * sv_t + d[None, :], mask=both, other=0.0).to(tl.float32)
             total = total * alpha + tl.sum(weights, axis=0)
             acc = acc * alpha + tl.sum(weights[:, None] * v, axis=0)
             top = high
@@ -88,10 +90,10 @@ def _kernels():
         tl.store(values + p * sv_t + d, value.to(V.dtype.element_ty), mask=dmask)
 
     @triton.jit
-    def cross_kernel(Q, K, V, MASK, OUT, scale, S,
+    def cross_kernel(Q, K, V, MASK, OUT, S,
                      sq_g, sq_c, sq_h, sk_g, sk_h, sk_s, sv_g, sv_h, sv_s, sm_g, so_g, so_c, so_h,
-                     C: tl.constexpr, BLOCK_C: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-                     BLOCK_S: tl.constexpr, EXACT: tl.constexpr):  # fmt: skip
+                     SCALE: tl.constexpr, C: tl.constexpr, BLOCK_C: tl.constexpr, D: tl.constexpr,
+                     BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_M: tl.constexpr, EXACT: tl.constexpr):  # fmt: skip
         g = tl.program_id(0)
         h = tl.program_id(1)
         c = tl.arange(0, BLOCK_C)
@@ -99,33 +101,41 @@ def _kernels():
         cmask = c < C
         dmask = d < D
         qmask = cmask[:, None] & dmask[None, :]
+        mask_row = MASK + g * sm_g
+        # The source's last token + 1 (from its mask row: a few KB, shared by its H programs in L2):
+        # the positions after it, its padding, are not read.
+        end = tl.full((), 0, tl.int32)
+        for start in range(0, S, BLOCK_M):
+            m_idx = start + tl.arange(0, BLOCK_M)
+            held = tl.load(mask_row + m_idx, mask=m_idx < S, other=0) != 0
+            end = tl.maximum(end, tl.max(tl.where(held, m_idx + 1, 0), axis=0))
         q = tl.load(Q + g * sq_g + h * sq_h + c[:, None] * sq_c + d[None, :], mask=qmask, other=0.0)  # (BLOCK_C, D)
         top = tl.full((BLOCK_C,), float("-inf"), tl.float32)
         total = tl.zeros((BLOCK_C,), tl.float32)
         acc = tl.zeros((BLOCK_C, BLOCK_D), tl.float32)
         keys = K + g * sk_g + h * sk_h
         values = V + g * sv_g + h * sv_h
-        for start in range(0, S, BLOCK_S):
+        for start in range(0, end, BLOCK_S):
             s_idx = start + tl.arange(0, BLOCK_S)
-            valid = tl.load(MASK + g * sm_g + s_idx, mask=s_idx < S, other=0) != 0  # (BLOCK_S,)
-            if tl.max(valid.to(tl.int32), axis=0) > 0:  # a block of padding only is not read
-                both = valid[:, None] & dmask[None, :]
-                k = tl.load(keys + s_idx[:, None] * sk_s + d[None, :], mask=both, other=0.0)  # (BLOCK_S, D)
-                v = tl.load(values + s_idx[:, None] * sv_s + d[None, :], mask=both, other=0.0)
-                if EXACT:  # noqa: SIM108  (float32: the products as float32 products, no TF32)
-                    s = tl.dot(q, tl.trans(k), input_precision="ieee")
-                else:
-                    s = tl.dot(q, tl.trans(k))  # (BLOCK_C, BLOCK_S), float32 accumulation
-                s = tl.where(valid[None, :], s * scale, float("-inf"))
-                high = tl.maximum(top, tl.max(s, axis=1))
-                alpha = tl.exp(top - high)
-                weights = tl.exp(s - high[:, None])
-                total = total * alpha + tl.sum(weights, axis=1)
-                if EXACT:
-                    acc = acc * alpha[:, None] + tl.dot(weights, v, input_precision="ieee")
-                else:  # the weights in the keys' dtype for the product, as flash kernels round them
-                    acc = acc * alpha[:, None] + tl.dot(weights.to(v.dtype), v)
-                top = high
+            inside = s_idx < end
+            both = inside[:, None] & dmask[None, :]
+            k = tl.load(keys + s_idx[:, None] * sk_s + d[None, :], mask=both, other=0.0)  # (BLOCK_S, D)
+            v = tl.load(values + s_idx[:, None] * sv_s + d[None, :], mask=both, other=0.0)
+            valid = tl.load(mask_row + s_idx, mask=inside, other=0) != 0  # (BLOCK_S,): holes in the mask too
+            if EXACT:  # noqa: SIM108  (float32: the products as float32 products, no TF32)
+                s = tl.dot(q, tl.trans(k), input_precision="ieee")
+            else:
+                s = tl.dot(q, tl.trans(k))  # (BLOCK_C, BLOCK_S), float32 accumulation
+            s = tl.where(valid[None, :], s * SCALE, float("-inf"))
+            high = tl.maximum(top, tl.max(s, axis=1))
+            alpha = tl.exp(top - high)
+            weights = tl.exp(s - high[:, None])
+            total = total * alpha + tl.sum(weights, axis=1)
+            if EXACT:
+                acc = acc * alpha[:, None] + tl.dot(weights, v, input_precision="ieee")
+            else:  # the weights in the keys' dtype for the product, as flash kernels round them
+                acc = acc * alpha[:, None] + tl.dot(weights.to(v.dtype), v)
+            top = high
         total = tl.where(total > 0, total, 1.0)  # a source without any token: zeros, not NaN
         out = acc / total[:, None]
         tl.store(OUT + g * so_g + h * so_h + c[:, None] * so_c + d[None, :], out.to(OUT.dtype.element_ty), mask=qmask)
@@ -134,7 +144,11 @@ def _kernels():
 
 
 def ready(tensor: torch.Tensor, head_dim: int) -> bool:
-    """Whether a step whose caches are `tensor`'s (device, dtype) runs these kernels."""
+    """Whether a step whose caches are `tensor`'s (device, dtype) runs these kernels: not while
+    torch.compile traces the step (the engine's compiled step: inductor makes its own kernels of
+    SDPA's graph), and on the CPU only through Triton's interpreter (the tests)."""
+    if torch.compiler.is_compiling():  # first: a constant while dynamo traces, nothing else is read
+        return False
     return (DECODE_ATTENTION != "sdpa" and (tensor.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
             and tensor.dtype in _DTYPES and head_dim <= 256 and _kernels() is not None)  # fmt: skip
 
@@ -157,12 +171,13 @@ def self_attention(query, key, value, keys, values, position, bias, scale: float
     out = torch.empty(rows, heads, head_dim, dtype=_out_dtype(query), device=query.device)
     position = position.reshape(-1)
     self_kernel[(rows, heads)](
-        query, key, value, keys, values, position, slots if slots is not None else position, bias, out, scale,
+        query, key, value, keys, values, position, slots if slots is not None else position, bias, out,
         query.stride(0), query.stride(1), key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0), values.stride(1), values.stride(2),
         position.stride(0) if position.numel() > 1 else 0, bias.stride(0) if bias.shape[0] > 1 else 0,
         bias.stride(1), bias.stride(3), out.stride(0), out.stride(1),
-        D=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_T=64, HAS_SLOTS=slots is not None,
+        SCALE=float(scale), D=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_T=64,
+        HAS_SLOTS=slots is not None,
     )  # fmt: skip
     return out
 
@@ -179,10 +194,10 @@ def cross_attention(query, keys, values, mask, scale: float) -> torch.Tensor:
     if query.dtype != keys.dtype:  # autocast: the products in the keys' dtype, as SDPA casts them
         query = query.to(keys.dtype)
     cross_kernel[(sources, heads)](
-        query, keys, values, mask, out, scale, length,
+        query, keys, values, mask, out, length,
         query.stride(0), query.stride(1), query.stride(2), keys.stride(0), keys.stride(1), keys.stride(2),
         values.stride(0), values.stride(1), values.stride(2), mask.stride(0), out.stride(0), out.stride(1), out.stride(2),
-        C=copies, BLOCK_C=max(16, triton.next_power_of_2(copies)), D=head_dim,
-        BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_S=64, EXACT=exact,
+        SCALE=float(scale), C=copies, BLOCK_C=max(16, triton.next_power_of_2(copies)), D=head_dim,
+        BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_S=64, BLOCK_M=1024, EXACT=exact,
     )  # fmt: skip
     return out
