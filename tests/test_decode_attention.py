@@ -136,6 +136,10 @@ def test_interpreted_cross_attention_of_strided_mask_rows(interpreted):
     rows = mask.repeat_interleave(2, dim=0)  # (N, S), a source's rows adjacent
     out = decode_attention.cross_attention(query, keys, values, rows[::2], 1.0)
     torch.testing.assert_close(out, reference_cross(query, keys, values, mask), atol=1e-5, rtol=1e-5)
+    strided = query.transpose(-1, -2).contiguous().transpose(-1, -2)  # the same values, last stride not 1
+    assert strided.stride(-1) != 1
+    torch.testing.assert_close(decode_attention.cross_attention(strided, keys, values, rows[::2], 1.0), out,
+                               atol=0, rtol=0)  # fmt: skip
 
 
 def test_interpreted_the_step_through_the_kernels_is_as_close_to_float64_as_sdpa(t5_small_path, interpreted):

@@ -167,6 +167,11 @@ def self_attention(query, key, value, keys, values, position, bias, scale: float
     read here); slots (N,) or None: each row's cache row (None: row n is cache row n).
     Returns (N, H, D): softmax(q k^T * scale + bias) v over positions 0..position."""
     triton, self_kernel, _ = _kernels()
+    # The kernels step through the last dimension with stride 1: inputs that are not are copied; the
+    # caches, written in place, are the engine's contiguous buffers.
+    query, key, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value))
+    if keys.stride(-1) != 1 or values.stride(-1) != 1:
+        raise ValueError("decode_attention.self_attention: the caches must be contiguous in their last dimension")
     rows, heads, head_dim = query.shape
     out = torch.empty(rows, heads, head_dim, dtype=_out_dtype(query), device=query.device)
     position = position.reshape(-1)
@@ -187,6 +192,7 @@ def cross_attention(query, keys, values, mask, scale: float) -> torch.Tensor:
     (G, S) (strided: a source's row of the encoder mask), nonzero where a source position holds a
     token. Returns (G, C, H, D): each row's attention over its source's tokens."""
     triton, _, cross_kernel = _kernels()
+    query, keys, values, mask = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, keys, values, mask))
     sources, copies, heads, head_dim = query.shape
     length = keys.shape[2]
     out = torch.empty(sources, copies, heads, head_dim, dtype=_out_dtype(query), device=query.device)
