@@ -355,7 +355,7 @@ def ttft_profile(side, model, batch, first: dict, device: str, top: int = 15) ->
 
 # Kinds of decode-step kernels, first match of a substring of the (lower-cased) kernel name wins.
 STEP_KERNEL_KINDS = (
-    ("attention", ("fmha", "flash", "attention", "cudnn")),
+    ("attention", ("fmha", "flash", "attention", "cudnn", "self_kernel", "cross_kernel")),
     ("matmul", ("gemm", "nvjet", "xmma", "cutlass", "cublas", "splitk")),
     ("fused elementwise (triton)", ("triton_",)),
     ("sort / top-k / sampling", ("sort", "topk", "radix", "multinomial", "cumsum", "scan")),
@@ -363,6 +363,12 @@ STEP_KERNEL_KINDS = (
     ("copy / index", ("copy", "index", "gather", "scatter", "cat")),
     ("elementwise", ("elementwise", "vectorized")),
 )
+
+
+def annotation(event) -> bool:
+    """Whether a profiler event on the GPU is a named range (record_function: the engine's
+    flantune.engine.encoder and .load), whose time is its kernels', counted again: not a kernel."""
+    return bool(getattr(event, "is_user_annotation", False)) or event.key.startswith("flantune.")
 
 
 def step_kernels(side, model, batch, settings, new_tokens: int, device: str, top: int = 30) -> dict:
@@ -374,7 +380,7 @@ def step_kernels(side, model, batch, settings, new_tokens: int, device: str, top
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         wall, _ = timed_call(side, model, batch, settings, device)
-    kernels = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+    kernels = [e for e in prof.key_averages() if e.device_type.name == "CUDA" and not annotation(e)]
     kinds: dict[str, float] = {}
     for event in kernels:
         kind = next((k for k, keys in STEP_KERNEL_KINDS if any(x in event.key.lower() for x in keys)), "other")

@@ -45,6 +45,13 @@ def test_the_kernels_through_tritons_interpreter():
     assert f"{INTERPRETED} passed" in done.stdout, done.stdout[-2000:]
 
 
+def test_the_setting_takes_auto_or_sdpa_and_names_any_other_value():
+    assert decode_attention._mode("auto") == decode_attention._mode("1") == "auto"
+    assert decode_attention._mode("sdpa") == decode_attention._mode("0") == "sdpa"
+    with pytest.warns(UserWarning, match=r"FLANTUNE_DECODE_ATTENTION='off': expected auto or sdpa"):
+        assert decode_attention._mode("off") == "auto"
+
+
 def reference_self(query, key, value, keys, values, position, bias):
     """SDPA over the cache with the new key/value written at `position` (one position for all rows)."""
     keys, values = keys.clone(), values.clone()
@@ -259,7 +266,7 @@ def test_cuda_kernels_are_as_close_to_float64_as_sdpa(dtype):
 
 
 @pytest.mark.cuda
-def test_cuda_engine_through_the_kernels_decodes_generates_tokens(t5_small_path):
+def test_cuda_engine_through_the_kernels_gives_generates_tokens(t5_small_path):
     """The engine on the GPU (float32, captured steps, the kernels by default there) gives
     transformers' greedy tokens, and the kernels are what it ran (SDPA's cross-attention is
     not called)."""

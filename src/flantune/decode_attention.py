@@ -3,9 +3,9 @@
 Why our own. Measured on an H200 (docs/benchmarks.md, 2026-12-04, twelfth sitting), torch's SDPA
 sends the decode step's attentions to cuDNN's flash kernels, whose query tiles are 16-64 rows for one
 query: in flan-t5-large's 128-row greedy step the self-attention over 64 cache positions took 29 us a
-layer and the cross-attention over 128 x 512 padded source positions 73 us, 2.5 of the step's 5.4
-GPU milliseconds; in float32 (flantune eval) SDPA's memory-efficient kernel took a third of the GPU
-time. A decode attention reads each row's keys and values once: these kernels do that and no more.
+layer and the cross-attention over 128 x 512 padded source positions 73 us, 2.5 of the step's 4.6
+GPU milliseconds of kernels; in float32 (flantune eval) SDPA's memory-efficient kernel took 1.03 of
+2.44 GPU seconds. A decode attention reads each row's keys and values once: these kernels do that and no more.
 
 - `self_attention`: one program per (row, head) writes the new key and value into the static cache
   at the row's position (where the step ran an index_copy_ each) and attends over the positions up
@@ -28,12 +28,25 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 
 import torch
 
-# "auto": the kernels on CUDA where Triton imports; "sdpa": torch's SDPA everywhere (the A/B side of
-# bench/generate_speed.py, FLANTUNE_DECODE_ATTENTION=sdpa).
-DECODE_ATTENTION = os.environ.get("FLANTUNE_DECODE_ATTENTION", "auto")
+
+def _mode(value: str) -> str:
+    """FLANTUNE_DECODE_ATTENTION's value as a mode: "auto" (or 1) the kernels on CUDA where Triton
+    imports; "sdpa" (or 0) torch's SDPA everywhere (the A/B side of bench/generate_speed.py). Any
+    other value is named in a warning and taken as "auto"."""
+    if value in ("auto", "1"):
+        return "auto"
+    if value in ("sdpa", "0"):
+        return "sdpa"
+    warnings.warn(f"FLANTUNE_DECODE_ATTENTION={value!r}: expected auto or sdpa (1 or 0); decoding takes auto "
+                  "(the kernels on CUDA where Triton imports)", stacklevel=2)  # fmt: skip
+    return "auto"
+
+
+DECODE_ATTENTION = _mode(os.environ.get("FLANTUNE_DECODE_ATTENTION", "auto"))
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
